@@ -1,0 +1,1 @@
+"""Builders of reference models (random weights, no downloads)."""

@@ -1,0 +1,1 @@
+"""Runtime: workers that serve stages and an executor that chains them."""
