@@ -1,0 +1,187 @@
+"""The framed binary protocol the workers and the executor speak over TCP.
+
+A frame is a fixed 20-byte prefix, a small UTF-8 JSON header and a body of raw tensor
+bytes::
+
+    magic b"DNNP" | version u8 | flags u8 | reserved u16 | header_len u32 | body_len u64
+    header (JSON object, header_len bytes)
+    body   (body_len bytes; each tensor at a 64-byte aligned offset)
+
+The header lists the tensors (``name``, ``dtype``, ``shape``, ``offset``, ``nbytes``), so the
+receiver can turn the body into numpy arrays with ``np.frombuffer`` without a copy. Nothing
+is ever unpickled: the only decoder is ``json.loads`` plus ``np.frombuffer`` on a whitelisted
+dtype. Every field is checked before a tensor is built (see :func:`decode_tensors`), and the
+prefix is checked against the receiver's size caps *before* any header or body byte is read,
+so an oversized message costs the receiver nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "PREFIX",
+    "ALIGN",
+    "DTYPES",
+    "MAX_HEADER",
+    "ProtocolError",
+    "Frame",
+    "pack_prefix",
+    "unpack_prefix",
+    "encode",
+    "parse_header",
+    "decode_tensors",
+]
+
+MAGIC = b"DNNP"
+VERSION = 1
+PREFIX = struct.Struct("!4sBBHIQ")
+ALIGN = 64  # tensor offsets are aligned so ORT and numpy get well-aligned buffers
+MAX_HEADER = 256 * 1024  # routes, ids and timings are small; anything larger is refused
+
+# Tensor element types that may cross the wire (numpy names, as in the manifest).
+DTYPES: frozenset[str] = frozenset({
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool",
+})
+_MAX_RANK = 16
+
+
+class ProtocolError(Exception):
+    """A malformed, oversized or truncated frame (``code`` says which kind)."""
+
+    def __init__(self, message: str, code: str = "malformed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Frame:
+    """A decoded frame: the header and its tensors (views into ``body``)."""
+
+    header: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    body_len: int = 0
+
+
+def pack_prefix(header_len: int, body_len: int) -> bytes:
+    """The 20-byte prefix of a frame."""
+    return PREFIX.pack(MAGIC, VERSION, 0, 0, header_len, body_len)
+
+
+def unpack_prefix(data: bytes, max_header: int, max_body: int) -> tuple[int, int]:
+    """Check a prefix against the receiver's caps; returns ``(header_len, body_len)``."""
+    magic, version, _flags, _reserved, header_len, body_len = PREFIX.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}: not a runtime frame")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    if header_len == 0 or header_len > max_header:
+        raise ProtocolError(f"header of {header_len} B exceeds the cap of {max_header} B",
+                            "too_large")
+    if body_len > max_body:
+        raise ProtocolError(f"body of {body_len} B exceeds the cap of {max_body} B",
+                            "too_large")
+    return header_len, body_len
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+_PAD = bytes(ALIGN)
+
+
+def encode(header: Mapping[str, Any],
+           tensors: Mapping[str, np.ndarray] | None = None) -> list[memoryview | bytes]:
+    """Buffers to send for one frame (prefix + header, then tensor data, no copies).
+
+    ``header["tensors"]`` is filled in from ``tensors``; every array is made C-contiguous
+    (a copy only when it is not already).
+    """
+    descs: list[dict[str, Any]] = []
+    chunks: list[memoryview | bytes] = []
+    offset = 0
+    for name, value in (tensors or {}).items():
+        arr = np.ascontiguousarray(value)
+        dtype = arr.dtype.name
+        if dtype not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {dtype} cannot be sent")
+        start = _align(offset)
+        if start > offset:
+            chunks.append(_PAD[: start - offset])
+        descs.append({"name": name, "dtype": dtype, "shape": list(arr.shape),
+                      "offset": start, "nbytes": arr.nbytes})
+        if arr.nbytes:
+            chunks.append(memoryview(arr).cast("B"))
+        offset = start + arr.nbytes
+    doc = dict(header)
+    doc["tensors"] = descs
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return [pack_prefix(len(head), offset) + head, *chunks]
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The JSON header of a frame; anything but a JSON object is malformed."""
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ProtocolError(f"header is not valid JSON ({err.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("header is not a JSON object")
+    return doc
+
+
+def decode_tensors(header: Mapping[str, Any], body: bytearray | memoryview,
+                   ) -> dict[str, np.ndarray]:
+    """Arrays described by ``header["tensors"]``, as zero-copy views of ``body``.
+
+    Raises:
+        ProtocolError: a descriptor is malformed, names an unknown dtype, disagrees with its
+            byte length, overlaps another or runs past the body.
+    """
+    descs = header.get("tensors", [])
+    if not isinstance(descs, list):
+        raise ProtocolError("header field 'tensors' is not a list")
+    out: dict[str, np.ndarray] = {}
+    end_prev = 0
+    for desc in descs:
+        if not isinstance(desc, dict):
+            raise ProtocolError("tensor descriptor is not an object")
+        name, dtype = desc.get("name"), desc.get("dtype")
+        shape, offset, nbytes = desc.get("shape"), desc.get("offset"), desc.get("nbytes")
+        if not isinstance(name, str) or not name or name in out:
+            raise ProtocolError(f"tensor name {name!r} is missing or repeated")
+        if dtype not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
+        if (not isinstance(shape, list) or len(shape) > _MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                           for d in shape)):
+            raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (offset, nbytes)):
+            raise ProtocolError(f"tensor {name!r}: bad offset/nbytes")
+        itemsize = np.dtype(dtype).itemsize
+        if math.prod(shape) * itemsize != nbytes:
+            raise ProtocolError(f"tensor {name!r}: {nbytes} B does not match shape {shape} "
+                                f"of {dtype}")
+        if offset < end_prev or offset + nbytes > len(body):
+            raise ProtocolError(f"tensor {name!r}: bytes {offset}..{offset + nbytes} outside "
+                                f"the body or overlapping", "truncated")
+        if nbytes == 0:
+            out[name] = np.empty(shape, dtype=np.dtype(dtype))
+        else:
+            arr = np.frombuffer(body, dtype=np.dtype(dtype), count=nbytes // itemsize,
+                                offset=offset)
+            out[name] = arr.reshape(shape)
+        end_prev = offset + nbytes
+    return out

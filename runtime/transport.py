@@ -1,0 +1,222 @@
+"""TCP transport for frames: send without copies, receive into one buffer, pool connections.
+
+Why raw TCP and not gRPC for the hops: the per-hop overhead of a 1x3x224x224 float32 tensor
+was measured with ``benchmarks/runtime_overhead.py`` (framed TCP is several times cheaper than
+a gRPC unary call carrying the same bytes, see the report in ``benchmarks/results``). gRPC
+is still offered for interoperability (the Open Inference Protocol in :mod:`runtime.oip`).
+
+Sending uses ``socket.sendmsg`` with the prefix+header and the arrays' own memory, so the
+tensor bytes are never copied in Python. Receiving reads the whole body into one
+``bytearray`` with ``recv_into``; tensors are ``np.frombuffer`` views of it. Sockets have
+``TCP_NODELAY`` set: a frame is a few writes and must not wait for Nagle's algorithm.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from runtime.protocol import (
+    MAX_HEADER,
+    PREFIX,
+    Frame,
+    ProtocolError,
+    decode_tensors,
+    encode,
+    parse_header,
+    unpack_prefix,
+)
+
+__all__ = [
+    "ConnectionClosed",
+    "parse_address",
+    "format_address",
+    "connect",
+    "send_frame",
+    "recv_frame",
+    "ConnectionPool",
+]
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection cleanly between two frames."""
+
+
+def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` also accepted) -> ``(host, port)``."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    """``(host, port)`` -> ``HOST:PORT``."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connect(addr: tuple[str, int], timeout: float) -> socket.socket:
+    """A connected TCP socket with ``TCP_NODELAY`` and a send/receive timeout."""
+    sock = socket.create_connection(addr, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    return sock
+
+
+def send_frame(sock: socket.socket, header: Mapping[str, Any],
+               tensors: Mapping[str, np.ndarray] | None = None) -> int:
+    """Write one frame; returns the bytes sent. Handles partial ``sendmsg`` writes."""
+    buffers = [memoryview(b).cast("B") for b in encode(header, tensors)]
+    total = sum(len(b) for b in buffers)
+    while buffers:
+        # sendmsg takes at most IOV_MAX buffers; 512 is below every platform's limit
+        sent = sock.sendmsg(buffers[:512])
+        while sent:
+            if sent >= len(buffers[0]):
+                sent -= len(buffers[0])
+                buffers.pop(0)
+            else:
+                buffers[0] = buffers[0][sent:]
+                sent = 0
+        while buffers and not len(buffers[0]):
+            buffers.pop(0)
+    return total
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ProtocolError(f"truncated frame: connection closed after {got} of "
+                                f"{len(view)} B of the {what}", "truncated")
+        got += n
+
+
+def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEADER,
+               frame_timeout: float | None = 30.0) -> Frame:
+    """Read one frame; the caps are checked on the prefix before anything else is read.
+
+    The socket's own timeout applies to the wait for the first byte (an idle connection);
+    once a frame has started, the rest must arrive within ``frame_timeout`` seconds per
+    read, so a peer that sends half a frame and stalls cannot hold the reader for ever.
+
+    Raises:
+        ConnectionClosed: clean EOF before a frame started.
+        ProtocolError: malformed, oversized or truncated frame.
+        TimeoutError / OSError: socket failures.
+    """
+    prefix = bytearray(PREFIX.size)
+    view = memoryview(prefix)
+    n = sock.recv_into(view)
+    if n == 0:
+        raise ConnectionClosed()
+    old_timeout = sock.gettimeout()
+    if frame_timeout is not None:
+        sock.settimeout(frame_timeout)
+    try:
+        try:
+            _recv_exact(sock, view[n:], "prefix")
+            header_len, body_len = unpack_prefix(bytes(prefix), max_header, max_body)
+            head = bytearray(header_len)
+            _recv_exact(sock, memoryview(head), "header")
+            header = parse_header(head)
+            body = bytearray(body_len)
+            _recv_exact(sock, memoryview(body), "body")
+        except TimeoutError:
+            raise ProtocolError("truncated frame: the rest did not arrive in time",
+                                "truncated") from None
+    finally:
+        sock.settimeout(old_timeout)
+    tensors = decode_tensors(header, body)
+    return Frame(header=header, tensors=tensors, body_len=body_len)
+
+
+def _is_stale(sock: socket.socket) -> bool:
+    """A pooled connection is stale when the peer closed it or sent something unasked.
+
+    Hops are one-way (nothing is expected back on them), so anything readable means the
+    peer went away (EOF/RST, e.g. a restarted worker) or rejected a frame: drop it.
+    """
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class ConnectionPool:
+    """Idle persistent connections per address; a stale one is replaced transparently.
+
+    ``send`` retries once on a fresh connection when a reused one turns out to be broken,
+    which is how a restarted worker is picked up without restarting anyone else.
+    """
+
+    def __init__(self, timeout: float = 10.0, max_idle: int = 8) -> None:
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def _take(self, addr: tuple[str, int]) -> socket.socket | None:
+        with self._lock:
+            conns = self._idle.get(addr, [])
+            while conns:
+                sock = conns.pop()
+                if not _is_stale(sock):
+                    return sock
+                sock.close()
+        return None
+
+    def _give(self, addr: tuple[str, int], sock: socket.socket) -> None:
+        with self._lock:
+            conns = self._idle.setdefault(addr, [])
+            if len(conns) < self.max_idle:
+                conns.append(sock)
+                return
+        sock.close()
+
+    def send(self, addr: tuple[str, int], header: Mapping[str, Any],
+             tensors: Mapping[str, np.ndarray] | None = None,
+             timeout: float | None = None) -> int:
+        """Send one frame to ``addr``; raises ``OSError`` when the peer cannot be reached."""
+        limit = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
+        for attempt in (0, 1):
+            sock = self._take(addr)
+            fresh = sock is None
+            if sock is None:
+                sock = connect(addr, limit)
+            else:
+                sock.settimeout(limit)
+            try:
+                n = send_frame(sock, header, tensors)
+            except OSError:
+                sock.close()
+                if fresh or attempt:
+                    raise
+                continue
+            self._give(addr, sock)
+            return n
+        raise OSError(f"cannot send to {format_address(addr)}")  # pragma: no cover
+
+    def drop(self, addr: tuple[str, int]) -> None:
+        """Close the idle connections to ``addr`` (after it was found dead)."""
+        with self._lock:
+            conns = self._idle.pop(addr, [])
+        for sock in conns:
+            sock.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            conns = [s for lst in self._idle.values() for s in lst]
+            self._idle.clear()
+        for sock in conns:
+            sock.close()
