@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from partitioner.errors import UserError
 from partitioner.frontend.slicing import extract_layers, uses_external_data
-from tests.slicing_fixtures import prepare, run_model, skip_dag
+from tests.test_slicing_fixtures import prepare, run_model, skip_dag
 
 # conv1 | relu1+k | early | conv2 | add | conv3 | scale | concat | conv4
 GROUPS = [[0], [1, 2], [3], [4], [5], [6], [7], [8], [9]]
