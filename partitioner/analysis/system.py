@@ -127,10 +127,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _device(c: _Checker, i: int, table: Any) -> Device:
     where = f"device {i}"
+    if isinstance(table, Mapping) and isinstance(table.get("name"), str) and table["name"]:
+        where = f"device {i} ({table['name']!r})"
     c.keys(where, table, _DEVICE_KEYS, "device")
     name = c.string(where, table, "name", required=True)
     assert name is not None
-    where = f"device {i} ({name!r})"
     for key in _DEVICE_REQUIRED:
         if key not in table:
             c.fail(where, f"missing required key {key!r}")

@@ -1,0 +1,260 @@
+"""Profile files: measured bundle latencies (and energies) of one device (SPEC §3, DIME).
+
+The format is the one of ../shared/INTERFACES.md ("Profile file"); this module adds, per
+bundle, the spread of the timed runs (``std``, ``min``, ``max``, ``p50``) and, at the top
+level, ``warmup``, ``energy_meter`` and ``lazy``. A *lazy* profile (see
+:mod:`partitioner.analysis.lazy`) holds every single layer but only some longer bundles;
+the cost model estimates its missing bundles from the single layers.
+
+A profile is tied to one model file by ``model.sha256`` (SHA-256 of the ONNX file's bytes)
+and to its layer list; :func:`load_profile` refuses a profile of another model and says
+which of the two differs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from partitioner.errors import fail
+from partitioner.ir import LayerGraph
+
+__all__ = [
+    "ProfiledBundle",
+    "Profile",
+    "read_profile",
+    "load_profile",
+    "save_profile",
+    "check_profile",
+    "write_json_atomic",
+]
+
+
+@dataclass(frozen=True)
+class ProfiledBundle:
+    """One measured bundle: model layers ``first..last`` at ``frequency``.
+
+    Attributes:
+        latency: trimmed mean of the timed runs, s.
+        energy: joules per inference, or None when no energy meter was used.
+        std / min / max / p50: spread of all timed runs, s (None when unknown).
+    """
+
+    first: int
+    last: int
+    frequency: str | None
+    latency: float
+    energy: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    p50: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "frequency": self.frequency,
+                "latency": self.latency, "energy": self.energy, "std": self.std,
+                "min": self.min, "max": self.max, "p50": self.p50}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The measurements of one device for one model.
+
+    Attributes:
+        device: the device name in the system file.
+        sha256 / granularity / layers: the model fingerprint and its layer names.
+        runs / warmup / trim / threads: the measurement settings.
+        host: description of the measuring host (cpu, onnxruntime version, threads, ...).
+        bundles: the measured bundles.
+        energy_meter: the ``--energy-meter`` spec used, or None.
+        lazy: missing bundles may be estimated from single layers (lazy profiling).
+        path: the file it was read from (for messages), or None.
+    """
+
+    device: str
+    sha256: str
+    granularity: str
+    layers: tuple[str, ...]
+    runs: int
+    trim: float
+    bundles: tuple[ProfiledBundle, ...] = ()
+    warmup: int = 0
+    threads: int | None = None
+    host: Mapping[str, Any] = field(default_factory=dict)
+    energy_meter: str | None = None
+    lazy: bool = False
+    path: str | None = None
+
+    @property
+    def frequencies(self) -> tuple[str | None, ...]:
+        """The frequency labels measured, in first-seen order."""
+        return tuple(dict.fromkeys(b.frequency for b in self.bundles))
+
+    def bundle_map(self) -> dict[tuple[int, int, str | None], ProfiledBundle]:
+        """``(first, last, frequency) -> bundle``."""
+        return {(b.first, b.last, b.frequency): b for b in self.bundles}
+
+    def with_bundle(self, bundle: ProfiledBundle) -> Profile:
+        """A copy with ``bundle`` added (replacing a bundle of the same key)."""
+        key = (bundle.first, bundle.last, bundle.frequency)
+        kept = tuple(b for b in self.bundles if (b.first, b.last, b.frequency) != key)
+        return replace(self, bundles=(*kept, bundle))
+
+    def to_json(self) -> dict[str, Any]:
+        """The profile document of ../shared/INTERFACES.md (plus the additive fields)."""
+        return {"device": self.device,
+                "model": {"sha256": self.sha256, "granularity": self.granularity,
+                          "layers": list(self.layers)},
+                "runs": self.runs, "warmup": self.warmup, "trim": self.trim,
+                "host": dict(self.host), "energy_meter": self.energy_meter,
+                "lazy": self.lazy,
+                "bundles": [b.to_json() for b in self.bundles]}
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> None:
+    """Write ``doc`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    """Write ``profile`` atomically (a crash never leaves a half-written file)."""
+    write_json_atomic(path, profile.to_json())
+
+
+def _number(file: str, where: str, value: Any, *, optional: bool = False,
+            positive: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0 or (positive and value <= 0):
+        need = "a positive" if positive else "a non-negative"
+        fail(f"{file}: {where} must be {need} number, got {value!r}")
+    return float(value)
+
+
+def _bundle(file: str, i: int, doc: Any, n_layers: int) -> ProfiledBundle:
+    where = f"bundles[{i}]"
+    if not isinstance(doc, Mapping):
+        fail(f"{file}: {where} must be an object")
+    for key in ("first", "last", "latency"):
+        if key not in doc:
+            fail(f"{file}: {where}: missing key {key!r}")
+    first, last = doc["first"], doc["last"]
+    for key, v in (("first", first), ("last", last)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail(f"{file}: {where}.{key} must be an integer, got {v!r}")
+    if not 0 <= first <= last < n_layers:
+        fail(f"{file}: {where}: layers {first}..{last} outside 0..{n_layers - 1}")
+    freq = doc.get("frequency")
+    if freq is not None and not isinstance(freq, str):
+        fail(f"{file}: {where}.frequency must be a string or null, got {freq!r}")
+    spread = {k: _number(file, f"{where}.{k}", doc.get(k), optional=True)
+              for k in ("std", "min", "max", "p50")}
+    latency = _number(file, f"{where}.latency", doc["latency"], positive=True)
+    assert latency is not None
+    return ProfiledBundle(first=first, last=last, frequency=freq, latency=latency,
+                          energy=_number(file, f"{where}.energy", doc.get("energy"),
+                                         optional=True), **spread)
+
+
+def read_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file without checking it against a model.
+
+    Raises:
+        UserError: the file is missing, not JSON, or violates the schema (the message
+            names the file and the key).
+    """
+    file = str(path)
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"{file}: no such profile file")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        fail(f"{file}: not a readable JSON profile: {err}")
+    if not isinstance(doc, Mapping):
+        fail(f"{file}: a profile must be a JSON object")
+    for key in ("device", "model", "runs", "trim", "bundles"):
+        if key not in doc:
+            fail(f"{file}: missing key {key!r}")
+    model = doc["model"]
+    if not isinstance(model, Mapping) or not all(k in model for k in ("sha256", "layers")):
+        fail(f"{file}: model must be an object with sha256 and layers")
+    layers = model["layers"]
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+        fail(f"{file}: model.layers must be a list of layer names")
+    if not isinstance(doc["device"], str) or not doc["device"]:
+        fail(f"{file}: device must be a non-empty string")
+    runs = doc["runs"]
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        fail(f"{file}: runs must be a positive integer, got {runs!r}")
+    trim = _number(file, "trim", doc["trim"])
+    assert trim is not None
+    if trim >= 0.5:
+        fail(f"{file}: trim must be below 0.5, got {trim!r}")
+    if not isinstance(doc["bundles"], list):
+        fail(f"{file}: bundles must be a list")
+    bundles = tuple(_bundle(file, i, b, len(layers)) for i, b in enumerate(doc["bundles"]))
+    seen: set[tuple[int, int, str | None]] = set()
+    for b in bundles:
+        key = (b.first, b.last, b.frequency)
+        if key in seen:
+            fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} "
+                 f"is listed twice")
+        seen.add(key)
+    host = doc.get("host") or {}
+    threads = host.get("threads") if isinstance(host, Mapping) else None
+    return Profile(
+        device=doc["device"], sha256=str(model["sha256"]),
+        granularity=str(model.get("granularity", "major")), layers=tuple(layers),
+        runs=runs, trim=trim, bundles=bundles, warmup=int(doc.get("warmup") or 0),
+        threads=threads if isinstance(threads, int) else None,
+        host=dict(host) if isinstance(host, Mapping) else {},
+        energy_meter=doc.get("energy_meter"), lazy=bool(doc.get("lazy", False)),
+        path=file)
+
+
+def check_profile(profile: Profile, graph: LayerGraph) -> None:
+    """Refuse a profile of another model, saying whether the fingerprint or layers differ."""
+    file = profile.path or f"profile of {profile.device}"
+    if profile.sha256 != graph.sha256:
+        fail(f"{file}: model fingerprint {profile.sha256[:12]}... does not match "
+             f"{graph.name} ({graph.sha256[:12]}...): the profile was measured on "
+             f"another model file")
+    if profile.granularity != graph.granularity:
+        fail(f"{file}: profiled with --granularity {profile.granularity}, the model is "
+             f"loaded with --granularity {graph.granularity}")
+    names = tuple(layer.name for layer in graph.layers)
+    if profile.layers != names:
+        if len(profile.layers) != len(names):
+            fail(f"{file}: layer list differs: the profile has {len(profile.layers)} "
+                 f"layers, {graph.name} has {len(names)}")
+        k = next(i for i, (a, b) in enumerate(zip(profile.layers, names)) if a != b)
+        fail(f"{file}: layer list differs at layer {k}: profile {profile.layers[k]!r}, "
+             f"model {names[k]!r}")
+
+
+def load_profile(path: str | Path, graph: LayerGraph) -> Profile:
+    """Read a profile and check it belongs to ``graph`` (fingerprint and layer names).
+
+    Raises:
+        UserError: unreadable/invalid file, or a mismatch naming what differs.
+    """
+    profile = read_profile(path)
+    check_profile(profile, graph)
+    return profile
