@@ -131,9 +131,12 @@ def estimate_bundle(singles: Sequence[ProfiledBundle], internal_seconds: float
     return latency, energy
 
 
+_Measured = dict[tuple[int, int, str | None], tuple[ProfiledBundle, Profile]]
+
+
 def _profile_index(profiles: Iterable[Profile], graph: LayerGraph, system: System
-                   ) -> dict[str, dict[tuple[int, int, str | None], tuple[ProfiledBundle, Profile]]]:
-    index: dict[str, dict[tuple[int, int, str | None], tuple[ProfiledBundle, Profile]]] = {}
+                   ) -> dict[str, _Measured]:
+    index: dict[str, _Measured] = {}
     names = {d.name for d in system.devices}
     for prof in profiles:
         check_profile(prof, graph)
@@ -227,7 +230,7 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
 
 
 def _profiled(dev: Device, freq: str | None, graph: LayerGraph, run: Sequence[Position],
-              measured: dict[tuple[int, int, str | None], tuple[ProfiledBundle, Profile]],
+              measured: _Measured,
               internal_bytes: int, lazy: bool, power: float | None) -> BundleCost:
     first, last = run[0].layer, run[-1].layer
     assert first is not None and last is not None

@@ -244,7 +244,7 @@ def check_profile(profile: Profile, graph: LayerGraph) -> None:
         if len(profile.layers) != len(names):
             fail(f"{file}: layer list differs: the profile has {len(profile.layers)} "
                  f"layers, {graph.name} has {len(names)}")
-        k = next(i for i, (a, b) in enumerate(zip(profile.layers, names)) if a != b)
+        k = next(i for i, (a, b) in enumerate(zip(profile.layers, names, strict=True)) if a != b)
         fail(f"{file}: layer list differs at layer {k}: profile {profile.layers[k]!r}, "
              f"model {names[k]!r}")
 
