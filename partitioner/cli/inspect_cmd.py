@@ -1,0 +1,97 @@
+"""``partitioner inspect MODEL``: the major layers, their FLOPs, weights and cuts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from partitioner.cli.common import add_model_options, parse_shapes, print_json
+from partitioner.frontend import PreparedModel, load_model
+
+__all__ = ["add_arguments", "run", "inspect_document", "format_table"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``MODEL [--shape ...] [--granularity major|node] [--json]``."""
+    add_model_options(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document on stdout instead of the table")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def inspect_document(prepared: PreparedModel) -> dict[str, Any]:
+    """The ``--json`` document of ``inspect`` (keys of ../shared/INTERFACES.md included)."""
+    graph = prepared.graph
+    flops = sum(layer.flops for layer in graph.layers)
+    macs = sum(prepared.stats.macs)
+    return {
+        "model": {
+            "name": graph.name, "sha256": graph.sha256, "granularity": graph.granularity,
+            "path": str(prepared.path) if prepared.path is not None else None,
+            "inputs": [dict(t.to_json(), nbytes=t.nbytes) for t in graph.inputs],
+            "outputs": [dict(t.to_json(), nbytes=t.nbytes) for t in graph.outputs],
+            "input_cut_bytes": graph.cuts[0].nbytes,
+            "folded_nodes": prepared.folded,
+        },
+        "layers": [{
+            "index": layer.index, "name": layer.name, "ops": list(layer.ops),
+            "nodes": len(layer.nodes), "flops": layer.flops, "macs": prepared.stats.macs[k],
+            "weight_count": layer.weight_count, "weight_bytes": layer.weight_bytes,
+            "output_bytes": layer.output_bytes, "cut_bytes": layer.cut_bytes,
+            "cut_tensors": list(graph.cuts[k + 1].tensors),
+        } for k, layer in enumerate(graph.layers)],
+        "totals": {
+            "layers": len(graph.layers), "nodes": len(prepared.model.graph.node),
+            "flops": flops, "macs": macs, "gflop": flops / 1e9, "gmac": macs / 1e9,
+            "weight_count": prepared.stats.total_weight_count,
+            "weight_bytes": prepared.stats.total_weight_bytes,
+            "params": prepared.stats.total_weight_count,
+            "weight_mb": prepared.stats.total_weight_bytes / 1e6,
+            "max_cut_bytes": max(c.nbytes for c in graph.cuts),
+        },
+    }
+
+
+def _ops(ops: list[str], width: int = 34) -> str:
+    # Collapse runs ("Conv+Relu+MaxPool") and truncate long lists to keep the table tidy.
+    text = "+".join(ops)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_table(doc: dict[str, Any], out: TextIO) -> None:
+    """Write the human-readable table of an ``inspect_document``."""
+    model, totals = doc["model"], doc["totals"]
+    ins = ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in model["inputs"])
+    outs = ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in model["outputs"])
+    out.write(f"model {model['name']}  sha256 {model['sha256'][:16]}  "
+              f"granularity {model['granularity']}\n")
+    out.write(f"inputs  {ins}\noutputs {outs}\n\n")
+    name_w = max([4] + [min(40, len(layer["name"])) for layer in doc["layers"]])
+    header = (f"{'#':>4}  {'name':<{name_w}}  {'ops':<34}  {'MFLOP':>10}  {'params':>11}  "
+              f"{'weight MB':>9}  {'cut KB':>10}\n")
+    out.write(header)
+    out.write("-" * (len(header) - 1) + "\n")
+    for layer in doc["layers"]:
+        name = layer["name"] if len(layer["name"]) <= 40 else layer["name"][:37] + "..."
+        out.write(f"{layer['index']:>4}  {name:<{name_w}}  {_ops(layer['ops']):<34}  "
+                  f"{layer['flops'] / 1e6:>10.2f}  {layer['weight_count']:>11,}  "
+                  f"{layer['weight_bytes'] / 1e6:>9.3f}  {layer['cut_bytes'] / 1e3:>10.1f}\n")
+    out.write("-" * (len(header) - 1) + "\n")
+    out.write(f"{totals['layers']} layers ({totals['nodes']} nodes), "
+              f"{totals['gflop']:.3f} GFLOP, {totals['gmac']:.3f} GMAC, "
+              f"{totals['params']:,} params, {totals['weight_mb']:.2f} MB of weights; "
+              f"input {model['input_cut_bytes'] / 1e3:.1f} KB, "
+              f"largest cut {totals['max_cut_bytes'] / 1e3:.1f} KB\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, prepare and describe the model; exit 0, or 2 on bad input (raised)."""
+    shapes = parse_shapes(args.shape)
+    prepared = load_model(args.model, shapes=shapes, granularity=args.granularity)
+    doc = inspect_document(prepared)
+    if args.json:
+        print_json(doc)
+    else:
+        format_table(doc, sys.stdout)
+    return 0

@@ -1,0 +1,273 @@
+"""Grouping a prepared model's nodes into layers and computing the cuts between them.
+
+Grouping rule (issue 2), which keeps every cut valid on a DAG: walk the nodes in
+topological order; a major node opens layer ``k+1``; a cheap node joins the highest layer
+index among the producers of its inputs (layer 0 if none). Cheap nodes before the first
+major node form its prologue (layer 0). Nodes that read only weights (constant-only
+sub-graphs that were too large or not allowed to fold, e.g. ``DequantizeLinear`` of a
+weight) go with their first consumer instead, so they do not drag a weight-sized tensor
+across every cut from layer 0.
+
+Cuts (SPEC §2): the cut after layer ``k`` carries every tensor produced at or before ``k``
+and consumed after ``k``; graph inputs are produced "at -1"; graph outputs are consumed
+"at L" (the destination needs them). Initialisers are weights, never cut tensors.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from partitioner import ir
+from partitioner.errors import fail
+from partitioner.frontend.flops import is_major, node_cost
+from partitioner.frontend.tensors import (
+    dtype_name,
+    is_weight_dtype,
+    node_inputs,
+    static_shape,
+    tensor_nbytes,
+)
+
+__all__ = ["LayerStats", "build_layer_graph"]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What the front end knows beyond ``ir.LayerGraph``.
+
+    Attributes:
+        macs: multiply-accumulates of each layer's major ops.
+        total_weight_count / total_weight_bytes: weights deduplicated over the model (a
+            weight shared by two layers counts in each layer but once here).
+    """
+
+    macs: tuple[int, ...]
+    total_weight_count: int
+    total_weight_bytes: int
+
+
+def _scope_name(node: onnx.NodeProto) -> str | None:
+    """A readable name from the dynamo exporter's module scopes, if the node has them."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    raw = meta.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    try:
+        scopes = [str(s) for s in ast.literal_eval(raw)]
+        classes = [str(c) for c in ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy",
+                                                             "[]"))]
+    except (ValueError, SyntaxError):
+        return None
+    if not scopes:
+        return None
+    module = ".".join(s for s in scopes[1:-1] if s)
+    # The last scope is the aten call (``linear``, ``matmul_1``). Inside a built-in torch
+    # module the module path says it all ("layer1.0.conv1"); inside a user module
+    # ("attn") several ops share the path, so the call name is kept ("attn.matmul_1").
+    owner = classes[-2] if len(classes) >= 2 else ""
+    if module and owner.startswith("torch.nn.modules."):
+        return module
+    return f"{module}.{scopes[-1]}" if module else scopes[-1]
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    return _scope_name(node) or node.name or f"{node.op_type}_{index}"
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in seen:
+            candidate = f"{name}_{n}"
+            n += 1
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def _assign(nodes: list[onnx.NodeProto], inits: set[str], granularity: str) -> list[int]:
+    """Layer index of every node (see the module docstring)."""
+    const = set(inits)
+    const_nodes: set[int] = set()
+    for i, node in enumerate(nodes):
+        if all(n in const for n in node_inputs(node)):
+            const_nodes.add(i)
+            const.update(o for o in node.output if o)
+    layer_of = [-1] * len(nodes)
+    produced_in: dict[str, int] = {}
+    count = 0
+    prologue_only = False  # layer 0 exists but holds only cheap ops before any major op
+    for i, node in enumerate(nodes):
+        if i in const_nodes:
+            continue
+        if granularity == "node":
+            layer, count = count, count + 1
+        elif is_major(node):
+            if prologue_only:
+                layer, prologue_only = 0, False
+            else:
+                layer, count = count, count + 1
+        else:
+            layer = max((produced_in[n] for n in node_inputs(node) if n in produced_in),
+                        default=0)
+            if count == 0:
+                count, prologue_only = 1, True
+        layer_of[i] = layer
+        for out in node.output:
+            produced_in[out] = layer
+    if count == 0:
+        fail("the model computes nothing from its inputs (every node is constant)")
+    # Constant-only nodes join their first consumer; visiting in reverse topological order
+    # resolves chains of them (a producer's consumers are placed before it is visited).
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for n in node_inputs(node):
+            consumers.setdefault(n, []).append(i)
+    for i in sorted(const_nodes, reverse=True):
+        users = [layer_of[u] for o in nodes[i].output for u in consumers.get(o, ())]
+        placed = [u for u in users if u >= 0]
+        layer_of[i] = min(placed) if placed else count - 1
+    return layer_of
+
+
+def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
+                      granularity: str) -> tuple[ir.LayerGraph, LayerStats]:
+    """Group ``model``'s nodes into layers and compute cuts; reorders ``model`` in place.
+
+    The model's nodes are rewritten layer by layer (each layer's nodes in their previous
+    topological order), so ``Layer.nodes`` of layer ``k`` is a contiguous index range and
+    the node list is still topological (a producer's layer is never after a consumer's).
+
+    Args:
+        model: a prepared model (static shapes in ``value_info``, nothing left to fold).
+        name / sha256: the model's name and file fingerprint.
+        granularity: ``"major"`` or ``"node"``.
+    """
+    if granularity not in ("major", "node"):
+        fail(f"--granularity {granularity!r}: expected 'major' or 'node'")
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = [o.name for o in graph.output]
+    nodes = list(graph.node)
+    layer_of = _assign(nodes, set(inits), granularity)
+    count = max(layer_of) + 1
+    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], i))
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+    nodes = list(graph.node)
+    layer_of = [layer_of[i] for i in order]
+
+    types: dict[str, onnx.TypeProto] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types[vi.name] = vi.type
+
+    def shape_of(tensor: str) -> tuple[int, ...] | None:
+        if tensor in inits:
+            return tuple(int(d) for d in inits[tensor].dims)
+        t = types.get(tensor)
+        return static_shape(t) if t is not None else None
+
+    def info(tensor: str) -> ir.TensorInfo:
+        shape = shape_of(tensor)
+        t = types.get(tensor)
+        if shape is None or t is None:
+            fail(f"tensor {tensor!r}: no static shape (internal: prepare() should have caught "
+                 f"this)")
+        elem = t.tensor_type.elem_type
+        return ir.TensorInfo(tensor, shape, dtype_name(elem), tensor_nbytes(shape, elem))
+
+    # Producer and last consumer layer of every non-weight tensor.
+    produced: dict[str, int] = {}
+    sequence: list[str] = []  # production order, for deterministic cut listings
+    input_names = [v.name for v in graph.input if v.name not in inits]
+    for n in input_names:
+        produced[n] = -1
+        sequence.append(n)
+    for node, layer in zip(nodes, layer_of, strict=True):
+        for out in node.output:
+            if out:
+                produced[out] = layer
+                sequence.append(out)
+    last_use: dict[str, int] = {}
+    for node, layer in zip(nodes, layer_of, strict=True):
+        for n in node_inputs(node):
+            if n in produced:
+                last_use[n] = max(last_use.get(n, -1), layer)
+    for n in outputs:
+        if n in produced:
+            last_use[n] = count  # the destination consumes the outputs after the last layer
+
+    cut_members: list[list[str]] = [[] for _ in range(count + 1)]
+    tensors: dict[str, ir.TensorInfo] = {}
+    for n in sequence:
+        first, last = produced[n], last_use.get(n, -1)
+        if last <= first:
+            continue
+        tensors[n] = info(n)
+        for k in range(first, min(last, count)):
+            cut_members[k + 1].append(n)
+    cuts = tuple(ir.Cut(after=k - 1, tensors=tuple(m), nbytes=sum(tensors[t].nbytes for t in m))
+                 for k, m in enumerate(cut_members))
+
+    members: list[list[int]] = [[] for _ in range(count)]
+    for i, layer in enumerate(layer_of):
+        members[layer].append(i)
+    names = _unique([_layer_name(nodes, m, granularity) for m in members])
+    layers = []
+    macs_all = []
+    all_weights: set[str] = set()
+    for k, idx in enumerate(members):
+        flops = macs = 0
+        weights: set[str] = set()
+        out_bytes = 0
+        for i in idx:
+            f, m = node_cost(nodes[i], shape_of)
+            flops, macs = flops + f, macs + m
+            weights.update(n for n in node_inputs(nodes[i])
+                           if n in inits and is_weight_dtype(inits[n].data_type))
+            out_bytes += sum(tensors[o].nbytes for o in nodes[i].output
+                             if o in tensors and produced.get(o) == k)
+        all_weights |= weights
+        layers.append(ir.Layer(
+            index=k, name=names[k], ops=tuple(nodes[i].op_type for i in idx), nodes=tuple(idx),
+            flops=flops, weight_count=_count(weights, inits), weight_bytes=_bytes(weights, inits),
+            output_bytes=out_bytes, cut_bytes=cuts[k + 1].nbytes))
+        macs_all.append(macs)
+    layer_graph = ir.LayerGraph(
+        name=name, sha256=sha256, granularity=granularity, layers=tuple(layers), cuts=cuts,
+        inputs=tuple(info(n) for n in input_names),
+        outputs=tuple(info(n) for n in outputs if n in produced), tensors=tensors)
+    stats = LayerStats(macs=tuple(macs_all), total_weight_count=_count(all_weights, inits),
+                       total_weight_bytes=_bytes(all_weights, inits))
+    return layer_graph, stats
+
+
+def _layer_name(nodes: list[onnx.NodeProto], idx: list[int], granularity: str) -> str:
+    if granularity == "node":
+        # Constant-only helpers precede their consumer: a node layer is named by its last.
+        lead = idx[-1]
+    else:
+        lead = next((i for i in idx if is_major(nodes[i])), idx[0])
+    return _node_name(nodes[lead], lead)
+
+
+def _count(names: set[str], inits: Mapping[str, onnx.TensorProto]) -> int:
+    total = 0
+    for n in names:
+        dims = inits[n].dims
+        size = 1
+        for d in dims:
+            size *= int(d)
+        total += size
+    return total
+
+
+def _bytes(names: set[str], inits: Mapping[str, onnx.TensorProto]) -> int:
+    return sum(tensor_nbytes(tuple(int(d) for d in inits[n].dims), inits[n].data_type)
+               for n in names)

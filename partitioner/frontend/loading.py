@@ -1,0 +1,106 @@
+"""Reading a model: an ``.onnx`` file (weights left on disk) or a PyTorch module (exported).
+
+Weights are never loaded to analyse a graph: ``onnx.load(..., load_external_data=False)``
+keeps external initialisers as references, so a model over 2 GB (whose weights must be
+external) is read as a small proto, and one whose ``.data`` file is gone still inspects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from partitioner.errors import fail
+
+__all__ = ["read_onnx", "export_torch", "file_sha256"]
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, streamed (the profile fingerprint of INTERFACES.md)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_proto(model: onnx.ModelProto, label: str) -> None:
+    # Protobuf parses many byte strings without complaint (an empty file is a valid empty
+    # message); a real model has an IR version, an opset and at least one node.
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        fail(f"{label}: not an ONNX model (no IR version, opset or graph)")
+    if not model.graph.node:
+        fail(f"{label}: the ONNX graph has no nodes")
+
+
+def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
+    """Read an ONNX file without its external data.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The model proto (external initialisers left as references) and the file's SHA-256.
+
+    Raises:
+        UserError: the file is missing, unreadable, not ONNX or truncated.
+    """
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path}: no such file")
+    if not path.is_file():
+        fail(f"{path}: not a file")
+    try:
+        sha = file_sha256(path)
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError as err:
+        fail(f"{path}: cannot read ({err.strerror or err})")
+    except (DecodeError, RuntimeError, ValueError, TypeError) as err:
+        fail(f"{path}: not a valid ONNX file (truncated or corrupt: {err})")
+    _check_proto(model, str(path))
+    return model, sha
+
+
+def export_torch(module: Any, example_inputs: Any) -> tuple[onnx.ModelProto, str]:
+    """Export a PyTorch module with the dynamo exporter.
+
+    torch is imported here, lazily: the rest of the project never needs it.
+
+    Args:
+        module: a ``torch.nn.Module``.
+        example_inputs: a tensor or a tuple of tensors, the ``forward`` arguments.
+
+    Returns:
+        The exported model and the SHA-256 of its serialised bytes.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - depends on the environment
+        fail("loading a PyTorch module needs torch: pip install 'onnx-partitioner[torch]'")
+    name = type(module).__name__
+    if example_inputs is None:
+        fail(f"PyTorch module {name}: example_inputs are required to export it")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = module.training
+    module.eval()
+    try:
+        program = torch.onnx.export(module, args, dynamo=True, verbose=False)
+    except Exception as err:  # the exporter raises many types; any is a user-facing failure
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(f"PyTorch module {name}: ONNX export failed: {first}")
+    finally:
+        module.train(was_training)
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        fail(f"PyTorch module {name}: the exporter returned no program")
+    model = program.model_proto
+    if not model.graph.name or model.graph.name == "main_graph":
+        model.graph.name = name
+    data = model.SerializeToString()
+    _check_proto(model, f"PyTorch module {name}")
+    return model, hashlib.sha256(data).hexdigest()

@@ -1,0 +1,425 @@
+"""Preparing a model for partitioning: static input shapes, inferred shapes, folded shape code.
+
+The steps (issue 2):
+
+1. put the nodes in a topological order (the graph's own when it already is one);
+2. fix every dynamic input dimension from ``--shape`` (symbolic names, ``?``, ``-1`` and
+   unset dims all count as dynamic); an unfixed one is an error naming input and axis;
+3. run ONNX shape inference with data propagation on a *skeleton* of the model whose large
+   initialisers are plain inputs (so no weight is read, and a model over 2 GB infers as a
+   small proto);
+4. fold shape-computation sub-graphs (``Shape -> Gather -> Concat -> Reshape`` and
+   friends) and ``Constant`` nodes into initialisers, so that the prepared model has no
+   node that merely computes shapes: such nodes are not partition points and must not
+   count towards cut bytes;
+5. repeat 3-4 until nothing more folds, then require a static shape for every tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
+
+from partitioner.errors import fail
+from partitioner.frontend.tensors import (
+    constant_value_proto,
+    dtype_name,
+    is_external,
+    node_inputs,
+    static_shape,
+)
+
+__all__ = ["prepare", "topological_order", "model_inputs", "MAX_ROUNDS"]
+
+MAX_ROUNDS = 6
+# Initialisers up to this size are kept in the inference skeleton (shape inference needs
+# the *values* of Reshape targets, axes, pads...); larger ones become typed inputs.
+_SKELETON_MAX_BYTES = 64 << 10
+# External initialisers up to this size are read (they are shape vectors, not weights).
+_LOAD_EXTERNAL_MAX_BYTES = 4 << 10
+# Folded results may not exceed these sizes: integer/bool results are shape arithmetic
+# or masks; float results are scalars such as 1/sqrt(d_head). Larger ones stay as nodes.
+_FOLD_MAX_INT = 1 << 20
+_FOLD_MAX_FLOAT = 4096
+_NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+            "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear",
+            "DynamicQuantizeLinear", "If", "Loop", "Scan", "SequenceConstruct",
+            "SequenceEmpty", "Optional"}
+
+
+def model_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Real model inputs (old IR versions also list initialisers as inputs)."""
+    inits = {t.name for t in graph.initializer}
+    return [v for v in graph.input if v.name not in inits]
+
+
+def topological_order(graph: onnx.GraphProto, label: str) -> list[int]:
+    """A topological order of ``graph.node``: the graph's own when it is one, else Kahn's.
+
+    Raises:
+        UserError: a node reads a tensor nothing defines (a truncated or broken file), or
+            the graph has a cycle.
+    """
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                producer[out] = i
+    for node in graph.node:
+        for name in node_inputs(node):
+            if name not in defined and name not in producer:
+                what = node.name or node.op_type
+                fail(f"{label}: tensor {name!r} read by node {what!r} is never defined "
+                     f"(truncated or broken model)")
+    in_order = True
+    seen = set(defined)
+    for node in graph.node:
+        if any(n not in seen for n in node_inputs(node)):
+            in_order = False
+            break
+        seen.update(o for o in node.output if o)
+    if in_order:
+        return list(range(len(graph.node)))
+    # Kahn's algorithm, always taking the lowest original index that is ready: stable.
+    import heapq
+
+    deps = [{producer[n] for n in node_inputs(nd) if n in producer} for nd in graph.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for p in d:
+            users.setdefault(p, []).append(i)
+    missing = [len(d) for d in deps]
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(graph.node):
+        stuck = next(graph.node[i] for i, m in enumerate(missing) if m > 0)
+        fail(f"{label}: the graph has a cycle through node {stuck.name or stuck.op_type!r}")
+    return order
+
+
+def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]],
+                      label: str) -> None:
+    inputs = model_inputs(graph)
+    names = [v.name for v in inputs]
+    for name in shapes:
+        if name not in names:
+            fail(f"--shape {name}: {label} has no input {name!r} (inputs: {', '.join(names)})")
+    for vi in inputs:
+        if vi.type.WhichOneof("value") != "tensor_type":
+            fail(f"{label}: input {vi.name!r} is not a tensor (only tensor inputs are supported)")
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            if vi.name not in shapes:
+                fail(f"{label}: input {vi.name!r} has no shape (unknown rank); fix it with "
+                     f"--shape {vi.name}=D0,D1,... (e.g. --shape images=1,3,640,640)")
+            for d in shapes[vi.name]:
+                tt.shape.dim.add().dim_value = d
+            continue
+        dims = tt.shape.dim
+        given = shapes.get(vi.name)
+        if given is not None and len(given) != len(dims):
+            fail(f"--shape {vi.name}: input {vi.name!r} has rank {len(dims)}, "
+                 f"got {len(given)} dimensions")
+        for axis, dim in enumerate(dims):
+            static = dim.HasField("dim_value") and dim.dim_value > 0
+            if given is not None:
+                if static and dim.dim_value != given[axis]:
+                    fail(f"--shape {vi.name}: axis {axis} of input {vi.name!r} is fixed at "
+                         f"{dim.dim_value} by the model, got {given[axis]}")
+                dim.Clear()
+                dim.dim_value = given[axis]
+            elif not static:
+                symbol = f" ({dim.dim_param!r})" if dim.dim_param else ""
+                example = ",".join(str(d.dim_value) if d.HasField("dim_value")
+                                   and d.dim_value > 0 else "1" for d in dims)
+                fail(f"{label}: input {vi.name!r} axis {axis}{symbol} is dynamic; fix it with "
+                     f"--shape {vi.name}={example}")
+
+
+def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
+    """Read external initialisers that are tiny (shape vectors) when their file exists."""
+    if base_dir is None:
+        return
+    for tensor in graph.initializer:
+        if not is_external(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        try:
+            length = int(info.get("length", "-1"))
+        except ValueError:
+            continue
+        if 0 <= length <= _LOAD_EXTERNAL_MAX_BYTES and (base_dir / info.get("location", "")
+                                                        ).is_file():
+            try:
+                load_external_data_for_tensor(tensor, str(base_dir))
+            except (OSError, ValueError):
+                continue
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def _initializer_bytes(tensor: TensorProto) -> int:
+    if is_external(tensor):
+        return 1 << 62
+    return tensor.ByteSize()
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without large initialisers (they become inputs of the same type and shape)."""
+    graph = model.graph
+    g = onnx.GraphProto(name=graph.name)
+    g.node.extend(graph.node)
+    g.input.extend(model_inputs(graph))
+    inputs = {v.name for v in g.input}
+    for tensor in graph.initializer:
+        if _initializer_bytes(tensor) <= _SKELETON_MAX_BYTES:
+            g.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+    g.sparse_initializer.extend(graph.sparse_initializer)
+    for out in graph.output:
+        # Outputs keep only their element type: stale symbolic dims must not survive.
+        vi = g.output.add()
+        vi.name = out.name
+        if out.type.WhichOneof("value") == "tensor_type":
+            vi.type.tensor_type.elem_type = out.type.tensor_type.elem_type
+        else:
+            vi.type.CopyFrom(out.type)
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.graph.CopyFrom(g)
+    return skeleton
+
+
+def _infer(model: onnx.ModelProto, label: str) -> dict[str, onnx.TypeProto]:
+    """Types of every tensor ONNX shape inference can determine, by name."""
+    skeleton = _skeleton(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        # Strict mode stops at the first op it cannot handle (e.g. a custom domain);
+        # the lenient pass infers the rest and the caller names what stayed unknown.
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        except Exception as err:  # noqa: BLE001 - any failure here is the model's fault
+            fail(f"{label}: ONNX shape inference failed: {str(err).splitlines()[0]}")
+    types: dict[str, onnx.TypeProto] = {
+        t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        for t in model.graph.initializer}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        types[vi.name] = vi.type
+    return types
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    """In-memory (not external) initialisers by name; their values are read on demand."""
+    return {t.name: t for t in graph.initializer if not is_external(t)}
+
+
+def _shape_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    """Evaluate ``Shape`` (with its ``start``/``end`` attributes) or ``Size``."""
+    if node.op_type == "Size":
+        return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+    attrs = {a.name: a.i for a in node.attribute}
+    rank = len(shape)
+    start, end = attrs.get("start", 0), attrs.get("end", rank)
+    start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+    return np.array(shape[start:end], dtype=np.int64)
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None],
+              opset: int) -> list[np.ndarray] | None:
+    """Run one node with the ONNX reference implementation; None if it cannot."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" if n else "" for k, n in enumerate(node.input)]
+    single = onnx.NodeProto()
+    single.CopyFrom(node)
+    del single.input[:]
+    single.input.extend(names)
+    del single.output[:]
+    single.output.extend(f"o{k}" if o else "" for k, o in enumerate(node.output))
+    graph = onnx.helper.make_graph(
+        [single], "fold",
+        [onnx.helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None)
+         for n in names if n],
+        [onnx.helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
+         for o in single.output if o])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    feeds = {n: v for n, v in zip(names, inputs, strict=True) if n}
+    try:
+        results = ReferenceEvaluator(model).run(None, feeds)
+    except Exception:  # noqa: BLE001 - an op the reference cannot run simply is not folded
+        return None
+    return [np.asarray(r) for r in results]
+
+
+def _foldable_size(values: list[np.ndarray]) -> bool:
+    for v in values:
+        limit = _FOLD_MAX_INT if (v.dtype.kind in "iub") else _FOLD_MAX_FLOAT
+        if v.size > limit or v.dtype.kind not in "iubf":
+            return False
+    return True
+
+
+def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> int:
+    """Fold every node computable from constants and static shapes; returns how many."""
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    protos = _constant_values(graph)
+    values: dict[str, np.ndarray] = {}
+    outputs = {o.name for o in graph.output}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in values:
+            return values[name]
+        if name in protos:
+            values[name] = numpy_helper.to_array(protos[name])
+            return values[name]
+        return None
+
+    keep: list[onnx.NodeProto] = []
+    folded: list[TensorProto] = []
+    for node in graph.node:
+        result: list[np.ndarray] | None = None
+        if node.domain not in ("", "ai.onnx") or any(o in outputs for o in node.output):
+            keep.append(node)
+            continue
+        if node.op_type == "Constant":
+            proto = constant_value_proto(node)
+            result = None if proto is None else [numpy_helper.to_array(proto)]
+        elif node.op_type in ("Shape", "Size"):
+            shape = static_shape(types[node.input[0]]) if node.input[0] in types else None
+            result = None if shape is None else [_shape_value(node, shape)]
+        elif node.op_type not in _NO_FOLD and all(
+                not n or n in protos or n in values for n in node.input):
+            expected = [types.get(o) for o in node.output if o]
+            sizes = [static_shape(t) if t is not None else None for t in expected]
+            too_big = any(s is not None and int(np.prod(s)) > _FOLD_MAX_INT for s in sizes)
+            if not too_big:
+                args = [value(n) if n else None for n in node.input]
+                result = _evaluate(node, args, opset)
+        if result is None or (node.op_type != "Constant" and not _foldable_size(result)):
+            keep.append(node)
+            continue
+        for name, array in zip([o for o in node.output if o], result, strict=False):
+            values[name] = array
+            folded.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    if len(keep) == len(graph.node):
+        return 0
+    count = len(graph.node) - len(keep)
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(folded)
+    _drop_unused_initializers(graph)
+    return count
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {n for node in graph.node for n in node_inputs(node)} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        kept_inputs = [v for v in graph.input if v.name not in dropped]
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+
+
+def _check_static(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto],
+                  label: str) -> None:
+    """Every tensor that something reads (or the model returns) needs a static shape."""
+    graph = model.graph
+    read = {n for node in graph.node for n in node_inputs(node)} | {o.name for o in graph.output}
+    inits = {t.name for t in graph.initializer}
+    for node in graph.node:
+        for out in node.output:
+            if not out or out not in read or out in inits:
+                continue
+            t = types.get(out)
+            where = f"(output of {node.op_type} node {node.name!r})" if node.name else \
+                f"(output of a {node.op_type} node)"
+            if t is not None and t.WhichOneof("value") not in (None, "tensor_type"):
+                fail(f"{label}: tensor {out!r} {where} is a {t.WhichOneof('value')}, "
+                     f"only tensors are supported")
+            if t is None or static_shape(t) is None or t.tensor_type.elem_type == 0:
+                fail(f"{label}: the shape of tensor {out!r} {where} cannot be inferred")
+            dtype_name(t.tensor_type.elem_type)
+
+
+def _write_types(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> None:
+    graph = model.graph
+    inputs = {v.name for v in graph.input}
+    inits = {t.name for t in graph.initializer}
+    del graph.value_info[:]
+    for node in graph.node:
+        for out in node.output:
+            if out and out in types and out not in inits:
+                graph.value_info.add(name=out).type.CopyFrom(types[out])
+    outputs = {o.name for o in graph.output}
+    for out in graph.output:
+        if out.name in types and out.name not in inputs:
+            out.type.CopyFrom(types[out.name])
+    kept = [v for v in graph.value_info if v.name not in outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def prepare(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...]] | None,
+            base_dir: Path | None, label: str) -> int:
+    """Prepare ``model`` in place (see the module docstring). Returns the nodes folded.
+
+    Args:
+        model: the model; external initialisers stay references.
+        shapes: static dims for inputs, by input name.
+        base_dir: folder of the model file (tiny external shape vectors are read from it).
+        label: how error messages name the model (its path).
+
+    Raises:
+        UserError: unknown ``--shape`` input or rank, an unfixed dynamic dim, a tensor
+            whose shape cannot be inferred, a broken graph.
+    """
+    if model.functions:
+        # Local functions hide their nodes from shape inference and from the layer grouping.
+        from onnx.inliner import inline_local_functions
+
+        inlined = inline_local_functions(model)
+        model.CopyFrom(inlined)
+    graph = model.graph
+    order = topological_order(graph, label)
+    if order != list(range(len(graph.node))):
+        nodes = [graph.node[i] for i in order]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    _fix_input_shapes(graph, shapes or {}, label)
+    _load_small_external(graph, base_dir)
+    folded = 0
+    types: dict[str, onnx.TypeProto] = {}
+    for _ in range(MAX_ROUNDS):
+        types = _infer(model, label)
+        count = _fold_round(model, types)
+        folded += count
+        if count == 0:
+            break
+    _check_static(model, types, label)
+    _write_types(model, types)
+    return folded
