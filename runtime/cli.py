@@ -1,0 +1,281 @@
+"""The ``runtime`` command: ``serve`` a device's stages, ``run`` a bundle, ``fallback``.
+
+::
+
+    runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
+                  [--grpc-port P] [--port-file F]
+    runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,...) --input NAME=FILE.npy ...
+                  [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
+                  [--model M --system S]   (lets the executor re-plan without a dead device)
+    runtime fallback BUNDLE --model M --system S [--device NAME ...]
+
+User errors are one line on stderr and exit status 2; a request that fails for good
+(after re-planning and retries) exits with status 3 and names the request id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from partitioner.errors import UserError, fail
+
+__all__ = ["main", "parse_hosts", "load_inputs", "save_outputs"]
+
+
+def parse_hosts(text: str) -> dict[str, str]:
+    """``NAME=HOST:PORT,...`` -> ``{name: "host:port"}``."""
+    from runtime.transport import parse_address
+
+    hosts: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, addr = item.partition("=")
+        if not sep or not name:
+            fail(f"--hosts {item!r}: expected NAME=HOST:PORT")
+        try:
+            parse_address(addr, what=f"--hosts {name}")
+        except ValueError as err:
+            fail(str(err))
+        hosts[name] = addr
+    if not hosts:
+        fail("--hosts: no NAME=HOST:PORT given")
+    return hosts
+
+
+def load_inputs(items: Sequence[str]) -> dict[str, np.ndarray]:
+    """``NAME=FILE.npy`` items -> arrays (``allow_pickle=False``: .npy data only)."""
+    out: dict[str, np.ndarray] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            fail(f"--input {item!r}: expected NAME=FILE.npy")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            fail(f"--input {name}: cannot read {path} as .npy ({err})")
+        if not isinstance(arr, np.ndarray):
+            fail(f"--input {name}: {path} is an .npz archive, expected one .npy array")
+        out[name] = arr
+    return out
+
+
+def save_outputs(path: str | Path, outputs: dict[str, np.ndarray]) -> None:
+    """Write ``outputs`` to ``path`` as .npz, atomically (temp file, then ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz",
+                               dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, allow_pickle=False, **outputs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("--device", required=True, help="the device whose stages to serve")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="where to listen (default 127.0.0.1, port 0: any free port); a "
+                        "non-loopback address needs --token-file")
+    p.add_argument("--token-file", help="file holding the shared token")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads per stage")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help="also serve the Open Inference Protocol v2 over gRPC (0: any port)")
+    p.add_argument("--port-file", help="write {host, port, grpc_port} as JSON here once "
+                                       "listening (atomic)")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from runtime.security import load_token
+    from runtime.transport import format_address, parse_address
+    from runtime.worker import Worker
+
+    try:
+        host, port = parse_address(args.listen, what="--listen")
+    except ValueError as err:
+        fail(str(err))
+    if args.threads is not None and args.threads < 1:
+        fail("--threads must be at least 1")
+    worker = Worker(args.bundle, args.device, listen=(host, port),
+                    token=load_token(args.token_file), threads=args.threads,
+                    grpc_port=args.grpc_port).start()
+    addr = format_address(worker.address)
+    info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],
+            "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
+            "pid": os.getpid()}
+    if args.port_file:
+        _write_atomic(args.port_file, json.dumps(info))
+    print(f"runtime serve: device {args.device} listening on {addr}"
+          + (f", gRPC on port {info['grpc_port']}" if info["grpc_port"] else ""), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    worker.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run every stage here")
+    where.add_argument("--hosts", metavar="NAME=HOST:PORT,...",
+                       help="the worker of every device the plan uses")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   required=True, help="a model input (repeatable)")
+    p.add_argument("--token-file", help="file holding the shared token")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, s")
+    p.add_argument("--repeat", type=int, default=1, help="run the request N times")
+    p.add_argument("--model", help="the model, to re-plan when a device is down")
+    p.add_argument("--system", help="the system file, to re-plan when a device is down")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.add_argument("--json", action="store_true", help="print timings as JSON")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from runtime.executor import LocalExecutor, RemoteExecutor
+    from runtime.security import load_token
+
+    if args.repeat < 1:
+        fail("--repeat must be at least 1")
+    if args.timeout <= 0:
+        fail("--timeout must be positive")
+    if bool(args.model) != bool(args.system):
+        fail("--model and --system go together")
+    inputs = load_inputs(args.input)
+    out_dir = Path(args.output).resolve().parent
+    if not out_dir.is_dir():
+        fail(f"-o {args.output}: folder {out_dir} does not exist")
+    executor: Any
+    if args.local:
+        executor = LocalExecutor(args.bundle)
+    else:
+        replanner = None
+        if args.model:
+            from runtime.replan import Replanner
+
+            replanner = Replanner(args.bundle, args.model, args.system,
+                                  token=load_token(args.token_file))
+        executor = RemoteExecutor(args.bundle, parse_hosts(args.hosts),
+                                  token=load_token(args.token_file), timeout=args.timeout,
+                                  replanner=replanner)
+        if replanner is not None:
+            replanner.bind(executor)
+    records = []
+    try:
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            outputs = executor.infer(inputs)
+            records.append(executor.records[-1])
+        wall = time.perf_counter() - t0
+    finally:
+        executor.close()
+    save_outputs(args.output, outputs)
+    lat = [r["latency"] for r in records]
+    doc = {"mode": "local" if args.local else "remote", "output": str(args.output),
+           "requests": len(records), "wall": wall,
+           "latency": {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
+                       "max": float(np.max(lat))},
+           "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
+                     "attempts": r.get("attempts", 1), "stages": r.get("timings", [])}
+                    for r in records]}
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"wrote {args.output}: {len(outputs)} output(s); latency mean "
+              f"{doc['latency']['mean'] * 1e3:.2f} ms over {len(records)} request(s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def _add_fallback(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("--model", required=True, help="the model the bundle was compiled from")
+    p.add_argument("--system", required=True, help="the system file")
+    p.add_argument("--device", action="append", default=[],
+                   help="compile a fallback without this device (default: each device of "
+                        "the plan that is not pinned as source or destination)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _fallback(args: argparse.Namespace) -> int:
+    from runtime.replan import compile_fallbacks
+
+    made = compile_fallbacks(args.bundle, args.model, args.system,
+                             devices=args.device or None)
+    if args.json:
+        json.dump({"fallbacks": {k: str(v) if v else None for k, v in made.items()}},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for dev, path in made.items():
+            print(f"without {dev}: {path if path else 'no feasible plan'}")
+    return 0
+
+
+COMMANDS = {
+    "serve": (_add_serve, _serve, "serve one device's stages of a bundle"),
+    "run": (_add_run, _run, "run a bundle locally or on workers"),
+    "fallback": (_add_fallback, _fallback, "compile fallback plans, one per device lost"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runtime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add, _, help_) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format=f"runtime {args.command}: %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(COMMANDS[args.command][1](args) or 0)
+    except UserError as err:
+        print(f"runtime {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"runtime {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Executors: run a bundle in this process, or drive workers on other hosts.
+
+:class:`LocalExecutor` chains the stages with ONNX Runtime in one process (``runtime run
+--local``). :class:`RemoteExecutor` sends each request to the first stage's host with the
+route (device -> host:port) and a reply address, and waits for the last stage to push the
+result back to it; it never relays intermediate tensors.
+
+Reliability (issue 5): every request has an id and a deadline. The executor probes the
+hosts of the requests in flight (liveness frames) every ``probe_interval`` seconds; when a
+host is unreachable, reported unreachable by a peer, or an attempt times out, that device
+is marked down and every request whose attempt routes through it is re-sent, with the same
+id and the next attempt number, on a plan without the device: a fallback bundle shipped
+in ``BUNDLE/fallback/`` (see :mod:`runtime.replan`) or, when a ``replanner`` is given, one
+it compiles on the spot. The first result for an id completes the request; later ones
+(a slow earlier attempt) are dropped, so a request is never answered twice, and a request
+that runs out of attempts or time fails with an error that names its id. A device that
+answers probes again (a restarted worker) is used again.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from partitioner.errors import UserError, fail
+from runtime.protocol import Frame
+from runtime.security import token_matches
+from runtime.server import FrameServer, bind_listener
+from runtime.stages import BundleView, StageRunner, check_tensor, open_bundles
+from runtime.transport import (
+    ConnectionPool,
+    connect,
+    format_address,
+    parse_address,
+    recv_frame,
+    send_frame,
+)
+
+__all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_inputs", "probe"]
+
+log = logging.getLogger("runtime.executor")
+
+RETRYABLE = frozenset({"unreachable", "no_route", "deadline"})
+
+
+class RequestError(UserError):
+    """A request failed for good; the message names its id and why."""
+
+    exit_code = 3
+
+
+def check_model_inputs(view: BundleView, inputs: Mapping[str, np.ndarray]) -> None:
+    """``inputs`` are exactly the model inputs, with their declared dtype and shape."""
+    names = {t.name for t in view.inputs}
+    for name in inputs:
+        if name not in names:
+            fail(f"input {name!r}: not an input of the model (inputs: {', '.join(names)})")
+    for t in view.inputs:
+        if t.name not in inputs:
+            fail(f"input {t.name}: missing")
+        check_tensor(t, np.asarray(inputs[t.name]), f"input {t.name}")
+
+
+def _views(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:
+    if isinstance(bundle, BundleView):
+        return {bundle.key: bundle}
+    if isinstance(bundle, Mapping):
+        return dict(bundle)
+    return open_bundles(bundle)
+
+
+class LocalExecutor:
+    """All stages in this process with ONNX Runtime; ``submit`` pipelines across stages."""
+
+    def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView], *,
+                 threads: int | None = None) -> None:
+        self.view = _views(bundle)["main"]
+        self.runners = [StageRunner(s, threads=threads) for s in self.view.stages]
+        # one thread per stage: request k+1 runs stage 0 while request k runs stage 1
+        self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"local-{s.id}")
+                       for s in self.view.stages]
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request through every stage; returns the model outputs by name."""
+        return self.submit(inputs).result()
+
+    def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
+               ) -> cf.Future[dict[str, np.ndarray]]:
+        check_model_inputs(self.view, inputs)
+        rid = request_id or uuid.uuid4().hex
+        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
+        record: dict[str, Any] = {"id": rid, "plan": "main", "attempts": 1, "timings": [],
+                                  "start": time.perf_counter()}
+        self._step(0, {k: np.asarray(v) for k, v in inputs.items()}, fut, record)
+        return fut
+
+    def _step(self, i: int, tensors: dict[str, np.ndarray], fut: cf.Future[Any],
+              record: dict[str, Any]) -> None:
+        def work() -> None:
+            t0 = time.perf_counter()
+            try:
+                out = self.runners[i].advance(tensors)
+            except Exception as err:
+                fut.set_exception(RequestError(
+                    f"request {record['id']}: stage {self.view.stages[i].id}: "
+                    f"{err.__class__.__name__}: {str(err).splitlines()[0]}"))
+                return
+            record["timings"].append({"stage": self.view.stages[i].id,
+                                      "device": self.view.stages[i].device, "queue": 0.0,
+                                      "compute": time.perf_counter() - t0})
+            if i + 1 < len(self.runners):
+                self._step(i + 1, out, fut, record)
+            else:
+                record["latency"] = time.perf_counter() - record.pop("start")
+                self.records.append(record)
+                fut.set_result(out)
+        self._pools[i].submit(work)
+
+    def close(self) -> None:
+        for p in self._pools:
+            p.shutdown(wait=False)
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def probe(addr: tuple[str, int], timeout: float = 0.5) -> bool:
+    """Whether a worker answers a liveness frame at ``addr`` within ``timeout`` s."""
+    try:
+        with connect(addr, timeout) as sock:
+            send_frame(sock, {"type": "health"})
+            frame = recv_frame(sock, max_body=0, frame_timeout=timeout)
+        return bool(frame.header.get("live"))
+    except Exception:
+        return False
+
+
+@dataclass
+class _Pending:
+    id: str
+    inputs: dict[str, np.ndarray]
+    future: cf.Future[dict[str, np.ndarray]]
+    deadline: float
+    start: float = field(default_factory=time.perf_counter)
+    attempt: int = 0
+    plan: str = "main"
+    devices: frozenset[str] = frozenset()
+    attempt_deadline: float = 0.0
+    history: list[str] = field(default_factory=list)
+    retrying: bool = False  # a retry is scheduled: no second one for the same attempt
+
+
+class RemoteExecutor:
+    """Drive workers: ``infer`` / ``submit`` as with :class:`LocalExecutor`.
+
+    Args:
+        bundle: the bundle directory (or loaded views) the workers serve.
+        hosts: device name -> ``"host:port"`` of its worker.
+        token: the shared token, if the workers have one.
+        timeout: overall deadline of a request, seconds.
+        attempt_timeout: a single attempt is given up after this many seconds
+            (default: ``timeout / (max_attempts + 1)``).
+        max_attempts: attempts per request (the first plus re-plans/retries).
+        listen: where results come back (``"127.0.0.1:0"``: any free loopback port).
+        replanner: called with the set of devices that are down; returns the key of a
+            newly compiled (and loaded) plan without them, or ``None``.
+        probe_interval: seconds between liveness probes of the hosts in use.
+    """
+
+    def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView],
+                 hosts: Mapping[str, str], *, token: str | None = None,
+                 timeout: float = 30.0, attempt_timeout: float | None = None,
+                 max_attempts: int = 3, listen: str = "127.0.0.1:0",
+                 replanner: Callable[[frozenset[str]], str | None] | None = None,
+                 probe_interval: float = 0.25) -> None:
+        self.views = _views(bundle)
+        self.view = self.views["main"]
+        self.hosts: dict[str, tuple[str, int]] = {}
+        for dev, text in hosts.items():
+            try:
+                self.hosts[dev] = parse_address(text, what=f"host of {dev}")
+            except ValueError as err:
+                fail(str(err))
+        missing = [d for d in self.view.devices if d not in self.hosts]
+        if missing:
+            fail(f"--hosts: no address for device {missing[0]} (the plan uses "
+                 f"{', '.join(self.view.devices)})")
+        self.token = token
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.attempt_timeout = attempt_timeout or timeout / (max_attempts + 1)
+        self.replanner = replanner
+        self.probe_interval = probe_interval
+        self.down: set[str] = set()
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+        self.duplicates = 0
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.RLock()
+        self._pool = ConnectionPool(timeout=5.0)
+        host, port = parse_address(listen, what="--listen")
+        max_body = sum(t.nbytes + 64 for t in self.view.outputs) + 4096
+        self._server = FrameServer(bind_listener(host, port), self._on_message,
+                                   max_body=max_body).start()
+        self.reply = format_address(self._server.address)
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="monitor",
+                                         daemon=True)
+        self._monitor.start()
+
+    # ------------------------------------------------------------------ public
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request; raises :class:`RequestError` naming the id when it fails."""
+        fut = self.submit(inputs)
+        try:
+            return fut.result(timeout=self.timeout + 5.0)
+        except cf.TimeoutError:  # backstop only: the monitor fails requests on time
+            raise RequestError(f"request {fut.request_id}: no answer in "  # type: ignore
+                               f"{self.timeout} s") from None
+
+    def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
+               ) -> cf.Future[dict[str, np.ndarray]]:
+        """Start a request; the future's ``request_id`` attribute is its id."""
+        check_model_inputs(self.view, inputs)
+        rid = request_id or uuid.uuid4().hex
+        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
+        fut.request_id = rid  # type: ignore[attr-defined]
+        p = _Pending(rid, {k: np.ascontiguousarray(v) for k, v in inputs.items()}, fut,
+                     deadline=time.monotonic() + self.timeout)
+        with self._lock:
+            if rid in self._pending:
+                fail(f"request {rid}: id already in flight")
+            self._pending[rid] = p
+        self._dispatch(p, None)
+        return fut
+
+    def set_host(self, device: str, address: str) -> None:
+        """Point ``device`` at a new address (e.g. a worker restarted on another port)."""
+        with self._lock:
+            self.hosts[device] = parse_address(address, what=f"host of {device}")
+            self.down.discard(device)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+        self._pool.close()
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            _set_exception(p.future, RequestError(f"request {p.id}: executor closed"))
+
+    def __enter__(self) -> RemoteExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ planning
+    def _choose_plan(self) -> str | None:
+        """The first plan (main first) whose devices all have a live host."""
+        for key, view in self.views.items():
+            if all(d in self.hosts and d not in self.down for d in view.devices):
+                return key
+        if self.replanner is not None:
+            key = self.replanner(frozenset(self.down))
+            if key is not None and key not in self.views:
+                from runtime.stages import open_bundle
+
+                self.views[key] = open_bundle(self.view.root / key, key=key)
+            return key
+        return None
+
+    def _dispatch(self, p: _Pending, reason: str | None) -> None:
+        """Send attempt ``p.attempt + 1`` of ``p`` (or fail it when it cannot be)."""
+        while True:
+            with self._lock:
+                if p.id not in self._pending:
+                    return
+                if reason:
+                    p.history.append(reason)
+                if p.attempt >= self.max_attempts or time.monotonic() >= p.deadline:
+                    self._finish_error(p, "gave up after " + "; ".join(p.history[-3:]))
+                    return
+                key = self._choose_plan()
+                if key is None:
+                    self._finish_error(p, "no plan avoids the devices that are down ("
+                                       + ", ".join(sorted(self.down)) + "); "
+                                       + "; ".join(p.history[-2:]))
+                    return
+                view = self.views[key]
+                p.attempt += 1
+                p.retrying = False
+                p.plan, p.devices = key, frozenset(view.devices)
+                budget = min(self.attempt_timeout, p.deadline - time.monotonic())
+                p.attempt_deadline = time.monotonic() + budget
+                first = view.stages[0]
+                route = {d: format_address(self.hosts[d]) for d in view.devices}
+                header = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
+                          "stage": first.id, "route": route, "reply": self.reply,
+                          "budget": max(budget, 0.01), "token": self.token, "timings": []}
+                addr = self.hosts[first.device]
+                tensors = {n: p.inputs[n] for n in first.incoming}
+            try:
+                self._pool.send(addr, header, tensors, timeout=min(budget, 5.0))
+                return
+            except OSError as err:
+                self._pool.drop(addr)
+                with self._lock:
+                    self.down.add(first.device)
+                reason = (f"attempt {p.attempt}: device {first.device} at "
+                          f"{format_address(addr)} unreachable ({err.__class__.__name__})")
+                log.warning("request %s: %s", p.id, reason)
+
+    def _finish_error(self, p: _Pending, why: str) -> None:
+        self._pending.pop(p.id, None)
+        _set_exception(p.future, RequestError(f"request {p.id}: {why}"))
+
+    # ------------------------------------------------------------------ messages
+    def _on_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
+        h = frame.header
+        if h.get("type") == "health":
+            return {"type": "health", "live": True}
+        if not token_matches(self.token, h.get("token")):
+            log.warning("dropped a frame from %s: missing or wrong token", peer)
+            return {"type": "error", "code": "unauthorized", "close": True}
+        rid = h.get("id")
+        with self._lock:
+            p = self._pending.get(rid) if isinstance(rid, str) else None
+            if p is None:
+                self.duplicates += h.get("type") == "result"
+                return None
+            if h.get("type") == "result":
+                try:
+                    outputs = {t.name: frame.tensors[t.name] for t in self.view.outputs}
+                    for t in self.view.outputs:
+                        check_tensor(t, outputs[t.name], f"result of request {rid}")
+                except (KeyError, UserError) as err:
+                    self._finish_error(p, f"bad result from {peer}: {err}")
+                    return None
+                self._pending.pop(rid)
+                self.records.append({"id": rid, "plan": h.get("plan"), "attempts": p.attempt,
+                                     "latency": time.perf_counter() - p.start,
+                                     "timings": h.get("timings", []), "retries": p.history})
+                p.future.set_result(outputs)
+                return None
+            if h.get("type") != "error" or h.get("attempt") != p.attempt:
+                return None  # a stale attempt's error: the newer attempt decides
+            code, msg = h.get("code"), str(h.get("message", ""))[:500]
+            failed = h.get("failed_device")
+            if code not in RETRYABLE:
+                self._finish_error(p, msg or str(code))
+                return None
+            if isinstance(failed, str):
+                self.down.add(failed)
+            if p.retrying:
+                return None
+            p.retrying = True
+        self._retry_async(p, f"attempt {p.attempt}: {msg}")
+        return None
+
+    def _retry_async(self, p: _Pending, reason: str) -> None:
+        threading.Thread(target=self._dispatch, args=(p, reason), daemon=True).start()
+
+    # ------------------------------------------------------------------ monitor
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.probe_interval):
+            with self._lock:
+                pending = list(self._pending.values())
+                in_use = {d for p in pending for d in p.devices}
+                check = {d: self.hosts[d] for d in in_use | self.down if d in self.hosts}
+            alive = {d: probe(a, timeout=min(0.5, self.probe_interval * 2))
+                     for d, a in check.items()}
+            now = time.monotonic()
+            retry: list[tuple[_Pending, str]] = []
+            with self._lock:
+                for d, ok in alive.items():
+                    if ok and d in self.down:
+                        log.info("device %s answers again", d)
+                        self.down.discard(d)
+                    elif not ok and d not in self.down:
+                        log.warning("device %s does not answer", d)
+                        self.down.add(d)
+                for p in list(self._pending.values()):
+                    if now >= p.deadline:
+                        self._finish_error(p, f"no result within {self.timeout} s "
+                                           f"(attempt {p.attempt}, plan {p.plan})")
+                    elif p.retrying:
+                        continue
+                    elif p.devices & self.down:
+                        dead = ", ".join(sorted(p.devices & self.down))
+                        retry.append((p, f"attempt {p.attempt}: device {dead} down"))
+                    elif now >= p.attempt_deadline:
+                        retry.append((p, f"attempt {p.attempt}: no result within "
+                                      f"{self.attempt_timeout:.3g} s"))
+                for p, _ in retry:
+                    p.retrying = True
+            for p, why in retry:
+                log.warning("request %s: %s; retrying", p.id, why)
+                self._retry_async(p, why)
+
+
+def _set_exception(fut: cf.Future[Any], err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)

@@ -1,0 +1,202 @@
+"""The KServe / Triton Open Inference Protocol (v2) over gRPC, for a worker's stages.
+
+A stock ``tritonclient.grpc`` client can check a worker's liveness and readiness, read a
+stage's metadata and run ``ModelInfer`` on it. Each stage the worker serves is a model
+named ``stage<id>`` (``<fallback>.stage<id>`` for fallback plans), version ``1``. Only the
+service stubs that ``tritonclient`` ships (``service_pb2`` / ``service_pb2_grpc``) are used.
+
+Security matches the TCP port: the same bind policy, the token as gRPC metadata
+``authorization: Bearer <token>`` (all calls but ``ServerLive``), tensors checked against
+the manifest before ONNX Runtime sees them, and message caps sized from the stages
+(instead of gRPC's 4 MB default, too small for a 1x64x112x112 float32 activation).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+from partitioner.errors import UserError
+from runtime.security import token_matches
+from runtime.stages import StageRunner, check_tensor
+
+if TYPE_CHECKING:
+    from runtime.worker import Worker
+
+__all__ = ["OipServer", "start_oip_server", "model_name", "TRITON_DTYPES"]
+
+log = logging.getLogger("runtime.oip")
+
+TRITON_DTYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
+    "uint64": "UINT64", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+_NUMPY = {v: k for k, v in TRITON_DTYPES.items()}
+# typed "contents" fields of InferTensorContents, for clients that do not send raw bytes
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+             "UINT16": "uint_contents", "UINT32": "uint_contents",
+             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+
+def model_name(plan: str, stage_id: str) -> str:
+    """The OIP model name of a stage (``stage0``; ``without-hub.stage1`` for fallbacks)."""
+    if plan == "main":
+        return f"stage{stage_id}"
+    return f"{plan.split('/', 1)[-1]}.stage{stage_id}"
+
+
+class _Servicer(pbg.GRPCInferenceServiceServicer):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    # --------------------------------------------------------------- helpers
+    def _auth(self, context: grpc.ServicerContext) -> None:
+        if self.worker.token is None:
+            return
+        meta = dict(context.invocation_metadata())
+        given = str(meta.get("authorization", ""))
+        token = given[7:] if given.startswith("Bearer ") else None
+        if not token_matches(self.worker.token, token):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+    def _runner(self, name: str, context: grpc.ServicerContext) -> StageRunner:
+        for (plan, sid), runner in self.worker.runners.items():
+            if model_name(plan, sid) == name:
+                return runner
+        context.abort(grpc.StatusCode.NOT_FOUND,
+                      f"model {name!r} is not a stage served by device {self.worker.device}")
+        raise AssertionError  # abort raises
+
+    # --------------------------------------------------------------- health
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._auth(context)
+        return pb.ServerReadyResponse(ready=self.worker.ready)
+
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._auth(context)
+        ok = any(model_name(p, s) == request.name for p, s in self.worker.runners)
+        return pb.ModelReadyResponse(ready=ok and self.worker.ready)
+
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._auth(context)
+        return pb.ServerMetadataResponse(name=f"runtime-{self.worker.device}", version="1",
+                                         extensions=[])
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._auth(context)
+        runner = self._runner(request.name, context)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+
+        def tensors(specs: Any) -> list[Any]:
+            return [meta(name=t.name, datatype=TRITON_DTYPES[t.dtype], shape=list(t.shape))
+                    for t in specs]
+
+        return pb.ModelMetadataResponse(name=request.name, versions=["1"],
+                                        platform="onnxruntime_onnx",
+                                        inputs=tensors(runner.stage.inputs),
+                                        outputs=tensors(runner.stage.outputs))
+
+    # --------------------------------------------------------------- inference
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._auth(context)
+        runner = self._runner(request.model_name, context)
+        specs = {t.name: t for t in runner.stage.inputs}
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "raw_input_contents must hold one entry per input")
+        feeds: dict[str, np.ndarray] = {}
+        where = f"{request.model_name} request {request.id or '?'}"
+        try:
+            for i, inp in enumerate(request.inputs):
+                spec = specs.get(inp.name)
+                if spec is None:
+                    raise UserError(f"{where}: unexpected tensor {inp.name!r}")
+                if inp.name in feeds:
+                    raise UserError(f"{where}: tensor {inp.name!r} given twice")
+                dtype = _NUMPY.get(inp.datatype)
+                if dtype is None:
+                    raise UserError(f"{where}: tensor {inp.name}: datatype {inp.datatype!r} "
+                                    f"is not supported")
+                shape = tuple(int(d) for d in inp.shape)
+                if raw:
+                    buf = raw[i]
+                    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                    if len(buf) != expected:
+                        raise UserError(f"{where}: tensor {inp.name}: {len(buf)} B for "
+                                        f"shape {list(shape)} {inp.datatype}")
+                    arr = np.frombuffer(buf, dtype=dtype)
+                else:
+                    field = _CONTENTS.get(inp.datatype)
+                    if field is None:
+                        raise UserError(f"{where}: tensor {inp.name}: {inp.datatype} needs "
+                                        f"raw_input_contents")
+                    arr = np.asarray(getattr(inp.contents, field), dtype=dtype)
+                    if arr.size != int(np.prod(shape, dtype=np.int64)):
+                        raise UserError(f"{where}: tensor {inp.name}: {arr.size} values for "
+                                        f"shape {list(shape)}")
+                arr = arr.reshape(shape)
+                check_tensor(spec, arr, where)
+                feeds[inp.name] = arr
+            missing = [n for n in specs if n not in feeds]
+            if missing:
+                raise UserError(f"{where}: missing input tensor {missing[0]}")
+        except UserError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            outs = runner.run(feeds)
+        except Exception as err:  # ORT failure on checked input: report, keep serving
+            context.abort(grpc.StatusCode.INTERNAL, f"{where}: {err.__class__.__name__}")
+        wanted = [o.name for o in request.outputs] or list(outs)
+        unknown = [n for n in wanted if n not in outs]
+        if unknown:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{where}: unknown output {unknown[0]!r}")
+        resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
+                                     id=request.id)
+        for name in wanted:
+            arr = np.ascontiguousarray(outs[name])
+            resp.outputs.append(pb.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=TRITON_DTYPES[arr.dtype.name], shape=list(arr.shape)))
+            resp.raw_output_contents.append(arr.tobytes())
+        return resp
+
+
+class OipServer:
+    """A running gRPC server (``address``; ``stop()``)."""
+
+    def __init__(self, server: grpc.Server, address: tuple[str, int]) -> None:
+        self.server = server
+        self.address = address
+
+    def stop(self) -> None:
+        self.server.stop(grace=0.5)
+
+
+def start_oip_server(worker: Worker, host: str, port: int) -> OipServer:
+    """Serve ``worker``'s stages over OIP/gRPC on ``host:port`` (0: any free port)."""
+    cap = max(worker.views[p].incoming_bytes(r.stage)
+              + sum(t.nbytes for t in r.stage.outputs)
+              for (p, _), r in worker.runners.items()) + (1 << 20)
+    cap = min(cap, (1 << 31) - 1)  # gRPC takes an int32
+    server = grpc.server(cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="oip"),
+                         options=[("grpc.max_receive_message_length", cap),
+                                  ("grpc.max_send_message_length", cap)])
+    pbg.add_GRPCInferenceServiceServicer_to_server(_Servicer(worker), server)
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise UserError(f"--grpc-port {port}: cannot listen on {host}:{port}")
+    server.start()
+    log.info("OIP/gRPC for device %s on %s:%d", worker.device, host, bound)
+    return OipServer(server, (host, bound))
