@@ -1,0 +1,145 @@
+"""Lazy profiling: measure only the bundles the plans actually use (beyond DISS/DIME).
+
+Full bundle profiling measures ``L*MBS - MBS*(MBS-1)/2`` bundles per device and frequency
+(SPEC §3). Lazy profiling instead:
+
+1. measures every single layer;
+2. builds the cost table with every unmeasured bundle *estimated* as the sum of its
+   measured single layers plus its internal cuts over the device's memory bandwidth
+   (:func:`partitioner.analysis.costs.estimate_bundle`);
+3. solves, and measures exactly the bundles of the profiled device that the plan uses
+   (the canonical split of its runs, :func:`partitioner.solver.evaluate.canonical_bundles`);
+4. re-plans, and repeats until every bundle the plan uses on the device is measured.
+
+Each round measures at least one new bundle, so it ends after at most the full set. The
+final plan's price is exact (it uses measured bundles only), but the plan is optimal only
+with respect to measured bundles *plus estimates of the unmeasured ones*. It is certified
+globally optimal only when every estimate is a lower bound of the true latency, i.e. when
+bundles are never faster than the sum of their singles on this host; where bundling helps
+(fusion, cache reuse) an unmeasured bundle may be cheaper than its estimate and a better
+plan may remain unseen. ``benchmarks/lazy_profiling.py`` measures how often that happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from partitioner.analysis.costs import build_cost_table
+from partitioner.analysis.profiler import bundle_count
+from partitioner.analysis.profiles import Profile, ProfiledBundle
+from partitioner.errors import fail
+from partitioner.ir import CostTable, LayerGraph, Objective, Plan, System
+
+__all__ = ["LazyRound", "LazyResult", "lazy_profile", "plan_bundles"]
+
+
+@dataclass(frozen=True)
+class LazyRound:
+    """One plan-and-measure round: the plan's estimated objective and what it measured."""
+
+    latency: float
+    stages: tuple[tuple[str, int, int], ...]
+    measured: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class LazyResult:
+    """Outcome of :func:`lazy_profile`.
+
+    Attributes:
+        profile: the lazy profile (all singles plus the bundles the plans used).
+        plan: the final plan (every bundle it uses on the device is measured).
+        table: the cost table the final plan was solved on.
+        rounds: the plan-and-measure rounds, in order.
+        measured: bundles measured (singles included).
+        full: bundles a full profile at this MBS would measure.
+    """
+
+    profile: Profile
+    plan: Plan
+    table: CostTable
+    rounds: tuple[LazyRound, ...]
+    measured: int
+    full: int
+
+
+def plan_bundles(table: CostTable, plan: Plan, device: str) -> list[tuple[int, int]]:
+    """Model-layer ranges ``(first, last)`` of the bundles ``plan`` runs on ``device``."""
+    from partitioner.solver.evaluate import canonical_bundles
+
+    out = []
+    for b in canonical_bundles(table, plan.placement):
+        first, last = table.positions[b.first], table.positions[b.last]
+        if b.device == device and first.kind == "layer":
+            assert first.layer is not None and last.layer is not None
+            out.append((first.layer, last.layer))
+    return out
+
+
+def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
+                 measure: Callable[[int, int], ProfiledBundle], *,
+                 objective: Objective | None = None, mbs: int | None = None,
+                 preload: bool = True, private: int = 0, frequency: str | None = None,
+                 others: Sequence[Profile] = (),
+                 on_measured: Callable[[Profile], None] | None = None) -> LazyResult:
+    """Profile ``device`` lazily and return the final plan (see the module docstring).
+
+    Args:
+        graph: the model.
+        system: the system; ``device`` must be in it, other devices are priced from
+            ``others`` or analytically.
+        device: the device this host stands for.
+        base: the profile to extend (settings, fingerprint, bundles already measured).
+        measure: measures one bundle ``(first, last)`` on this host.
+        objective: what the solver minimises (latency by default).
+        mbs: maximum bundle size (default: all layers).
+        preload / private: as in :func:`build_cost_table`.
+        frequency: the frequency label the bundles are measured at.
+        others: profiles of other devices.
+        on_measured: called with the profile after every new bundle (to save it).
+
+    Returns:
+        The :class:`LazyResult`.
+
+    Raises:
+        UserError: ``device`` is not in the system, or the solver finds no plan.
+    """
+    from partitioner.solver import solve
+
+    if device not in {d.name for d in system.devices}:
+        fail(f"--device {device!r} is not in {system.path or 'the system file'}")
+    objective = objective or Objective()
+    n_layers = len(graph.layers)
+    mbs = n_layers if mbs is None else min(mbs, n_layers)
+    profile = replace(base, lazy=True)
+
+    def take(first: int, last: int) -> None:
+        nonlocal profile
+        if (first, last, frequency) in profile.bundle_map():
+            return
+        profile = profile.with_bundle(replace(measure(first, last), frequency=frequency))
+        if on_measured is not None:
+            on_measured(profile)
+
+    for k in range(n_layers):
+        take(k, k)
+    rounds: list[LazyRound] = []
+    while True:
+        table = build_cost_table(graph, system, profiles=[profile, *others], mbs=mbs,
+                                 preload=preload, private=private)
+        plan = solve(table, objective)
+        have = profile.bundle_map()
+        missing = [r for r in plan_bundles(table, plan, device)
+                   if (r[0], r[1], frequency) not in have]
+        rounds.append(LazyRound(
+            latency=plan.estimate.latency,
+            stages=tuple((s.device, s.first, s.last) for s in plan.stages),
+            measured=tuple(missing)))
+        if not missing:
+            break
+        for first, last in missing:
+            take(first, last)
+    return LazyResult(profile=profile, plan=plan, table=table, rounds=tuple(rounds),
+                      measured=sum(1 for b in profile.bundles if b.frequency == frequency),
+                      full=bundle_count(n_layers, mbs))
