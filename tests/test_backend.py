@@ -28,8 +28,8 @@ def plan_of(*stages: tuple[str, int, int]) -> Plan:
 
 
 def system() -> System:
-    dev = [Device("edge", "edge", 1e9, 1e9, 1e7), Device("hub", "hub", 1e11, 1e10, 1e8),
-           Device("cloud", "cloud", 1e13, 1e11, 1e8)]
+    dev = [Device("edge", "edge", 1e9, 1e9, 1e7, trusted=True),
+           Device("hub", "hub", 1e11, 1e10, 1e8), Device("cloud", "cloud", 1e13, 1e11, 1e8)]
     links = (Link("edge", "hub", 1e7), Link("hub", "cloud", 1e6), Link("edge", "cloud", 1e5))
     return System(tuple(dev), links, Application(source="edge", destination="edge"))
 

@@ -57,9 +57,11 @@ def layer_graph(model: onnx.ModelProto, groups: list[list[int]] | None = None,
     for k in range(-1, len(groups)):
         live = [t for t in infos if produced_at.get(t, -1) <= k < last_read.get(t, -1)]
         cuts.append(Cut(k, tuple(live), sum(infos[t].nbytes for t in live)))
+    # Rough FLOPs, enough for the solver to prefer a fast device for the convolutions.
+    flops = [sum(10**6 if g.node[i].op_type == "Conv" else 10**3 for i in grp) for grp in groups]
     layers = tuple(
-        Layer(k, f"layer{k}", tuple(g.node[i].op_type for i in grp), tuple(grp), 0, 0, 0, 0,
-              cuts[k + 1].nbytes) for k, grp in enumerate(groups))
+        Layer(k, f"layer{k}", tuple(g.node[i].op_type for i in grp), tuple(grp), flops[k], 0,
+              0, 0, cuts[k + 1].nbytes) for k, grp in enumerate(groups))
     return LayerGraph(name, hashlib.sha256(model.SerializeToString()).hexdigest(), "node",
                       layers, tuple(cuts),
                       tuple(infos[vi.name] for vi in g.input if vi.name not in inits),
