@@ -1,0 +1,279 @@
+"""The state network whose source-sink paths are exactly the canonically priced plans.
+
+A plan is a path through (position, device, frequency) states (SPEC §4; DIME's
+bundle-correct pricing). Nodes, in topological order per position ``i``:
+
+* ``arrive(i,d)``   the cut before ``i`` has just been sent to ``d`` from another device;
+* ``in(i,d,f)``     position ``i`` starts a bundle on ``d`` at frequency ``f``;
+* ``run(i,d,f)``    same, but the bundle starts a run and its hidden weight time depends
+  on where the bundle ends (only created when it does, so bundle arcs are rarely doubled);
+* ``full(j,d,f)``   a bundle ended at ``j`` and the greedy split may continue on ``d``
+  (a pseudo bundle, a bundle of exactly ``mbs`` layers, or one followed by a pseudo
+  position);
+* ``leave(j,d,f)``  a bundle ended at ``j`` and the next position runs elsewhere;
+* ``send(j,d)``     the cut after ``j`` leaves ``d`` (frequencies merge here, so a
+  transfer arc exists per device pair, not per pair of frequencies).
+
+A bundle of fewer than ``mbs`` layers followed by a model layer ends in ``leave`` only:
+the same device cannot go on, so a run can never be priced as a cheaper non-canonical
+split. ODIWeP preloading hides weight loading exactly when the path changes device, so
+the correction ``-hidden`` sits on the ``arrive -> in`` arc. Nothing here imports mip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from partitioner import ir
+from partitioner.errors import fail
+
+__all__ = ["Arc", "Network", "build_network"]
+
+Key = tuple  # node key, e.g. ("in", 3, "hub", "614MHz")
+
+
+@dataclass
+class Arc:
+    """An arc of the network and what taking it adds to each linear quantity.
+
+    Attributes:
+        tail / head: node indices.
+        name: variable name after the maths, e.g. ``bundle[3..5,hub,614MHz]``.
+        time: contribution to single-inference latency, s.
+        busy: ``(device, seconds)`` contributions to device busy times.
+        energy: ``(device, joules)`` contributions to device energies.
+        bundle: ``(first, last, device, frequency)`` for bundle arcs, else None.
+        weight: bytes of weights the bundle places on its device.
+    """
+
+    tail: int
+    head: int
+    name: str
+    time: float = 0.0
+    busy: tuple[tuple[str, float], ...] = ()
+    energy: tuple[tuple[str, float], ...] = ()
+    bundle: tuple[int, int, str, str | None] | None = None
+    weight: float = 0.0
+
+
+@dataclass
+class Network:
+    """Nodes (topologically ordered) and arcs; ``source`` and ``sink`` are node indices."""
+
+    keys: list[Key] = field(default_factory=list)
+    index: dict[Key, int] = field(default_factory=dict)
+    arcs: list[Arc] = field(default_factory=list)
+    source: int = -1
+    sink: int = -1
+
+    def node(self, key: Key) -> int:
+        idx = self.index.get(key)
+        if idx is None:
+            idx = len(self.keys)
+            self.index[key] = idx
+            self.keys.append(key)
+        return idx
+
+    def out_arcs(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in self.keys]
+        for a, arc in enumerate(self.arcs):
+            out[arc.tail].append(a)
+        return out
+
+    def in_arcs(self) -> list[list[int]]:
+        inc: list[list[int]] = [[] for _ in self.keys]
+        for a, arc in enumerate(self.arcs):
+            inc[arc.head].append(a)
+        return inc
+
+    def topo_order(self) -> list[int]:
+        """Node indices in an order where every arc goes forward."""
+        rank = {"src": (-1, 0), "arrive": (0, 0), "in": (0, 1), "run": (0, 1),
+                "full": (0, 2), "leave": (0, 3), "send": (0, 4)}
+
+        def key(i: int) -> tuple[int, int]:
+            k = self.keys[i]
+            if k[0] == "sink":
+                return (1 << 30, 0)
+            base = rank[k[0]]
+            return (k[1] if len(k) > 1 else base[0], base[1])
+
+        return sorted(range(len(self.keys)), key=key)
+
+
+def _label(value: object) -> str:
+    text = "-" if value is None else str(value)
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _allowed(pos: ir.Position, dev: str) -> bool:
+    return pos.allowed is None or dev in pos.allowed
+
+
+def _energy(*pairs: tuple[str, float | None]) -> tuple[tuple[str, float], ...]:
+    return tuple((d, e) for d, e in pairs if e)
+
+
+def build_network(table: ir.CostTable) -> Network:
+    """Build the network of canonical plans of ``table`` and prune dead arcs.
+
+    Raises:
+        UserError: a position has no device it may run on.
+    """
+    pos = table.positions
+    n = len(pos)
+    if n == 0:
+        fail("the cost table has no positions")
+    devices = table.device_names
+    net = Network()
+    net.source = net.node(("src",))
+    arcs = net.arcs
+    hidden_of: dict[tuple[int, str, str | None], set[float]] = {}
+    legal: list[tuple[tuple[int, int, str, str | None], ir.BundleCost]] = []
+    for (i, j, d, f), cost in table.bundles.items():
+        if d not in devices or f not in table.frequencies.get(d, (None,)):
+            continue
+        if not (0 <= i <= j < n):
+            continue
+        kinds = {pos[k].kind for k in range(i, j + 1)}
+        if (kinds != {"layer"} and i != j) or (kinds == {"layer"} and j - i + 1 > table.mbs):
+            continue
+        if not all(_allowed(pos[k], d) for k in range(i, j + 1)):
+            continue
+        legal.append(((i, j, d, f), cost))
+        h = cost.hidden if table.preload else 0.0
+        hidden_of.setdefault((i, d, f), set()).add(h)
+    legal.sort(key=lambda item: (item[0][0], item[0][1], devices.index(item[0][2])))
+    for k, p in enumerate(pos):
+        if not any(_allowed(p, d) for d in devices):
+            fail(f"position {k} ({p.name}) may run on {list(p.allowed or ())}, "
+                 "none of which is a device of the system")
+    # Hidden time that does not depend on the bundle's end sits on the arrive->in arc.
+    uniform = {key: next(iter(hs)) for key, hs in hidden_of.items() if len(hs) == 1}
+    for (i, j, d, f), cost in legal:
+        is_layer = pos[i].kind == "layer"
+        cont = j + 1 < n and (not is_layer or j - i + 1 == table.mbs
+                              or pos[j + 1].kind != "layer")
+        head_kind = "full" if cont else "leave"
+        head = net.node((head_kind, j, d, f))
+        weight = float(sum(pos[k].weight_bytes for k in range(i, j + 1)))
+        tag = f"{i}..{j},{_label(d)},{_label(f)}"
+        tail = net.node(("in", i, d, f))
+        arcs.append(Arc(tail, head, f"bundle[{tag}]", cost.time, ((d, cost.time),),
+                        _energy((d, cost.energy)), (i, j, d, f), weight))
+        if (i, d, f) not in uniform and table.preload:
+            eff = cost.time - cost.hidden
+            arcs.append(Arc(net.node(("run", i, d, f)), head, f"bundle_run[{tag}]", eff,
+                            ((d, eff),), _energy((d, cost.energy)), (i, j, d, f), weight))
+    for key in list(net.keys):
+        if key[0] == "full":
+            _, j, d, f = key
+            net_full = net.index[key]
+            arcs.append(Arc(net_full, net.node(("leave", j, d, f)),
+                            f"end[{j},{_label(d)},{_label(f)}]"))
+            tr = table.transfers.get((j, d, d))
+            if tr is not None and ("in", j + 1, d, f) in net.index:
+                arcs.append(Arc(net_full, net.index[("in", j + 1, d, f)],
+                                f"cont[{j},{_label(d)},{_label(f)}]", tr.time,
+                                ((d, tr.time),),
+                                _energy((d, (tr.sender_energy or 0.0)
+                                         + (tr.receiver_energy or 0.0)))))
+    _transfers(table, net, uniform)
+    return _prune(net)
+
+
+def _transfers(table: ir.CostTable, net: Network,
+               uniform: dict[tuple[int, str, str | None], float]) -> None:
+    n = len(table.positions)
+    arcs = net.arcs
+    for key in list(net.keys):
+        if key[0] == "in" and key[1] == 0:
+            arcs.append(Arc(net.source, net.index[key], f"start[{_label(key[2])},"
+                            f"{_label(key[3])}]"))
+    sink = net.node(("sink",))
+    net.sink = sink
+    senders: set[tuple[int, str]] = set()
+    for key in list(net.keys):
+        if key[0] != "leave":
+            continue
+        _, j, d, f = key
+        if j == n - 1:
+            arcs.append(Arc(net.index[key], sink, f"finish[{_label(d)},{_label(f)}]"))
+        else:
+            arcs.append(Arc(net.index[key], net.node(("send", j, d)),
+                            f"leave[{j},{_label(d)},{_label(f)}]"))
+            senders.add((j, d))
+    receivers: dict[tuple[int, str], list[tuple[str | None, int]]] = {}
+    for key in list(net.keys):
+        if key[0] in ("in", "run") and key[1] > 0:
+            _, i, d, f = key
+            if key[0] == "run" or (i, d, f) in uniform:
+                receivers.setdefault((i, d), []).append((f, net.index[key]))
+    for (j, src) in sorted(senders, key=lambda s: (s[0], s[1])):
+        for dst in table.device_names:
+            if dst == src or (j + 1, dst) not in receivers:
+                continue
+            tr = table.transfers.get((j, src, dst))
+            if tr is None:
+                continue
+            arcs.append(Arc(net.index[("send", j, src)], net.node(("arrive", j + 1, dst)),
+                            f"transfer[{j},{_label(src)}>{_label(dst)}]", tr.time,
+                            ((src, tr.time),),
+                            _energy((src, tr.sender_energy), (dst, tr.receiver_energy))))
+    for (i, d), targets in receivers.items():
+        if ("arrive", i, d) not in net.index:
+            continue
+        for f, node in targets:
+            h = uniform.get((i, d, f), 0.0) if net.keys[node][0] == "in" else 0.0
+            h = h if table.preload else 0.0
+            arcs.append(Arc(net.index[("arrive", i, d)], node,
+                            f"preload[{i},{_label(d)},{_label(f)}]", -h,
+                            ((d, -h),) if h else ()))
+
+
+def _reach(n_nodes: int, adj: list[list[int]], arcs: list[Arc], start: int,
+           forward: bool) -> list[bool]:
+    seen = [False] * n_nodes
+    seen[start] = True
+    stack = [start]
+    while stack:
+        v = stack.pop()
+        for a in adj[v]:
+            w = arcs[a].head if forward else arcs[a].tail
+            if not seen[w]:
+                seen[w] = True
+                stack.append(w)
+    return seen
+
+
+def reachable(net: Network) -> tuple[list[bool], list[bool]]:
+    """Nodes reachable from the source, and nodes that reach the sink."""
+    fwd = _reach(len(net.keys), net.out_arcs(), net.arcs, net.source, True)
+    bwd = _reach(len(net.keys), net.in_arcs(), net.arcs, net.sink, False)
+    return fwd, bwd
+
+
+def _prune(net: Network) -> Network:
+    """Drop nodes and arcs on no source-sink path (keeps the model small)."""
+    fwd, bwd = reachable(net)
+    live = [fwd[i] and bwd[i] for i in range(len(net.keys))]
+    if not live[net.source]:
+        # Nothing connects: keep the unpruned network for the diagnosis.
+        return net
+    out = Network()
+    remap: dict[int, int] = {}
+    for i in net.topo_order():
+        if live[i]:
+            remap[i] = out.node(net.keys[i])
+    for arc in net.arcs:
+        if live[arc.tail] and live[arc.head]:
+            arc.tail, arc.head = remap[arc.tail], remap[arc.head]
+            out.arcs.append(arc)
+    out.source, out.sink = remap[net.source], remap[net.sink]
+    return out
+
+
+def bundle_arcs(net: Network) -> Iterable[int]:
+    """Indices of the bundle arcs."""
+    return (a for a, arc in enumerate(net.arcs) if arc.bundle is not None)

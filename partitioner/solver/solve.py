@@ -1,0 +1,311 @@
+"""``solve(table, objective) -> Plan``: every objective of SPEC §4 over one network.
+
+* ``latency``: a shortest path (an LP when nothing couples the choices);
+* ``energy``: least energy of the edge devices (FreDDI), then least latency among those;
+* ``throughput``: least bottleneck ``B >= busy_d`` (DISTREDGE), then least latency s.t.
+  ``B <= B*`` (lexicographic);
+* ``carbon``: ``U * N(x) / B(x)`` (CADI over N devices), a ratio solved exactly with
+  Dinkelbach's method; ``B`` is made *equal* to the largest busy time with one indicator
+  per device, so the ratio's denominator cannot be inflated;
+* ``weighted``: ``w_T * T_norm + w_E * E_norm`` with T and E normalised by their min and
+  max over the feasible set (QUANT), four extra solves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import mip
+
+from partitioner import ir
+from partitioner.errors import InfeasibleError, fail
+from partitioner.solver.diagnose import explain_infeasible
+from partitioner.solver.evaluate import carbon_duration, evaluate
+from partitioner.solver.milp import Formulation
+from partitioner.solver.network import build_network, reachable
+
+__all__ = ["solve", "build_plan", "energy_known"]
+
+_KINDS = ("latency", "energy", "throughput", "carbon", "weighted")
+
+
+def energy_known(table: ir.CostTable, device: str) -> bool:
+    """Whether any bundle or transfer gives ``device`` an energy figure."""
+    if any(d == device and c.energy is not None for (_, _, d, _), c in table.bundles.items()):
+        return True
+    return any((s == device and t.sender_energy is not None)
+               or (r == device and t.receiver_energy is not None)
+               for (_, s, r), t in table.transfers.items())
+
+
+def _validate(table: ir.CostTable, objective: ir.Objective) -> None:
+    if objective.kind not in _KINDS:
+        fail(f"unknown objective {objective.kind!r} (expected one of {', '.join(_KINDS)})")
+    names = table.device_names
+    for d, cap in objective.max_energy.items():
+        if d not in names:
+            fail(f"--max-energy names device {d!r}, which is not in the system")
+        if not cap >= 0:
+            fail(f"energy cap of {d!r} must be >= 0, got {cap}")
+        if not energy_known(table, d):
+            fail(f"energy cap of {d!r}: no energy figure is known for it "
+                 "(give it a power or profile its energy)")
+    if objective.max_latency is not None and not objective.max_latency >= 0:
+        fail(f"latency cap must be >= 0, got {objective.max_latency}")
+    if objective.kind in ("energy", "weighted"):
+        edges = [d.name for d in table.system.devices if d.device_class == "edge"]
+        if not edges:
+            fail(f"the {objective.kind} objective minimises the energy of edge devices, "
+                 "and the system has none")
+        for d in edges:
+            if not energy_known(table, d):
+                fail(f"the {objective.kind} objective needs the energy of edge device {d!r}, "
+                     "and none is known (give it a power or profile its energy)")
+    if objective.kind == "weighted" and (objective.latency_weight < 0
+                                         or objective.energy_weight < 0):
+        fail("weights of the weighted objective must be >= 0")
+    if objective.kind == "carbon":
+        u = carbon_duration(table, objective)
+        if u is None or not u > 0:
+            fail("the carbon objective needs a positive duration (--duration or "
+                 "[application] duration)")
+        if not any(d.carbon_intensity for d in table.system.devices):
+            fail("the carbon objective needs a carbon_intensity on at least one device")
+        for d in table.system.devices:
+            if d.carbon_intensity and not energy_known(table, d.name):
+                fail(f"the carbon objective needs the energy of device {d.name!r}, which has "
+                     "a carbon intensity but no energy figure")
+    if objective.time_limit is not None and not objective.time_limit > 0:
+        fail(f"time limit must be > 0, got {objective.time_limit}")
+
+
+def _needs_integer(table: ir.CostTable, objective: ir.Objective) -> bool:
+    """False only for a pure shortest path, whose LP relaxation is integral."""
+    if objective.kind != "latency" or objective.max_latency is not None \
+            or objective.max_energy:
+        return True
+    if any(len(fs) > 1 for fs in table.frequencies.values()):
+        return True
+    total = sum(p.weight_bytes for p in table.positions)
+    return any(total > d.memory for d in table.system.devices)
+
+
+def _tol(value: float) -> float:
+    return 1e-9 * abs(value) + 1e-15
+
+
+def _bottleneck_var(form: Formulation, exact: bool) -> mip.Var:
+    """``B >= busy_d`` for every used device; with ``exact`` also ``B <= busy_d`` for one."""
+    m = form.model
+    b = m.add_var(name="B", lb=0.0)
+    upper = form.bottleneck_upper() * 1.01 + 1e-9
+    sel = []
+    for d in sorted(form.used):
+        form.add_le(form.busy[d] - b, 0.0, f"bneck[{d}]")
+        if exact:
+            s = m.add_var(name=f"s[{d}]", var_type=mip.BINARY)
+            sel.append(s)
+            # B <= busy_d + M (1 - s_d): the selected device's busy time *is* B.
+            form.add_le(b - form.busy[d] + upper * s, upper, f"bsel[{d}]")
+    if exact:
+        m.add_constr(mip.xsum(sel) == 1, name="bsel")
+    return b
+
+
+Chosen = tuple[tuple[str, ...], dict[str, str | None]]
+Outcome = tuple[str, "Chosen | None"]
+Make = Callable[[], Formulation]
+
+
+def _worst(*statuses: str) -> str:
+    return "feasible" if "feasible" in statuses else "optimal"
+
+
+def _once(make: Make, objective_of: Callable[[Formulation], mip.LinExpr]) -> Outcome:
+    # A fresh model per solve: CBC re-optimising a modified model was seen to keep a
+    # stale incumbent and report a suboptimal plan as optimal.
+    form = make()
+    r = form.optimize(objective_of(form))
+    return r.status, (form.extract() if r.ok else None)
+
+
+def _as_expr(e: mip.LinExpr | mip.Var) -> mip.LinExpr:
+    return e if isinstance(e, mip.LinExpr) else mip.LinExpr([e], [1.0])
+
+
+def _lexi(make: Make, first_of: Callable[[Formulation], mip.LinExpr | mip.Var],
+          name: str) -> Outcome:
+    """Minimise ``first``, then latency among the optima of ``first``."""
+    form = make()
+    r = form.optimize(first_of(form))
+    if not r.ok or r.value is None:
+        return r.status, None
+    form2 = make()
+    form2.add_le(_as_expr(first_of(form2)), r.value + _tol(r.value), name)
+    r2 = form2.optimize(form2.latency)
+    if not r2.ok:  # only the time limit can stop it: the first optimum is feasible
+        return "feasible", form.extract()
+    return _worst(r.status, r2.status), form2.extract()
+
+
+def _carbon_model(form: Formulation, table: ir.CostTable) -> tuple[mip.LinExpr, mip.Var]:
+    """Numerator N(x) (mgCO2-eq per second of service / U) and the exact bottleneck B."""
+    m = form.model
+    b = _bottleneck_var(form, exact=True)
+    upper = form.bottleneck_upper() * 1.01 + 1e-9
+    num = mip.LinExpr()
+    for dev in table.system.devices:
+        c = dev.carbon_intensity or 0.0
+        if not c or dev.name not in form.used:
+            continue
+        num.add_expr(form.energy[dev.name], c)
+        p = dev.idle_power or 0.0
+        if not p:
+            continue
+        used = mip.xsum(v for (d, _), v in form.phi.items() if d == dev.name)
+        # w_d = u_d * B (exact McCormick for a binary u_d): hold time = w_d - busy_d.
+        w = m.add_var(name=f"w[{dev.name}]", lb=0.0)
+        form.add_le(w - b, 0.0, f"wB[{dev.name}]")
+        form.add_le(w - upper * used, 0.0, f"wU[{dev.name}]")
+        form.add_le(b - w + upper * used, upper, f"wL[{dev.name}]")
+        num.add_expr(w - form.busy[dev.name], c * p)
+    return num, b
+
+
+def _carbon(make: Make, table: ir.CostTable, objective: ir.Objective) -> Outcome:
+    """Dinkelbach: min N(x)/B(x) by solving min N(x) - lam B(x) until that reaches 0."""
+    u_dur = carbon_duration(table, objective)
+    assert u_dur is not None
+
+    def ratio(plan: Chosen) -> float:
+        est = evaluate(table, plan[0], plan[1], duration=u_dur)
+        assert est.carbon is not None
+        return est.carbon / u_dur
+
+    form = make()
+    num, _ = _carbon_model(form, table)
+    r = form.optimize(num)  # lam = 0: any feasible plan starts the iteration
+    if not r.ok:
+        return r.status, None
+    status = r.status
+    best = form.extract()
+    lam = ratio(best)
+    for _ in range(60):
+        form = make()
+        num, b = _carbon_model(form, table)
+        r = form.optimize(num - lam * b)
+        if not r.ok or r.value is None:
+            status = "feasible"  # the time limit stopped the iteration early
+            break
+        status = _worst(status, r.status)
+        # F(lam) = min N - lam B reaches 0 exactly at the optimal ratio (Dinkelbach).
+        if r.value >= -1e-9 * max(abs(lam) * float(b.x or 0.0), 1e-15):
+            break
+        cand = form.extract()
+        cand_lam = ratio(cand)
+        if cand_lam >= lam - _tol(lam):
+            break
+        best, lam = cand, cand_lam
+    return status, best
+
+
+def _weighted(make: Make, objective: ir.Objective) -> Outcome:
+    """QUANT: normalise T and E by their min and max over the feasible set."""
+    bounds = []
+    status = "optimal"
+    for pick in (lambda f: f.latency, lambda f: f.edge_energy()):
+        for maximize in (False, True):
+            form = make()
+            r = form.optimize(pick(form), maximize=maximize)
+            if not r.ok or r.value is None:
+                return r.status, None
+            status = _worst(status, r.status)
+            bounds.append(r.value)
+    form = make()
+    obj = mip.LinExpr()
+    for (lo, hi), expr, w in zip((bounds[0:2], bounds[2:4]),
+                                 (form.latency, form.edge_energy()),
+                                 (objective.latency_weight, objective.energy_weight), strict=True):
+        if hi - lo > _tol(hi) and w > 0:
+            obj.add_expr(expr, w / (hi - lo))
+    r = form.optimize(obj if obj.expr else form.latency)
+    if not r.ok:
+        return r.status, None
+    return _worst(status, r.status), form.extract()
+
+
+def build_plan(table: ir.CostTable, objective: ir.Objective, placement: tuple[str, ...],
+               freqs: dict[str, str | None], status: str, seconds: float) -> ir.Plan:
+    """Stages (maximal runs of model layers on one device), pseudo devices, estimate."""
+    stages: list[ir.Stage] = []
+    pseudo: dict[str, str] = {}
+    for pos, dev in zip(table.positions, placement, strict=True):
+        if pos.kind != "layer" or pos.layer is None:
+            pseudo[pos.kind] = dev
+            continue
+        if stages and stages[-1].device == dev and stages[-1].last == pos.layer - 1:
+            s = stages[-1]
+            stages[-1] = ir.Stage(s.device, s.frequency, s.first, pos.layer)
+        else:
+            stages.append(ir.Stage(dev, freqs.get(dev), pos.layer, pos.layer))
+    est = evaluate(table, placement, freqs, duration=carbon_duration(table, objective))
+    return ir.Plan(status="feasible" if status == "feasible" else "optimal",
+                   objective=objective.kind, stages=tuple(stages), estimate=est,
+                   solve_seconds=seconds, placement=placement,
+                   frequencies={d: freqs.get(d) for d in dict.fromkeys(placement)},
+                   pseudo=pseudo)
+
+
+def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan:
+    """Choose a device and a frequency for every position of ``table``.
+
+    Args:
+        table: the priced extended chain (``partitioner.analysis.costs``).
+        objective: what to minimise under which caps (default: latency, no caps).
+
+    Returns:
+        The plan, with ``status`` ``optimal`` (or ``feasible`` when the time limit hit).
+
+    Raises:
+        InfeasibleError: no plan meets the constraints; the message names the
+            constraint and the closest achievable value.
+        UserError: the objective is malformed or needs figures the table lacks.
+    """
+    objective = objective or ir.Objective()
+    t0 = time.perf_counter()
+    _validate(table, objective)
+    deadline = t0 + objective.time_limit if objective.time_limit else None
+    net = build_network(table)
+    fwd, _ = reachable(net)
+    if not fwd[net.sink]:
+        fail(explain_infeasible(table, objective, net), error=InfeasibleError)
+    integer = _needs_integer(table, objective)
+
+    def make() -> Formulation:
+        form = Formulation(net, table, integer=integer,
+                           need_phi_all=objective.kind == "carbon",
+                           solver=objective.solver, deadline=deadline)
+        form.add_memory()
+        form.add_caps(objective)
+        return form
+
+    kind = objective.kind
+    if kind == "latency":
+        status, chosen = _once(make, lambda f: f.latency)
+    elif kind == "energy":
+        status, chosen = _lexi(make, lambda f: f.edge_energy(), "ebest")
+    elif kind == "throughput":
+        status, chosen = _lexi(make, lambda f: _bottleneck_var(f, exact=False), "bbest")
+    elif kind == "carbon":
+        status, chosen = _carbon(make, table, objective)
+    else:
+        status, chosen = _weighted(make, objective)
+    if status == "infeasible":
+        fail(explain_infeasible(table, objective, net), error=InfeasibleError)
+    if chosen is None:
+        fail(f"the time limit of {objective.time_limit} s ran out before any plan was "
+             "found; raise --time-limit", error=InfeasibleError)
+    placement, freqs = chosen
+    return build_plan(table, objective, placement, freqs, status,
+                      time.perf_counter() - t0)
