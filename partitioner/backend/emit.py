@@ -116,12 +116,19 @@ def _reference(prepared: Any, work: Path, feeds: dict[str, Any]) -> dict[str, An
     """The whole prepared model's outputs on ``feeds`` (ORT, CPU)."""
     model: onnx.ModelProto = prepared.model
     names = [o.name for o in model.graph.output]
-    if uses_external_data(model) or model.ByteSize() > 1_800_000_000:
+    what = f"model {prepared.graph.name!r}"
+    data: bytes | None = None
+    if not uses_external_data(model):
+        try:
+            data = model.SerializeToString()
+        except ValueError:  # above protobuf's 2 GB: go through a file with external data
+            data = None
+    if data is None:
         path = work / "full.onnx"
         save_model(model, path, base_dir=getattr(prepared, "base_dir", None))
-        sess = session(path, f"model {prepared.graph.name!r}")
+        sess = session(path, what)
     else:
-        sess = session(model.SerializeToString(), f"model {prepared.graph.name!r}")
+        sess = session(data, what)
     return dict(zip(names, sess.run(names, feeds), strict=True))
 
 
