@@ -94,3 +94,39 @@ def test_explain_cli_bad_bundle(tmp_path, capsys):
     assert main(["explain", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a bundle directory" in err
+
+
+def _normalise(doc):
+    """Golden-file form: hashes masked, floats rounded to 9 significant digits."""
+    if isinstance(doc, dict):
+        return {k: ("<sha256>" if k in ("sha256", "external_data_sha256") and v else
+                    "<diff>" if k in ("max_abs_diff", "max_rel_diff") else _normalise(v))
+                for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_normalise(x) for x in doc]
+    if isinstance(doc, float):
+        return float(f"{doc:.9g}")
+    return doc
+
+
+def test_golden_manifest_of_tiny_cnn_on_the_example_system(tmp_path):
+    import os
+    from pathlib import Path
+
+    import models
+    from partitioner.analysis.system import load_system
+    from partitioner.backend.manifest import MANIFEST, dumps
+    from partitioner.frontend import load_model
+    from tests.test_backend_zoo import _plan
+
+    golden = Path(__file__).parent / "testdata" / "manifests" / "tiny_cnn_edge_hub_cloud.json"
+    examples = Path(__file__).resolve().parents[1] / "partitioner" / "data"
+    sys_ = load_system(examples / "edge-hub-cloud.toml")
+    prepared = load_model(models.save_model("tiny_cnn", tmp_path / "tiny_cnn.onnx"))
+    table = build_cost_table(prepared.graph, sys_)
+    plan = _plan([0, 1, 3], ["pi3", "nano", "gpu1080ti"], len(prepared.graph.layers))
+    out = compile_bundle(prepared, plan, sys_, tmp_path / "b", table=table, triton=True)
+    doc = _normalise(json.loads((out / MANIFEST).read_text()))
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(dumps(doc) + "\n")
+    assert doc == json.loads(golden.read_text())
