@@ -92,3 +92,15 @@ def test_external_data_model_compiles_into_external_stages(tmp_path):
     assert all(s > 0 for s in sizes) and sum(sizes) <= total + 4096 * 200
     assert sum(sizes) >= 0.9 * total
     _check_against_original(path, out)
+
+
+def test_node_granularity(tmp_path):
+    path = models.save_model("tiny_cnn", tmp_path / "t.onnx")
+    prepared = load_model(path, granularity="node")
+    n = len(prepared.graph.layers)
+    assert n > 4  # every node is a layer
+    out = compile_bundle(prepared, _plan([0, n // 3, 2 * n // 3], ["a", "b", "a"], n), None,
+                         tmp_path / "b")
+    b = load_bundle(out)
+    assert b.model.granularity == "node" and len(b.model.layers) == n
+    _check_against_original(path, out)

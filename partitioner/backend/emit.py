@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,7 +152,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def compile_bundle(prepared: Any, plan: Plan, system: System | None,
                    out_dir: str | os.PathLike[str], *, verify: bool = True,
                    force: bool = False, triton: bool = False, table: CostTable | None = None,
-                   seed: int = 0) -> Path:
+                   seed: int = 0, progress: bool = False) -> Path:
     """Write the deployment bundle of ``plan`` to ``out_dir``.
 
     Args:
@@ -167,6 +168,7 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
         table: the cost table the plan was priced with; when given, the manifest records
             the per-stage timeline (see :mod:`partitioner.backend.timeline`).
         seed: seed of the verification input.
+        progress: show a progress bar over the stages on stderr (tqdm).
 
     Returns:
         The bundle directory.
@@ -186,7 +188,7 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         bundle = _build(prepared, plan, system, tmp, verify=verify, triton=triton,
-                        table=table, seed=seed)
+                        table=table, seed=seed, progress=progress)
         text = dumps(bundle.to_json()) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -197,7 +199,9 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
 
 
 def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verify: bool,
-           triton: bool, table: CostTable | None, seed: int) -> Bundle:
+           triton: bool, table: CostTable | None, seed: int, progress: bool) -> Bundle:
+    from tqdm import tqdm
+
     graph = prepared.graph
     subs = [extract_layers(prepared, s.first, s.last) for s in plan.stages]
     routes = route(subs, graph.inputs, graph.outputs)
@@ -207,7 +211,10 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
 
         timeline = make_timeline(plan, table)
     stages: list[StageSpec] = []
+    bar = tqdm(total=len(subs), desc="stages", unit="stage", disable=not progress,
+               file=sys.stderr, leave=False)
     for i, (s, sub, (ins, outs, fwd)) in enumerate(zip(plan.stages, subs, routes, strict=True)):
+        bar.update(1)
         name = stage_file_name(i, s.device)
         sub.save(tmp / name)
         what = f"stage {i} ({s.device}, layers {s.first}..{s.last})"
@@ -223,6 +230,7 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
             next=i + 1 if i + 1 < len(plan.stages) else None, external_data=data,
             external_data_sha256=None if data is None else sha256_file(tmp / data),
             estimate=_stage_estimate(timeline, i)))
+    bar.close()
     app = system.application if system is not None else None
     model = ModelSpec(graph.name, graph.sha256, graph.granularity,
                       tuple(_spec(t) for t in graph.inputs),
