@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from partitioner.errors import UserError, fail
-from runtime.protocol import Frame
+from runtime.protocol import Frame, ProtocolError
 from runtime.security import token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import BundleView, StageRunner, check_tensor, open_bundles
@@ -68,7 +68,7 @@ def check_model_inputs(view: BundleView, inputs: Mapping[str, np.ndarray]) -> No
     for t in view.inputs:
         if t.name not in inputs:
             fail(f"input {t.name}: missing")
-        check_tensor(t, np.asarray(inputs[t.name]), f"input {t.name}")
+        check_tensor(t, np.asarray(inputs[t.name]), "model input")
 
 
 def _views(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:
@@ -311,19 +311,28 @@ class RemoteExecutor:
                 route = {d: format_address(self.hosts[d]) for d in view.devices}
                 header = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
                           "stage": first.id, "route": route, "reply": self.reply,
-                          "budget": max(budget, 0.01), "token": self.token, "timings": []}
+                          "budget": max(budget, 0.01), "token": self.token, "timings": [],
+                          "ack": True}
                 addr = self.hosts[first.device]
                 tensors = {n: p.inputs[n] for n in first.incoming}
             try:
-                self._pool.send(addr, header, tensors, timeout=min(budget, 5.0))
-                return
-            except OSError as err:
+                # the first hop answers "accepted" once the request passed its checks, so
+                # a refused request (token, tensors) fails at once instead of timing out
+                reply = self._pool.request(addr, header, tensors, timeout=min(budget, 5.0))
+            except (OSError, ProtocolError) as err:
                 self._pool.drop(addr)
                 with self._lock:
                     self.down.add(first.device)
                 reason = (f"attempt {p.attempt}: device {first.device} at "
                           f"{format_address(addr)} unreachable ({err.__class__.__name__})")
                 log.warning("request %s: %s", p.id, reason)
+                continue
+            h = reply.header
+            if h.get("type") != "accepted":
+                with self._lock:
+                    self._finish_error(p, f"refused by device {first.device}: "
+                                       f"{h.get('code')}: {str(h.get('message'))[:300]}")
+            return
 
     def _finish_error(self, p: _Pending, why: str) -> None:
         self._pending.pop(p.id, None)

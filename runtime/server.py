@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +124,7 @@ class FrameServer:
                     log.warning("rejected frame from %s: %s", peer, err)
                     self._reply(conn, {"type": "error", "code": err.code,
                                        "message": str(err)})
+                    _linger(conn)
                     return
                 except OSError:
                     return
@@ -148,3 +150,24 @@ class FrameServer:
             return True
         except OSError:
             return False
+
+
+def _linger(conn: socket.socket, limit: int = 1 << 20, seconds: float = 0.5) -> None:
+    """Half-close and drain a little before closing after a rejected frame.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy
+    the error frame before the peer reads it; draining (bounded in bytes and time) lets
+    the peer see why it was refused.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(seconds)
+        deadline = time.monotonic() + seconds
+        drained = 0
+        while drained < limit and time.monotonic() < deadline:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass

@@ -206,6 +206,38 @@ class ConnectionPool:
             return n
         raise OSError(f"cannot send to {format_address(addr)}")  # pragma: no cover
 
+    def request(self, addr: tuple[str, int], header: Mapping[str, Any],
+                tensors: Mapping[str, np.ndarray] | None = None,
+                timeout: float | None = None, max_body: int = 0) -> Frame:
+        """Send one frame and read the peer's one-frame answer on the same connection."""
+        limit = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
+        for attempt in (0, 1):
+            sock = self._take(addr)
+            fresh = sock is None
+            if sock is None:
+                sock = connect(addr, limit)
+            else:
+                sock.settimeout(limit)
+            try:
+                send_frame(sock, header, tensors)
+                reply = recv_frame(sock, max_body=max_body, frame_timeout=limit)
+            except ConnectionClosed:
+                sock.close()
+                if fresh or attempt:
+                    raise ConnectionResetError("peer closed the connection") from None
+                continue
+            except (OSError, ProtocolError):
+                sock.close()
+                if fresh or attempt:
+                    raise
+                continue
+            if reply.header.get("close"):
+                sock.close()
+            else:
+                self._give(addr, sock)
+            return reply
+        raise OSError(f"cannot send to {format_address(addr)}")  # pragma: no cover
+
     def drop(self, addr: tuple[str, int]) -> None:
         """Close the idle connections to ``addr`` (after it was found dead)."""
         with self._lock:
