@@ -38,7 +38,7 @@ from partitioner.errors import fail
 from partitioner.frontend.slicing import SubModel, extract_layers, save_model, uses_external_data
 from partitioner.ir import CostTable, Plan, System, TensorInfo
 
-__all__ = ["compile_bundle", "stage_file_name", "route"]
+__all__ = ["compile_bundle", "check_output", "stage_file_name", "route"]
 
 
 def stage_file_name(index: int, device: str) -> str:
@@ -149,6 +149,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
+    """Refuse an output that is a file, or a non-empty directory unless ``force``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"output {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        fail(f"output directory {str(out)!r} is not empty (use --force to replace it)")
+    return out
+
+
 def compile_bundle(prepared: Any, plan: Plan, system: System | None,
                    out_dir: str | os.PathLike[str], *, verify: bool = True,
                    force: bool = False, triton: bool = False, table: CostTable | None = None,
@@ -179,11 +189,7 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
     """
     graph = prepared.graph
     _check_plan(plan, len(graph.layers), system)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        fail(f"output {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        fail(f"output directory {str(out)!r} is not empty (use --force to replace it)")
+    out = check_output(out_dir, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
+import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from partitioner.errors import fail
 
-__all__ = ["add_model_options", "parse_shapes", "print_json", "progress_enabled"]
+__all__ = ["add_model_options", "parse_shapes", "print_json", "progress_enabled",
+           "add_plan_options", "objective_from_args", "PlanInputs", "plan_from_args",
+           "stdout_to_stderr"]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -47,3 +54,113 @@ def print_json(doc: Any) -> None:
 def progress_enabled(args: argparse.Namespace) -> bool:
     """Progress bars go to stderr, only when it is a terminal and ``--quiet`` is not set."""
     return sys.stderr.isatty() and not getattr(args, "quiet", False)
+
+
+# --------------------------------------------------------------------------- plan options
+# Shared by ``plan`` and ``compile`` (../shared/INTERFACES.md: compile takes "the same
+# options as plan"), so the two commands cannot drift apart.
+
+OBJECTIVES = ("latency", "energy", "throughput", "carbon", "weighted")
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    """``MODEL --system ...`` and every option of ``partitioner plan`` except ``--json``."""
+    add_model_options(parser)
+    parser.add_argument("--system", required=True, metavar="SYSTEM",
+                        help="system file (TOML or JSON)")
+    parser.add_argument("--profiles", nargs="+", action="extend", default=[],
+                        metavar="PROFILE.json", help="measured profiles (several allowed)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="latency",
+                        help="what to minimise (default latency)")
+    parser.add_argument("--max-latency", type=float, default=None, metavar="S",
+                        help="cap on single-inference latency, seconds")
+    parser.add_argument("--max-energy", action="append", default=[], metavar="DEVICE=J",
+                        help="cap on a device's energy per inference (repeatable)")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="service duration for the carbon objective, seconds")
+    parser.add_argument("--latency-weight", type=float, default=0.5,
+                        help="weight of normalised latency (weighted objective)")
+    parser.add_argument("--energy-weight", type=float, default=0.5,
+                        help="weight of normalised edge energy (weighted objective)")
+    parser.add_argument("--private", type=int, default=0, metavar="K",
+                        help="pin the first K layers to trusted devices")
+    parser.add_argument("--mbs", type=int, default=None, metavar="N",
+                        help="maximum bundle size in layers (default: all)")
+    parser.add_argument("--preload", action=argparse.BooleanOptionalAction, default=True,
+                        help="model weight preloading (ODIWeP; default on)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="solver time limit, seconds")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def objective_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`partitioner.ir.Objective` of the plan options."""
+    from partitioner.ir import Objective
+
+    caps: dict[str, float] = {}
+    for item in args.max_energy:
+        name, sep, value = item.partition("=")
+        try:
+            caps[name] = float(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            fail(f"--max-energy {item!r}: expected DEVICE=JOULES")
+    return Objective(kind=args.objective, max_latency=args.max_latency, max_energy=caps,
+                     duration=args.duration, latency_weight=args.latency_weight,
+                     energy_weight=args.energy_weight, time_limit=args.time_limit)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan was made from, and the plan: enough to compile or report it."""
+
+    prepared: Any
+    system: Any
+    table: Any
+    objective: Any
+    plan: Any
+
+
+def plan_from_args(args: argparse.Namespace) -> PlanInputs:
+    """Load the model, system and profiles of the plan options, price and solve.
+
+    The solver's C code may log on stdout; it is sent to stderr so that ``--json`` output
+    stays one document.
+    """
+    from partitioner.analysis.costs import build_cost_table
+    from partitioner.analysis.profiles import load_profile
+    from partitioner.analysis.system import load_system
+    from partitioner.frontend import load_model
+    from partitioner.solver import solve
+
+    system = load_system(args.system)
+    prepared = load_model(args.model, shapes=parse_shapes(args.shape),
+                          granularity=args.granularity)
+    profiles = [load_profile(p, prepared.graph) for p in args.profiles]
+    table = build_cost_table(prepared.graph, system, profiles=profiles, mbs=args.mbs,
+                             preload=args.preload, private=args.private)
+    objective = objective_from_args(args)
+    with stdout_to_stderr():
+        plan = solve(table, objective)
+    return PlanInputs(prepared, system, table, objective, plan)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point fd 1 at stderr for the duration (C libraries printing to stdout)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (embedded use): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        with contextlib.suppress(Exception):  # flush C stdio buffers (CBC's printf)
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
