@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("partitioner.cli.plan_cmd", "choose a device (and frequency) for every layer"),
     "compile": ("partitioner.cli.compile_cmd", "plan and emit one ONNX file per stage"),
     "explain": ("partitioner.cli.explain_cmd", "describe a compiled bundle"),
+    "demo": ("partitioner.cli.demo_cmd",
+             "build, plan, compile, serve on loopback and run a zoo model end to end"),
 }
 
 
