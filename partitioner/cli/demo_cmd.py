@@ -64,7 +64,7 @@ def _start_workers(bundle: Path, devices: list[str], workdir: Path
     hosts: dict[str, str] = {}
     deadline = time.monotonic() + 60
     while len(hosts) < len(devices):
-        for d, p in zip(devices, procs):
+        for d, p in zip(devices, procs, strict=True):
             if d not in hosts and port_files[d].exists():
                 info = json.loads(port_files[d].read_text())
                 hosts[d] = f"{info['host']}:{info['port']}"
@@ -100,7 +100,7 @@ def _whole_model(path: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str, n
         t0 = time.perf_counter()
         out = sess.run(names, inputs)
         times.append(time.perf_counter() - t0)
-    return dict(zip(names, out)), float(np.median(times))
+    return dict(zip(names, out, strict=True)), float(np.median(times))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,7 +201,7 @@ def _print(r: dict[str, Any]) -> None:
     print(f"model {r['model']} ({r['layers']} layers) on {Path(r['system']).name}: "
           f"plan {plan['status']}, solved in {plan['solve_seconds'] * 1e3:.1f} ms")
     print(f"{'stage':>5}  {'device':<12} {'layers':<10} {'first .. last':<40}")
-    for i, (s, names) in enumerate(zip(plan["stages"], r["stage_names"])):
+    for i, (s, names) in enumerate(zip(plan["stages"], r["stage_names"], strict=True)):
         first, last = s["layers"]
         print(f"{i:>5}  {s['device']:<12} {f'{first}..{last}':<10} {names[0]} .. {names[1]}")
     pseudo = ", ".join(f"{k} on {v}" for k, v in plan.get("pseudo", {}).items())
