@@ -135,3 +135,33 @@ def test_missing_external_file_names_the_tensor(tmp_path):
     with pytest.raises(UserError, match="tensor 'w1'.*not found"):
         sub.save(tmp_path / "s.onnx")
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_outer_scope_reads_of_control_flow_bodies_become_inputs():
+    from onnx import TensorProto, helper
+
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["a", "a"], ["t"])], "then", [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 3])])
+    else_g = helper.make_graph(
+        [helper.make_node("Mul", ["a", "w"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 3])])
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(
+        nodes, "ctrl", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        initializer=[numpy_helper.from_array(np.full((2, 3), 3.0, np.float32), "w"),
+                     numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    prepared = prepare(model, [[0], [1, 2], [3]])
+    last = extract_layers(prepared, 2, 2)
+    # "a" and "w" are only read inside the branches, yet the stage needs them
+    assert [t.name for t in last.inputs] == ["a", "cond"]
+    assert [t.name for t in last.model.graph.initializer] == ["w"]
+    for sign in (1.0, -1.0):
+        feeds = {"x": sign * np.arange(1, 7, dtype=np.float32).reshape(2, 3)}
+        env = _chain(prepared, [(0, 0), (1, 1), (2, 2)], feeds)
+        np.testing.assert_array_equal(env["y"], run_model(model, feeds)["y"])
