@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from partitioner.errors import UserError
+from runtime.cli import main
 from runtime.executor import LocalExecutor, RemoteExecutor, RequestError
 from runtime.protocol import MAGIC, PREFIX, VERSION
 from runtime.transport import connect, recv_frame, send_frame
@@ -124,21 +125,23 @@ def test_cli_run_remote_and_local(cluster: Cluster, built, tmp_path) -> None:
             assert [s["device"] for s in doc["runs"][0]["stages"]] == ["edge", "hub", "cloud"]
 
 
-def test_cli_errors_are_one_line(built, tmp_path) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+def test_cli_errors_are_one_line(built, tmp_path, capsys) -> None:
+    def run(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        return code, capsys.readouterr().err
 
-    res = run("serve", str(built.bundle), "--device", "hub", "--listen", "0.0.0.0:0")
-    assert res.returncode == 2 and "without --token-file" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
-    res = run("serve", str(built.bundle), "--device", "nosuch")
-    assert res.returncode == 2 and "nosuch" in res.stderr
+    code, err = run("serve", str(built.bundle), "--device", "hub", "--listen", "0.0.0.0:0")
+    assert code == 2 and "without --token-file" in err and len(err.strip().splitlines()) == 1
+    code, err = run("serve", str(built.bundle), "--device", "nosuch")
+    assert code == 2 and "--device nosuch" in err
     np.save(tmp_path / "bad.npy", np.zeros((1, 3, 8, 8), np.float32))
-    res = run("run", str(built.bundle), "--local", "--input", f"input={tmp_path / 'bad.npy'}",
-              "-o", str(tmp_path / "o.npz"))
-    assert res.returncode == 2 and "shape [1, 3, 8, 8]" in res.stderr
+    code, err = run("run", str(built.bundle), "--local", "--input",
+                    f"input={tmp_path / 'bad.npy'}", "-o", str(tmp_path / "o.npz"))
+    assert code == 2 and "shape [1, 3, 8, 8]" in err
     assert not (tmp_path / "o.npz").exists()
+    code, err = run("run", str(built.bundle), "--hosts", "edge=127.0.0.1:1", "--input",
+                    f"input={tmp_path / 'bad.npy'}", "-o", str(tmp_path / "o.npz"))
+    assert code == 2 and "no address for device hub" in err
 
 
 # ------------------------------------------------------------------ security
