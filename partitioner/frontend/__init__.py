@@ -8,6 +8,7 @@ inferred ``value_info``, shape sub-graphs folded, nodes ordered layer by layer) 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,8 @@ import onnx
 
 from partitioner.errors import fail
 from partitioner.frontend.layers import LayerStats, build_layer_graph
-from partitioner.frontend.loading import export_torch, read_onnx
-from partitioner.frontend.prepare import prepare
+from partitioner.frontend.loading import check_proto, export_torch, read_onnx
+from partitioner.frontend.prepare import prepare_model
 from partitioner.ir import LayerGraph
 
 __all__ = ["PreparedModel", "load_model", "GRANULARITIES"]
@@ -62,7 +63,8 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
     """Load and prepare a model.
 
     Args:
-        source: path of an ``.onnx`` file, or a ``torch.nn.Module``.
+        source: path of an ``.onnx`` file, an ``onnx.ModelProto`` (copied, not changed;
+            its external data, if any, is not resolved), or a ``torch.nn.Module``.
         shapes: static dims for dynamic inputs, by input name (``--shape``).
         granularity: ``"major"`` (partition points between major layers) or ``"node"``.
         example_inputs: for a PyTorch module, the ``forward`` arguments (a tensor or a
@@ -83,6 +85,15 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
         model, sha = read_onnx(path)
         base_dir: Path | None = path.resolve().parent
         name, label = path.stem, str(path)
+    elif isinstance(source, onnx.ModelProto):
+        # Prepared in place below: work on a copy so the caller's proto is left alone.
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        sha = hashlib.sha256(source.SerializeToString()).hexdigest()
+        path = base_dir = None
+        name = source.graph.name or "model"
+        label = f"ONNX model {name!r}"
+        check_proto(model, label)
     elif _is_torch_module(source):
         model, sha = export_torch(source, example_inputs)
         path = base_dir = None
@@ -90,8 +101,8 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
         label = f"PyTorch module {name}"
     else:
         fail(f"cannot load a model from a {type(source).__name__}: "
-             f"expected an .onnx path or a torch.nn.Module")
-    folded = prepare(model, shapes=shapes, base_dir=base_dir, label=label)
+             f"expected an .onnx path, an onnx.ModelProto or a torch.nn.Module")
+    folded = prepare_model(model, shapes=shapes, base_dir=base_dir, label=label)
     graph, stats = build_layer_graph(model, name=name, sha256=sha, granularity=granularity)
     return PreparedModel(model=model, graph=graph, path=path, base_dir=base_dir, stats=stats,
                          shapes=shapes, folded=folded)

@@ -7,7 +7,10 @@ external) is read as a small proto, and one whose ``.data`` file is gone still i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,10 @@ from google.protobuf.message import DecodeError
 
 from partitioner.errors import fail
 
-__all__ = ["read_onnx", "export_torch", "file_sha256"]
+__all__ = ["read_onnx", "export_torch", "file_sha256", "check_proto"]
 
 _CHUNK = 1 << 20
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in exporter messages
 
 
 def file_sha256(path: Path) -> str:
@@ -30,7 +34,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_proto(model: onnx.ModelProto, label: str) -> None:
+def check_proto(model: onnx.ModelProto, label: str) -> None:
+    """Refuse a proto that is not a model (``label`` names it in the error)."""
     # Protobuf parses many byte strings without complaint (an empty file is a valid empty
     # message); a real model has an IR version, an opset and at least one node.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
@@ -63,7 +68,7 @@ def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
         fail(f"{path}: cannot read ({err.strerror or err})")
     except (DecodeError, RuntimeError, ValueError, TypeError) as err:
         fail(f"{path}: not a valid ONNX file (truncated or corrupt: {err})")
-    _check_proto(model, str(path))
+    check_proto(model, str(path))
     return model, sha
 
 
@@ -90,9 +95,12 @@ def export_torch(module: Any, example_inputs: Any) -> tuple[onnx.ModelProto, str
     was_training = module.training
     module.eval()
     try:
-        program = torch.onnx.export(module, args, dynamo=True, verbose=False)
+        # The exporter prints progress on stdout, which belongs to --json documents.
+        with contextlib.redirect_stdout(sys.stderr):
+            program = torch.onnx.export(module, args, dynamo=True, verbose=False)
     except Exception as err:  # the exporter raises many types; any is a user-facing failure
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = _ANSI.sub("", str(err)).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
         fail(f"PyTorch module {name}: ONNX export failed: {first}")
     finally:
         module.train(was_training)
@@ -102,5 +110,5 @@ def export_torch(module: Any, example_inputs: Any) -> tuple[onnx.ModelProto, str
     if not model.graph.name or model.graph.name == "main_graph":
         model.graph.name = name
     data = model.SerializeToString()
-    _check_proto(model, f"PyTorch module {name}")
+    check_proto(model, f"PyTorch module {name}")
     return model, hashlib.sha256(data).hexdigest()

@@ -32,9 +32,10 @@ from partitioner.frontend.tensors import (
     is_external,
     node_inputs,
     static_shape,
+    tensor_nbytes,
 )
 
-__all__ = ["prepare", "topological_order", "model_inputs", "MAX_ROUNDS"]
+__all__ = ["prepare_model", "topological_order", "model_inputs", "MAX_ROUNDS"]
 
 MAX_ROUNDS = 6
 # Initialisers up to this size are kept in the inference skeleton (shape inference needs
@@ -174,9 +175,10 @@ def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
 
 
 def _initializer_bytes(tensor: TensorProto) -> int:
+    # From dims and dtype: ByteSize() on a large in-memory tensor costs ~1 s per 100 MB.
     if is_external(tensor):
         return 1 << 62
-    return tensor.ByteSize()
+    return tensor_nbytes(tuple(tensor.dims), tensor.data_type)
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -322,7 +324,8 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> 
             continue
         for name, array in zip([o for o in node.output if o], result, strict=False):
             values[name] = array
-            folded.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
+            folded.append(numpy_helper.from_array(np.array(array, order="C"), name))
     if len(keep) == len(graph.node):
         return 0
     count = len(graph.node) - len(keep)
@@ -384,7 +387,7 @@ def _write_types(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) ->
     graph.value_info.extend(kept)
 
 
-def prepare(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...]] | None,
+def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...]] | None,
             base_dir: Path | None, label: str) -> int:
     """Prepare ``model`` in place (see the module docstring). Returns the nodes folded.
 

@@ -1,0 +1,127 @@
+"""``partitioner inspect``: the real CLI in a subprocess (table, --json, bad input)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from partitioner.cli import main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "partitioner", "inspect", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def small_cnn(batch: int | str = "N") -> onnx.ModelProto:
+    """conv(3->8, 3x3) -> relu -> conv(8->8) -> add skip -> global pool -> flatten -> gemm."""
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["images", "W1", "B1"], ["c1"], name="stem", **conv),
+             helper.make_node("Relu", ["c1"], ["r1"], name="stem_relu"),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], name="block", **conv),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="block_add"),
+             helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wf", "Bf"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(
+        nodes, "small_cnn",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        [w("W1", 8, 3, 3, 3), w("B1", 8), w("W2", 8, 8, 3, 3), w("Wf", 10, 8), w("Bf", 10)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def cnn_file(save_onnx) -> Path:
+    return save_onnx(small_cnn(), "small_cnn.onnx")
+
+
+def test_json_document(cnn_file):
+    result = _cli(str(cnn_file), "--shape", "images=2,3,16,16", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)  # nothing but one JSON document on stdout
+    assert doc["model"]["sha256"] == hashlib.sha256(cnn_file.read_bytes()).hexdigest()
+    assert doc["model"]["name"] == "small_cnn" and doc["model"]["granularity"] == "major"
+    assert doc["model"]["inputs"][0]["shape"] == [2, 3, 16, 16]
+    assert doc["model"]["outputs"][0] == {"name": "logits", "shape": [2, 10],
+                                          "dtype": "float32", "nbytes": 80}
+    layers = doc["layers"]
+    assert [layer["name"] for layer in layers] == ["stem", "block", "head"]
+    for layer in layers:
+        assert {"index", "name", "ops", "flops", "weight_count", "weight_bytes",
+                "output_bytes", "cut_bytes", "cut_tensors"} <= set(layer)
+    act = 2 * 8 * 16 * 16 * 4
+    assert [layer["cut_tensors"] for layer in layers] == [["r1"], ["f"], ["logits"]]
+    assert [layer["cut_bytes"] for layer in layers] == [act, 2 * 8 * 4, 80]
+    assert layers[0]["flops"] == 2 * (2 * 8 * 16 * 16) * 27 + 2 * 8 * 16 * 16
+    assert layers[1]["ops"] == ["Conv", "Add", "GlobalAveragePool", "Flatten"]
+    totals = doc["totals"]
+    assert totals["layers"] == 3
+    assert totals["weight_count"] == 8 * 27 + 8 + 8 * 72 + 80 + 10
+    assert totals["weight_bytes"] == 4 * totals["weight_count"]
+    assert totals["flops"] == sum(layer["flops"] for layer in layers)
+    assert totals["macs"] == (2 * 8 * 16 * 16) * (27 + 72) + 2 * 10 * 8
+
+
+def test_table_and_node_granularity(save_onnx, capsys):
+    path = save_onnx(small_cnn(batch=1))
+    table = _cli(str(path))
+    assert table.returncode == 0, table.stderr
+    assert "stem" in table.stdout and "Conv+Relu" in table.stdout
+    assert "3 layers (7 nodes)" in table.stdout and "params" in table.stdout
+    assert main(["inspect", str(path), "--granularity", "node", "--json"]) == 0
+    assert [layer["name"] for layer in json.loads(capsys.readouterr().out)["layers"]] == [
+        "stem", "stem_relu", "block", "block_add", "GlobalAveragePool_4", "Flatten_5", "head"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], r"input 'images' axis 0 \('N'\) is dynamic; fix it with --shape images=1,3,16,16"),
+    (["--shape", "image=1,3,16,16"], r"has no input 'image'"),
+    (["--shape", "images=1,3"], r"rank 4, got 2"),
+    (["--shape", "images=1,3,a,16"], r"must be integers"),
+])
+def test_bad_shapes_exit_2_with_one_line(cnn_file, args, message, capsys):
+    assert main(["inspect", str(cnn_file), *args, "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_unfixed_dynamic_dim_in_a_real_process(cnn_file):
+    result = _cli(str(cnn_file), "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        f"partitioner inspect: error: {cnn_file}: input 'images' axis 0 ('N') is dynamic; "
+        f"fix it with --shape images=1,3,16,16")
+
+
+def test_missing_and_corrupt_files(tmp_path, capsys):
+    missing = _cli(str(tmp_path / "nope.onnx"))
+    assert missing.returncode == 2 and "nope.onnx: no such file" in missing.stderr
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07this is not a model at all\xff\xff")
+    assert main(["inspect", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "junk.onnx" in err and len(err.strip().splitlines()) == 1
+
+
+def test_in_process_matches_subprocess(cnn_file, capsys):
+    assert main(["inspect", str(cnn_file), "--shape", "images=1,3,16,16", "--json"]) == 0
+    in_process = json.loads(capsys.readouterr().out)
+    sub = json.loads(_cli(str(cnn_file), "--shape", "images=1,3,16,16", "--json").stdout)
+    assert in_process == sub
