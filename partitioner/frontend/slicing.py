@@ -290,7 +290,8 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
         producer_version=model.producer_version,
         functions=list(model.functions),
     )
-    base_dir = Path(prepared.base_dir) if getattr(prepared, "base_dir", None) else None
+    raw_dir = getattr(prepared, "base_dir", None)
+    base_dir = Path(raw_dir) if raw_dir is not None else None
     return SubModel(sub, in_infos, out_infos, first, last, base_dir)
 
 
