@@ -9,6 +9,7 @@ Triton serves its stages with ``--model-repository=triton/<device>``.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -78,6 +79,14 @@ def triton_model_name(model: str, stage: int) -> str:
     return f"{_safe(model)}_stage{stage}"
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no second copy of gigabytes of weights), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def write_repository(bundle: Bundle, root: Path) -> Bundle:
     """Write the repositories under ``root/triton`` and record each stage's model folder."""
     stages = []
@@ -86,10 +95,10 @@ def write_repository(bundle: Bundle, root: Path) -> Bundle:
         rel = f"triton/{_safe(s.device)}/{name}"
         version = root / rel / "1"
         version.mkdir(parents=True, exist_ok=False)
-        shutil.copyfile(root / s.file, version / "model.onnx")
+        _link_or_copy(root / s.file, version / "model.onnx")
         if s.external_data is not None:
             # The ONNX file names its data file; keep that name next to model.onnx.
-            shutil.copyfile(root / s.external_data, version / Path(s.external_data).name)
+            _link_or_copy(root / s.external_data, version / Path(s.external_data).name)
         (root / rel / "config.pbtxt").write_text(config_text(name, s), encoding="utf-8")
         stages.append(replace(s, triton=rel))
     return replace(bundle, stages=tuple(stages))
