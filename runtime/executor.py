@@ -238,7 +238,7 @@ class RemoteExecutor:
         rid = request_id or uuid.uuid4().hex
         fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
         fut.request_id = rid  # type: ignore[attr-defined]
-        p = _Pending(rid, {k: np.ascontiguousarray(v) for k, v in inputs.items()}, fut,
+        p = _Pending(rid, {k: np.asarray(v) for k, v in inputs.items()}, fut,
                      deadline=time.monotonic() + self.timeout)
         with self._lock:
             if rid in self._pending:

@@ -112,7 +112,9 @@ def encode(header: Mapping[str, Any],
     chunks: list[memoryview | bytes] = []
     offset = 0
     for name, value in (tensors or {}).items():
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value)
+        if not arr.flags.c_contiguous:  # (ascontiguousarray would make a 0-d array 1-d)
+            arr = np.ascontiguousarray(arr)
         dtype = arr.dtype.name
         if dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype} cannot be sent")
