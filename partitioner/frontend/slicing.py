@@ -265,8 +265,8 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
             return tensor_info(known[name])
         if name in graph.tensors:
             return graph.tensors[name]
-        fail(f"model {graph.name!r}: tensor {name!r} crossing the cut into layer {first} "
-             f"has no shape (run shape inference first)")
+        fail(f"model {graph.name!r}: tensor {name!r} at the boundary of layers "
+             f"{first}..{last} has no shape (run shape inference first)")
 
     in_infos = tuple(info(n) for n in boundary)
     out_infos = tuple(info(n) for n in outputs)
