@@ -38,13 +38,17 @@ from partitioner.errors import fail
 from partitioner.frontend.slicing import SubModel, extract_layers, save_model, uses_external_data
 from partitioner.ir import CostTable, Plan, System, TensorInfo
 
-__all__ = ["compile_bundle", "check_output", "stage_file_name", "route"]
+__all__ = ["compile_bundle", "check_output", "safe_name", "stage_file_name", "route"]
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a file name: only letters, digits, ``._-`` (others become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
 
 
 def stage_file_name(index: int, device: str) -> str:
     """``stage<i>_<device>.onnx`` with the device name made file-name safe."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", device).strip(".") or "device"
-    return f"stage{index}_{safe}.onnx"
+    return f"stage{index}_{safe_name(device)}.onnx"
 
 
 def _spec(t: TensorInfo, **kw: Any) -> TensorSpec:

@@ -10,13 +10,13 @@ Triton serves its stages with ``--model-repository=triton/<device>``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from partitioner.backend.emit import safe_name
 from partitioner.backend.manifest import Bundle, StageSpec, TensorSpec
 from partitioner.errors import fail
 
@@ -71,12 +71,8 @@ def config_text(name: str, stage: StageSpec) -> str:
             f"output [\n{outs}\n]\n")
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "x"
-
-
 def triton_model_name(model: str, stage: int) -> str:
-    return f"{_safe(model)}_stage{stage}"
+    return f"{safe_name(model)}_stage{stage}"
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -92,7 +88,7 @@ def write_repository(bundle: Bundle, root: Path) -> Bundle:
     stages = []
     for s in bundle.stages:
         name = triton_model_name(bundle.model.name, s.id)
-        rel = f"triton/{_safe(s.device)}/{name}"
+        rel = f"triton/{safe_name(s.device)}/{name}"
         version = root / rel / "1"
         version.mkdir(parents=True, exist_ok=False)
         _link_or_copy(root / s.file, version / "model.onnx")
