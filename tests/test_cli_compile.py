@@ -92,6 +92,7 @@ def test_existing_output_refused_before_solving(files, tmp_path, capsys):
     (["--max-energy", "cam"], "--max-energy 'cam': expected DEVICE=JOULES"),
     (["--max-latency", "1e-9"], "latency"),
     (["--shape", "images=1,3"], "images"),
+    (["--weights", "x"], "--weights 'x'"),
 ])
 def test_bad_options_fail_in_one_line_and_write_nothing(files, tmp_path, capsys, extra,
                                                          message):

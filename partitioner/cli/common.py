@@ -108,7 +108,8 @@ def objective_from_args(args: argparse.Namespace) -> Any:
             fail(f"--max-energy {item!r}: expected DEVICE=JOULES")
     return Objective(kind=args.objective, max_latency=args.max_latency, max_energy=caps,
                      duration=args.duration, latency_weight=args.latency_weight,
-                     energy_weight=args.energy_weight, time_limit=args.time_limit)
+                     energy_weight=args.energy_weight, time_limit=args.time_limit,
+                     solver=getattr(args, "solver", None) or "CBC")
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-from partitioner.cli.common import add_plan_options, plan_from_args, print_json, progress_enabled
+from partitioner.cli import plan_cmd
+from partitioner.cli.common import plan_from_args, print_json, progress_enabled
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_plan_options(parser)
+    # Every option of ``plan`` (its --json included), so the two cannot drift apart.
+    plan_cmd.add_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR",
                         help="bundle directory to create")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -23,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace an existing non-empty BUNDLE_DIR")
     parser.add_argument("--triton", action="store_true",
                         help="also write a Triton model repository per device")
-    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from partitioner.backend.manifest import load_bundle
 
     check_output(args.output, force=args.force)  # before the (slow) load and solve
+    if args.weights is not None:
+        args.latency_weight, args.energy_weight = plan_cmd._weights(args.weights)
     made = plan_from_args(args)
     out = compile_bundle(made.prepared, made.plan, made.system, args.output,
                          verify=args.verify, force=args.force, triton=args.triton,
