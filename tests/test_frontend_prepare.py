@@ -190,3 +190,25 @@ def test_model_over_2gb_is_analysed_from_dims_alone(save_onnx):
     (layer,) = load_model(path).graph.layers
     assert layer.weight_bytes == 50_000 * 12_000 * 4 > 2**31
     assert layer.flops == 2 * 50_000 * 12_000 + 12_000
+
+
+def test_contrib_ops_are_inferred_by_onnxruntime_symbolic_inference(save_onnx):
+    # ONNX's own inference does not know com.microsoft ops; ORT's symbolic inference does.
+    ones = [numpy_helper.from_array(np.ones(s, np.float32), n)
+            for n, s in (("W", (8, 16)), ("W2", (16, 4)), ("b", (16,)), ("gamma", (16,)),
+                         ("beta", (16,)))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm1"),
+             helper.make_node("BiasGelu", ["h", "b"], ["g"], domain="com.microsoft"),
+             helper.make_node("SkipLayerNormalization", ["g", "g", "gamma", "beta"], ["n"],
+                              domain="com.microsoft"),
+             helper.make_node("MatMul", ["n", "W2"], ["y"], name="mm2")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], ones),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    prepared = load_model(save_onnx(model))
+    assert [layer.ops for layer in prepared.graph.layers] == [
+        ("MatMul", "BiasGelu", "SkipLayerNormalization"), ("MatMul",)]
+    assert prepared.graph.cut_after(0).tensors == ("n",)
+    assert prepared.graph.cut_after(0).nbytes == 2 * 3 * 16 * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, TextIO
 
@@ -90,8 +91,13 @@ def run(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shape)
     prepared = load_model(args.model, shapes=shapes, granularity=args.granularity)
     doc = inspect_document(prepared)
-    if args.json:
-        print_json(doc)
-    else:
-        format_table(doc, sys.stdout)
+    try:
+        if args.json:
+            print_json(doc)
+        else:
+            format_table(doc, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (``| head``) went away: not an error; silence the flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

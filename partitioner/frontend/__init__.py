@@ -81,10 +81,11 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
         fail(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
     shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
     if isinstance(source, (str, Path)):
-        path: Path | None = Path(source)
-        model, sha = read_onnx(path)
-        base_dir: Path | None = path.resolve().parent
-        name, label = path.stem, str(path)
+        file = Path(source)
+        model, sha = read_onnx(file)
+        path: Path | None = file
+        base_dir: Path | None = file.resolve().parent
+        name, label = file.stem, str(file)
     elif isinstance(source, onnx.ModelProto):
         # Prepared in place below: work on a copy so the caller's proto is left alone.
         model = onnx.ModelProto()

@@ -228,7 +228,31 @@ def _infer(model: onnx.ModelProto, label: str) -> dict[str, onnx.TypeProto]:
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         types[vi.name] = vi.type
+    if any(o and (o not in types or static_shape(types[o]) is None)
+           for node in skeleton.graph.node for o in node.output):
+        # ONNX inference does not know ONNX Runtime's contrib ops (com.microsoft FusedConv,
+        # Attention, ...); ORT's symbolic inference does. Only fill what is still unknown.
+        for name, t in _symbolic_types(skeleton).items():
+            if name not in types or static_shape(types[name]) is None:
+                types[name] = t
     return types
+
+
+def _symbolic_types(skeleton: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Static types from onnxruntime's symbolic shape inference ({} if it cannot run)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return {}
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+    except Exception:  # noqa: BLE001 - best effort; the caller names what stays unknown
+        return {}
+    if inferred is None:
+        return {}
+    g = inferred.graph
+    return {vi.name: vi.type for vi in list(g.value_info) + list(g.output)
+            if static_shape(vi.type) is not None}
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, TensorProto]:
