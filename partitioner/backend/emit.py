@@ -27,6 +27,7 @@ import onnx
 from partitioner.backend.manifest import (
     MANIFEST,
     Bundle,
+    Endpoint,
     ModelSpec,
     StageSpec,
     TensorSpec,
@@ -59,12 +60,13 @@ def _check_plan(plan: Plan, n_layers: int, system: System | None) -> None:
     if not plan.stages:
         fail("plan: no stages")
     expect = 0
+    known = {d.name for d in system.devices} if system is not None else None
     for i, s in enumerate(plan.stages):
         if s.first != expect or s.last < s.first:
             fail(f"plan stage {i} ({s.device}): layers {s.first}..{s.last} do not continue "
                  f"the previous stage (expected to start at layer {expect})")
         expect = s.last + 1
-        if system is not None and s.device not in {d.name for d in system.devices}:
+        if known is not None and s.device not in known:
             fail(f"plan stage {i}: device {s.device!r} is not in the system file")
     if expect != n_layers:
         fail(f"plan: stages end at layer {expect - 1}, the model has {n_layers} layers "
@@ -101,18 +103,19 @@ def route(subs: Sequence[SubModel], model_inputs: Sequence[TensorInfo],
     last_need = {name: max(readers.get(name, [-1]) + ([n] if name in outputs else []))
                  for name in origin}
 
+    def source(name: str) -> Endpoint:
+        return "input" if origin[name] < 0 else origin[name]
+
+    def targets(name: str, after: int) -> tuple[Endpoint, ...]:
+        later: list[Endpoint] = [r for r in readers.get(name, []) if r > after]
+        return tuple(later + (["output"] if name in outputs else []))
+
     result = []
     for i, sub in enumerate(subs):
-        ins = tuple(_spec(t, source="input" if origin[t.name] < 0 else origin[t.name])
-                    for t in sub.inputs)
-        outs = tuple(_spec(t, targets=tuple(
-            [r for r in readers.get(t.name, []) if r > i]
-            + (["output"] if t.name in outputs else []))) for t in sub.outputs)
-        fwd = tuple(
-            _spec(info[name], source="input" if o < 0 else o, targets=tuple(
-                [r for r in readers.get(name, []) if r > i]
-                + (["output"] if name in outputs else [])))
-            for name, o in origin.items() if o < i < last_need[name])
+        ins = tuple(_spec(t, source=source(t.name)) for t in sub.inputs)
+        outs = tuple(_spec(t, targets=targets(t.name, i)) for t in sub.outputs)
+        fwd = tuple(_spec(info[name], source=source(name), targets=targets(name, i))
+                    for name, o in origin.items() if o < i < last_need[name])
         result.append((ins, outs, fwd))
     return result
 
