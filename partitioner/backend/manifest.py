@@ -36,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "PRODUCER",
     "MANIFEST",
+    "Endpoint",
     "TensorSpec",
     "ModelSpec",
     "StageSpec",
