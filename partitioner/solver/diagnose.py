@@ -80,8 +80,15 @@ def _memory(table: ir.CostTable, net: Network, solver: str) -> str:
                   and tuple(p.allowed) == (dev.name,)]
         weight = sum(pos[k].weight_bytes for k in pinned)
         if pinned and weight > dev.memory:
+            # Name model layers by their layer index (as `inspect` prints them).
+            layers = [pos[k].layer for k in pinned if pos[k].layer is not None]
+            others = [pos[k].name for k in pinned if pos[k].layer is None
+                      and pos[k].weight_bytes]
+            what = " and ".join(filter(None, [
+                f"layers {_ranges(layers)}" if layers else "",  # type: ignore[arg-type]
+                ", ".join(others)]))
             return (f"memory of {dev.name!r} ({_num(dev.memory)} B) cannot hold the pinned "
-                    f"layers {_ranges(pinned)} ({_num(weight)} B)")
+                    f"{what} ({_num(weight)} B)")
     for dev in table.system.devices:
         form = Formulation(net, table, integer=True, solver=solver)
         form.add_memory(skip=dev.name)

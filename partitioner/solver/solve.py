@@ -76,12 +76,18 @@ def _validate(table: ir.CostTable, objective: ir.Objective) -> None:
             if d.carbon_intensity and not energy_known(table, d.name):
                 fail(f"the carbon objective needs the energy of device {d.name!r}, which has "
                      "a carbon intensity but no energy figure")
+    if objective.solver.upper() not in ("CBC", "GRB", "GUROBI", "HIGHS", "CPLEX", "SCIP"):
+        fail(f"solver {objective.solver!r} is not a python-mip solver (CBC, GRB, HiGHS)")
     if objective.time_limit is not None and not objective.time_limit > 0:
         fail(f"time limit must be > 0, got {objective.time_limit}")
 
 
 def _needs_integer(table: ir.CostTable, objective: ir.Objective) -> bool:
-    """False only for a pure shortest path, whose LP relaxation is integral."""
+    """False only for a pure shortest path, whose LP relaxation is integral.
+
+    Unused for now: CBC solves a model without integer variables with Clp, which logs on
+    stdout whatever ``verbose`` says; binaries cost nothing when the LP is integral.
+    """
     if objective.kind != "latency" or objective.max_latency is not None \
             or objective.max_energy:
         return True
@@ -280,7 +286,7 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     fwd, _ = reachable(net)
     if not fwd[net.sink]:
         fail(explain_infeasible(table, objective, net), error=InfeasibleError)
-    integer = _needs_integer(table, objective)
+    integer = True
 
     def make() -> Formulation:
         form = Formulation(net, table, integer=integer,
