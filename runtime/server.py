@@ -22,8 +22,9 @@ __all__ = ["Handler", "FrameServer", "bind_listener"]
 
 log = logging.getLogger("runtime.server")
 
-# handler(frame, peer) -> a reply header (sent back on the same connection) or None
-Handler = Callable[[Frame, str], "dict[str, Any] | None"]
+# handler(frame, peer) -> a reply header (sent back on the same connection) or None, or
+# (reply or None, callable run in the connection's thread after the reply is sent)
+Handler = Callable[[Frame, str], Any]
 
 
 def bind_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -134,8 +135,13 @@ class FrameServer:
                     log.exception("handler failed for a frame from %s", peer)
                     reply = {"type": "error", "code": "internal",
                              "message": f"{err.__class__.__name__}: {err}"}
+                after = None
+                if isinstance(reply, tuple):  # (reply, work to do once it is sent)
+                    reply, after = reply
                 if reply is not None and not self._reply(conn, reply):
                     return
+                if after is not None:
+                    after()
                 if reply is not None and reply.get("close"):
                     return
         finally:

@@ -91,6 +91,7 @@ class Worker:
         self.pool = ConnectionPool(timeout=send_timeout)
         self.queues: dict[tuple[str, str], queue.Queue[Job | None]] = {
             k: queue.Queue() for k in self.runners}
+        self.locks = {k: threading.Lock() for k in self.runners}
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0}
         self._stats_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._stage_loop, args=(k,),
@@ -153,6 +154,7 @@ class Worker:
                     k = (key, stage.id)
                     self.runners[k] = StageRunner(stage, threads=self.threads)
                     self.queues[k] = queue.Queue()
+                    self.locks[k] = threading.Lock()
                     self.server.max_body = max(self.server.max_body,
                                                view.incoming_bytes(stage) + 4096)
                     t = threading.Thread(target=self._stage_loop, args=(k,),
@@ -204,8 +206,14 @@ class Worker:
             self._notify(h, msg)
             return msg
         self._count("accepted")
-        self.queues[(job.header["plan"], job.header["stage"])].put(job)
-        return {"type": "accepted", "id": _id(h)} if h.get("ack") else None
+        key = (job.header["plan"], job.header["stage"])
+        ack = {"type": "accepted", "id": _id(h)} if h.get("ack") else None
+        if self.queues[key].empty() and self.locks[key].acquire(blocking=False):
+            # the stage is idle: run it in this connection's thread once the ack is out,
+            # saving a thread hand-off per hop; busy stages queue (pipelining)
+            return ack, lambda: self._run_locked(key, job)
+        self.queues[key].put(job)
+        return ack
 
     def _admit(self, frame: Frame) -> Job:
         """Check a request before it is queued (never lets ORT see an unchecked tensor)."""
@@ -247,17 +255,24 @@ class Worker:
 
     # ------------------------------------------------------------------ stages
     def _stage_loop(self, key: tuple[str, str]) -> None:
-        runner, q = self.runners[key], self.queues[key]
+        q, lock = self.queues[key], self.locks[key]
         while True:
             job = q.get()
             if job is None:
                 return
-            try:
-                self._process(key, runner, job)
-            except Exception as err:  # report, never let a stage thread die
-                log.exception("stage %s failed", key[1])
-                self._fail(job, "stage_failed", f"stage {key[1]} on {self.device}: "
-                           f"{err.__class__.__name__}: {str(err).splitlines()[0]}")
+            lock.acquire()
+            self._run_locked(key, job)
+
+    def _run_locked(self, key: tuple[str, str], job: Job) -> None:
+        """Run ``job`` (the stage's lock is held: one request per stage at a time)."""
+        try:
+            self._process(key, self.runners[key], job)
+        except Exception as err:  # report, never let a stage thread die
+            log.exception("stage %s failed", key[1])
+            self._fail(job, "stage_failed", f"stage {key[1]} on {self.device}: "
+                       f"{err.__class__.__name__}: {str(err).splitlines()[0]}")
+        finally:
+            self.locks[key].release()
 
     def _fail(self, job: Job, code: str, message: str, **extra: Any) -> None:
         self._count("failed")

@@ -1,0 +1,387 @@
+"""Runtime overhead: per-hop transport cost, chained latency, pipelined throughput.
+
+Three measurements, written to ``benchmarks/results/runtime_overhead.json`` and ``.png``:
+
+1. **Per hop** (transport alone): a tensor is sent to an echo process and back on loopback;
+   one hop = half the round trip (median). Framed TCP (this runtime's transport) against a
+   gRPC unary call carrying the same bytes (its best case: raw bytes, no protobuf
+   tensor fields), for several tensor sizes including 1x3x224x224 float32.
+2. **End to end**: zoo models split into 3 stages by FLOPs (edge / hub / cloud), compiled by
+   the real back end, served by three ``runtime serve`` processes on loopback; latency of
+   one request (median) against one ONNX Runtime session of the whole model, and against
+   the stages chained in one process (``LocalExecutor``).
+3. **Pipelined throughput**: requests kept in flight (a window of 8); images/s against the
+   bottleneck bound ``1 / max(stage compute)`` (stages measured alone, same thread count).
+   Note that the three workers share this host's cores, so on a machine with fewer cores
+   than stages the bound cannot be reached; ``cpu_bound`` (``cores / sum(stage compute)``)
+   is reported too.
+
+Usage::
+
+    python benchmarks/runtime_overhead.py [--quick] [--models tiny_cnn,resnet18] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # name -> shape (float32)
+    "1x1000": (1, 1000),
+    "1x256x14x14": (1, 256, 14, 14),
+    "1x3x224x224": (1, 3, 224, 224),
+    "1x64x112x112": (1, 64, 112, 112),
+    "1x3x640x640": (1, 3, 640, 640),
+}
+
+
+# --------------------------------------------------------------------------- echo servers
+
+
+def _echo_tcp(port_file: str) -> None:
+    from runtime.server import bind_listener
+    from runtime.transport import ConnectionClosed, recv_frame, send_frame
+
+    srv = bind_listener("127.0.0.1", 0)
+    Path(port_file).write_text(str(srv.getsockname()[1]))
+    while True:
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def serve(c: socket.socket) -> None:
+            with c:
+                while True:
+                    try:
+                        f = recv_frame(c, max_body=1 << 30)
+                    except (ConnectionClosed, OSError):
+                        return
+                    send_frame(c, {"type": "echo"}, f.tensors)
+
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _echo_grpc(port_file: str) -> None:
+    import concurrent.futures as cf
+
+    import grpc
+
+    def echo(req: bytes, ctx: Any) -> bytes:
+        n = int.from_bytes(req[:4], "little")
+        head = json.loads(req[4:4 + n])
+        # the receiver gets a numpy array, as with the TCP transport (zero-copy view)
+        np.frombuffer(req, dtype=head["dtype"], offset=4 + n)
+        return req
+
+    server = grpc.server(cf.ThreadPoolExecutor(4), options=[
+        ("grpc.max_receive_message_length", 1 << 30),
+        ("grpc.max_send_message_length", 1 << 30)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(port_file).write_text(str(port))
+    server.wait_for_termination()
+
+
+def _spawn(args: list[str], port_file: Path, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    end = time.monotonic() + timeout
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args}: exited: {proc.stderr.read().decode()[-1000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError(f"{args}: did not start")
+        time.sleep(0.05)
+    return proc
+
+
+def bench_hops(iters: int, work: Path) -> list[dict[str, Any]]:
+    """Median one-way time (half a round trip) per size, TCP frames vs gRPC."""
+    import grpc
+
+    from runtime.transport import connect, recv_frame, send_frame
+
+    rows = []
+    procs = {}
+    try:
+        for kind in ("tcp", "grpc"):
+            pf = work / f"echo-{kind}.port"
+            procs[kind] = _spawn([__file__, "--echo-server", kind, "--port-file", str(pf)], pf)
+        tcp_port = int((work / "echo-tcp.port").read_text())
+        grpc_port = int((work / "echo-grpc.port").read_text())
+        sock = connect(("127.0.0.1", tcp_port), 30)
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[
+            ("grpc.max_receive_message_length", 1 << 30),
+            ("grpc.max_send_message_length", 1 << 30)])
+        call = channel.unary_unary("/bench.Echo/Echo")
+        for name, shape in SIZES.items():
+            arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            n = max(20, iters if arr.nbytes < 4e6 else iters // 4)
+
+            def tcp_once(a: np.ndarray = arr) -> None:
+                send_frame(sock, {"type": "echo"}, {"t": a})
+                f = recv_frame(sock, max_body=1 << 30)
+                assert f.tensors["t"].shape == a.shape
+
+            def grpc_once(a: np.ndarray = arr) -> None:
+                head = json.dumps({"dtype": "float32", "shape": list(a.shape)}).encode()
+                payload = len(head).to_bytes(4, "little") + head + a.tobytes()
+                back = call(payload, timeout=30)
+                np.frombuffer(back, dtype=np.float32, offset=4 + len(head)).reshape(a.shape)
+
+            row: dict[str, Any] = {"tensor": name, "bytes": int(arr.nbytes)}
+            for kind, fn in (("tcp", tcp_once), ("grpc", grpc_once)):
+                for _ in range(5):
+                    fn()
+                times = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                row[f"{kind}_hop_ms"] = statistics.median(times) / 2 * 1e3
+                row[f"{kind}_hop_p90_ms"] = float(np.percentile(times, 90)) / 2 * 1e3
+            rows.append(row)
+            print(f"hop {name:>14} {arr.nbytes / 1e6:7.2f} MB: tcp {row['tcp_hop_ms']:.3f} ms,"
+                  f" grpc {row['grpc_hop_ms']:.3f} ms", file=sys.stderr)
+        sock.close()
+        channel.close()
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    return rows
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _split(prepared: Any, parts: int = 3) -> list[tuple[int, int]]:
+    """Cut the layers into ``parts`` contiguous runs of about equal FLOPs."""
+    flops = [max(1, layer.flops) for layer in prepared.graph.layers]
+    total, cum, cuts = sum(flops), 0, []
+    for i, f in enumerate(flops[:-1]):
+        cum += f
+        if len(cuts) < parts - 1 and cum >= total * (len(cuts) + 1) / parts:
+            cuts.append(i)
+    bounds, first = [], 0
+    for c in cuts:
+        bounds.append((first, c))
+        first = c + 1
+    bounds.append((first, len(flops) - 1))
+    return bounds
+
+
+def _median_time(fn: Any, n: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+
+    import models
+    from partitioner import ir
+    from partitioner.backend import compile_bundle
+    from partitioner.frontend import load_model
+    from runtime.executor import LocalExecutor, RemoteExecutor
+    from runtime.stages import StageRunner, open_bundle
+
+    mdir = work / name
+    mdir.mkdir()
+    path = mdir / f"{name}.onnx"
+    onnx.save(models.build_model(name), str(path))
+    prepared = load_model(path)
+    devices = ("edge", "hub", "cloud")
+    bounds = _split(prepared)
+    plan = ir.Plan("optimal", "latency",
+                   tuple(ir.Stage(d, None, a, b) for d, (a, b) in zip(devices, bounds,
+                                                                       strict=True)),
+                   ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    bundle = compile_bundle(prepared, plan, None, mdir / "bundle", verify=True)
+    view = open_bundle(bundle)
+    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
+             for t in view.inputs}
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    t_full = _median_time(lambda: full.run(None, feeds), iters)
+    runners = [StageRunner(s, threads=threads) for s in view.stages]
+    stage_in, stage_t = dict(feeds), []
+    for r in runners:
+        inp = dict(stage_in)
+        stage_t.append(_median_time(lambda r=r, inp=inp: r.run(inp), iters))
+        stage_in = r.advance(stage_in)
+    ref = full.run(None, feeds)
+    with LocalExecutor(bundle, threads=threads) as lx:
+        t_local = _median_time(lambda: lx.infer(feeds), iters)
+
+    procs, hosts = [], {}
+    try:
+        for d in devices:
+            pf = mdir / f"{d}.port.json"
+            procs.append(_spawn(["-m", "runtime.cli", "serve", str(bundle), "--device", d,
+                                 "--threads", str(threads), "--port-file", str(pf),
+                                 "--quiet"], pf))
+            hosts[d] = f"127.0.0.1:{json.loads(pf.read_text())['port']}"
+        with RemoteExecutor(bundle, hosts, timeout=60) as rx:
+            out = rx.infer(feeds)
+            for o, r in zip(view.outputs, ref, strict=True):
+                np.testing.assert_allclose(out[o.name], r, rtol=1e-4, atol=1e-4)
+            t_remote = _median_time(lambda: rx.infer(feeds), iters)
+            recs = list(rx.records)[-iters:]
+            served_compute = sum(statistics.median(t["compute"] for r in recs
+                                                   for t in r["timings"] if t["stage"] == s.id)
+                                 for s in view.stages)
+            n_pipe = max(4 * iters, 40)
+            window = 8
+            t0 = time.perf_counter()
+            inflight: list[Any] = []
+            for _ in range(n_pipe):
+                if len(inflight) >= window:
+                    inflight.pop(0).result(60)
+                inflight.append(rx.submit(feeds))
+            for f in inflight:
+                f.result(60)
+            pipe_wall = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    cut_bytes = [sum(view.tensors[n].nbytes for n in s.carry) for s in view.stages[:-1]]
+    row = {
+        "model": name, "layers": len(prepared.graph.layers),
+        "stages": [{"device": s.device, "layers": list(b), "compute_ms": t * 1e3}
+                   for s, b, t in zip(view.stages, bounds, stage_t, strict=True)],
+        "cut_bytes": cut_bytes,
+        "full_ms": t_full * 1e3, "local_chain_ms": t_local * 1e3,
+        "remote_chain_ms": t_remote * 1e3,
+        "remote_overhead_ms": (t_remote - t_full) * 1e3,
+        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(view.stages)),
+        "served_compute_ms": served_compute * 1e3,
+        "pipelined_images_per_s": n_pipe / pipe_wall,
+        "bottleneck_bound_images_per_s": 1.0 / max(stage_t),
+        "cpu_bound_images_per_s": min(os.cpu_count() or 1, len(stage_t)) / sum(stage_t),
+        "serial_images_per_s": 1.0 / t_remote,
+    }
+    print(f"{name}: full {row['full_ms']:.2f} ms, local chain {row['local_chain_ms']:.2f} ms,"
+          f" remote chain {row['remote_chain_ms']:.2f} ms; pipelined "
+          f"{row['pipelined_images_per_s']:.1f}/s (bound "
+          f"{row['bottleneck_bound_images_per_s']:.1f}/s, cpu bound "
+          f"{row['cpu_bound_images_per_s']:.1f}/s)", file=sys.stderr)
+    return row
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(doc: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    hops = doc["hops"]
+    x = np.arange(len(hops))
+    ax = axes[0]
+    ax.bar(x - 0.2, [h["tcp_hop_ms"] for h in hops], 0.4, label="framed TCP")
+    ax.bar(x + 0.2, [h["grpc_hop_ms"] for h in hops], 0.4, label="gRPC unary (raw bytes)")
+    ax.set_xticks(x, [h["tensor"] for h in hops], rotation=20, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("one hop, ms (median, loopback)")
+    ax.set_title("Transport alone, float32 tensors")
+    ax.legend()
+    ms = doc["models"]
+    x = np.arange(len(ms))
+    ax = axes[1]
+    for k, (key, label) in enumerate((("full_ms", "one ORT session"),
+                                      ("local_chain_ms", "3 stages, one process"),
+                                      ("remote_chain_ms", "3 workers, loopback"))):
+        ax.bar(x + (k - 1) * 0.27, [m[key] for m in ms], 0.27, label=label)
+    ax.set_xticks(x, [m["model"] for m in ms])
+    ax.set_ylabel("latency, ms (median)")
+    ax.set_title("End to end, batch 1")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for k, (key, label) in enumerate((("serial_images_per_s", "serial"),
+                                      ("pipelined_images_per_s", "pipelined (8 in flight)"),
+                                      ("cpu_bound_images_per_s", "CPU bound"),
+                                      ("bottleneck_bound_images_per_s", "bottleneck bound"))):
+        ax.bar(x + (k - 1.5) * 0.2, [m[key] for m in ms], 0.2, label=label)
+    ax.set_xticks(x, [m["model"] for m in ms])
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"Throughput ({doc['host']['cpus']} CPU cores shared by 3 workers)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer runs and models")
+    p.add_argument("--models", help="comma-separated zoo models")
+    p.add_argument("--threads", type=int, default=1, help="ORT threads per session")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--echo-server", choices=("tcp", "grpc"), help=argparse.SUPPRESS)
+    p.add_argument("--port-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.echo_server:
+        (_echo_tcp if args.echo_server == "tcp" else _echo_grpc)(args.port_file)
+        return 0
+    iters = 30 if args.quick else 200
+    names = (args.models.split(",") if args.models else
+             ["tiny_cnn", "resnet18"] if args.quick else
+             ["tiny_cnn", "resnet18", "mobilenet_v2", "alexnet"])
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="rt-bench-") as tmp:
+        work = Path(tmp)
+        doc: dict[str, Any] = {
+            "command": "python benchmarks/runtime_overhead.py " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                     "python": platform.python_version(), "onnxruntime": ort.__version__},
+            "iterations": iters, "threads": args.threads,
+            "hops": bench_hops(iters * 2, work),
+            "models": [bench_model(n, iters, work, args.threads) for n in names],
+        }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "runtime_overhead_quick" if args.quick else "runtime_overhead"
+    tmp_json = out / f".{stem}.json.tmp"
+    tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp_json, out / f"{stem}.json")
+    plot(doc, out / f"{stem}.png")
+    print(json.dumps({"json": str(out / f"{stem}.json"), "png": str(out / f"{stem}.png")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
