@@ -31,11 +31,15 @@ _KINDS = ("latency", "energy", "throughput", "carbon", "weighted")
 
 
 def energy_known(table: ir.CostTable, device: str) -> bool:
-    """Whether any bundle or transfer gives ``device`` an energy figure."""
+    """Whether any bundle or network transfer gives ``device`` an energy figure.
+
+    Internal (same-device) transfers do not count: the cost model prices them at 0 J
+    whether or not the device has a power figure.
+    """
     if any(d == device and c.energy is not None for (_, _, d, _), c in table.bundles.items()):
         return True
-    return any((s == device and t.sender_energy is not None)
-               or (r == device and t.receiver_energy is not None)
+    return any(s != r and ((s == device and t.sender_energy is not None)
+                           or (r == device and t.receiver_energy is not None))
                for (_, s, r), t in table.transfers.items())
 
 
