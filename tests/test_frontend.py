@@ -259,3 +259,30 @@ def test_unknown_granularity_is_an_error(save_onnx):
 
     with pytest.raises(UserError, match="granularity"):
         load_model(save_onnx(skip_dag()), granularity="layer")
+
+
+def test_qdq_weight_dequantisation_goes_with_its_conv(save_onnx):
+    # DequantizeLinear of a weight reads only constants: it joins its consumer's layer
+    # instead of layer 0, so no dequantised weight crosses a cut; int8 weights count.
+    def q(name: str, *shape: int) -> TensorProto:
+        return numpy_helper.from_array(np.ones(shape, np.int8), name)
+
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "zero")
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "scale", "zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["W1q", "scale", "zero"], ["W1"]),
+             helper.make_node("DequantizeLinear", ["W2q", "scale", "zero"], ["W2"]),
+             helper.make_node("Conv", ["xd", "W1"], ["y1"], name="conv1", **conv),
+             helper.make_node("Conv", ["y1", "W2"], ["y2"], name="conv2", **conv)]
+    model = _model(nodes, [_vi("x", 1, 3, 8, 8)], [_vi("y2")],
+                   [scale, zero, q("W1q", 4, 3, 3, 3), q("W2q", 4, 4, 3, 3)], opset=13)
+    prepared = load_model(save_onnx(model))
+    conv1, conv2 = prepared.graph.layers
+    assert conv1.ops == ("QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv")
+    assert conv2.ops == ("DequantizeLinear", "Conv")
+    assert prepared.graph.cut_after(0).tensors == ("y1",)
+    assert conv2.weight_count == 4 * 4 * 9 + 2 and conv2.weight_bytes == 144 + 4 + 1
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32)}
+    np.testing.assert_allclose(_run(prepared.model, feeds)[0], _run(model, feeds)[0])
