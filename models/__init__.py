@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,11 +134,11 @@ def _write(model: onnx.ModelProto, tmp_dir: Path, dest: Path, data_name: str | N
         # A fresh folder: onnx appends to an existing data file, never truncates it.
         onnx.save_model(model, tmp_model, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        # onnx creates the data file owner-only; give it the model file's usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_dir / data_name, 0o666 & ~umask)
-        os.replace(tmp_dir / data_name, dest.parent / data_name)
+        data = tmp_dir / data_name
+        if data.exists():   # absent when no tensor reaches the 1 KiB threshold
+            # onnx creates the data file owner-only; give it the model file's mode.
+            os.chmod(data, stat.S_IMODE(tmp_model.stat().st_mode))
+            os.replace(data, dest.parent / data_name)
     else:
         onnx.save_model(model, tmp_model)
     os.replace(tmp_model, dest)

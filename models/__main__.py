@@ -62,15 +62,16 @@ def _build(args: argparse.Namespace) -> int:
                              batch=args.batch, image_size=args.image_size,
                              dynamic_batch=args.dynamic_batch, seed=args.seed)
     data = path.parent / f"{path.name}.data"
-    size = path.stat().st_size + (data.stat().st_size if args.external_data else 0)
+    has_data = args.external_data and data.is_file()
+    size = path.stat().st_size + (data.stat().st_size if has_data else 0)
     doc = {"model": args.name, "path": str(path), "bytes": size,
-           "data_file": str(data) if args.external_data else None}
+           "data_file": str(data) if has_data else None}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(f"wrote {path} ({size / 1e6:.1f} MB"
-              + (f", weights in {data.name})" if args.external_data else ")"))
+              + (f", weights in {data.name})" if has_data else ")"))
     return 0
 
 
