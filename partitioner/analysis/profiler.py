@@ -195,23 +195,34 @@ class BundleTimer:
         self.settings = settings
         self.meter = meter
 
-    def measure(self, first: int, last: int, frequency: str | None = None) -> ProfiledBundle:
-        """Measure layers ``first..last`` as one sub-model (batch 1, warm-up, N runs)."""
+    def runner(self, first: int, last: int) -> Callable[[], float]:
+        """A function that runs layers ``first..last`` once and returns its seconds.
+
+        The bundle is its own ORT session built from the extracted sub-model, fed with the
+        captured tensors of the cut before ``first``.
+        """
         from partitioner.frontend.slicing import extract_layers
 
         sub = extract_layers(self.prepared, first, last)
         sess = _session(sub.model, self.settings.threads, sub.base_dir)
         feeds = {t.name: self.captured[t.name] for t in sub.inputs}
         outputs = [o.name for o in sess.get_outputs()]
-        for _ in range(self.settings.warmup):
-            sess.run(outputs, feeds)
-        samples = []
-        if self.meter is not None:
-            self.meter.start()
-        for _ in range(self.settings.runs):
+
+        def once() -> float:
             t0 = time.perf_counter()
             sess.run(outputs, feeds)
-            samples.append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+
+        return once
+
+    def measure(self, first: int, last: int, frequency: str | None = None) -> ProfiledBundle:
+        """Measure layers ``first..last`` as one sub-model (batch 1, warm-up, N runs)."""
+        once = self.runner(first, last)
+        for _ in range(self.settings.warmup):
+            once()
+        if self.meter is not None:
+            self.meter.start()
+        samples = [once() for _ in range(self.settings.runs)]
         stats = trimmed_stats(samples, self.settings.trim)
         energy = None
         if self.meter is not None:
