@@ -258,7 +258,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
             served_compute = sum(statistics.median(t["compute"] for r in recs
                                                    for t in r["timings"] if t["stage"] == s.id)
                                  for s in view.stages)
-            n_pipe = max(4 * iters, 40)
+            n_pipe = max(2 * iters, 40)
             window = 8
             t0 = time.perf_counter()
             inflight: list[Any] = []
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_server:
         (_echo_tcp if args.echo_server == "tcp" else _echo_grpc)(args.port_file)
         return 0
-    iters = 30 if args.quick else 200
+    iters = 30 if args.quick else 100
     names = (args.models.split(",") if args.models else
              ["tiny_cnn", "resnet18"] if args.quick else
              ["tiny_cnn", "resnet18", "mobilenet_v2", "alexnet"])

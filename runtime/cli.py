@@ -4,9 +4,9 @@
 
     runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
                   [--grpc-port P] [--port-file F]
-    runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,...) --input NAME=FILE.npy ...
-                  [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
-                  [--model M --system S]   (lets the executor re-plan without a dead device)
+    runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
+                  ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
+                  [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
     runtime fallback BUNDLE --model M --system S [--device NAME ...]
 
 User errors are one line on stderr and exit status 2; a request that fails for good
@@ -147,17 +147,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE_DIR")
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every stage here")
     where.add_argument("--hosts", metavar="NAME=HOST:PORT,...",
-                       help="the worker of every device the plan uses")
+                       help="the worker of every device the plan uses (default: the "
+                            "devices' `address` in --system)")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="where the last stage returns results (default: loopback, any "
+                        "port); a non-loopback address needs --token-file")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                    required=True, help="a model input (repeatable)")
     p.add_argument("--token-file", help="file holding the shared token")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, s")
     p.add_argument("--repeat", type=int, default=1, help="run the request N times")
     p.add_argument("--model", help="the model, to re-plan when a device is down")
-    p.add_argument("--system", help="the system file, to re-plan when a device is down")
+    p.add_argument("--system", help="the system file: device addresses (when --hosts is "
+                                    "not given) and, with --model, re-planning")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
     p.add_argument("--json", action="store_true", help="print timings as JSON")
     p.add_argument("--quiet", action="store_true")
@@ -171,8 +176,19 @@ def _run(args: argparse.Namespace) -> int:
         fail("--repeat must be at least 1")
     if args.timeout <= 0:
         fail("--timeout must be positive")
-    if bool(args.model) != bool(args.system):
-        fail("--model and --system go together")
+    hosts: dict[str, str] = {}
+    if not args.local:
+        if args.hosts:
+            hosts = parse_hosts(args.hosts)
+        elif args.system:
+            from partitioner.analysis.system import load_system
+
+            hosts = {d.name: d.address for d in load_system(args.system).devices
+                     if d.address}
+            if not hosts:
+                fail(f"--system {args.system}: no device has an address; give --hosts")
+        else:
+            fail("one of --local, --hosts or --system (device addresses) is required")
     inputs = load_inputs(args.input)
     out_dir = Path(args.output).resolve().parent
     if not out_dir.is_dir():
@@ -183,13 +199,15 @@ def _run(args: argparse.Namespace) -> int:
     else:
         replanner = None
         if args.model:
+            if not args.system:
+                fail("--model needs --system to re-plan")
             from runtime.replan import Replanner
 
             replanner = Replanner(args.bundle, args.model, args.system,
                                   token=load_token(args.token_file))
-        executor = RemoteExecutor(args.bundle, parse_hosts(args.hosts),
-                                  token=load_token(args.token_file), timeout=args.timeout,
-                                  replanner=replanner)
+        executor = RemoteExecutor(args.bundle, hosts, token=load_token(args.token_file),
+                                  timeout=args.timeout, replanner=replanner,
+                                  listen=args.listen)
         if replanner is not None:
             replanner.bind(executor)
     records = []

@@ -34,7 +34,7 @@ import numpy as np
 
 from partitioner.errors import UserError, fail
 from runtime.protocol import Frame, ProtocolError
-from runtime.security import token_matches
+from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import BundleView, StageRunner, check_tensor, open_bundles
 from runtime.transport import (
@@ -212,6 +212,10 @@ class RemoteExecutor:
         self._lock = threading.RLock()
         self._pool = ConnectionPool(timeout=5.0)
         host, port = parse_address(listen, what="--listen")
+        check_bind(host, token)
+        if host in ("0.0.0.0", "::"):
+            fail(f"--listen {listen}: give the address the last worker can reach, not a "
+                 f"wildcard")
         max_body = sum(t.nbytes + 64 for t in self.view.outputs) + 4096
         self._server = FrameServer(bind_listener(host, port), self._on_message,
                                    max_body=max_body).start()
@@ -272,7 +276,12 @@ class RemoteExecutor:
     # ------------------------------------------------------------------ planning
     def _choose_plan(self) -> str | None:
         """The first plan (main first) whose devices all have a live host."""
-        for key, view in self.views.items():
+        def order(item: tuple[str, BundleView]) -> tuple[int, float]:
+            # the main plan first, then fallbacks by their own latency estimate
+            est = (item[1].plan.get("estimate") or {}).get("latency")
+            return (item[0] != "main", est if isinstance(est, (int, float)) else float("inf"))
+
+        for key, view in sorted(self.views.items(), key=order):
             if all(d in self.hosts and d not in self.down for d in view.devices):
                 return key
         if self.replanner is not None:

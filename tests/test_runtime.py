@@ -106,7 +106,13 @@ def test_cli_run_remote_and_local(cluster: Cluster, built, tmp_path) -> None:
     x = sample(11)
     np.save(tmp_path / "x.npy", x)
     hosts = ",".join(f"{d}={a}" for d, a in cluster.hosts.items())
-    for mode in (["--hosts", hosts, "--token-file", str(built.token_file)], ["--local"]):
+    system = built.system.read_text()
+    for d, a in cluster.hosts.items():  # the system file's `address` of every device
+        system = system.replace(f'name = "{d}"\n', f'name = "{d}"\naddress = "{a}"\n')
+    (tmp_path / "system.toml").write_text(system)
+    tok = ["--token-file", str(built.token_file)]
+    for mode in (["--hosts", hosts, *tok], ["--system", str(tmp_path / "system.toml"), *tok],
+                 ["--local"]):
         out = tmp_path / "out.npz"
         out.unlink(missing_ok=True)
         res = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(built.bundle),
@@ -121,7 +127,7 @@ def test_cli_run_remote_and_local(cluster: Cluster, built, tmp_path) -> None:
             assert list(z.keys()) == ["logits"]
             np.testing.assert_allclose(z["logits"], reference(built.model, x), rtol=1e-5,
                                        atol=1e-5)
-        if "--hosts" in mode:
+        if "--local" not in mode:
             assert [s["device"] for s in doc["runs"][0]["stages"]] == ["edge", "hub", "cloud"]
 
 
