@@ -159,6 +159,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    required=True, help="a model input (repeatable)")
     p.add_argument("--token-file", help="file holding the shared token")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, s")
+    p.add_argument("--attempt-timeout", type=float, default=None,
+                   help="give one attempt up (and retry) after S s (default: timeout / 4)")
     p.add_argument("--repeat", type=int, default=1, help="run the request N times")
     p.add_argument("--model", help="the model, to re-plan when a device is down")
     p.add_argument("--system", help="the system file: device addresses (when --hosts is "
@@ -174,8 +176,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         fail("--repeat must be at least 1")
-    if args.timeout <= 0:
-        fail("--timeout must be positive")
+    if args.timeout <= 0 or (args.attempt_timeout is not None and args.attempt_timeout <= 0):
+        fail("--timeout and --attempt-timeout must be positive")
     hosts: dict[str, str] = {}
     if not args.local:
         if args.hosts:
@@ -207,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
                                   token=load_token(args.token_file))
         executor = RemoteExecutor(args.bundle, hosts, token=load_token(args.token_file),
                                   timeout=args.timeout, replanner=replanner,
+                                  attempt_timeout=args.attempt_timeout,
                                   listen=args.listen)
         if replanner is not None:
             replanner.bind(executor)
@@ -221,13 +224,14 @@ def _run(args: argparse.Namespace) -> int:
         executor.close()
     save_outputs(args.output, outputs)
     lat = [r["latency"] for r in records]
-    doc = {"mode": "local" if args.local else "remote", "output": str(args.output),
-           "requests": len(records), "wall": wall,
-           "latency": {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
-                       "max": float(np.max(lat))},
-           "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
-                     "attempts": r.get("attempts", 1), "stages": r.get("timings", [])}
-                    for r in records]}
+    doc: dict[str, Any] = {
+        "mode": "local" if args.local else "remote", "output": str(args.output),
+        "requests": len(records), "wall": wall,
+        "latency": {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
+                    "max": float(np.max(lat))},
+        "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
+                  "attempts": r.get("attempts", 1), "stages": r.get("timings", [])}
+                 for r in records]}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -285,12 +285,12 @@ class RemoteExecutor:
             if all(d in self.hosts and d not in self.down for d in view.devices):
                 return key
         if self.replanner is not None:
-            key = self.replanner(frozenset(self.down))
-            if key is not None and key not in self.views:
+            new = self.replanner(frozenset(self.down))
+            if new is not None and new not in self.views:
                 from runtime.stages import open_bundle
 
-                self.views[key] = open_bundle(self.view.root / key, key=key)
-            return key
+                self.views[new] = open_bundle(self.view.root / new, key=new)
+            return new
         return None
 
     def _dispatch(self, p: _Pending, reason: str | None) -> None:
@@ -369,7 +369,7 @@ class RemoteExecutor:
                 except (KeyError, UserError) as err:
                     self._finish_error(p, f"bad result from {peer}: {err}")
                     return None
-                self._pending.pop(rid)
+                self._pending.pop(p.id)
                 self.records.append({"id": rid, "plan": h.get("plan"), "attempts": p.attempt,
                                      "latency": time.perf_counter() - p.start,
                                      "timings": h.get("timings", []), "retries": p.history})

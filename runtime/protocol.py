@@ -124,7 +124,7 @@ def encode(header: Mapping[str, Any],
         descs.append({"name": name, "dtype": dtype, "shape": list(arr.shape),
                       "offset": start, "nbytes": arr.nbytes})
         if arr.nbytes:
-            chunks.append(memoryview(arr).cast("B"))
+            chunks.append(memoryview(arr).cast("B"))  # type: ignore[arg-type]
         offset = start + arr.nbytes
     doc = dict(header)
     doc["tensors"] = descs
@@ -172,6 +172,7 @@ def decode_tensors(header: Mapping[str, Any], body: bytearray | memoryview,
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                    for v in (offset, nbytes)):
             raise ProtocolError(f"tensor {name!r}: bad offset/nbytes")
+        assert isinstance(offset, int) and isinstance(nbytes, int)
         itemsize = np.dtype(dtype).itemsize
         if math.prod(shape) * itemsize != nbytes:
             raise ProtocolError(f"tensor {name!r}: {nbytes} B does not match shape {shape} "

@@ -171,7 +171,7 @@ class Worker:
                  "outputs": [t.to_json() for t in r.stage.outputs]}
                 for (k, s), r in self.runners.items()]
 
-    def _handle(self, frame: Frame, peer: str) -> dict[str, Any] | None:
+    def _handle(self, frame: Frame, peer: str) -> Any:
         h = frame.header
         kind = h.get("type")
         if kind == "health":  # liveness needs no token and says nothing sensitive
@@ -218,7 +218,7 @@ class Worker:
     def _admit(self, frame: Frame) -> Job:
         """Check a request before it is queued (never lets ORT see an unchecked tensor)."""
         h = frame.header
-        key, stage_id = h.get("plan", "main"), h.get("stage")
+        key, stage_id = str(h.get("plan", "main")), str(h.get("stage"))
         where = f"request {_id(h)}"
         if not isinstance(h.get("id"), str) or not h["id"] or len(h["id"]) > 200:
             fail(f"{where}: missing or bad request id")
