@@ -16,11 +16,12 @@ class Residual(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
         self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
         self.fc = torch.nn.Linear(8, 5)
 
     def forward(self, x):
-        a = torch.relu(self.conv1(x))
+        a = torch.relu(self.bn1(self.conv1(x)))
         b = self.conv2(a) + a
         return self.fc(b.mean((2, 3)))
 
@@ -64,7 +65,8 @@ def test_residual_module():
     prepared = load_model(module, example_inputs=(x,))
     g = prepared.graph
     assert prepared.path is None and len(g.sha256) == 64
-    # Names come from the exporter's module scopes, not its generic node names.
+    # Names come from the exporter's module scopes, not its generic node names; the Conv
+    # that BatchNorm was fused into is still named after the conv.
     assert [layer.name for layer in g.layers] == ["conv1", "conv2", "fc"]
     assert g.layers[1].ops[:2] == ("Conv", "Add")
     assert g.layers[0].weight_count == 8 * 27 + 8

@@ -74,8 +74,20 @@ def _scope_name(node: onnx.NodeProto) -> str | None:
     return f"{module}.{scopes[-1]}" if module else scopes[-1]
 
 
+def _weight_stem(node: onnx.NodeProto) -> str | None:
+    """``conv1`` for a major node whose weight is the parameter ``conv1.weight``."""
+    k = 3 if node.op_type.startswith("QLinear") else 1
+    weight = node.input[k] if len(node.input) > k else ""
+    return weight[: -len(".weight")] if weight.endswith(".weight") and is_major(node) else None
+
+
 def _node_name(node: onnx.NodeProto, index: int) -> str:
-    return _scope_name(node) or node.name or f"{node.op_type}_{index}"
+    # The dynamo exporter fuses BatchNorm into the preceding Conv and the fused node keeps
+    # the BatchNorm's scope ("bn1"), but the weight keeps the conv's parameter name.
+    scope = _scope_name(node)
+    if scope is not None:
+        return _weight_stem(node) or scope
+    return node.name or _weight_stem(node) or f"{node.op_type}_{index}"
 
 
 def _unique(names: list[str]) -> list[str]:
