@@ -16,7 +16,7 @@ Usage::
     python benchmarks/bundle_vs_sum.py --quick        # ~2 minutes on 2 cores
     python benchmarks/bundle_vs_sum.py --models alexnet resnet18 --mbs 6 --runs 50
 
-Writes ``results/bundle_vs_sum.json`` and ``results/bundle_vs_sum.png``.
+Writes ``results/bundle_vs_sum.json`` and ``.png`` (``bundle_vs_sum-quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     results["all"] = summarise(everything)
     results["load_average_after"] = os.getloadavg()
-    write_json_atomic(args.out / "bundle_vs_sum.json", results)
-    plot(results, args.out / "bundle_vs_sum.png")
+    write_json_atomic(args.out / f"bundle_vs_sum{'-quick' if args.quick else ''}.json", results)
+    plot(results, args.out / f"bundle_vs_sum{'-quick' if args.quick else ''}.png")
     print(json.dumps(results["all"], indent=1))
     return 0
 

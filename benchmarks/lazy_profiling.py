@@ -22,7 +22,7 @@ Usage::
     python benchmarks/lazy_profiling.py --quick      # reuses results/profiles from
                                                      # bundle_vs_sum.py --quick
 
-Writes ``results/lazy_profiling.json`` and ``results/lazy_profiling.png``.
+Writes ``results/lazy_profiling.json`` and ``.png`` (``lazy_profiling-quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                        "worst_lazy_gap": max(r["lazy"]["gap"] for r in rows),
                        "worst_singles_gap": max(r["singles_only"]["gap"] for r in rows)}}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "lazy_profiling.json", doc)
-    plot(rows, args.out / "lazy_profiling.png")
+    write_json_atomic(args.out / f"lazy_profiling{'-quick' if args.quick else ''}.json", doc)
+    plot(rows, args.out / f"lazy_profiling{'-quick' if args.quick else ''}.png")
     print(doc["summary"])
     return 0
 

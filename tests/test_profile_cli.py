@@ -106,3 +106,16 @@ def test_lazy_profile_cli_measures_fewer_and_plans(tiny, prepared, tmp_path) -> 
     # the lazy file feeds the cost model: unmeasured bundles are estimated
     table = build_cost_table(prepared.graph, load_system(system), profiles=[profile])
     assert len([k for k in table.bundles if k[2] == "nano" and k[0] >= 2]) == bundle_count(n, n)
+
+
+def test_profile_model_with_external_weights(tmp_path) -> None:
+    from models import save_model
+
+    model = save_model("tiny_cnn", tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").exists()
+    out = tmp_path / "ext.json"
+    proc = cli(str(model), "--device", "nano", "--mbs", "2", *FAST, "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    profile = read_profile(out)
+    expected = bundle_count(len(profile.layers), 2)
+    assert json.loads(proc.stdout)["bundles_in_file"] == len(profile.bundles) == expected

@@ -213,11 +213,11 @@ def read_profile(path: str | Path) -> Profile:
     bundles = tuple(_bundle(file, i, b, len(layers)) for i, b in enumerate(doc["bundles"]))
     seen: set[tuple[int, int, str | None]] = set()
     for b in bundles:
-        key = (b.first, b.last, b.frequency)
-        if key in seen:
+        bkey = (b.first, b.last, b.frequency)
+        if bkey in seen:
             fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} "
                  f"is listed twice")
-        seen.add(key)
+        seen.add(bkey)
     host = doc.get("host") or {}
     threads = host.get("threads") if isinstance(host, Mapping) else None
     return Profile(

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure only the bundles that plans use (needs --system)")
     parser.add_argument("--system", default=None, metavar="SYSTEM",
                         help="system file for --lazy")
-    parser.add_argument("--profiles", nargs="*", default=[], metavar="PROFILE.json",
+    parser.add_argument("--profiles", nargs="+", action="extend", default=[],
+                        metavar="PROFILE.json",
                         help="profiles of other devices for --lazy")
     parser.add_argument("--objective", choices=("latency", "throughput", "energy"),
                         default="latency", help="what the --lazy plans minimise")
