@@ -17,6 +17,7 @@ The steps (issue 2):
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from onnx.external_data_helper import load_external_data_for_tensor
 from partitioner.errors import fail
 from partitioner.frontend.tensors import (
     constant_value_proto,
-    dtype_name,
     is_external,
     node_inputs,
     static_shape,
@@ -89,8 +89,6 @@ def topological_order(graph: onnx.GraphProto, label: str) -> list[int]:
     if in_order:
         return list(range(len(graph.node)))
     # Kahn's algorithm, always taking the lowest original index that is ready: stable.
-    import heapq
-
     deps = [{producer[n] for n in node_inputs(nd) if n in producer} for nd in graph.node]
     users: dict[int, list[int]] = {}
     for i, d in enumerate(deps):
@@ -390,7 +388,6 @@ def _check_static(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto],
                      f"only tensors are supported")
             if t is None or static_shape(t) is None or t.tensor_type.elem_type == 0:
                 fail(f"{label}: the shape of tensor {out!r} {where} cannot be inferred")
-            dtype_name(t.tensor_type.elem_type)
 
 
 def _write_types(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> None:
