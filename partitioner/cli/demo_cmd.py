@@ -158,7 +158,9 @@ def _infer(args: argparse.Namespace, model_path: Path, bundle: Path, hosts: dict
     inputs = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in graph.inputs}
     reference, whole_latency = _whole_model(model_path, inputs)
     executor = executor_cls(bundle, hosts, timeout=60.0)
-    latencies, worst, stage_time = [], 0.0, {}
+    latencies: list[float] = []
+    worst = 0.0
+    stage_time: dict[str, dict[str, Any]] = {}
     try:
         executor.infer(inputs)  # warm-up: connections, first ORT runs
         _say(args, f"running {args.requests} inferences through the chain")
