@@ -200,6 +200,20 @@ def _median_time(fn: Any, n: int) -> float:
     return statistics.median(times)
 
 
+def _interleaved(fns: list[Any], n: int) -> list[float]:
+    """Median time of each function, calling them in turn ``n`` times (after warm-up)."""
+    for _ in range(3):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(n):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
@@ -230,7 +244,6 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    t_full = _median_time(lambda: full.run(None, feeds), iters)
     runners = [StageRunner(s, threads=threads) for s in view.stages]
     stage_in, stage_t = dict(feeds), []
     for r in runners:
@@ -238,8 +251,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
         stage_t.append(_median_time(lambda r=r, inp=inp: r.run(inp), iters))
         stage_in = r.advance(stage_in)
     ref = full.run(None, feeds)
-    with LocalExecutor(bundle, threads=threads) as lx:
-        t_local = _median_time(lambda: lx.infer(feeds), iters)
+    lx = LocalExecutor(bundle, threads=threads)
 
     procs, hosts = [], {}
     try:
@@ -253,7 +265,10 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
             out = rx.infer(feeds)
             for o, r in zip(view.outputs, ref, strict=True):
                 np.testing.assert_allclose(out[o.name], r, rtol=1e-4, atol=1e-4)
-            t_remote = _median_time(lambda: rx.infer(feeds), iters)
+            # interleaved, so a change in the host's load hits the three alike
+            t_full, t_local, t_remote = _interleaved(
+                [lambda: full.run(None, feeds), lambda: lx.infer(feeds),
+                 lambda: rx.infer(feeds)], iters)
             recs = list(rx.records)[-iters:]
             served_compute = sum(statistics.median(t["compute"] for r in recs
                                                    for t in r["timings"] if t["stage"] == s.id)
@@ -270,6 +285,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
                 f.result(60)
             pipe_wall = time.perf_counter() - t0
     finally:
+        lx.close()
         for p in procs:
             p.kill()
             p.wait()

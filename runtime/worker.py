@@ -57,6 +57,8 @@ class Job:
 class Worker:
     """Serve the stages of ``device`` from the bundle at ``bundle_dir``.
 
+    ``inline`` (class attribute): run an idle stage in the receiving connection's thread.
+
     Args:
         bundle_dir: the compiled bundle (plus any ``fallback/*`` bundles in it).
         device: the device name this worker plays.
@@ -66,6 +68,8 @@ class Worker:
         grpc_port: also serve the Open Inference Protocol (v2) over gRPC on this port
             (0: any free port), or ``None`` for none.
     """
+
+    inline = True
 
     def __init__(self, bundle_dir: str | Path, device: str, *,
                  listen: tuple[str, int] = ("127.0.0.1", 0), token: str | None = None,
@@ -208,7 +212,7 @@ class Worker:
         self._count("accepted")
         key = (job.header["plan"], job.header["stage"])
         ack = {"type": "accepted", "id": _id(h)} if h.get("ack") else None
-        if self.queues[key].empty() and self.locks[key].acquire(blocking=False):
+        if self.inline and self.queues[key].empty() and self.locks[key].acquire(blocking=False):
             # the stage is idle: run it in this connection's thread once the ack is out,
             # saving a thread hand-off per hop; busy stages queue (pipelining)
             return ack, lambda: self._run_locked(key, job)
