@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -24,6 +26,12 @@ from tests.test_runtime_fixtures import (  # noqa: F401  (fixtures)
 def _free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as s:
         return int(s.getsockname()[1])
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _wait(cond, seconds: float = 10.0) -> bool:
@@ -111,4 +119,37 @@ def test_replan_on_demand_with_solver_and_backend(tmp_path) -> None:
             np.testing.assert_allclose(out["logits"], reference(fresh.model, x), rtol=1e-5,
                                        atol=1e-5)
     finally:
+        cluster.stop()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc and SIGSTOP")
+def test_stalled_worker_is_routed_around_and_late_results_dropped(built, tmp_path) -> None:
+    cluster = start_cluster(built, tmp_path)
+    hub = cluster.procs["hub"]
+    try:
+        with RemoteExecutor(built.bundle, cluster.hosts, token=TOKEN, timeout=20,
+                            probe_interval=0.1) as ex:
+            ex.infer({"input": sample(0)})
+            os.kill(hub.pid, signal.SIGSTOP)  # alive but answering nothing: "too slow"
+            assert _wait(lambda: _state(hub.pid) == "T"), "the hub did not stop"
+            xs = [sample(300 + i) for i in range(6)]
+            futs = [ex.submit({"input": x}) for x in xs]
+            outs = [f.result(30) for f in futs]
+            for x, out in zip(xs, outs, strict=True):
+                np.testing.assert_allclose(out["logits"], reference(built.model, x),
+                                           rtol=1e-5, atol=1e-5)
+            assert "hub" in ex.down
+            assert [r["plan"] for r in list(ex.records)[-6:]] == ["fallback/without-hub"] * 6, [
+                (r["plan"], r["attempts"], r["retries"]) for r in ex.records]
+            stuck = sum(r["attempts"] > 1 for r in list(ex.records)[-6:])
+            os.kill(hub.pid, signal.SIGCONT)
+            # the hub finishes what it had queued; those answers come too late and are
+            # dropped, never delivered twice
+            assert _wait(lambda: "hub" not in ex.down)
+            if stuck:
+                assert _wait(lambda: ex.duplicates >= 1)
+            assert len({r["id"] for r in ex.records}) == len(ex.records) == 7
+    finally:
+        if hub.poll() is None:
+            os.kill(hub.pid, signal.SIGCONT)
         cluster.stop()
