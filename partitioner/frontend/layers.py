@@ -64,7 +64,11 @@ def _scope_name(node: onnx.NodeProto) -> str | None:
         return None
     if not scopes:
         return None
-    module = ".".join(s for s in scopes[1:-1] if s)
+    parts = [s for s in scopes[1:-1] if s]
+    # torch 2.x writes cumulative scopes (["blocks.0", "blocks.0.self_attn"]): the last
+    # one is the module path; joining them would repeat it ("blocks.0.blocks.0.self_attn").
+    nested = all(b.startswith(f"{a}.") for a, b in zip(parts, parts[1:], strict=False))
+    module = (parts[-1] if nested else ".".join(parts)) if parts else ""
     # The last scope is the aten call (``linear``, ``matmul_1``). Inside a built-in torch
     # module the module path says it all ("layer1.0.conv1"); inside a user module
     # ("attn") several ops share the path, so the call name is kept ("attn.matmul_1").
