@@ -1,4 +1,4 @@
-"""The ``runtime`` command: ``serve`` a device's stages, ``run`` a bundle, ``fallback``.
+"""Serve a device's stages, run a bundle across devices, compile fallback plans.
 
 ::
 

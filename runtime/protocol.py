@@ -136,7 +136,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The JSON header of a frame; anything but a JSON object is malformed."""
     try:
         doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ProtocolError(f"header is not valid JSON ({err.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise ProtocolError("header is not a JSON object")

@@ -131,6 +131,13 @@ def test_stalled_frame_times_out_as_truncated() -> None:
             recv_frame(b, max_body=1, frame_timeout=0.2)
 
 
+def test_deeply_nested_header_is_malformed_not_a_crash() -> None:
+    from runtime.protocol import parse_header
+
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        parse_header(b"[" * 200_000 + b"]" * 200_000)
+
+
 def test_encode_refuses_object_arrays() -> None:
     with pytest.raises(ProtocolError, match="cannot be sent"):
         encode({"type": "x"}, {"o": np.array([object()])})
