@@ -284,31 +284,52 @@ class RemoteExecutor:
         for key, view in sorted(self.views.items(), key=order):
             if all(d in self.hosts and d not in self.down for d in view.devices):
                 return key
-        if self.replanner is not None:
-            new = self.replanner(frozenset(self.down))
-            if new is not None and new not in self.views:
+        return None
+
+    def _replan(self, down: frozenset[str]) -> bool:
+        """Compile a plan without ``down`` (outside the lock: it takes seconds)."""
+        if self.replanner is None:
+            return False
+        try:
+            new = self.replanner(down)
+        except UserError as err:
+            log.warning("re-planning without %s failed: %s", ", ".join(sorted(down)), err)
+            return False
+        if new is None:
+            return False
+        with self._lock:
+            if new not in self.views:
                 from runtime.stages import open_bundle
 
                 self.views[new] = open_bundle(self.view.root / new, key=new)
-            return new
-        return None
+        return True
 
     def _dispatch(self, p: _Pending, reason: str | None) -> None:
         """Send attempt ``p.attempt + 1`` of ``p`` (or fail it when it cannot be)."""
+        tried_replan: set[frozenset[str]] = set()
         while True:
             with self._lock:
                 if p.id not in self._pending:
                     return
                 if reason:
                     p.history.append(reason)
+                    reason = None
                 if p.attempt >= self.max_attempts or time.monotonic() >= p.deadline:
                     self._finish_error(p, "gave up after " + "; ".join(p.history[-3:]))
                     return
                 key = self._choose_plan()
-                if key is None:
+                down = frozenset(self.down)
+                if key is None and (self.replanner is None or down in tried_replan):
                     self._finish_error(p, "no plan avoids the devices that are down ("
                                        + ", ".join(sorted(self.down)) + "); "
                                        + "; ".join(p.history[-2:]))
+                    return
+            if key is None:
+                tried_replan.add(down)
+                self._replan(down)
+                continue
+            with self._lock:
+                if p.id not in self._pending:  # answered meanwhile (a slow earlier attempt)
                     return
                 view = self.views[key]
                 p.attempt += 1
