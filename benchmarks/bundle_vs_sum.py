@@ -107,7 +107,8 @@ def full_profile(name: str, mbs: int, settings: ProfileSettings, out_dir: Path,
         profile = start_profile(file, graph, "host", settings, force=True)
         if file.exists():
             old = read_profile(file)
-            if old.sha256 == graph.sha256 and old.runs == settings.runs:
+            names = tuple(layer.name for layer in graph.layers)
+            if (old.sha256, old.runs, old.layers) == (graph.sha256, settings.runs, names):
                 profile = old
         ranges = bundle_ranges(len(graph.layers), mbs)
         if any((a, b, None) not in profile.bundle_map() for a, b in ranges):

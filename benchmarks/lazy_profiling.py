@@ -14,6 +14,8 @@ For each model and bandwidth:
   up in the same full profile, so both see identical numbers and the comparison shows the
   method, not measurement noise. Reported: bundles measured, rounds, the final plan and
   its latency priced with the full profile;
+* **lazy adaptive**: the same with ``estimate="adaptive"`` (unmeasured bundles scaled by
+  the best measured/estimated ratio so far);
 * **singles only**: the plan of a profile with single layers only (every bundle priced as
   the sum of its singles, JointDNN-style), priced with the full profile.
 
@@ -91,6 +93,9 @@ def compare(graph: Any, full: Profile, system: System, mbs: int) -> dict[str, An
     result = lazy_profile(graph, system, HOST, base, lambda a, b: lookup[(a, b, None)],
                           mbs=mbs)
     lazy_exact = evaluate(full_table, result.plan.placement, result.plan.frequencies)
+    adaptive = lazy_profile(graph, system, HOST, base, lambda a, b: lookup[(a, b, None)],
+                            mbs=mbs, estimate="adaptive")
+    adaptive_exact = evaluate(full_table, adaptive.plan.placement, adaptive.plan.frequencies)
     singles = replace(base, bundles=tuple(b for b in full.bundles if b.first == b.last))
     naive = solve(build_cost_table(graph, system, profiles=[singles], mbs=mbs))
     naive_exact = evaluate(full_table, naive.placement, naive.frequencies)
@@ -104,6 +109,9 @@ def compare(graph: Any, full: Profile, system: System, mbs: int) -> dict[str, An
                  "gap": lazy_exact.latency / ref - 1.0,
                  "history": [{"estimate": r.latency, "measured": r.measured}
                              for r in result.rounds]},
+        "lazy_adaptive": {"bundles": adaptive.measured, "rounds": len(adaptive.rounds),
+                          "stages": _stages(adaptive.plan), "latency": adaptive_exact.latency,
+                          "gap": adaptive_exact.latency / ref - 1.0},
         "singles_only": {"bundles": len(graph.layers), "stages": _stages(naive),
                          "latency": naive_exact.latency,
                          "latency_as_estimated": naive.estimate.latency,
@@ -122,13 +130,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     labels = [f"{r['model']}\n{r['bandwidth']:.0e}" for r in rows]
     x = np.arange(len(rows))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(7, 0.9 * len(rows)), 6.5), sharex=True)
-    a1.bar(x - 0.2, [r["full"]["bundles"] for r in rows], 0.4, label="full")
-    a1.bar(x + 0.2, [r["lazy"]["bundles"] for r in rows], 0.4, label="lazy")
+    a1.bar(x - 0.27, [r["full"]["bundles"] for r in rows], 0.27, label="full")
+    a1.bar(x, [r["lazy"]["bundles"] for r in rows], 0.27, label="lazy (sum)")
+    a1.bar(x + 0.27, [r["lazy_adaptive"]["bundles"] for r in rows], 0.27,
+           label="lazy (adaptive)")
     a1.set_ylabel("bundles measured")
     a1.legend()
-    a2.bar(x - 0.2, [100 * r["lazy"]["gap"] for r in rows], 0.4, label="lazy")
-    a2.bar(x + 0.2, [100 * r["singles_only"]["gap"] for r in rows], 0.4,
+    a2.bar(x - 0.27, [100 * r["singles_only"]["gap"] for r in rows], 0.27,
            label="singles only (sum)")
+    a2.bar(x, [100 * r["lazy"]["gap"] for r in rows], 0.27, label="lazy (sum)")
+    a2.bar(x + 0.27, [100 * r["lazy_adaptive"]["gap"] for r in rows], 0.27,
+           label="lazy (adaptive)")
     a2.axhline(0, color="grey", lw=0.8)
     a2.set_ylabel("latency vs full-profile plan (%)")
     a2.set_xticks(x, labels, fontsize=8)
@@ -164,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                          "bandwidth": bw, **row})
             print(f"{name:13s} bw {bw:7.0e}  full {row['full']['bundles']:4d} bundles  "
                   f"lazy {row['lazy']['bundles']:4d} in {row['lazy']['rounds']} rounds, "
-                  f"gap {100 * row['lazy']['gap']:+.2f}%  singles-only gap "
+                  f"gap {100 * row['lazy']['gap']:+.2f}%  adaptive "
+                  f"{row['lazy_adaptive']['bundles']:4d} gap "
+                  f"{100 * row['lazy_adaptive']['gap']:+.2f}%  singles-only gap "
                   f"{100 * row['singles_only']['gap']:+.2f}%")
     total_full = sum(r["full"]["bundles"] for r in rows)
     total_lazy = sum(r["lazy"]["bundles"] for r in rows)
@@ -176,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                        "lazy_optimal": sum(abs(r["lazy"]["gap"]) < 1e-9 for r in rows),
                        "cases": len(rows),
                        "worst_lazy_gap": max(r["lazy"]["gap"] for r in rows),
+                       "bundles_adaptive": sum(r["lazy_adaptive"]["bundles"] for r in rows),
+                       "adaptive_optimal": sum(abs(r["lazy_adaptive"]["gap"]) < 1e-9
+                                               for r in rows),
+                       "worst_adaptive_gap": max(r["lazy_adaptive"]["gap"] for r in rows),
+                       "singles_optimal": sum(abs(r["singles_only"]["gap"]) < 1e-9
+                                              for r in rows),
                        "worst_singles_gap": max(r["singles_only"]["gap"] for r in rows)}}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"lazy_profiling{'-quick' if args.quick else ''}.json", doc)

@@ -10,6 +10,7 @@ from partitioner.analysis.lazy import lazy_profile, plan_bundles
 from partitioner.analysis.profiler import bundle_count, bundle_ranges
 from partitioner.analysis.profiles import Profile, ProfiledBundle
 from partitioner.analysis.system import parse_system
+from partitioner.errors import UserError
 from partitioner.ir import Cut, Layer, LayerGraph, TensorInfo
 from partitioner.solver import solve
 from partitioner.solver.evaluate import evaluate
@@ -60,7 +61,8 @@ def base_profile(graph: LayerGraph) -> Profile:
                    layers=tuple(layer.name for layer in graph.layers), runs=5, trim=0.1)
 
 
-def run_lazy(values: dict[tuple[int, int], float], mbs: int | None = None):
+def run_lazy(values: dict[tuple[int, int], float], mbs: int | None = None,
+             estimate: str = "sum"):
     graph = chain()
     calls: list[tuple[int, int]] = []
 
@@ -68,7 +70,8 @@ def run_lazy(values: dict[tuple[int, int], float], mbs: int | None = None):
         calls.append((a, b))
         return ProfiledBundle(a, b, None, values[(a, b)])
 
-    result = lazy_profile(graph, SYSTEM, "host", base_profile(graph), measure, mbs=mbs)
+    result = lazy_profile(graph, SYSTEM, "host", base_profile(graph), measure, mbs=mbs,
+                          estimate=estimate)
     full = Profile(**{**base_profile(graph).__dict__, "bundles": tuple(
         ProfiledBundle(a, b, None, t) for (a, b), t in values.items()
         if b - a + 1 <= (mbs or N_LAYERS))})
@@ -105,3 +108,21 @@ def test_lazy_with_synergy_is_exact_for_its_own_plan_and_respects_mbs() -> None:
     assert exact.latency == pytest.approx(result.plan.estimate.latency, rel=1e-9)
     assert exact.latency >= solve(full_table).estimate.latency * (1 - 1e-9)
     assert result.profile.lazy
+
+
+def test_adaptive_estimates_find_a_plan_that_plain_sums_miss() -> None:
+    # Seed 9 with bundles down to half their singles' sum: the plain-sum search stops at a
+    # plan that is not optimal; the adaptive search, pricing unmeasured bundles with the
+    # best ratio seen, measures more and reaches the full-profile optimum.
+    values = truth(9, synergy=0.5)
+    _, _, plain, full_table = run_lazy(values, mbs=4)
+    _, _, adaptive, _ = run_lazy(values, mbs=4, estimate="adaptive")
+    best = solve(full_table).estimate.latency
+    plain_exact = evaluate(full_table, plain.plan.placement, plain.plan.frequencies).latency
+    adapt_exact = evaluate(full_table, adaptive.plan.placement,
+                           adaptive.plan.frequencies).latency
+    assert plain_exact > best * (1 + 1e-6)
+    assert adapt_exact == pytest.approx(best, rel=1e-9)
+    assert plain.measured < adaptive.measured < adaptive.full
+    with pytest.raises(UserError, match="lazy estimate 'max'"):
+        run_lazy(values, estimate="max")

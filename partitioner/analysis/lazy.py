@@ -11,13 +11,22 @@ Full bundle profiling measures ``L*MBS - MBS*(MBS-1)/2`` bundles per device and 
    (the canonical split of its runs, :func:`partitioner.solver.evaluate.canonical_bundles`);
 4. re-plans, and repeats until every bundle the plan uses on the device is measured.
 
-Each round measures at least one new bundle, so it ends after at most the full set. The
+Each round measures at least one new bundle, so it ends after at most the full set.
+
+``estimate="adaptive"`` scales every estimate by the smallest ratio ``measured bundle /
+its estimate`` seen so far (capped at 1): when bundles turn out cheaper than their
+singles, unmeasured ones are priced more optimistically, so the search measures more of
+them and misses fewer better plans (at the cost of more measurements). The
 final plan's price is exact (it uses measured bundles only), but the plan is optimal only
 with respect to measured bundles *plus estimates of the unmeasured ones*. It is certified
 globally optimal only when every estimate is a lower bound of the true latency, i.e. when
 bundles are never faster than the sum of their singles on this host; where bundling helps
 (fusion, cache reuse) an unmeasured bundle may be cheaper than its estimate and a better
 plan may remain unseen. ``benchmarks/lazy_profiling.py`` measures how often that happens.
+
+The host measures at one frequency label (``frequency``); the profiled device should list
+no frequencies in the system file, or that label only, else the cost table reports the
+bundles missing at its other frequencies.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from partitioner.analysis.costs import build_cost_table
-from partitioner.analysis.profiler import bundle_count
+from partitioner.analysis.costs import build_cost_table, estimate_bundle
+from partitioner.analysis.profiler import bundle_count, bundle_ranges
 from partitioner.analysis.profiles import Profile, ProfiledBundle
 from partitioner.errors import fail
 from partitioner.ir import CostTable, LayerGraph, Objective, Plan, System
@@ -77,11 +86,35 @@ def plan_bundles(table: CostTable, plan: Plan, device: str) -> list[tuple[int, i
     return out
 
 
+def _complete(profile: Profile, graph: LayerGraph, mbs: int, frequency: str | None,
+              bandwidth: float, adaptive: bool) -> Profile:
+    """``profile`` plus an estimate for every unmeasured bundle up to ``mbs``."""
+    have = profile.bundle_map()
+    singles = [have[(k, k, frequency)] for k in range(len(graph.layers))]
+
+    def guess(first: int, last: int) -> tuple[float, float | None]:
+        internal = sum(graph.cut_after(k).nbytes for k in range(first, last)) / bandwidth
+        return estimate_bundle(singles[first:last + 1], internal)
+
+    factor = 1.0
+    if adaptive:
+        for (first, last, freq), b in have.items():
+            if freq == frequency and last > first:
+                factor = min(factor, b.latency / guess(first, last)[0])
+    bundles = list(profile.bundles)
+    for first, last in bundle_ranges(len(graph.layers), mbs):
+        if (first, last, frequency) not in have:
+            latency, energy = guess(first, last)
+            bundles.append(ProfiledBundle(first, last, frequency, factor * latency,
+                                          None if energy is None else factor * energy))
+    return replace(profile, bundles=tuple(bundles), lazy=False)
+
+
 def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
                  measure: Callable[[int, int], ProfiledBundle], *,
                  objective: Objective | None = None, mbs: int | None = None,
                  preload: bool = True, private: int = 0, frequency: str | None = None,
-                 others: Sequence[Profile] = (),
+                 others: Sequence[Profile] = (), estimate: str = "sum",
                  on_measured: Callable[[Profile], None] | None = None) -> LazyResult:
     """Profile ``device`` lazily and return the final plan (see the module docstring).
 
@@ -97,6 +130,9 @@ def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
         preload / private: as in :func:`build_cost_table`.
         frequency: the frequency label the bundles are measured at.
         others: profiles of other devices.
+        estimate: ``"sum"`` (an unmeasured bundle costs its singles plus its internal
+            cuts) or ``"adaptive"`` (that, scaled by the smallest measured/estimated
+            ratio so far, at most 1).
         on_measured: called with the profile after every new bundle (to save it).
 
     Returns:
@@ -124,9 +160,13 @@ def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
 
     for k in range(n_layers):
         take(k, k)
+    if estimate not in ("sum", "adaptive"):
+        fail(f"lazy estimate {estimate!r}: expected 'sum' or 'adaptive'")
+    bandwidth = system.device(device).memory_bandwidth
     rounds: list[LazyRound] = []
     while True:
-        table = build_cost_table(graph, system, profiles=[profile, *others], mbs=mbs,
+        priced = _complete(profile, graph, mbs, frequency, bandwidth, estimate == "adaptive")
+        table = build_cost_table(graph, system, profiles=[priced, *others], mbs=mbs,
                                  preload=preload, private=private)
         plan = solve(table, objective)
         have = profile.bundle_map()

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profiles", nargs="+", action="extend", default=[],
                         metavar="PROFILE.json",
                         help="profiles of other devices for --lazy")
+    parser.add_argument("--lazy-estimate", choices=("sum", "adaptive"), default="sum",
+                        help="price of an unmeasured bundle: its singles plus internal "
+                             "cuts, or that scaled by the best measured ratio so far")
     parser.add_argument("--objective", choices=("latency", "throughput", "energy"),
                         default="latency", help="what the --lazy plans minimise")
     parser.add_argument("--max-latency", type=float, default=None, metavar="S",
@@ -181,7 +184,7 @@ def _lazy(args: argparse.Namespace, graph: Any, system: Any, profile: Any, timer
         result = lazy_profile(graph, system, args.device, profile, timer.measure,
                               objective=objective, mbs=mbs, preload=args.preload,
                               private=args.private, frequency=args.frequency, others=others,
-                              on_measured=saved)
+                              estimate=args.lazy_estimate, on_measured=saved)
     save_profile(result.profile, args.output)
     return result.profile, {"rounds": len(result.rounds), "measured": result.measured,
                             "full": result.full, "plan": result.plan.to_json(),
