@@ -99,22 +99,18 @@ def build_positions(graph: LayerGraph, system: System, private: int = 0
     return tuple(positions), tuple(out_bytes), tuple(flops)
 
 
-def _allowed(positions: Sequence[Position], device: str) -> bool:
-    return all(p.allowed is None or device in p.allowed for p in positions)
-
-
-def _analytic(device: Device, freq: str | None, flops: float, weights: Sequence[int],
-              internal_bytes: int, preload: bool) -> BundleCost:
+def _analytic(device: Device, freq: str | None, flops: float, weights: float,
+              first_weight: float, internal_bytes: float, preload: bool) -> BundleCost:
     speed = compute_flops(device, freq)
     bw = device.memory_bandwidth
     compute = flops / speed
     power = compute_power(device, freq)
     return BundleCost(
         compute=compute,
-        weight_loading=sum(weights) / bw,
+        weight_loading=weights / bw,
         internal=internal_bytes / bw,
         # ODIWeP: the first layer's weights load while the previous device computes.
-        hidden=(weights[0] / bw) if preload and weights else 0.0,
+        hidden=first_weight / bw if preload else 0.0,
         energy=None if power is None else power * compute)
 
 
@@ -206,19 +202,26 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
             for i in range(n):
                 pos_i = positions[i]
                 last_j = i if pos_i.kind != "layer" else min(n - 1, i + mbs - 1)
+                total_flops = total_weights = internal = 0.0
                 for j in range(i, last_j + 1):
-                    run = positions[i:j + 1]
-                    if any(p.kind != "layer" for p in run[1:]) or not _allowed(run, dev.name):
+                    pos_j = positions[j]
+                    # Runs grow one position at a time: stop at the first position that is
+                    # a pseudo layer or may not run on this device (pins, --private).
+                    if (j > i and pos_j.kind != "layer") or (
+                            pos_j.allowed is not None and dev.name not in pos_j.allowed):
                         break
-                    internal = sum(out_bytes[i:j])
+                    if j > i:
+                        internal += out_bytes[j - 1]
+                    total_flops += flops[j]
+                    total_weights += pos_j.weight_bytes
                     if measured is None or pos_i.kind != "layer":
                         # Pseudo layers are never profiled: their analytic price is exact
                         # for the 0-FLOP source/destination and an estimate for preprocess.
-                        cost = _analytic(dev, freq, sum(flops[i:j + 1]),
-                                         [p.weight_bytes for p in run], internal,
+                        cost = _analytic(dev, freq, total_flops, total_weights,
+                                         pos_i.weight_bytes, internal,
                                          preload and pos_i.kind == "layer")
                     else:
-                        cost = _profiled(dev, freq, graph, run, measured, internal,
+                        cost = _profiled(dev, freq, graph, pos_i, pos_j, measured, internal,
                                          dev.name in lazy, power)
                     bundles[(i, j, dev.name, freq)] = cost
     transfers = _transfers(system, out_bytes)
@@ -229,10 +232,10 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
         sources={d.name: "profile" if d.name in index else "analytic" for d in system.devices})
 
 
-def _profiled(dev: Device, freq: str | None, graph: LayerGraph, run: Sequence[Position],
-              measured: _Measured,
-              internal_bytes: int, lazy: bool, power: float | None) -> BundleCost:
-    first, last = run[0].layer, run[-1].layer
+def _profiled(dev: Device, freq: str | None, graph: LayerGraph, pos_i: Position,
+              pos_j: Position, measured: _Measured, internal_bytes: float, lazy: bool,
+              power: float | None) -> BundleCost:
+    first, last = pos_i.layer, pos_j.layer
     assert first is not None and last is not None
     hit = measured.get((first, last, freq))
     if hit is not None:
