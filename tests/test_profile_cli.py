@@ -74,9 +74,11 @@ def test_profile_energy_and_frequency_label(tiny, tmp_path) -> None:
     (["--lazy"], "--lazy needs --system"),
     (["--lazy", "--system", "SYS", "--device", "tpu"], "--device 'tpu' is not in"),
     (["--inputs", "missing.npz"], "missing.npz: cannot read the --inputs file"),
+    (["-o", "DIR"], "is a folder; -o needs a profile file name"),
 ])
 def test_bad_options_fail_in_one_line(tiny, tmp_path, args, message) -> None:
-    args = [str(example_system_path()) if a == "SYS" else a for a in args]
+    subs = {"SYS": str(example_system_path()), "DIR": str(tmp_path)}
+    args = [subs.get(a, a) for a in args]
     base = [str(tiny), "--device", "nano", "-o", str(tmp_path / "x.json")]
     if "--device" in args:
         base = [str(tiny), "-o", str(tmp_path / "x.json")]

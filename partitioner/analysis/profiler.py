@@ -260,6 +260,8 @@ def start_profile(path: str | Path, graph: LayerGraph, device: str,
                     trim=settings.trim, warmup=settings.warmup, threads=settings.threads,
                     host=host_info(settings.threads),
                     energy_meter=None if meter is None else meter.spec, lazy=lazy)
+    if Path(path).is_dir():
+        fail(f"{path}: is a folder; -o needs a profile file name")
     if force or not Path(path).exists():
         return fresh
     old = read_profile(path)

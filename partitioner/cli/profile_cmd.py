@@ -3,7 +3,8 @@
 Full profiling measures every bundle of 1..MBS consecutive layers. ``--lazy --system
 SYSTEM`` measures single layers, then only the bundles that successive plans use (see
 :mod:`partitioner.analysis.lazy`); the file it writes is marked ``"lazy": true`` and
-``partitioner plan`` estimates its unmeasured bundles from the single layers.
+``partitioner plan`` estimates its unmeasured bundles from the single layers (as plain
+sums, also after ``--lazy-estimate adaptive``, which only steers what gets measured).
 """
 
 from __future__ import annotations
