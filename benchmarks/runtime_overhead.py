@@ -214,6 +214,23 @@ def _interleaved(fns: list[Any], n: int) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
+def _busy_overlap(records: list[dict[str, Any]]) -> float:
+    """Total stage compute time over the length of the union of the stage intervals."""
+    spans = sorted((t["start"], t["start"] + t["compute"]) for r in records
+                   for t in r["timings"] if "start" in t)
+    if not spans:
+        return float("nan")
+    busy, (cur_a, cur_b) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > cur_b:
+            busy += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    busy += cur_b - cur_a
+    return sum(b - a for a, b in spans) / busy if busy > 0 else float("nan")
+
+
 def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
@@ -284,6 +301,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
             for f in inflight:
                 f.result(60)
             pipe_wall = time.perf_counter() - t0
+            overlap = _busy_overlap(list(rx.records)[-n_pipe:])
     finally:
         lx.close()
         for p in procs:
@@ -304,12 +322,15 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
         "bottleneck_bound_images_per_s": 1.0 / max(stage_t),
         "cpu_bound_images_per_s": min(os.cpu_count() or 1, len(stage_t)) / sum(stage_t),
         "serial_images_per_s": 1.0 / t_remote,
+        # sum of stage compute / time any stage was busy, while pipelined: above 1 means
+        # stages of different requests ran at the same time
+        "pipelined_stage_overlap": overlap,
     }
     print(f"{name}: full {row['full_ms']:.2f} ms, local chain {row['local_chain_ms']:.2f} ms,"
           f" remote chain {row['remote_chain_ms']:.2f} ms; pipelined "
           f"{row['pipelined_images_per_s']:.1f}/s (bound "
           f"{row['bottleneck_bound_images_per_s']:.1f}/s, cpu bound "
-          f"{row['cpu_bound_images_per_s']:.1f}/s)", file=sys.stderr)
+          f"{row['cpu_bound_images_per_s']:.1f}/s, overlap {overlap:.2f})", file=sys.stderr)
     return row
 
 

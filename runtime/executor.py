@@ -46,7 +46,8 @@ from runtime.transport import (
     send_frame,
 )
 
-__all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_inputs", "probe"]
+__all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_inputs", "probe",
+           "probe_status"]
 
 log = logging.getLogger("runtime.executor")
 
@@ -138,15 +139,23 @@ class LocalExecutor:
         self.close()
 
 
-def probe(addr: tuple[str, int], timeout: float = 0.5) -> bool:
-    """Whether a worker answers a liveness frame at ``addr`` within ``timeout`` s."""
+def probe_status(addr: tuple[str, int], timeout: float = 1.0) -> str:
+    """``"ok"``, ``"refused"`` (nothing listens: down for sure) or ``"slow"`` (no answer
+    within ``timeout`` s: stalled, overloaded or unreachable)."""
     try:
         with connect(addr, timeout) as sock:
             send_frame(sock, {"type": "health"})
             frame = recv_frame(sock, max_body=0, frame_timeout=timeout)
-        return bool(frame.header.get("live"))
+        return "ok" if frame.header.get("live") else "slow"
+    except ConnectionRefusedError:
+        return "refused"
     except Exception:
-        return False
+        return "slow"
+
+
+def probe(addr: tuple[str, int], timeout: float = 1.0) -> bool:
+    """Whether a worker answers a liveness frame at ``addr`` within ``timeout`` s."""
+    return probe_status(addr, timeout) == "ok"
 
 
 @dataclass
@@ -179,6 +188,9 @@ class RemoteExecutor:
         replanner: called with the set of devices that are down; returns the key of a
             newly compiled (and loaded) plan without them, or ``None``.
         probe_interval: seconds between liveness probes of the hosts in use.
+        probe_timeout: a probe not answered in this many seconds is a strike.
+        probe_strikes: consecutive strikes that mark a device down (a refused connection
+            marks it down at once).
     """
 
     def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView],
@@ -186,7 +198,8 @@ class RemoteExecutor:
                  timeout: float = 30.0, attempt_timeout: float | None = None,
                  max_attempts: int = 3, listen: str = "127.0.0.1:0",
                  replanner: Callable[[frozenset[str]], str | None] | None = None,
-                 probe_interval: float = 0.25) -> None:
+                 probe_interval: float = 0.25, probe_timeout: float = 1.0,
+                 probe_strikes: int = 2) -> None:
         self.views = _views(bundle)
         self.view = self.views["main"]
         self.hosts: dict[str, tuple[str, int]] = {}
@@ -205,6 +218,10 @@ class RemoteExecutor:
         self.attempt_timeout = attempt_timeout or timeout / (max_attempts + 1)
         self.replanner = replanner
         self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.probe_strikes = probe_strikes
+        self._strikes: dict[str, int] = {}
+        self._probes = cf.ThreadPoolExecutor(4, thread_name_prefix="probe")
         self.down: set[str] = set()
         self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.duplicates = 0
@@ -259,6 +276,7 @@ class RemoteExecutor:
 
     def close(self) -> None:
         self._stop.set()
+        self._probes.shutdown(wait=False)
         self._server.close()
         self._pool.close()
         with self._lock:
@@ -421,17 +439,23 @@ class RemoteExecutor:
                 pending = list(self._pending.values())
                 in_use = {d for p in pending for d in p.devices}
                 check = {d: self.hosts[d] for d in in_use | self.down if d in self.hosts}
-            alive = {d: probe(a, timeout=min(0.5, self.probe_interval * 2))
-                     for d, a in check.items()}
+            names = list(check)
+            addrs = [check[d] for d in names]
+            states = dict(zip(names, self._probes.map(
+                probe_status, addrs, [self.probe_timeout] * len(addrs)), strict=True))
             now = time.monotonic()
             retry: list[tuple[_Pending, str]] = []
             with self._lock:
-                for d, ok in alive.items():
-                    if ok and d in self.down:
+                for d, state in states.items():
+                    # a refused connection is final; a slow answer must repeat before the
+                    # device counts as down, so a busy host is not dropped for one hiccup
+                    self._strikes[d] = 0 if state == "ok" else self._strikes.get(d, 0) + 1
+                    if state == "ok" and d in self.down:
                         log.info("device %s answers again", d)
                         self.down.discard(d)
-                    elif not ok and d not in self.down:
-                        log.warning("device %s does not answer", d)
+                    elif d not in self.down and (state == "refused"
+                                                 or self._strikes[d] >= self.probe_strikes):
+                        log.warning("device %s does not answer (%s)", d, state)
                         self.down.add(d)
                 for p in list(self._pending.values()):
                     if now >= p.deadline:

@@ -295,8 +295,10 @@ class Worker:
         out = runner.advance(job.tensors)
         done = time.monotonic()
         timings = list(h.get("timings") or [])[:64]
+        # "start" is wall-clock (for traces across hosts with synchronised clocks)
         timings.append({"stage": key[1], "device": self.device,
-                        "queue": start - job.received, "compute": done - start})
+                        "queue": start - job.received, "compute": done - start,
+                        "start": time.time() - (done - start)})
         view, stage = self.views[key[0]], runner.stage
         budget = job.deadline - done
         if budget <= 0:
