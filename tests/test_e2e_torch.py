@@ -24,6 +24,7 @@ from partitioner.analysis.system import load_system
 from partitioner.backend import compile_bundle
 from partitioner.backend.manifest import load_bundle
 from partitioner.backend.verify import run_chain
+from partitioner.errors import UserError
 from partitioner.frontend import PreparedModel, load_model
 from partitioner.solver import solve
 from runtime.executor import LocalExecutor
@@ -131,17 +132,23 @@ class Encoder(nn.Module):
 
 
 class BatchNet(nn.Module):
-    """Conv -> pool -> MLP; exported with a symbolic batch."""
+    """Conv -> pool -> MLP; exported with a symbolic batch.
+
+    The offset is expanded to the symbolic batch, so the export carries a shape
+    sub-graph (Shape -> Concat -> Expand) that fixing the batch must fold away.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.fc1 = nn.Linear(8 * 4 * 4, 32)
         self.fc2 = nn.Linear(32, 7)
+        self.offset = nn.Parameter(torch.randn(1, 7))
 
     def forward(self, x):
         y = nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
-        return self.fc2(torch.relu(self.fc1(torch.flatten(y, 1))))
+        y = y.reshape(y.shape[0], -1)
+        return self.fc2(torch.relu(self.fc1(y))) + self.offset.expand(x.shape[0], -1)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -323,10 +330,15 @@ def test_dynamic_batch_fixed_by_shapes(tmp_path):
     model = program.model_proto
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim.dim_param and not dim.HasField("dim_value")  # really symbolic
+    assert any(n.op_type == "Shape" for n in model.graph.node)
     (input_name,) = [i.name for i in model.graph.input]
+    with pytest.raises(UserError, match=input_name):  # the batch must be fixed
+        load_model(model)
     # The batch the exporter saw (2) is not the one we fix (3).
     prepared = load_model(model, shapes={input_name: (3, 3, 8, 8)})
     assert prepared.graph.inputs[0].shape == (3, 3, 8, 8)
     assert prepared.graph.outputs[0].shape == (3, 7)
+    assert prepared.folded > 0
+    assert not any(n.op_type == "Shape" for n in prepared.model.graph.node)
     plan, system = _solved(prepared, tmp_path)
     _pipeline(prepared, plan, system, tmp_path, module, _inputs((3, 3, 8, 8), seed=4))
