@@ -11,7 +11,7 @@ match ONNX Runtime on the whole prepared model and the module's own eager output
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +22,17 @@ from partitioner import ir
 from partitioner.analysis.costs import build_cost_table
 from partitioner.analysis.system import load_system
 from partitioner.backend import compile_bundle
-from partitioner.backend.manifest import load_bundle
+from partitioner.backend.manifest import Bundle, load_bundle
 from partitioner.backend.verify import run_chain
 from partitioner.errors import UserError
 from partitioner.frontend import PreparedModel, load_model
 from partitioner.solver import solve
 from runtime.executor import LocalExecutor
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
+pytest.importorskip("torch")
+import torch  # noqa: E402  (after the skip: the torch extra is optional)
+from torch import nn  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 # Chained stages run the same ORT kernels as the whole model; only fusions across a cut
@@ -215,7 +217,7 @@ def _torch_outputs(module: nn.Module, x: np.ndarray) -> list[np.ndarray]:
 
 def _pipeline(prepared: PreparedModel, plan: ir.Plan, system: ir.System | None,
               tmp_path: Path, module: nn.Module, batches: Sequence[np.ndarray],
-              name: str = "bundle") -> Mapping[str, object]:
+              name: str = "bundle") -> Bundle:
     """Compile ``plan``, chain its stages on every batch, compare with ORT and torch.
 
     Returns the loaded bundle (for model-specific checks of its routing).
@@ -243,7 +245,7 @@ def _pipeline(prepared: PreparedModel, plan: ir.Plan, system: ir.System | None,
     again = run_chain(bundle.path, bundle.stages, {input_name: batches[0]})
     for k in outputs:
         np.testing.assert_array_equal(again[k], chained[0][k])
-    return {"bundle": bundle}
+    return bundle
 
 
 def _inputs(shape: tuple[int, ...], n: int = 3, seed: int = 0) -> list[np.ndarray]:
@@ -289,7 +291,7 @@ def test_detector_fpn_three_outputs(tmp_path):
                       ("cloud", fuse2, len(names) - 1))
     for k in range(c3 - 1, fuse2):
         assert len(g.cut_after(k).tensors) >= 2  # a skip rides along every cut here
-    bundle = _pipeline(prepared, hand, system, tmp_path, module, batches, "hand")["bundle"]
+    bundle = _pipeline(prepared, hand, system, tmp_path, module, batches, "hand")
     assert bundle.stages[1].forward, "the FPN skip must be forwarded through stage 1"
 
 
