@@ -68,7 +68,7 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
     def _runner(self, name: str, context: grpc.ServicerContext) -> StageRunner:
-        for (plan, sid), runner in self.worker.runners.items():
+        for (plan, sid), runner in list(self.worker.runners.items()):
             if model_name(plan, sid) == name:
                 return runner
         context.abort(grpc.StatusCode.NOT_FOUND,
@@ -85,7 +85,7 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._auth(context)
-        ok = any(model_name(p, s) == request.name for p, s in self.worker.runners)
+        ok = any(model_name(p, s) == request.name for p, s in list(self.worker.runners))
         return pb.ModelReadyResponse(ready=ok and self.worker.ready)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802

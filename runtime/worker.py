@@ -96,6 +96,7 @@ class Worker:
         self.queues: dict[tuple[str, str], queue.Queue[Job | None]] = {
             k: queue.Queue() for k in self.runners}
         self.locks = {k: threading.Lock() for k in self.runners}
+        self._reload_lock = threading.Lock()
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0}
         self._stats_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._stage_loop, args=(k,),
@@ -148,6 +149,10 @@ class Worker:
         Only the directory given at start-up is read (never a path from a request), and
         every file is checked against its manifest's SHA-256 by the loader.
         """
+        with self._reload_lock:
+            return self._reload()
+
+    def _reload(self) -> list[str]:
         views = open_bundles(self.bundle_dir)
         added = []
         for key, view in views.items():
@@ -173,7 +178,7 @@ class Worker:
     def stage_list(self) -> list[dict[str, Any]]:
         return [{"plan": k, "stage": s, "inputs": [t.to_json() for t in r.stage.inputs],
                  "outputs": [t.to_json() for t in r.stage.outputs]}
-                for (k, s), r in self.runners.items()]
+                for (k, s), r in list(self.runners.items())]
 
     def _handle(self, frame: Frame, peer: str) -> Any:
         h = frame.header
@@ -238,12 +243,13 @@ class Worker:
             parse_address(reply)
         except ValueError as err:
             fail(f"{where}: {err}")
-        if not isinstance(budget, (int, float)) or not 0 < budget <= 3600:
+        if (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                or not 0 < budget <= 3600):
             fail(f"{where}: deadline budget must be in (0, 3600] s")
         view = self.views[key]
         check_inputs(view, self.runners[(key, stage_id)].stage, frame.tensors,
                      f"{where} (stage {stage_id}, device {self.device})")
-        h["plan"] = key
+        h["plan"], h["stage"] = key, stage_id
         return Job(h, frame.tensors, time.monotonic() + float(budget))
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
