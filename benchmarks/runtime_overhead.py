@@ -316,7 +316,8 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
         "full_ms": t_full * 1e3, "local_chain_ms": t_local * 1e3,
         "remote_chain_ms": t_remote * 1e3,
         "remote_overhead_ms": (t_remote - t_full) * 1e3,
-        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(view.stages)),
+        # hops: executor -> stage 0 -> ... -> last stage -> executor
+        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(view.stages) + 1),
         "served_compute_ms": served_compute * 1e3,
         "pipelined_images_per_s": n_pipe / pipe_wall,
         "bottleneck_bound_images_per_s": 1.0 / max(stage_t),
