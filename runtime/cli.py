@@ -230,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
         "latency": {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
                     "max": float(np.max(lat))},
         "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
-                  "attempts": r.get("attempts", 1), "stages": r.get("timings", [])}
+                  "attempts": r.get("attempts", 1), "retries": r.get("retries", []),
+                  "stages": r.get("timings", [])}
                  for r in records]}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)

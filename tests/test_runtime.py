@@ -145,6 +145,10 @@ def test_cli_errors_are_one_line(built, tmp_path, capsys) -> None:
                     f"input={tmp_path / 'bad.npy'}", "-o", str(tmp_path / "o.npz"))
     assert code == 2 and "shape [1, 3, 8, 8]" in err
     assert not (tmp_path / "o.npz").exists()
+    code = main(["fallback", str(built.bundle), "--model", str(built.model), "--system",
+                 str(built.system), "--device", "edge", "--json"])
+    # the edge holds the source and destination: no plan can do without it
+    assert code == 0 and json.loads(capsys.readouterr().out) == {"fallbacks": {"edge": None}}
     code, err = run("run", str(built.bundle), "--hosts", "edge=127.0.0.1:1", "--input",
                     f"input={tmp_path / 'bad.npy'}", "-o", str(tmp_path / "o.npz"))
     assert code == 2 and "no address for device hub" in err

@@ -237,8 +237,9 @@ def test_dag_bundle_forwards_live_tensors(tmp_path) -> None:
     _dag_model(tmp_path / "dag.onnx")
     prepared = load_model(tmp_path / "dag.onnx")
     assert len(prepared.graph.layers) == 3
+    # device p runs stages 0 and 2 (one worker, two stages), q runs stage 1
     plan = ir.Plan("optimal", "latency", (ir.Stage("p", None, 0, 0), ir.Stage("q", None, 1, 1),
-                                          ir.Stage("r", None, 2, 2)),
+                                          ir.Stage("p", None, 2, 2)),
                    ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
     bundle = compile_bundle(prepared, plan, None, tmp_path / "b")
     view = open_bundle(bundle)
@@ -251,11 +252,13 @@ def test_dag_bundle_forwards_live_tensors(tmp_path) -> None:
         ["y", "a"], {"x": x}), strict=True))
     with LocalExecutor(bundle) as ex:
         out = ex.infer({"x": x})
-    workers = [Worker(bundle, d).start() for d in ("p", "q", "r")]
+    workers = [Worker(bundle, d).start() for d in ("p", "q")]
+    assert len(workers[0].runners) == 2
     try:
         hosts = {w.device: format_address(w.address) for w in workers}
         with RemoteExecutor(bundle, hosts, timeout=10) as ex:
             remote = ex.infer({"x": x})
+            assert [t["device"] for t in ex.records[-1]["timings"]] == ["p", "q", "p"]
     finally:
         for w in workers:
             w.close()
