@@ -153,3 +153,18 @@ def test_stalled_worker_is_routed_around_and_late_results_dropped(built, tmp_pat
         if hub.poll() is None:
             os.kill(hub.pid, signal.SIGCONT)
         cluster.stop()
+
+
+def test_cli_run_failure_exits_3_naming_the_request(built, tmp_path, capsys) -> None:
+    from runtime.cli import main
+
+    np.save(tmp_path / "x.npy", sample(0))
+    hosts = ",".join(f"{d}=127.0.0.1:{_free_port()}" for d in ("edge", "hub", "cloud"))
+    code = main(["run", str(built.bundle), "--hosts", hosts, "--input",
+                 f"input={tmp_path / 'x.npy'}", "--timeout", "5", "-o",
+                 str(tmp_path / "o.npz"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 3 and captured.out == ""
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("runtime run: error: request ") and "no plan avoids" in last
+    assert not (tmp_path / "o.npz").exists()

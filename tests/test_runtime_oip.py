@@ -85,3 +85,57 @@ def test_bad_token_and_bad_tensor_are_refused(client, built) -> None:
     assert client.infer("stage1", [inp], headers=AUTH).as_numpy(
         ort.InferenceSession(str(built.bundle / "stage1_hub.onnx")).get_outputs()[0].name
     ) is not None
+
+
+def test_large_tensors_pass_both_transports(tmp_path) -> None:
+    """A 4.9 MB activation (above gRPC's 4 MB default) over OIP/gRPC and the TCP frames."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from partitioner import ir
+    from partitioner.backend import compile_bundle
+    from partitioner.frontend import load_model
+    from runtime.executor import RemoteExecutor
+    from runtime.transport import format_address
+    from runtime.worker import Worker
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), n)
+             for n in ("w1", "w2")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2")], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 640, 640])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 640, 640])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, str(tmp_path / "big.onnx"))
+    prepared = load_model(tmp_path / "big.onnx")
+    plan = ir.Plan("optimal", "latency", (ir.Stage("a", None, 0, 0), ir.Stage("b", None, 1, 1)),
+                   ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    bundle = compile_bundle(prepared, plan, None, tmp_path / "bundle")
+    x = rng.standard_normal((1, 3, 640, 640)).astype(np.float32)
+    ref = ort.InferenceSession(str(tmp_path / "big.onnx")).run(None, {"x": x})[0]
+    workers = [Worker(bundle, "a").start(), Worker(bundle, "b", grpc_port=0).start()]
+    try:
+        hosts = {w.device: format_address(w.address) for w in workers}
+        with RemoteExecutor(bundle, hosts, timeout=20) as ex:
+            np.testing.assert_allclose(ex.infer({"x": x})["y"], ref, rtol=1e-5, atol=1e-5)
+        s1 = ort.InferenceSession(str(next(bundle.glob("stage1_*.onnx"))))
+        mid = ort.InferenceSession(str(next(bundle.glob("stage0_*.onnx")))).run(
+            None, {"x": x})[0]
+        assert mid.nbytes > 4 * 1024 * 1024
+        name = s1.get_inputs()[0].name
+        client = grpcclient.InferenceServerClient(
+            url=f"127.0.0.1:{workers[1].grpc_address[1]}")  # type: ignore[index]
+        inp = grpcclient.InferInput(name, list(mid.shape), "FP32")
+        inp.set_data_from_numpy(mid)
+        res = client.infer("stage1", [inp])
+        np.testing.assert_allclose(res.as_numpy(s1.get_outputs()[0].name), ref, rtol=1e-5,
+                                   atol=1e-5)
+        client.close()
+    finally:
+        for w in workers:
+            w.close()
