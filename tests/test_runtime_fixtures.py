@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -123,6 +124,7 @@ class Cluster:
     built: Built
     work: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
     info: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
@@ -139,16 +141,18 @@ class Cluster:
                "--threads", "1", "--quiet"]
         if grpc:
             cmd += ["--grpc-port", "0"]
-        log = open(self.work / f"{device}.log", "ab")  # noqa: SIM115 (kept by the process)
+        log = open(self.work / f"{device}.log", "ab")  # noqa: SIM115 (closed in kill())
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
         self.procs[device] = proc
+        self.logs[device] = log
         end = time.monotonic() + timeout
         while not pf.exists():
             if proc.poll() is not None:
+                self.kill(device)
                 raise RuntimeError(f"worker {device} exited: "
                                    + (self.work / f"{device}.log").read_text()[-2000:])
             if time.monotonic() > end:
-                proc.kill()
+                self.kill(device)
                 raise RuntimeError(f"worker {device} did not start in {timeout} s")
             time.sleep(0.05)
         self.info[device] = json.loads(pf.read_text())
@@ -158,6 +162,7 @@ class Cluster:
         proc = self.procs.pop(device)
         proc.kill()
         proc.wait(10)
+        self.logs.pop(device).close()
 
     def stop(self) -> None:
         for device in list(self.procs):
