@@ -93,6 +93,13 @@ def _write_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mutual TLS (optional; all three or none)")
+    g.add_argument("--tls-cert", metavar="PEM", help="this node's certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="this node's private key")
+    g.add_argument("--tls-ca", metavar="PEM", help="the deployment's CA certificate")
+
+
 # --------------------------------------------------------------------------- serve
 
 
@@ -109,11 +116,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="also serve the Open Inference Protocol v2 over gRPC (0: any port)")
     p.add_argument("--port-file", help="write {host, port, grpc_port} as JSON here once "
                                        "listening (atomic)")
+    _add_tls(p)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
 
 
 def _serve(args: argparse.Namespace) -> int:
     from runtime.security import load_token
+    from runtime.tls import tls_from_args
     from runtime.transport import format_address, parse_address
     from runtime.worker import Worker
 
@@ -125,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
         fail("--threads must be at least 1")
     worker = Worker(args.bundle, args.device, listen=(host, port),
                     token=load_token(args.token_file), threads=args.threads,
-                    grpc_port=args.grpc_port).start()
+                    grpc_port=args.grpc_port,
+                    tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
     addr = format_address(worker.address)
     info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],
             "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
@@ -167,12 +177,14 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                                     "not given) and, with --model, re-planning")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
     p.add_argument("--json", action="store_true", help="print timings as JSON")
+    _add_tls(p)
     p.add_argument("--quiet", action="store_true")
 
 
 def _run(args: argparse.Namespace) -> int:
     from runtime.executor import LocalExecutor, RemoteExecutor
     from runtime.security import load_token
+    from runtime.tls import tls_from_args
 
     if args.repeat < 1:
         fail("--repeat must be at least 1")
@@ -210,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         executor = RemoteExecutor(args.bundle, hosts, token=load_token(args.token_file),
                                   timeout=args.timeout, replanner=replanner,
                                   attempt_timeout=args.attempt_timeout,
+                                  tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca),
                                   listen=args.listen)
         if replanner is not None:
             replanner.bind(executor)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import BundleView, StageRunner, check_tensor, open_bundles
+from runtime.tls import TLSConfig
 from runtime.transport import (
     ConnectionPool,
     connect,
@@ -139,11 +141,12 @@ class LocalExecutor:
         self.close()
 
 
-def probe_status(addr: tuple[str, int], timeout: float = 1.0) -> str:
+def probe_status(addr: tuple[str, int], timeout: float = 1.0,
+                 tls: ssl.SSLContext | None = None) -> str:
     """``"ok"``, ``"refused"`` (nothing listens: down for sure) or ``"slow"`` (no answer
     within ``timeout`` s: stalled, overloaded or unreachable)."""
     try:
-        with connect(addr, timeout) as sock:
+        with connect(addr, timeout, tls) as sock:
             send_frame(sock, {"type": "health"})
             frame = recv_frame(sock, max_body=0, frame_timeout=timeout)
         return "ok" if frame.header.get("live") else "slow"
@@ -153,9 +156,10 @@ def probe_status(addr: tuple[str, int], timeout: float = 1.0) -> str:
         return "slow"
 
 
-def probe(addr: tuple[str, int], timeout: float = 1.0) -> bool:
+def probe(addr: tuple[str, int], timeout: float = 1.0,
+          tls: ssl.SSLContext | None = None) -> bool:
     """Whether a worker answers a liveness frame at ``addr`` within ``timeout`` s."""
-    return probe_status(addr, timeout) == "ok"
+    return probe_status(addr, timeout, tls) == "ok"
 
 
 @dataclass
@@ -191,6 +195,7 @@ class RemoteExecutor:
         probe_timeout: a probe not answered in this many seconds is a strike.
         probe_strikes: consecutive strikes that mark a device down (a refused connection
             marks it down at once).
+        tls: mutual TLS for every connection (see :mod:`runtime.tls`), or ``None``.
     """
 
     def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView],
@@ -199,7 +204,7 @@ class RemoteExecutor:
                  max_attempts: int = 3, listen: str = "127.0.0.1:0",
                  replanner: Callable[[frozenset[str]], str | None] | None = None,
                  probe_interval: float = 0.25, probe_timeout: float = 1.0,
-                 probe_strikes: int = 2) -> None:
+                 probe_strikes: int = 2, tls: TLSConfig | None = None) -> None:
         self.views = _views(bundle)
         self.view = self.views["main"]
         self.hosts: dict[str, tuple[str, int]] = {}
@@ -227,7 +232,8 @@ class RemoteExecutor:
         self.duplicates = 0
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.RLock()
-        self._pool = ConnectionPool(timeout=5.0)
+        self.tls = None if tls is None else tls.client_context()
+        self._pool = ConnectionPool(timeout=5.0, tls=self.tls)
         host, port = parse_address(listen, what="--listen")
         check_bind(host, token)
         if host in ("0.0.0.0", "::"):
@@ -235,7 +241,8 @@ class RemoteExecutor:
                  f"wildcard")
         max_body = sum(t.nbytes + 64 for t in self.view.outputs) + 4096
         self._server = FrameServer(bind_listener(host, port), self._on_message,
-                                   max_body=max_body).start()
+                                   max_body=max_body,
+                                   tls=None if tls is None else tls.server_context()).start()
         self.reply = format_address(self._server.address)
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._monitor_loop, name="monitor",
@@ -442,7 +449,8 @@ class RemoteExecutor:
             names = list(check)
             addrs = [check[d] for d in names]
             states = dict(zip(names, self._probes.map(
-                probe_status, addrs, [self.probe_timeout] * len(addrs)), strict=True))
+                probe_status, addrs, [self.probe_timeout] * len(addrs),
+                [self.tls] * len(addrs)), strict=True))
             now = time.monotonic()
             retry: list[tuple[_Pending, str]] = []
             with self._lock:

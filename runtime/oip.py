@@ -194,7 +194,11 @@ def start_oip_server(worker: Worker, host: str, port: int) -> OipServer:
                          options=[("grpc.max_receive_message_length", cap),
                                   ("grpc.max_send_message_length", cap)])
     pbg.add_GRPCInferenceServiceServicer_to_server(_Servicer(worker), server)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if worker.tls is not None:
+        bound = server.add_secure_port(target, worker.tls.grpc_server_credentials())
+    else:
+        bound = server.add_insecure_port(target)
     if bound == 0:
         raise UserError(f"--grpc-port {port}: cannot listen on {host}:{port}")
     server.start()

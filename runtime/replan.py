@@ -153,7 +153,7 @@ class Replanner:
             if dev in lost:
                 continue
             try:
-                with connect(addr, 30.0) as sock:
+                with connect(addr, 30.0, getattr(self.executor, "tls", None)) as sock:
                     send_frame(sock, {"type": "reload", "token": self.token})
                     reply = recv_frame(sock, max_body=0)
                 if reply.header.get("type") == "error":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -51,8 +52,10 @@ class FrameServer:
 
     def __init__(self, listener: socket.socket, handler: Handler, *, max_body: int,
                  max_header: int = MAX_HEADER, max_connections: int = 256,
-                 idle_timeout: float = 600.0, frame_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 600.0, frame_timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.listener = listener
+        self.tls = tls
         self.handler = handler
         self.max_body = max_body
         self.max_header = max_header
@@ -113,6 +116,23 @@ class FrameServer:
                              daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
+        if self.tls is not None:
+            # handshake in this connection's thread, bounded, so a silent peer cannot
+            # stall the accept loop; a peer without a valid certificate is dropped here
+            raw = conn
+            try:
+                raw.settimeout(self.frame_timeout)
+                conn = self.tls.wrap_socket(raw, server_side=True)
+                conn.settimeout(self.idle_timeout)
+            except (OSError, ValueError) as err:
+                log.warning("TLS handshake with %s failed: %s", peer, err)
+                with self._lock:
+                    self._conns.discard(raw)
+                raw.close()
+                return
+            with self._lock:
+                self._conns.discard(raw)
+                self._conns.add(conn)
         try:
             while not self._stop.is_set():
                 try:

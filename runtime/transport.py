@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -62,11 +63,22 @@ def format_address(addr: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def connect(addr: tuple[str, int], timeout: float) -> socket.socket:
-    """A connected TCP socket with ``TCP_NODELAY`` and a send/receive timeout."""
+def connect(addr: tuple[str, int], timeout: float,
+            tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connected TCP socket with ``TCP_NODELAY`` and a send/receive timeout.
+
+    With ``tls`` (a client context, see :mod:`runtime.tls`) the TLS handshake is done
+    before returning; a peer that fails it raises ``ssl.SSLError`` (an ``OSError``).
+    """
     sock = socket.create_connection(addr, timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(timeout)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
     return sock
 
 
@@ -75,6 +87,10 @@ def send_frame(sock: socket.socket, header: Mapping[str, Any],
     """Write one frame; returns the bytes sent. Handles partial ``sendmsg`` writes."""
     buffers = [memoryview(b).cast("B") for b in encode(header, tensors)]
     total = sum(len(b) for b in buffers)
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets: one write per buffer
+        for b in buffers:
+            sock.sendall(b)
+        return total
     while buffers:
         # sendmsg takes at most IOV_MAX buffers; 512 is below every platform's limit
         sent = sock.sendmsg(buffers[:512])
@@ -145,6 +161,8 @@ def _is_stale(sock: socket.socket) -> bool:
     Hops are one-way (nothing is expected back on them), so anything readable means the
     peer went away (EOF/RST, e.g. a restarted worker) or rejected a frame: drop it.
     """
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     try:
         readable, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):
@@ -159,8 +177,10 @@ class ConnectionPool:
     which is how a restarted worker is picked up without restarting anyone else.
     """
 
-    def __init__(self, timeout: float = 10.0, max_idle: int = 8) -> None:
+    def __init__(self, timeout: float = 10.0, max_idle: int = 8,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.timeout = timeout
+        self.tls = tls
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
@@ -192,7 +212,7 @@ class ConnectionPool:
             sock = self._take(addr)
             fresh = sock is None
             if sock is None:
-                sock = connect(addr, limit)
+                sock = connect(addr, limit, self.tls)
             else:
                 sock.settimeout(limit)
             try:
@@ -215,7 +235,7 @@ class ConnectionPool:
             sock = self._take(addr)
             fresh = sock is None
             if sock is None:
-                sock = connect(addr, limit)
+                sock = connect(addr, limit, self.tls)
             else:
                 sock.settimeout(limit)
             try:

@@ -37,6 +37,7 @@ from runtime.protocol import Frame
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import BundleView, StageRunner, check_inputs, open_bundles
+from runtime.tls import TLSConfig
 from runtime.transport import ConnectionPool, format_address, parse_address
 
 __all__ = ["Worker", "Job"]
@@ -67,6 +68,7 @@ class Worker:
         threads: ONNX Runtime intra-op threads per stage (``None``: ORT's default).
         grpc_port: also serve the Open Inference Protocol (v2) over gRPC on this port
             (0: any free port), or ``None`` for none.
+        tls: mutual TLS on every connection (see :mod:`runtime.tls`), or ``None``.
     """
 
     inline = True
@@ -74,7 +76,7 @@ class Worker:
     def __init__(self, bundle_dir: str | Path, device: str, *,
                  listen: tuple[str, int] = ("127.0.0.1", 0), token: str | None = None,
                  threads: int | None = None, grpc_port: int | None = None,
-                 send_timeout: float = 10.0) -> None:
+                 send_timeout: float = 10.0, tls: TLSConfig | None = None) -> None:
         check_bind(listen[0], token)
         self.device = device
         self.token = token
@@ -92,7 +94,9 @@ class Worker:
                  f"{', '.join(known)})")
         self.max_body = max(self.views[k[0]].incoming_bytes(r.stage)
                             for k, r in self.runners.items()) + 4096
-        self.pool = ConnectionPool(timeout=send_timeout)
+        self.tls = tls
+        self.pool = ConnectionPool(timeout=send_timeout,
+                                   tls=None if tls is None else tls.client_context())
         self.queues: dict[tuple[str, str], queue.Queue[Job | None]] = {
             k: queue.Queue() for k in self.runners}
         self.locks = {k: threading.Lock() for k in self.runners}
@@ -103,7 +107,8 @@ class Worker:
                                           name=f"stage-{k[1]}", daemon=True)
                          for k in self.runners]
         self.server = FrameServer(bind_listener(*listen), self._handle,
-                                  max_body=self.max_body)
+                                  max_body=self.max_body,
+                                  tls=None if tls is None else tls.server_context())
         self.grpc = None
         if grpc_port is not None:
             from runtime.oip import start_oip_server
