@@ -103,6 +103,7 @@ class LocalExecutor:
         check_model_inputs(self.view, inputs)
         rid = request_id or uuid.uuid4().hex
         fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
+        fut.request_id = rid  # type: ignore[attr-defined]
         record: dict[str, Any] = {"id": rid, "plan": "main", "attempts": 1, "timings": [],
                                   "start": time.perf_counter()}
         self._step(0, {k: np.asarray(v) for k, v in inputs.items()}, fut, record)
