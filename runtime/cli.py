@@ -106,9 +106,12 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
 def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE_DIR")
     p.add_argument("--device", required=True, help="the device whose stages to serve")
-    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
-                   help="where to listen (default 127.0.0.1, port 0: any free port); a "
-                        "non-loopback address needs --token-file")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="where to listen (default: the device's `address` in --system, "
+                        "else 127.0.0.1 on any free port); a non-loopback address needs "
+                        "--token-file")
+    p.add_argument("--system", help="system file whose device `address` is the default "
+                                    "--listen")
     p.add_argument("--token-file", help="file holding the shared token")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads per stage")
@@ -126,8 +129,16 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.transport import format_address, parse_address
     from runtime.worker import Worker
 
+    listen = args.listen
+    if listen is None and args.system:
+        from partitioner.analysis.system import load_system
+
+        try:
+            listen = load_system(args.system).device(args.device).address
+        except KeyError:
+            fail(f"--device {args.device}: not a device of {args.system}")
     try:
-        host, port = parse_address(args.listen, what="--listen")
+        host, port = parse_address(listen or "127.0.0.1:0", what="--listen")
     except ValueError as err:
         fail(str(err))
     if args.threads is not None and args.threads < 1:

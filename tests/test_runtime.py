@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -236,3 +237,28 @@ def test_deadline_is_enforced(cluster: Cluster, built) -> None:
     assert err["type"] == "error" and err["code"] == "deadline" and err["id"] == "late-1"
     assert "deadline passed before stage 0 on edge" in err["message"]
     _still_serves(cluster, built)
+
+
+def test_serve_listens_on_the_system_file_address(built, tmp_path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    system = built.system.read_text().replace(
+        'name = "edge"\n', f'name = "edge"\naddress = "127.0.0.1:{port}"\n')
+    (tmp_path / "system.toml").write_text(system)
+    pf = tmp_path / "port.json"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(built.bundle),
+                             "--device", "edge", "--system", str(tmp_path / "system.toml"),
+                             "--port-file", str(pf), "--quiet"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if pf.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert pf.exists(), proc.stderr.read().decode() if proc.stderr else ""
+        assert json.loads(pf.read_text())["port"] == port
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
