@@ -212,3 +212,28 @@ def test_contrib_ops_are_inferred_by_onnxruntime_symbolic_inference(save_onnx):
         ("MatMul", "BiasGelu", "SkipLayerNormalization"), ("MatMul",)]
     assert prepared.graph.cut_after(0).tensors == ("n",)
     assert prepared.graph.cut_after(0).nbytes == 2 * 3 * 16 * 4
+
+
+def test_incomplete_contrib_inference_writes_nothing_to_the_working_directory(
+        tmp_path, monkeypatch):
+    # onnxruntime's public infer_shapes() saves "sym_shape_infer_temp.onnx" into the
+    # current directory when it cannot finish; the front end must leave no file behind.
+    import numpy as np
+    from onnx import numpy_helper
+
+    from partitioner.errors import UserError
+    from partitioner.frontend import load_model
+
+    monkeypatch.chdir(tmp_path)
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft",
+                          activation="Relu", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["y"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UserError, match="'y'.*cannot be inferred"):
+        load_model(model)
+    assert list(tmp_path.iterdir()) == []

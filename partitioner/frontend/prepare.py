@@ -242,11 +242,17 @@ def _symbolic_types(skeleton: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:  # pragma: no cover - onnxruntime is a dependency
         return {}
+    # Its public ``infer_shapes`` saves "sym_shape_infer_temp.onnx" into the working
+    # directory when inference is incomplete and then raises; run its steps ourselves so
+    # nothing is written and the partial result is kept.
     try:
-        inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        engine._preprocess(skeleton)
+        while engine.run_:
+            engine._infer_impl()
+        engine._update_output_from_vi()
+        inferred = engine.out_mp_
     except Exception:  # noqa: BLE001 - best effort; the caller names what stays unknown
-        return {}
-    if inferred is None:
         return {}
     g = inferred.graph
     return {vi.name: vi.type for vi in list(g.value_info) + list(g.output)
