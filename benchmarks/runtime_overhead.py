@@ -231,7 +231,8 @@ def _busy_overlap(records: list[dict[str, Any]]) -> float:
     return sum(b - a for a, b in spans) / busy if busy > 0 else float("nan")
 
 
-def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, Any]:
+def bench_model(name: str, iters: int, work: Path, threads: int,
+                window: int = 8) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
@@ -291,7 +292,6 @@ def bench_model(name: str, iters: int, work: Path, threads: int) -> dict[str, An
                                                    for t in r["timings"] if t["stage"] == s.id)
                                  for s in view.stages)
             n_pipe = max(2 * iters, 40)
-            window = 8
             t0 = time.perf_counter()
             inflight: list[Any] = []
             for _ in range(n_pipe):
@@ -368,7 +368,8 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     ax.legend(fontsize=8)
     ax = axes[2]
     for k, (key, label) in enumerate((("serial_images_per_s", "serial"),
-                                      ("pipelined_images_per_s", "pipelined (8 in flight)"),
+                                      ("pipelined_images_per_s",
+                                       f"pipelined ({doc['window']} in flight)"),
                                       ("cpu_bound_images_per_s", "CPU bound"),
                                       ("bottleneck_bound_images_per_s", "bottleneck bound"))):
         ax.bar(x + (k - 1.5) * 0.2, [m[key] for m in ms], 0.2, label=label)
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer runs and models")
     p.add_argument("--models", help="comma-separated zoo models")
     p.add_argument("--threads", type=int, default=1, help="ORT threads per session")
+    p.add_argument("--window", type=int, default=8, help="requests in flight when pipelined")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--echo-server", choices=("tcp", "grpc"), help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
@@ -408,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                      "python": platform.python_version(), "onnxruntime": ort.__version__},
             "iterations": iters, "threads": args.threads,
             "hops": bench_hops(iters * 2, work),
-            "models": [bench_model(n, iters, work, args.threads) for n in names],
+            "window": args.window,
+            "models": [bench_model(n, iters, work, args.threads, args.window) for n in names],
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
