@@ -106,7 +106,8 @@ def specs(draw: st.DrawFn) -> TableSpec:
         link_prob=draw(st.sampled_from([1.0, 0.8, 0.5])),
         pin_prob=draw(st.sampled_from([0.0, 0.3])),
         memory_frac=draw(st.sampled_from([0.0, 0.0, 0.4, 0.8])),
-        preload=draw(st.booleans()), hidden_by_end=draw(st.booleans()))
+        preload=draw(st.booleans()), hidden_by_end=draw(st.booleans()),
+        freq_jitter=draw(st.sampled_from([0.0, 0.05, 0.5])))
     # Keep the enumeration small: fewer layers until it is.
     while _size(spec) > 3000 and spec.layers > 1:
         spec = TableSpec(**{**spec.__dict__, "layers": spec.layers - 1,
@@ -153,7 +154,7 @@ def _objective(draw: st.DrawFn, table: ir.CostTable, kind: str) -> ir.Objective:
         dev = "d0"
         en = sorted(e.energy.get(dev, 0.0) for *_, e in plans)
         q = draw(st.floats(-0.05, 1.0))
-        max_energy[dev] = en[0] * 0.9 - 1e-9 if q < 0 else en[int(q * (len(en) - 1))]
+        max_energy[dev] = en[0] * 0.9 if q < 0 else en[int(q * (len(en) - 1))]
     w = draw(st.floats(0.0, 1.0))
     return ir.Objective(kind=kind, max_latency=max_latency, max_energy=max_energy,  # type: ignore[arg-type]
                         latency_weight=w, energy_weight=1.0 - w)

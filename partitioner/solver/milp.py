@@ -22,7 +22,7 @@ import mip
 
 from partitioner import ir
 from partitioner.errors import InternalError, fail
-from partitioner.solver.network import Network
+from partitioner.solver.network import Network, arc_name
 
 __all__ = ["Formulation", "SolveResult"]
 
@@ -80,7 +80,7 @@ class Formulation:
             # off the optimum on millisecond-scale models: make it negligible.
             mip.cbc.cbc_set_parameter(m.solver, "increment", "1e-12")
         arcs = net.arcs
-        self.x = [m.add_var(name=arc.name, lb=0.0, ub=1.0,
+        self.x = [m.add_var(name=arc_name(net, arc), lb=0.0, ub=1.0,
                             var_type=mip.BINARY if (integer and arc.bundle) else
                             mip.CONTINUOUS) for arc in arcs]
         x = self.x

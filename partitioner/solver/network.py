@@ -28,18 +28,19 @@ from dataclasses import dataclass, field
 from partitioner import ir
 from partitioner.errors import fail
 
-__all__ = ["Arc", "Network", "build_network"]
+__all__ = ["Arc", "Network", "arc_name", "build_network", "rebuild", "reachable"]
 
 Key = tuple  # node key, e.g. ("in", 3, "hub", "614MHz")
 
 
-@dataclass
+@dataclass(slots=True)
 class Arc:
     """An arc of the network and what taking it adds to each linear quantity.
 
     Attributes:
         tail / head: node indices.
-        name: variable name after the maths, e.g. ``bundle[3..5,hub,614MHz]``.
+        kind: ``bundle``, ``bundle_run``, ``cont``, ``end``, ``leave``, ``transfer``,
+            ``preload``, ``start`` or ``finish`` (see :func:`arc_name`).
         time: contribution to single-inference latency, s.
         busy: ``(device, seconds)`` contributions to device busy times.
         energy: ``(device, joules)`` contributions to device energies.
@@ -49,7 +50,7 @@ class Arc:
 
     tail: int
     head: int
-    name: str
+    kind: str
     time: float = 0.0
     busy: tuple[tuple[str, float], ...] = ()
     energy: tuple[tuple[str, float], ...] = ()
@@ -131,20 +132,33 @@ def build_network(table: ir.CostTable) -> Network:
     arcs = net.arcs
     hidden_of: dict[tuple[int, str, str | None], set[float]] = {}
     legal: list[tuple[tuple[int, int, str, str | None], ir.BundleCost]] = []
+    # Prefix counts make every legality test O(1) per bundle (there are O(L * MBS) of them).
+    n_layers = [0] * (n + 1)
+    weights = [0.0] * (n + 1)
+    for k, p in enumerate(pos):
+        n_layers[k + 1] = n_layers[k] + (p.kind == "layer")
+        weights[k + 1] = weights[k] + p.weight_bytes
+    n_allowed = {}
+    for d in devices:
+        acc = [0] * (n + 1)
+        for k, p in enumerate(pos):
+            acc[k + 1] = acc[k] + _allowed(p, d)
+        n_allowed[d] = acc
+    freq_sets = {d: set(table.frequencies.get(d, (None,))) for d in devices}
     for (i, j, d, f), cost in table.bundles.items():
-        if d not in devices or f not in table.frequencies.get(d, (None,)):
+        if d not in freq_sets or f not in freq_sets[d] or not (0 <= i <= j < n):
             continue
-        if not (0 <= i <= j < n):
+        size = j - i + 1
+        all_layers = n_layers[j + 1] - n_layers[i] == size
+        if (not all_layers and i != j) or (all_layers and size > table.mbs):
             continue
-        kinds = {pos[k].kind for k in range(i, j + 1)}
-        if (kinds != {"layer"} and i != j) or (kinds == {"layer"} and j - i + 1 > table.mbs):
-            continue
-        if not all(_allowed(pos[k], d) for k in range(i, j + 1)):
+        if n_allowed[d][j + 1] - n_allowed[d][i] != size:
             continue
         legal.append(((i, j, d, f), cost))
         h = cost.hidden if table.preload else 0.0
         hidden_of.setdefault((i, d, f), set()).add(h)
-    legal.sort(key=lambda item: (item[0][0], item[0][1], devices.index(item[0][2])))
+    dev_rank = {d: r for r, d in enumerate(devices)}
+    legal.sort(key=lambda item: (item[0][0], item[0][1], dev_rank[item[0][2]]))
     for k, p in enumerate(pos):
         if not any(_allowed(p, d) for d in devices):
             fail(f"position {k} ({p.name}) may run on {list(p.allowed or ())}, "
@@ -157,25 +171,25 @@ def build_network(table: ir.CostTable) -> Network:
                               or pos[j + 1].kind != "layer")
         head_kind = "full" if cont else "leave"
         head = net.node((head_kind, j, d, f))
-        weight = float(sum(pos[k].weight_bytes for k in range(i, j + 1)))
-        tag = f"{i}..{j},{_label(d)},{_label(f)}"
+        weight = weights[j + 1] - weights[i]
         tail = net.node(("in", i, d, f))
-        arcs.append(Arc(tail, head, f"bundle[{tag}]", cost.time, ((d, cost.time),),
-                        _energy((d, cost.energy)), (i, j, d, f), weight))
+        energy = ((d, cost.energy),) if cost.energy else ()
+        t = cost.time
+        arcs.append(Arc(tail, head, "bundle", t, ((d, t),), energy, (i, j, d, f),
+                        weight))
         if (i, d, f) not in uniform and table.preload:
             eff = cost.time - cost.hidden
-            arcs.append(Arc(net.node(("run", i, d, f)), head, f"bundle_run[{tag}]", eff,
-                            ((d, eff),), _energy((d, cost.energy)), (i, j, d, f), weight))
+            arcs.append(Arc(net.node(("run", i, d, f)), head, "bundle_run", eff,
+                            ((d, eff),), energy, (i, j, d, f), weight))
     for key in list(net.keys):
         if key[0] == "full":
             _, j, d, f = key
             net_full = net.index[key]
-            arcs.append(Arc(net_full, net.node(("leave", j, d, f)),
-                            f"end[{j},{_label(d)},{_label(f)}]"))
+            arcs.append(Arc(net_full, net.node(("leave", j, d, f)), "end"))
             tr = table.transfers.get((j, d, d))
             if tr is not None and ("in", j + 1, d, f) in net.index:
                 arcs.append(Arc(net_full, net.index[("in", j + 1, d, f)],
-                                f"cont[{j},{_label(d)},{_label(f)}]", tr.time,
+                                "cont", tr.time,
                                 ((d, tr.time),),
                                 _energy((d, (tr.sender_energy or 0.0)
                                          + (tr.receiver_energy or 0.0)))))
@@ -189,8 +203,7 @@ def _transfers(table: ir.CostTable, net: Network,
     arcs = net.arcs
     for key in list(net.keys):
         if key[0] == "in" and key[1] == 0:
-            arcs.append(Arc(net.source, net.index[key], f"start[{_label(key[2])},"
-                            f"{_label(key[3])}]"))
+            arcs.append(Arc(net.source, net.index[key], "start"))
     sink = net.node(("sink",))
     net.sink = sink
     senders: set[tuple[int, str]] = set()
@@ -199,10 +212,9 @@ def _transfers(table: ir.CostTable, net: Network,
             continue
         _, j, d, f = key
         if j == n - 1:
-            arcs.append(Arc(net.index[key], sink, f"finish[{_label(d)},{_label(f)}]"))
+            arcs.append(Arc(net.index[key], sink, "finish"))
         else:
-            arcs.append(Arc(net.index[key], net.node(("send", j, d)),
-                            f"leave[{j},{_label(d)},{_label(f)}]"))
+            arcs.append(Arc(net.index[key], net.node(("send", j, d)), "leave"))
             senders.add((j, d))
     receivers: dict[tuple[int, str], list[tuple[str | None, int]]] = {}
     for key in list(net.keys):
@@ -218,7 +230,7 @@ def _transfers(table: ir.CostTable, net: Network,
             if tr is None:
                 continue
             arcs.append(Arc(net.index[("send", j, src)], net.node(("arrive", j + 1, dst)),
-                            f"transfer[{j},{_label(src)}>{_label(dst)}]", tr.time,
+                            "transfer", tr.time,
                             ((src, tr.time),),
                             _energy((src, tr.sender_energy), (dst, tr.receiver_energy))))
     for (i, d), targets in receivers.items():
@@ -228,7 +240,7 @@ def _transfers(table: ir.CostTable, net: Network,
             h = uniform.get((i, d, f), 0.0) if net.keys[node][0] == "in" else 0.0
             h = h if table.preload else 0.0
             arcs.append(Arc(net.index[("arrive", i, d)], node,
-                            f"preload[{i},{_label(d)},{_label(f)}]", -h,
+                            "preload", -h,
                             ((d, -h),) if h else ()))
 
 
@@ -256,22 +268,47 @@ def reachable(net: Network) -> tuple[list[bool], list[bool]]:
 
 def _prune(net: Network) -> Network:
     """Drop nodes and arcs on no source-sink path (keeps the model small)."""
-    fwd, bwd = reachable(net)
+    return rebuild(net)
+
+
+def rebuild(net: Network, keep: list[bool] | None = None) -> Network:
+    """The network of the arcs flagged in ``keep`` that lie on a source-sink path.
+
+    When no path is left, the filtered network is returned unpruned (its sink is
+    unreachable, which the caller reports).
+    """
+    arcs = net.arcs if keep is None else [a for a, k in zip(net.arcs, keep, strict=True) if k]
+    sub = Network(keys=net.keys, index=net.index, arcs=arcs, source=net.source,
+                  sink=net.sink)
+    fwd, bwd = reachable(sub)
     live = [fwd[i] and bwd[i] for i in range(len(net.keys))]
     if not live[net.source]:
-        # Nothing connects: keep the unpruned network for the diagnosis.
-        return net
+        return sub
     out = Network()
     remap: dict[int, int] = {}
     for i in net.topo_order():
         if live[i]:
             remap[i] = out.node(net.keys[i])
-    for arc in net.arcs:
+    for arc in arcs:
         if live[arc.tail] and live[arc.head]:
-            arc.tail, arc.head = remap[arc.tail], remap[arc.head]
-            out.arcs.append(arc)
+            out.arcs.append(Arc(remap[arc.tail], remap[arc.head], arc.kind, arc.time,
+                                arc.busy, arc.energy, arc.bundle, arc.weight))
     out.source, out.sink = remap[net.source], remap[net.sink]
     return out
+
+
+def arc_name(net: Network, arc: Arc) -> str:
+    """The variable name after the maths, e.g. ``bundle[3..5,hub,614MHz]``,
+    ``transfer[4,pi>hub]``, ``cont[7,hub,614MHz]`` (built only for arcs that reach the MIP).
+    """
+    if arc.bundle is not None:
+        i, j, d, f = arc.bundle
+        return f"{arc.kind}[{i}..{j},{_label(d)},{_label(f)}]"
+    tail, head = net.keys[arc.tail], net.keys[arc.head]
+    if arc.kind == "transfer":
+        return f"transfer[{tail[1]},{_label(tail[2])}>{_label(head[2])}]"
+    key = head if arc.kind in ("start", "preload") else tail
+    return f"{arc.kind}[" + ",".join(_label(x) for x in key[1:]) + "]"
 
 
 def bundle_arcs(net: Network) -> Iterable[int]:

@@ -21,9 +21,10 @@ import mip
 from partitioner import ir
 from partitioner.errors import InfeasibleError, fail
 from partitioner.solver.diagnose import explain_infeasible
-from partitioner.solver.evaluate import carbon_duration, evaluate
+from partitioner.solver.evaluate import carbon_duration, edge_energy, evaluate
 from partitioner.solver.milp import Formulation
-from partitioner.solver.network import build_network, reachable
+from partitioner.solver.network import Network, build_network, reachable
+from partitioner.solver.prune import costs_of, prune_by, shortest_plan
 
 __all__ = ["solve", "build_plan", "energy_known"]
 
@@ -245,6 +246,46 @@ def _weighted(make: Make, objective: ir.Objective) -> Outcome:
     return _worst(status, r.status), form.extract()
 
 
+def _has_path(net: Network) -> bool:
+    fwd, _ = reachable(net)
+    return fwd[net.sink]
+
+
+def _pruned(net: Network, table: ir.CostTable, objective: ir.Objective) -> Network:
+    """Drop arcs no wanted plan can use: caps bound every plan, and for a linear (or
+    bottleneck) objective a feasible plan's value bounds the optimum (see ``prune``)."""
+    if objective.max_latency is not None:
+        net = prune_by(net, costs_of(net, lambda a: a.time), objective.max_latency)
+    for dev, cap in objective.max_energy.items():
+        if not _has_path(net):
+            return net
+        net = prune_by(net, costs_of(net, lambda a, d=dev: sum(e for x, e in a.energy
+                                                               if x == d)), cap)
+    if not _has_path(net):
+        return net
+    edges = {d.name for d in table.system.devices if d.device_class == "edge"}
+    time_costs = costs_of(net, lambda a: a.time)
+    if objective.kind in ("latency", "throughput"):
+        chosen = shortest_plan(net, table, objective, time_costs)
+        if chosen is None:
+            return net
+        est = evaluate(table, chosen[0], chosen[1])
+        if objective.kind == "latency":
+            return prune_by(net, time_costs, est.latency)
+        for dev in table.device_names:  # every better plan has busy_d <= this bottleneck
+            net = prune_by(net, costs_of(net, lambda a, d=dev: sum(t for x, t in a.busy
+                                                                   if x == d)),
+                           est.bottleneck)
+        return net
+    if objective.kind == "energy":
+        e_costs = costs_of(net, lambda a: sum(e for x, e in a.energy if x in edges))
+        chosen = shortest_plan(net, table, objective, e_costs)
+        if chosen is not None:
+            est = evaluate(table, chosen[0], chosen[1])
+            return prune_by(net, e_costs, edge_energy(table, est.energy))
+    return net
+
+
 def build_plan(table: ir.CostTable, objective: ir.Objective, placement: tuple[str, ...],
                freqs: dict[str, str | None], status: str, seconds: float) -> ir.Plan:
     """Stages (maximal runs of model layers on one device), pseudo devices, estimate."""
@@ -287,9 +328,12 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     _validate(table, objective)
     deadline = t0 + objective.time_limit if objective.time_limit else None
     net = build_network(table)
-    fwd, _ = reachable(net)
-    if not fwd[net.sink]:
+    if not _has_path(net):
         fail(explain_infeasible(table, objective, net), error=InfeasibleError)
+    full = net
+    net = _pruned(net, table, objective)
+    if not _has_path(net):
+        fail(explain_infeasible(table, objective, full), error=InfeasibleError)
     integer = True
 
     def make() -> Formulation:
@@ -312,7 +356,7 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     else:
         status, chosen = _weighted(make, objective)
     if status == "infeasible":
-        fail(explain_infeasible(table, objective, net), error=InfeasibleError)
+        fail(explain_infeasible(table, objective, full), error=InfeasibleError)
     if chosen is None:
         fail(f"the time limit of {objective.time_limit} s ran out before any plan was "
              "found; raise --time-limit", error=InfeasibleError)

@@ -37,6 +37,9 @@ class TableSpec:
         preload: model weight preloading (hidden weight time).
         hidden_by_end: the hidden time of a bundle depends on where it ends (else only
             on its first layer, as in the analytic ODIWeP model).
+        freq_jitter: independent noise of each frequency's price of a bundle (measurement
+            noise); a layer's work and a bundle's factor are shared by all frequencies,
+            and a higher frequency runs faster and draws more power.
     """
 
     layers: int = 4
@@ -53,6 +56,7 @@ class TableSpec:
     energy_none_prob: float = 0.0
     preload: bool = True
     hidden_by_end: bool = False
+    freq_jitter: float = 0.05
 
 
 def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
@@ -97,9 +101,9 @@ def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
     hid = {(k, d): rnd.uniform(0.5, 1.0) for k in range(n) for d in names}
     for k in range(n):
         for d, s in zip(names, speed, strict=True):
+            work = rnd.uniform(0.5, 2.0) if pos[k].kind in ("layer", "preprocess") else 0.0
             for q, f in enumerate(freq_of[d]):
                 fast = 1.0 + 0.5 * q
-                work = rnd.uniform(0.5, 2.0) if pos[k].kind in ("layer", "preprocess") else 0.0
                 t = work / (s * fast) * 1e-2
                 single[k, d, f] = (t, t * (2.0 + 3.0 * q * q))
     for i in range(n):
@@ -111,10 +115,11 @@ def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
             if pos[i].kind == "layer" and j - i + 1 > mbs:
                 break
             for d in names:
+                shared = rnd.uniform(1 - spec.spread, 1 + spec.spread) if j > i else 1.0
                 for f in freq_of[d]:
                     t = sum(single[k, d, f][0] for k in range(i, j + 1))
                     e = sum(single[k, d, f][1] for k in range(i, j + 1))
-                    factor = rnd.uniform(1 - spec.spread, 1 + spec.spread) if j > i else 1.0
+                    factor = shared * rnd.uniform(1 - spec.freq_jitter, 1 + spec.freq_jitter)
                     wl = sum(pos[k].weight_bytes for k in range(i, j + 1)) * 1e-7
                     bundles[i, j, d, f] = ir.BundleCost(
                         compute=t * factor, weight_loading=wl,
