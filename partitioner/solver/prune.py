@@ -133,3 +133,42 @@ def _check(table: ir.CostTable, objective: ir.Objective, chosen: Chosen) -> Chos
     if any(est.energy.get(d, 0.0) > cap for d, cap in objective.max_energy.items()):
         return None
     return chosen
+
+
+def bottleneck_plan(net: Network, table: ir.CostTable, objective: ir.Objective,
+                    rounds: int = 25) -> Chosen | None:
+    """A feasible plan with a small bottleneck, by multiplicative weights on devices.
+
+    Each round takes the shortest path of ``sum_d lam_d * busy_d`` (plus a little latency
+    to break ties) and raises the weight of the devices that are busiest relative to the
+    bottleneck. Only an upper bound for pruning: optimality comes from the MIP.
+    """
+    devices = table.device_names
+    lam = {d: 1.0 for d in devices}
+    busy_cost = {d: costs_of(net, lambda a, dd=d: sum(t for x, t in a.busy if x == dd))
+                 for d in devices}
+    time_costs = costs_of(net, lambda a: a.time)
+    best: Chosen | None = None
+    best_b = math.inf
+    for r in range(rounds):
+        costs = [1e-3 * t + sum(lam[d] * busy_cost[d][a] for d in devices)
+                 for a, t in enumerate(time_costs)]
+        chosen = shortest_plan(net, table, objective, costs)
+        if chosen is None:
+            break
+        busy = _busy(table, chosen)
+        b = max(busy.values())
+        if b < best_b - 1e-15:
+            best, best_b = chosen, b
+        step = 2.0 / math.sqrt(r + 1)
+        for d in devices:
+            lam[d] *= math.exp(step * (busy.get(d, 0.0) / b - 1.0)) if b > 0 else 1.0
+        total = sum(lam.values())
+        lam = {d: v * len(devices) / total for d, v in lam.items()}
+    return best
+
+
+def _busy(table: ir.CostTable, chosen: Chosen) -> dict[str, float]:
+    from partitioner.solver.evaluate import device_busy
+
+    return device_busy(table, chosen[0], chosen[1])

@@ -24,7 +24,7 @@ from partitioner.solver.diagnose import explain_infeasible
 from partitioner.solver.evaluate import carbon_duration, edge_energy, evaluate
 from partitioner.solver.milp import Formulation
 from partitioner.solver.network import Network, build_network, reachable
-from partitioner.solver.prune import costs_of, prune_by, shortest_plan
+from partitioner.solver.prune import bottleneck_plan, costs_of, prune_by, shortest_plan
 
 __all__ = ["solve", "build_plan", "energy_known"]
 
@@ -272,10 +272,13 @@ def _pruned(net: Network, table: ir.CostTable, objective: ir.Objective) -> Netwo
         est = evaluate(table, chosen[0], chosen[1])
         if objective.kind == "latency":
             return prune_by(net, time_costs, est.latency)
+        better = bottleneck_plan(net, table, objective)
+        bound = est.bottleneck
+        if better is not None:
+            bound = min(bound, evaluate(table, better[0], better[1]).bottleneck)
         for dev in table.device_names:  # every better plan has busy_d <= this bottleneck
             net = prune_by(net, costs_of(net, lambda a, d=dev: sum(t for x, t in a.busy
-                                                                   if x == d)),
-                           est.bottleneck)
+                                                                   if x == d)), bound)
         return net
     if objective.kind == "energy":
         e_costs = costs_of(net, lambda a: sum(e for x, e in a.energy if x in edges))
