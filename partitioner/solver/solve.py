@@ -160,6 +160,28 @@ def _lexi(make: Make, first_of: Callable[[Formulation], mip.LinExpr | mip.Var],
     return _worst(r.status, r2.status), form2.extract()
 
 
+def _throughput(make: Callable[..., Formulation], net: Network,
+                table: ir.CostTable) -> Outcome:
+    """Least bottleneck B*, then least latency among plans with B <= B* (lexicographic).
+
+    The second model is built on the network pruned by ``busy_d <= B*`` for every device.
+    """
+    form = make()
+    r = form.optimize(_bottleneck_var(form, exact=False))
+    if not r.ok or r.value is None:
+        return r.status, None
+    bound = r.value + _tol(r.value)
+    for dev in table.device_names:
+        net = prune_by(net, costs_of(net, lambda a, d=dev: sum(t for x, t in a.busy
+                                                               if x == d)), bound)
+    form2 = make(net)
+    form2.add_le(_as_expr(_bottleneck_var(form2, exact=False)), bound, "bbest")
+    r2 = form2.optimize(form2.latency)
+    if not r2.ok:  # only the time limit can stop it: the first optimum is feasible
+        return "feasible", form.extract()
+    return _worst(r.status, r2.status), form2.extract()
+
+
 def _carbon_model(form: Formulation, table: ir.CostTable) -> tuple[mip.LinExpr, mip.Var]:
     """Numerator N(x) (mgCO2-eq per second of service / U) and the exact bottleneck B."""
     m = form.model
@@ -339,8 +361,8 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
         fail(explain_infeasible(table, objective, full), error=InfeasibleError)
     integer = True
 
-    def make() -> Formulation:
-        form = Formulation(net, table, integer=integer,
+    def make(network: Network | None = None) -> Formulation:
+        form = Formulation(network or net, table, integer=integer,
                            need_phi_all=objective.kind == "carbon",
                            solver=objective.solver, deadline=deadline)
         form.add_memory()
@@ -353,7 +375,7 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     elif kind == "energy":
         status, chosen = _lexi(make, lambda f: f.edge_energy(), "ebest")
     elif kind == "throughput":
-        status, chosen = _lexi(make, lambda f: _bottleneck_var(f, exact=False), "bbest")
+        status, chosen = _throughput(make, net, table)
     elif kind == "carbon":
         status, chosen = _carbon(make, table, objective)
     else:
