@@ -54,8 +54,7 @@ def _connectivity(table: ir.CostTable, net: Network) -> str:
                         if key[0] in ("in", "run") and key[1] == nxt})
     where = f"position {nxt} ({pos[nxt].name})"
     if not receivers:
-        allowed = list(pos[nxt].allowed) if pos[nxt].allowed is not None \
-            else list(table.device_names)
+        allowed = list(pos[nxt].allowed or table.device_names)
         return (f"{where} has no price on any device it may run on ({_names(allowed)}): "
                 "no bundle of the cost table covers it there")
     if frontier < 0:

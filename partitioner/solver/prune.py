@@ -23,13 +23,29 @@ from partitioner import ir
 from partitioner.solver.evaluate import evaluate
 from partitioner.solver.network import Arc, Network, rebuild
 
-__all__ = ["costs_of", "distances", "prune_by", "shortest_plan"]
+__all__ = ["costs_of", "busy_costs", "energy_costs", "time_costs", "distances", "prune_by",
+           "shortest_plan", "bottleneck_plan"]
 
 Chosen = tuple[tuple[str, ...], dict[str, str | None]]
 
 
 def costs_of(net: Network, pick: Callable[[Arc], float]) -> list[float]:
     return [pick(arc) for arc in net.arcs]
+
+
+def busy_costs(net: Network, device: str) -> list[float]:
+    """Per arc, the seconds it adds to ``device``'s busy time."""
+    return [sum(t for x, t in arc.busy if x == device) for arc in net.arcs]
+
+
+def energy_costs(net: Network, devices: set[str]) -> list[float]:
+    """Per arc, the joules it adds to the devices of ``devices``."""
+    return [sum(e for x, e in arc.energy if x in devices) for arc in net.arcs]
+
+
+def time_costs(net: Network) -> list[float]:
+    """Per arc, the seconds it adds to the single-inference latency."""
+    return [arc.time for arc in net.arcs]
 
 
 def distances(net: Network, costs: list[float]) -> tuple[list[float], list[float], list[int]]:
@@ -145,14 +161,13 @@ def bottleneck_plan(net: Network, table: ir.CostTable, objective: ir.Objective,
     """
     devices = table.device_names
     lam = {d: 1.0 for d in devices}
-    busy_cost = {d: costs_of(net, lambda a, dd=d: sum(t for x, t in a.busy if x == dd))
-                 for d in devices}
-    time_costs = costs_of(net, lambda a: a.time)
+    busy_cost = {d: busy_costs(net, d) for d in devices}
+    times = time_costs(net)
     best: Chosen | None = None
     best_b = math.inf
     for r in range(rounds):
         costs = [1e-3 * t + sum(lam[d] * busy_cost[d][a] for d in devices)
-                 for a, t in enumerate(time_costs)]
+                 for a, t in enumerate(times)]
         chosen = shortest_plan(net, table, objective, costs)
         if chosen is None:
             break

@@ -24,7 +24,14 @@ from partitioner.solver.diagnose import explain_infeasible
 from partitioner.solver.evaluate import carbon_duration, edge_energy, evaluate
 from partitioner.solver.milp import Formulation
 from partitioner.solver.network import Network, build_network, reachable
-from partitioner.solver.prune import bottleneck_plan, costs_of, prune_by, shortest_plan
+from partitioner.solver.prune import (
+    bottleneck_plan,
+    busy_costs,
+    energy_costs,
+    prune_by,
+    shortest_plan,
+    time_costs,
+)
 
 __all__ = ["solve", "build_plan", "energy_known"]
 
@@ -77,10 +84,10 @@ def _validate(table: ir.CostTable, objective: ir.Objective) -> None:
                  "[application] duration)")
         if not any(d.carbon_intensity for d in table.system.devices):
             fail("the carbon objective needs a carbon_intensity on at least one device")
-        for d in table.system.devices:
-            if d.carbon_intensity and not energy_known(table, d.name):
-                fail(f"the carbon objective needs the energy of device {d.name!r}, which has "
-                     "a carbon intensity but no energy figure")
+        for device in table.system.devices:
+            if device.carbon_intensity and not energy_known(table, device.name):
+                fail(f"the carbon objective needs the energy of device {device.name!r}, "
+                     "which has a carbon intensity but no energy figure")
     if objective.solver.upper() not in ("CBC", "GRB", "GUROBI", "HIGHS", "CPLEX", "SCIP"):
         fail(f"solver {objective.solver!r} is not a python-mip solver (CBC, GRB, HiGHS)")
     if objective.time_limit is not None and not objective.time_limit > 0:
@@ -172,8 +179,7 @@ def _throughput(make: Callable[..., Formulation], net: Network,
         return r.status, None
     bound = r.value + _tol(r.value)
     for dev in table.device_names:
-        net = prune_by(net, costs_of(net, lambda a, d=dev: sum(t for x, t in a.busy
-                                                               if x == d)), bound)
+        net = prune_by(net, busy_costs(net, dev), bound)
     form2 = make(net)
     form2.add_le(_as_expr(_bottleneck_var(form2, exact=False)), bound, "bbest")
     r2 = form2.optimize(form2.latency)
@@ -277,33 +283,31 @@ def _pruned(net: Network, table: ir.CostTable, objective: ir.Objective) -> Netwo
     """Drop arcs no wanted plan can use: caps bound every plan, and for a linear (or
     bottleneck) objective a feasible plan's value bounds the optimum (see ``prune``)."""
     if objective.max_latency is not None:
-        net = prune_by(net, costs_of(net, lambda a: a.time), objective.max_latency)
+        net = prune_by(net, time_costs(net), objective.max_latency)
     for dev, cap in objective.max_energy.items():
         if not _has_path(net):
             return net
-        net = prune_by(net, costs_of(net, lambda a, d=dev: sum(e for x, e in a.energy
-                                                               if x == d)), cap)
+        net = prune_by(net, energy_costs(net, {dev}), cap)
     if not _has_path(net):
         return net
     edges = {d.name for d in table.system.devices if d.device_class == "edge"}
-    time_costs = costs_of(net, lambda a: a.time)
+    times = time_costs(net)
     if objective.kind in ("latency", "throughput"):
-        chosen = shortest_plan(net, table, objective, time_costs)
+        chosen = shortest_plan(net, table, objective, times)
         if chosen is None:
             return net
         est = evaluate(table, chosen[0], chosen[1])
         if objective.kind == "latency":
-            return prune_by(net, time_costs, est.latency)
+            return prune_by(net, times, est.latency)
         better = bottleneck_plan(net, table, objective)
         bound = est.bottleneck
         if better is not None:
             bound = min(bound, evaluate(table, better[0], better[1]).bottleneck)
         for dev in table.device_names:  # every better plan has busy_d <= this bottleneck
-            net = prune_by(net, costs_of(net, lambda a, d=dev: sum(t for x, t in a.busy
-                                                                   if x == d)), bound)
+            net = prune_by(net, busy_costs(net, dev), bound)
         return net
     if objective.kind == "energy":
-        e_costs = costs_of(net, lambda a: sum(e for x, e in a.energy if x in edges))
+        e_costs = energy_costs(net, edges)
         chosen = shortest_plan(net, table, objective, e_costs)
         if chosen is not None:
             est = evaluate(table, chosen[0], chosen[1])
