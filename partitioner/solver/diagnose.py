@@ -93,7 +93,7 @@ def _memory(table: ir.CostTable, net: Network, solver: str) -> str:
         form.add_memory(skip=dev.name)
         r = form.optimize(form.memory_expr(dev.name))
         if r.ok and r.value is not None:
-            return (f"memory of {dev.name!r} ({_num(dev.memory)} B) is too small: every "
+            return (f"memory of {dev.name!r} ({_num(dev.memory)} B) cannot be met: every "
                     f"plan puts at least {_num(r.value)} B of weights on it")
     total = sum(p.weight_bytes for p in pos)
     return (f"the devices' memories cannot hold the model's weights ({_num(total)} B) "
