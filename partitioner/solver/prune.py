@@ -187,3 +187,48 @@ def _busy(table: ir.CostTable, chosen: Chosen) -> dict[str, float]:
     from partitioner.solver.evaluate import device_busy
 
     return device_busy(table, chosen[0], chosen[1])
+
+
+def bottleneck_window(net: Network, table: ir.CostTable, objective: ir.Objective,
+                      upper: float, steps: int = 8) -> tuple[float, float, Network]:
+    """Narrow ``[lower, upper]`` around the least bottleneck by bisection.
+
+    A threshold ``tau`` whose pruned network (every arc kept only if some path through
+    it has ``busy_d <= tau`` for its devices) has no path proves ``B* > tau``; a plan
+    found there with bottleneck ``<= tau`` proves ``B* <= tau``. Stops at the first
+    threshold it cannot decide. Returns the bounds and the network pruned at ``upper``.
+    """
+    lower = 0.0
+    best_net = _prune_busy(net, table, upper)
+    for _ in range(steps):
+        tau = 0.5 * (lower + upper)
+        cut = _prune_busy(best_net, table, tau)
+        fwd_ok = _connected(cut)
+        if not fwd_ok:
+            lower = tau
+            continue
+        plan = bottleneck_plan(cut, table, objective, rounds=6)
+        if plan is None:
+            break
+        b = max(_busy(table, plan).values())
+        if b > tau:
+            break
+        upper = b
+        best_net = _prune_busy(cut, table, upper)
+    return lower, upper, best_net
+
+
+def _connected(net: Network) -> bool:
+    from partitioner.solver.network import reachable
+
+    fwd, _ = reachable(net)
+    return fwd[net.sink]
+
+
+def _prune_busy(net: Network, table: ir.CostTable, bound: float) -> Network:
+    for _ in range(2):  # pruning one device tightens the others' bounds
+        for dev in table.device_names:
+            if not _connected(net):
+                return net
+            net = prune_by(net, busy_costs(net, dev), bound)
+    return net

@@ -26,6 +26,7 @@ from partitioner.solver.milp import Formulation
 from partitioner.solver.network import Network, build_network, reachable
 from partitioner.solver.prune import (
     bottleneck_plan,
+    bottleneck_window,
     busy_costs,
     energy_costs,
     prune_by,
@@ -303,8 +304,8 @@ def _pruned(net: Network, table: ir.CostTable, objective: ir.Objective) -> Netwo
         bound = est.bottleneck
         if better is not None:
             bound = min(bound, evaluate(table, better[0], better[1]).bottleneck)
-        for dev in table.device_names:  # every better plan has busy_d <= this bottleneck
-            net = prune_by(net, busy_costs(net, dev), bound)
+        # Every better plan has busy_d <= bound; bisection narrows the window further.
+        _, _, net = bottleneck_window(net, table, objective, bound)
         return net
     if objective.kind == "energy":
         e_costs = energy_costs(net, edges)
