@@ -57,8 +57,9 @@ def diss_baseline(table: ir.CostTable, time_limit: float) -> dict[str, Any]:
     m.max_mip_gap_abs = 1e-12
     mip.cbc.cbc_set_parameter(m.solver, "increment", "1e-12")
     freqs = {d: table.frequencies[d] for d in devs}
+    allowed = [set(p.allowed) if p.allowed is not None else set(devs) for p in pos]
     x = {(k, d, f): m.add_var(f"x({k},{d},{f})", var_type=mip.BINARY,
-                              ub=1.0 if pos[k].allowed is None or d in pos[k].allowed else 0.0)
+                              ub=1.0 if d in allowed[k] else 0.0)
          for k in range(n) for d in devs for f in freqs[d]}
     phi = {(d, f): m.add_var(f"phi({d},{f})", var_type=mip.BINARY)
            for d in devs for f in freqs[d]}
