@@ -95,21 +95,6 @@ def _validate(table: ir.CostTable, objective: ir.Objective) -> None:
         fail(f"time limit must be > 0, got {objective.time_limit}")
 
 
-def _needs_integer(table: ir.CostTable, objective: ir.Objective) -> bool:
-    """False only for a pure shortest path, whose LP relaxation is integral.
-
-    Unused for now: CBC solves a model without integer variables with Clp, which logs on
-    stdout whatever ``verbose`` says; binaries cost nothing when the LP is integral.
-    """
-    if objective.kind != "latency" or objective.max_latency is not None \
-            or objective.max_energy:
-        return True
-    if any(len(fs) > 1 for fs in table.frequencies.values()):
-        return True
-    total = sum(p.weight_bytes for p in table.positions)
-    return any(total > d.memory for d in table.system.devices)
-
-
 def _tol(value: float) -> float:
     return 1e-9 * abs(value) + 1e-15
 
@@ -364,6 +349,8 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     net = _pruned(net, table, objective)
     if not _has_path(net):
         fail(explain_infeasible(table, objective, full), error=InfeasibleError)
+    # Bundle arcs are always binary: a pure LP would be solved by Clp, which logs on
+    # stdout whatever ``verbose`` says; after pruning the integral LP costs nothing extra.
     integer = True
 
     def make(network: Network | None = None) -> Formulation:
