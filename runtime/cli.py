@@ -115,6 +115,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="file holding the shared token")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads per stage")
+    p.add_argument("--spin", action="store_true",
+                   help="let idle ONNX Runtime threads spin-wait (lower latency on a host "
+                        "this worker has to itself; off by default)")
     p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
                    help="also serve the Open Inference Protocol v2 over gRPC (0: any port)")
     p.add_argument("--port-file", help="write {host, port, grpc_port} as JSON here once "
@@ -145,7 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         fail("--threads must be at least 1")
     worker = Worker(args.bundle, args.device, listen=(host, port),
                     token=load_token(args.token_file), threads=args.threads,
-                    grpc_port=args.grpc_port,
+                    grpc_port=args.grpc_port, spin=args.spin,
                     tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
     addr = format_address(worker.address)
     info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],

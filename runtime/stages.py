@@ -234,9 +234,15 @@ def check_inputs(view: BundleView, stage: StageSpec, tensors: Mapping[str, np.nd
 
 
 class StageRunner:
-    """An ONNX Runtime session for one stage (CPU; ``threads`` intra-op threads)."""
+    """An ONNX Runtime session for one stage (CPU; ``threads`` intra-op threads).
 
-    def __init__(self, stage: StageSpec, *, threads: int | None = None,
+    ``spin``: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off
+    here by default: a worker shares its host with its other stages (pipelining) and often
+    with other workers, and a spinning idle thread takes their CPU
+    (benchmarks/partition_sweep.py measured the difference on 2 cores).
+    """
+
+    def __init__(self, stage: StageSpec, *, threads: int | None = None, spin: bool = False,
                  providers: Iterable[str] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
 
@@ -246,6 +252,7 @@ class StageRunner:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.session = ort.InferenceSession(str(stage.path), opts,
                                                 providers=list(providers))

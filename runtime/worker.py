@@ -66,6 +66,8 @@ class Worker:
         listen: ``(host, port)``; port 0 lets the OS choose (see :attr:`address`).
         token: shared secret, or ``None`` (then only loopback is allowed).
         threads: ONNX Runtime intra-op threads per stage (``None``: ORT's default).
+        spin: let idle ONNX Runtime threads spin-wait (off: they would take the CPU of
+            this worker's other stages and of other processes on the host).
         grpc_port: also serve the Open Inference Protocol (v2) over gRPC on this port
             (0: any free port), or ``None`` for none.
         tls: mutual TLS on every connection (see :mod:`runtime.tls`), or ``None``.
@@ -76,18 +78,20 @@ class Worker:
     def __init__(self, bundle_dir: str | Path, device: str, *,
                  listen: tuple[str, int] = ("127.0.0.1", 0), token: str | None = None,
                  threads: int | None = None, grpc_port: int | None = None,
-                 send_timeout: float = 10.0, tls: TLSConfig | None = None) -> None:
+                 send_timeout: float = 10.0, tls: TLSConfig | None = None,
+                 spin: bool = False) -> None:
         check_bind(listen[0], token)
         self.device = device
         self.token = token
         self.bundle_dir = Path(bundle_dir)
         self.threads = threads
+        self.spin = spin
         self.views: dict[str, BundleView] = open_bundles(bundle_dir)
         self.runners: dict[tuple[str, str], StageRunner] = {}
         for key, view in self.views.items():
             for stage in view.stages:
                 if stage.device == device:
-                    self.runners[(key, stage.id)] = StageRunner(stage, threads=threads)
+                    self.runners[(key, stage.id)] = StageRunner(stage, threads=threads, spin=spin)
         if not self.runners:
             known = sorted({s.device for v in self.views.values() for s in v.stages})
             fail(f"--device {device}: no stage of the bundle runs on it (devices: "
@@ -166,7 +170,7 @@ class Worker:
             for stage in view.stages:
                 if stage.device == self.device:
                     k = (key, stage.id)
-                    self.runners[k] = StageRunner(stage, threads=self.threads)
+                    self.runners[k] = StageRunner(stage, threads=self.threads, spin=self.spin)
                     self.queues[k] = queue.Queue()
                     self.locks[k] = threading.Lock()
                     self.server.max_body = max(self.server.max_body,
