@@ -122,12 +122,12 @@ def forced(table: Any, placement: list[str]) -> Any:
 
 
 def start_worker(bundle: Path, device: str, listen: str, token: Path, work: Path,
-                 threads: int, ns: str | None) -> tuple[subprocess.Popen[bytes], str]:
+                 threads: int, ns: str | None, spin: bool) -> tuple[subprocess.Popen[bytes], str]:
     port_file = work / f"{device}.port.json"
     port_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device", device,
            "--listen", listen, "--token-file", str(token), "--threads", str(threads),
-           "--port-file", str(port_file), "--quiet"]
+           "--port-file", str(port_file), "--quiet"] + (["--spin"] if spin else [])
     if ns:
         cmd = ["ip", "netns", "exec", ns] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -148,6 +148,8 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=0.0, help="one-way link delay")
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--profile-runs", type=int, default=20)
+    ap.add_argument("--spin", action="store_true",
+                    help="workers let idle ONNX Runtime threads spin (runtime serve --spin)")
     ap.add_argument("--quick", action="store_true", help="tiny_cnn, 5 requests, 10 runs")
     ap.add_argument("--out", default=str(RESULTS / "partition_sweep"))
     args = ap.parse_args()
@@ -215,7 +217,7 @@ def main() -> int:
                     for d in devices:
                         ns, ip = (NS, CLOUD_IP) if d == "cloud" else (None, EDGE_IP)
                         proc, addr = start_worker(bundle, d, f"{ip}:0", token, work,
-                                                  threads[d], ns)
+                                                  threads[d], ns, args.spin)
                         procs.append(proc)
                         hosts[d] = addr
                     ex = RemoteExecutor(bundle, hosts, token=token.read_text().strip(),
@@ -248,7 +250,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"benchmark": "partition_sweep", "model": args.model, "layers": n,
            "layer_names": [layer.name for layer in graph.layers],
-           "link_mbps": args.mbps, "delay_ms": args.delay_ms, "requests": args.requests,
+           "link_mbps": args.mbps, "spin": args.spin, "delay_ms": args.delay_ms,
+           "requests": args.requests,
            "threads": threads, "calibrated_flops": flops, "whole_model_latency": whole,
            "machine": {"cpu": platform.processor() or platform.machine(),
                        "cores": os.cpu_count(), "python": platform.python_version()},
