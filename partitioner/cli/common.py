@@ -93,9 +93,23 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def parse_weights(text: str) -> tuple[float, float]:
+    """``--weights T,E``: two non-negative numbers."""
+    try:
+        w = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 2 or any(not x >= 0 for x in w):
+        fail(f"--weights {text!r}: expected two non-negative numbers T,E")
+    return w[0], w[1]
+
+
 def objective_from_args(args: argparse.Namespace) -> Any:
     """The :class:`partitioner.ir.Objective` of the plan options."""
     from partitioner.ir import Objective
+
+    if getattr(args, "weights", None) is not None:
+        args.latency_weight, args.energy_weight = parse_weights(args.weights)
 
     caps: dict[str, float] = {}
     for item in args.max_energy:
@@ -135,13 +149,15 @@ def plan_from_args(args: argparse.Namespace) -> PlanInputs:
     from partitioner.frontend import load_model
     from partitioner.solver import solve
 
+    if args.mbs is not None and args.mbs < 1:
+        fail(f"--mbs must be >= 1, got {args.mbs}")
+    objective = objective_from_args(args)
     system = load_system(args.system)
     prepared = load_model(args.model, shapes=parse_shapes(args.shape),
                           granularity=args.granularity)
     profiles = [load_profile(p, prepared.graph) for p in args.profiles]
     table = build_cost_table(prepared.graph, system, profiles=profiles, mbs=args.mbs,
                              preload=args.preload, private=args.private)
-    objective = objective_from_args(args)
     with stdout_to_stderr():
         plan = solve(table, objective)
     return PlanInputs(prepared, system, table, objective, plan)

@@ -33,8 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from partitioner.backend.manifest import load_bundle
 
     check_output(args.output, force=args.force)  # before the (slow) load and solve
-    if args.weights is not None:
-        args.latency_weight, args.energy_weight = plan_cmd._weights(args.weights)
     made = plan_from_args(args)
     out = compile_bundle(made.prepared, made.plan, made.system, args.output,
                          verify=args.verify, force=args.force, triton=args.triton,

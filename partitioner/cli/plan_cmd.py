@@ -11,18 +11,15 @@ stderr (with ``--json``, stdout still holds one document: ``{"status": "infeasib
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any
 
 from partitioner.cli.common import (
     add_plan_options,
-    objective_from_args,
-    parse_shapes,
+    plan_from_args,
     print_json,
-    stdout_to_stderr,
 )
-from partitioner.errors import InfeasibleError, fail
+from partitioner.errors import InfeasibleError
 
 __all__ = ["add_arguments", "run", "format_plan", "stage_times"]
 
@@ -35,17 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="CBC", metavar="NAME",
                         help="python-mip solver (default CBC)")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-
-def _weights(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        w = tuple(float(p) for p in parts)
-    except ValueError:
-        w = ()
-    if len(w) != 2 or any(not x >= 0 for x in w):
-        fail(f"--weights {text!r}: expected two non-negative numbers T,E")
-    return w[0], w[1]
 
 
 def stage_times(table: Any, plan: Any) -> list[float]:
@@ -102,31 +88,14 @@ def format_plan(plan: Any, table: Any, layer_names: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from partitioner.analysis.costs import build_cost_table
-    from partitioner.analysis.profiles import load_profile
-    from partitioner.analysis.system import load_system
-    from partitioner.frontend import load_model
-    from partitioner.solver import solve
-
-    if args.weights is not None:
-        args.latency_weight, args.energy_weight = _weights(args.weights)
-    if args.mbs is not None and args.mbs < 1:
-        fail(f"--mbs must be >= 1, got {args.mbs}")
-    objective = dataclasses.replace(objective_from_args(args), solver=args.solver)
-    system = load_system(args.system)
-    prepared = load_model(args.model, shapes=parse_shapes(args.shape),
-                          granularity=args.granularity)
-    profiles = [load_profile(p, prepared.graph) for p in args.profiles]
-    table = build_cost_table(prepared.graph, system, profiles=profiles, mbs=args.mbs,
-                             preload=args.preload, private=args.private)
     try:
-        with stdout_to_stderr():  # CBC may print on fd 1; --json keeps stdout clean
-            plan = solve(table, objective)
+        made = plan_from_args(args)
     except InfeasibleError as err:
         if args.json:
             print_json({"status": "infeasible", "message": str(err)})
         print(f"partitioner plan: error: {err}", file=sys.stderr)
         return err.exit_code
+    plan, table, prepared = made.plan, made.table, made.prepared
     if args.json:
         print_json(plan.to_json())
     else:

@@ -10,15 +10,17 @@ sums, also after ``--lazy-estimate adaptive``, which only steers what gets measu
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from partitioner.cli.common import add_model_options, parse_shapes, print_json, progress_enabled
+from partitioner.cli.common import (
+    add_model_options,
+    parse_shapes,
+    print_json,
+    progress_enabled,
+    stdout_to_stderr,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     with cpu_frequency(args.frequency) as note:
         if note:
             print(f"partitioner profile: {note}", file=sys.stderr)
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             summary = _profile(args, prepared, settings, meter, system)
     summary["frequency_note"] = note
     if args.json:
@@ -112,22 +114,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"lazy: {lazy['rounds']} rounds, {lazy['measured']} of {lazy['full']} "
                   f"bundles measured; plan latency {lazy['plan']['estimate']['latency']:.6g} s")
     return 0
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send fd 1 to stderr: CBC's C code may log to stdout, which --json keeps clean."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        with contextlib.suppress(Exception):  # flush C stdio buffers (CBC's printf)
-            ctypes.CDLL(None).fflush(None)
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _profile(args: argparse.Namespace, prepared: Any, settings: Any, meter: Any,
