@@ -9,7 +9,7 @@ Only frozen dataclasses live here, with no dependency beyond the standard librar
 * the solver turns a :class:`CostTable` and an :class:`Objective` into a :class:`Plan`;
 * the back end turns a :class:`Plan` into a deployment bundle.
 
-Index conventions (see ../shared/INTERFACES.md): model layers are 0-based positions in the
+Index conventions (see docs/INTERFACES.md): model layers are 0-based positions in the
 topological order that ``partitioner inspect`` prints. ``LayerGraph.layers[k].cut_bytes`` is
 the size of every tensor live across the cut *after* layer ``k`` (for the last layer, the
 model outputs). Positions of the extended chain are numbered separately (0 is the source
@@ -431,7 +431,7 @@ class Plan:
     pseudo: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The plan document of ../shared/INTERFACES.md (plus ``pseudo``)."""
+        """The plan document of docs/INTERFACES.md (plus ``pseudo``)."""
         return {"status": self.status, "objective": self.objective,
                 "stages": [s.to_json() for s in self.stages],
                 "estimate": self.estimate.to_json(),

@@ -1,6 +1,6 @@
 """Profile files: measured bundle latencies (and energies) of one device (SPEC §3, DIME).
 
-The format is the one of ../shared/INTERFACES.md ("Profile file"); this module adds, per
+The format is the one of docs/INTERFACES.md ("Profile file"); this module adds, per
 bundle, the spread of the timed runs (``std``, ``min``, ``max``, ``p50``) and, at the top
 level, ``warmup``, ``energy_meter`` and ``lazy``. A *lazy* profile (see
 :mod:`partitioner.analysis.lazy`) holds every single layer but only some longer bundles;
@@ -107,7 +107,7 @@ class Profile:
         return replace(self, bundles=(*kept, bundle))
 
     def to_json(self) -> dict[str, Any]:
-        """The profile document of ../shared/INTERFACES.md (plus the additive fields)."""
+        """The profile document of docs/INTERFACES.md (plus the additive fields)."""
         return {"device": self.device,
                 "model": {"sha256": self.sha256, "granularity": self.granularity,
                           "layers": list(self.layers)},

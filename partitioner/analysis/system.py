@@ -1,6 +1,6 @@
 """Load and validate a system file (devices, links, application) into an :class:`ir.System`.
 
-The schema is the one in ../shared/INTERFACES.md ("System file"), in TOML or JSON. Beyond
+The schema is the one in docs/INTERFACES.md ("System file"), in TOML or JSON. Beyond
 it, a device may carry ``power`` (W while computing, for the analytic energy model) and
 ``frequency_flops`` / ``frequency_power`` aligned with ``frequencies`` (analytic figures
 per DVFS operating point, SPEC §4 FreDDI).

@@ -57,7 +57,7 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 
 
 # --------------------------------------------------------------------------- plan options
-# Shared by ``plan`` and ``compile`` (../shared/INTERFACES.md: compile takes "the same
+# Shared by ``plan`` and ``compile`` (docs/INTERFACES.md: compile takes "the same
 # options as plan"), so the two commands cannot drift apart.
 
 OBJECTIVES = ("latency", "energy", "throughput", "carbon", "weighted")

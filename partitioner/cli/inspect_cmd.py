@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def inspect_document(prepared: PreparedModel) -> dict[str, Any]:
-    """The ``--json`` document of ``inspect`` (keys of ../shared/INTERFACES.md included)."""
+    """The ``--json`` document of ``inspect`` (keys of docs/INTERFACES.md included)."""
     graph = prepared.graph
     flops = sum(layer.flops for layer in graph.layers)
     macs = sum(prepared.stats.macs)

@@ -3,7 +3,7 @@
 Pipeline: ``frontend.load_model`` -> ``analysis.system.load_system`` ->
 ``analysis.profiles.load_profile`` -> ``analysis.costs.build_cost_table`` ->
 ``solver.solve``. Prints a table of stages and the estimate, or with ``--json`` the plan
-document of ../shared/INTERFACES.md. An infeasible problem exits with 2 and the reason on
+document of docs/INTERFACES.md. An infeasible problem exits with 2 and the reason on
 stderr (with ``--json``, stdout still holds one document: ``{"status": "infeasible",
 "message": ...}``).
 """

@@ -26,7 +26,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``partitioner profile`` (../shared/INTERFACES.md plus lazy profiling)."""
+    """Options of ``partitioner profile`` (docs/INTERFACES.md plus lazy profiling)."""
     add_model_options(parser)
     parser.add_argument("--device", required=True, metavar="NAME",
                         help="the device name this host stands for in the system file")
