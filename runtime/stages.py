@@ -23,11 +23,14 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from partitioner.errors import fail
+
+if TYPE_CHECKING:
+    from partitioner.backend.manifest import Bundle
 
 __all__ = [
     "TensorSpec",
@@ -104,56 +107,24 @@ class BundleView:
         return sum(self.tensors[n].nbytes + 64 for n in stage.incoming)
 
 
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    """An attribute (dataclass) or key (mapping) under the first name that exists."""
-    for name in names:
-        if isinstance(obj, Mapping) and name in obj:
-            return obj[name]
-        if not isinstance(obj, Mapping) and hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
 def _spec(t: Any) -> TensorSpec:
-    return TensorSpec(str(_get(t, "name")), tuple(int(d) for d in _get(t, "shape")),
-                      str(_get(t, "dtype")))
+    """The runtime's tensor spec of a manifest ``TensorSpec``."""
+    return TensorSpec(t.name, tuple(int(d) for d in t.shape), t.dtype)
 
 
-def _chain(stages: list[StageSpec]) -> list[StageSpec]:
-    """Stages in chain order, following ``next`` from the one nothing points to."""
-    by_id = {s.id: s for s in stages}
-    pointed = {s.next for s in stages if s.next is not None}
-    heads = [s for s in stages if s.id not in pointed]
-    if len(heads) != 1:
-        fail(f"bundle: stages do not form one chain (heads: {[s.id for s in heads]})")
-    order, cur = [], heads[0]
-    while True:
-        order.append(cur)
-        if cur.next is None:
-            break
-        if cur.next not in by_id or len(order) > len(stages):
-            fail(f"bundle: stage {cur.id} points to unknown or repeated stage {cur.next}")
-        cur = by_id[cur.next]
-    if len(order) != len(stages):
-        fail("bundle: some stages are not on the chain")
-    return order
+def view_of(bundle: Bundle, key: str = MAIN, root: Path | None = None) -> BundleView:
+    """The runtime view of a bundle returned by ``load_bundle``.
 
-
-def view_of(bundle: Any, key: str = MAIN, root: Path | None = None) -> BundleView:
-    """The runtime view of a bundle returned by ``load_bundle``."""
-    root = Path(root if root is not None else _get(bundle, "root", "path", "directory", "dir"))
-    raw: list[StageSpec] = []
-    for s in _get(bundle, "stages"):
-        file = Path(_get(s, "path", "file"))
-        raw.append(StageSpec(
-            id=str(_get(s, "id")), device=str(_get(s, "device")),
-            path=file if file.is_absolute() else root / file,
-            inputs=tuple(_spec(t) for t in _get(s, "inputs")),
-            outputs=tuple(_spec(t) for t in _get(s, "outputs")),
-            next=None if _get(s, "next") is None else str(_get(s, "next"))))
-    stages = _chain(raw)
-    inputs = tuple(_spec(t) for t in _get(bundle, "inputs"))
-    outputs = tuple(_spec(t) for t in _get(bundle, "outputs"))
+    ``load_bundle`` has already checked the chain (``next``), the files and their SHA-256;
+    this only derives what each hop carries and the table of declared tensors.
+    """
+    root = Path(root) if root is not None else bundle.root
+    stages = [StageSpec(
+        id=str(s.id), device=s.device, path=bundle.stage_path(s),
+        inputs=tuple(_spec(t) for t in s.inputs), outputs=tuple(_spec(t) for t in s.outputs),
+        next=None if s.next is None else str(s.next)) for s in bundle.stages]
+    inputs = tuple(_spec(t) for t in bundle.inputs)
+    outputs = tuple(_spec(t) for t in bundle.outputs)
     tensors: dict[str, TensorSpec] = {}
     for t in (*inputs, *outputs, *(x for s in stages for x in (*s.inputs, *s.outputs))):
         old = tensors.setdefault(t.name, t)
@@ -178,12 +149,9 @@ def view_of(bundle: Any, key: str = MAIN, root: Path | None = None) -> BundleVie
     lost = [t.name for t in outputs if t.name not in available]
     if lost:
         fail(f"bundle: model output {lost[0]} is produced by no stage")
-    plan = _get(bundle, "plan", default={}) or {}
-    if not isinstance(plan, Mapping):
-        plan = plan.to_json() if hasattr(plan, "to_json") else {}
     return BundleView(key=key, root=root, stages=tuple(final), inputs=inputs,
-                      outputs=outputs, tensors=tensors, plan=dict(plan),
-                      source=_get(bundle, "source"), destination=_get(bundle, "destination"))
+                      outputs=outputs, tensors=tensors, plan=dict(bundle.plan),
+                      source=bundle.source, destination=bundle.destination)
 
 
 def open_bundle(path: str | Path, key: str = MAIN) -> BundleView:
