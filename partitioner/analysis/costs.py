@@ -262,9 +262,10 @@ def _transfers(system: System, out_bytes: Sequence[int]
         for src in system.devices:
             for dst in system.devices:
                 if src.name == dst.name:
+                    # An in-memory copy: no network energy model applies. None (not 0 J)
+                    # so that it does not count as an energy figure for the device.
                     transfers[(k, src.name, dst.name)] = TransferCost(
-                        time=nbytes / src.memory_bandwidth, sender_energy=0.0,
-                        receiver_energy=0.0)
+                        time=nbytes / src.memory_bandwidth)
                     continue
                 link = system.link(src.name, dst.name)
                 if link is None:

@@ -129,7 +129,8 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
             application's ``duration``. Without one, ``carbon`` is None.
 
     Returns:
-        The estimate: latency and its breakdown, bottleneck, energy per used device,
+        The estimate: latency and its breakdown, bottleneck, energy per used device that
+        has an energy figure (a device without one is left out rather than shown as 0 J),
         carbon and number of inferences over the duration (when known).
 
     Raises:
@@ -139,6 +140,7 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
     bundles = canonical_bundles(table, placement)
     compute = weight = comm = 0.0
     energy: dict[str, float] = {d: 0.0 for d in placement}
+    known: set[str] = set()  # devices with at least one energy figure (else not reported)
     busy: dict[str, float] = {d: 0.0 for d in placement}
     for idx, b in enumerate(bundles):
         cost = _bundle_cost(table, b, frequencies.get(b.device))
@@ -147,6 +149,8 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
         weight += cost.weight_loading - hidden
         comm += cost.internal
         energy[b.device] += cost.energy or 0.0
+        if cost.energy is not None:
+            known.add(b.device)
         busy[b.device] += cost.time - hidden
         if idx + 1 < len(bundles):
             nxt = bundles[idx + 1]
@@ -155,6 +159,10 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
             busy[b.device] += tr.time
             energy[b.device] += tr.sender_energy or 0.0
             energy[nxt.device] += tr.receiver_energy or 0.0
+            if tr.sender_energy is not None:
+                known.add(b.device)
+            if tr.receiver_energy is not None:
+                known.add(nxt.device)
     latency = compute + weight + comm
     bottleneck = max(busy.values()) if busy else 0.0
     u = duration if duration is not None else table.system.application.duration
@@ -167,5 +175,6 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
             hold = (bottleneck - busy[name]) * (dev.idle_power or 0.0)
             carbon += (dev.carbon_intensity or 0.0) * inferences * (e + hold)
     return ir.Estimate(latency=latency, compute=compute, communication=comm,
-                       weight_loading=weight, bottleneck=bottleneck, energy=energy,
+                       weight_loading=weight, bottleneck=bottleneck,
+                       energy={d: e for d, e in energy.items() if d in known},
                        carbon=carbon, inferences=inferences)

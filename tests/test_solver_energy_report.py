@@ -1,0 +1,39 @@
+"""The plan's energy figures: only devices that have one (no invented 0 J)."""
+
+from __future__ import annotations
+
+import models
+from partitioner import api
+from partitioner.data import example_system_path
+
+
+def test_devices_without_energy_figures_are_not_reported():
+    # The packaged system gives no power figures and its links no network model.
+    result = api.plan(models.build_model("tiny_cnn"), example_system_path())
+    assert result.plan.estimate.energy == {}
+    assert result.plan.to_json()["estimate"]["energy"] == {}
+
+
+def test_a_device_with_a_power_figure_is_reported(tmp_path):
+    text = example_system_path().read_text().replace(
+        'name = "pi3"', 'name = "pi3"\npower = 4.0', 1)
+    system = tmp_path / "system.toml"
+    system.write_text(text)
+    result = api.plan(models.build_model("tiny_cnn"), system)
+    energy = result.plan.estimate.energy
+    assert set(energy) == {"pi3"}
+    # pi3 computes at least the source/pre-processing pseudo layers at 4 W
+    assert energy["pi3"] > 0
+
+
+def test_an_energy_cap_on_a_device_without_energy_figures_is_refused():
+    # In-memory (same-device) transfers carry no energy figure, so they must not make
+    # the cap look checkable.
+    import pytest
+
+    from partitioner.errors import UserError
+    from partitioner.ir import Objective
+
+    with pytest.raises(UserError, match="energy cap of 'pi3'.*no energy figure"):
+        api.plan(models.build_model("tiny_cnn"), example_system_path(),
+                 objective=Objective(max_energy={"pi3": 1.0}))
