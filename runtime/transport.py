@@ -17,8 +17,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -42,6 +42,9 @@ __all__ = [
     "recv_frame",
     "ConnectionPool",
 ]
+
+
+T = TypeVar("T")
 
 
 class ConnectionClosed(Exception):
@@ -203,10 +206,16 @@ class ConnectionPool:
                 return
         sock.close()
 
-    def send(self, addr: tuple[str, int], header: Mapping[str, Any],
-             tensors: Mapping[str, np.ndarray] | None = None,
-             timeout: float | None = None) -> int:
-        """Send one frame to ``addr``; raises ``OSError`` when the peer cannot be reached."""
+    def _exchange(self, addr: tuple[str, int], timeout: float | None,
+                  exchange: Callable[[socket.socket, float], tuple[T, bool]],
+                  stale: tuple[type[BaseException], ...]) -> T:
+        """Run ``exchange(sock, limit)`` on a pooled connection to ``addr``, else a new one.
+
+        A pooled connection may have been closed by the peer (a restarted worker) since it
+        was used: an error of the ``stale`` types on it closes it and retries once on a
+        fresh connection; on a fresh connection the error is raised. ``exchange`` returns
+        its result and whether the connection may go back to the pool.
+        """
         limit = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
         for attempt in (0, 1):
             sock = self._take(addr)
@@ -216,47 +225,40 @@ class ConnectionPool:
             else:
                 sock.settimeout(limit)
             try:
-                n = send_frame(sock, header, tensors)
-            except OSError:
+                result, keep = exchange(sock, limit)
+            except stale as err:
                 sock.close()
                 if fresh or attempt:
+                    if isinstance(err, ConnectionClosed):
+                        raise ConnectionResetError("peer closed the connection") from None
                     raise
                 continue
-            self._give(addr, sock)
-            return n
+            if keep:
+                self._give(addr, sock)
+            else:
+                sock.close()
+            return result
         raise OSError(f"cannot send to {format_address(addr)}")  # pragma: no cover
+
+    def send(self, addr: tuple[str, int], header: Mapping[str, Any],
+             tensors: Mapping[str, np.ndarray] | None = None,
+             timeout: float | None = None) -> int:
+        """Send one frame to ``addr``; raises ``OSError`` when the peer cannot be reached."""
+        return self._exchange(addr, timeout,
+                              lambda sock, _: (send_frame(sock, header, tensors), True),
+                              (OSError,))
 
     def request(self, addr: tuple[str, int], header: Mapping[str, Any],
                 tensors: Mapping[str, np.ndarray] | None = None,
                 timeout: float | None = None, max_body: int = 0) -> Frame:
         """Send one frame and read the peer's one-frame answer on the same connection."""
-        limit = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
-        for attempt in (0, 1):
-            sock = self._take(addr)
-            fresh = sock is None
-            if sock is None:
-                sock = connect(addr, limit, self.tls)
-            else:
-                sock.settimeout(limit)
-            try:
-                send_frame(sock, header, tensors)
-                reply = recv_frame(sock, max_body=max_body, frame_timeout=limit)
-            except ConnectionClosed:
-                sock.close()
-                if fresh or attempt:
-                    raise ConnectionResetError("peer closed the connection") from None
-                continue
-            except (OSError, ProtocolError):
-                sock.close()
-                if fresh or attempt:
-                    raise
-                continue
-            if reply.header.get("close"):
-                sock.close()
-            else:
-                self._give(addr, sock)
-            return reply
-        raise OSError(f"cannot send to {format_address(addr)}")  # pragma: no cover
+        def exchange(sock: socket.socket, limit: float) -> tuple[Frame, bool]:
+            send_frame(sock, header, tensors)
+            reply = recv_frame(sock, max_body=max_body, frame_timeout=limit)
+            return reply, not reply.header.get("close")
+
+        return self._exchange(addr, timeout, exchange,
+                              (ConnectionClosed, OSError, ProtocolError))
 
     def drop(self, addr: tuple[str, int]) -> None:
         """Close the idle connections to ``addr`` (after it was found dead)."""
