@@ -39,6 +39,10 @@ __all__ = [
     "CostTable",
     "ObjectiveKind",
     "Objective",
+    "RowOp",
+    "Part",
+    "ExitHead",
+    "Route",
     "Stage",
     "Estimate",
     "PlanStatus",
@@ -86,6 +90,13 @@ class Layer:
         weight_bytes: bytes of those weights.
         output_bytes: bytes of the tensors this layer produces that something else uses.
         cut_bytes: bytes of every tensor live across the cut after this layer.
+        consumes: non-weight tensors it reads that another layer (or the model input)
+            produces, in first-use order: the edges of the tensor DAG (stage graph routing).
+        produces: tensors it produces that a later layer or the model output reads.
+        weights: names of the initialisers it reads (a shared one appears in several
+            layers; ``LayerGraph.initializer_bytes`` gives each one's size once).
+        rows: the row geometry of its ops along the height axis when the layer can be split
+            by output rows (DISTREDGE), in execution order; None when it cannot.
     """
 
     index: int
@@ -97,6 +108,30 @@ class Layer:
     weight_bytes: int
     output_bytes: int
     cut_bytes: int
+    consumes: tuple[str, ...] = ()
+    produces: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ()
+    rows: tuple[RowOp, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RowOp:
+    """How one op maps output rows to input rows along the height axis (DISTREDGE).
+
+    Output rows ``[a, b]`` need input rows ``[a*stride - pad_top,
+    b*stride - pad_top + dilation*(kernel - 1)]``, clipped to ``[0, in_height - 1]``; the
+    clipped rows become that part's padding. Element-wise ops have kernel 1, stride 1,
+    no padding.
+    """
+
+    op: str
+    kernel: int
+    stride: int
+    pad_top: int
+    pad_bottom: int
+    dilation: int
+    in_height: int
+    out_height: int
 
 
 @dataclass(frozen=True)
@@ -126,6 +161,8 @@ class LayerGraph:
         inputs: model inputs (static shapes).
         outputs: model outputs.
         tensors: every tensor named in a cut, by name.
+        initializer_bytes: bytes of every weight initialiser by name (shared weights counted
+            once; ``Layer.weights`` names them).
     """
 
     name: str
@@ -136,6 +173,7 @@ class LayerGraph:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     tensors: Mapping[str, TensorInfo] = field(default_factory=dict)
+    initializer_bytes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def input_bytes(self) -> int:
@@ -254,6 +292,8 @@ class Position:
         layer: the model layer index for ``kind == "layer"``, else None.
         weight_bytes: bytes of weights held by the device that runs it (memory constraint).
         allowed: devices it may run on (pins: source, destination, private); None = any.
+        weights: names of the initialisers it reads; a weight shared by several positions
+            on one device is held once (``CostTable.weight_sizes``).
     """
 
     index: int
@@ -262,6 +302,7 @@ class Position:
     layer: int | None
     weight_bytes: int
     allowed: tuple[str, ...] | None = None
+    weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,6 +358,8 @@ class CostTable:
         mbs: maximum bundle size in model layers.
         preload: whether weight preloading (ODIWeP) is modelled (``BundleCost.hidden``).
         sources: per device, ``"analytic"`` or ``"profile"`` (for the report).
+        weight_sizes: bytes of every initialiser named in ``Position.weights`` (a weight
+            shared by several positions on one device is held once).
     """
 
     graph_name: str
@@ -329,6 +372,7 @@ class CostTable:
     mbs: int
     preload: bool = True
     sources: Mapping[str, str] = field(default_factory=dict)
+    weight_sizes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def device_names(self) -> tuple[str, ...]:
@@ -373,17 +417,108 @@ PlanStatus = Literal["optimal", "feasible", "infeasible"]
 
 
 @dataclass(frozen=True)
-class Stage:
-    """A maximal run of model layers ``first..last`` (inclusive) on one device."""
+class Part:
+    """One part of a split stage: output rows ``rows = (first, last)`` (inclusive, of the
+    stage's last 4-D output) computed on ``device`` (DISTREDGE)."""
 
     device: str
     frequency: str | None
-    first: int
-    last: int
+    rows: tuple[int, int]
 
     def to_json(self) -> dict[str, Any]:
-        return {"device": self.device, "frequency": self.frequency,
-                "layers": [self.first, self.last]}
+        return {"device": self.device, "frequency": self.frequency, "rows": list(self.rows)}
+
+
+@dataclass(frozen=True)
+class ExitHead:
+    """An early-exit head ending a stage (DISS §6.4): model output ``output`` is returned
+    when its rule holds (``threshold`` on the softmax, or with ``probability``)."""
+
+    output: str
+    probability: float
+    threshold: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "probability": self.probability,
+                "threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of model layers ``first..last`` (inclusive) executed as one unit.
+
+    On one ``device`` at ``frequency``, or, when ``parts`` is given, split by output rows
+    across several devices running in parallel (then ``device`` is None). ``quantized``
+    lists the model layers of the stage that run as their int8 variant; ``exit`` is the
+    early-exit head the stage ends in, if any. ``id`` is the stage's index in the plan.
+    """
+
+    device: str | None
+    frequency: str | None
+    first: int
+    last: int
+    id: int = -1
+    parts: tuple[Part, ...] | None = None
+    quantized: tuple[int, ...] = ()
+    exit: ExitHead | None = None
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every device the stage runs on (its parts' devices, or its own)."""
+        if self.parts:
+            return tuple(dict.fromkeys(p.device for p in self.parts))
+        return (self.device,) if self.device is not None else ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "frequency": self.frequency,
+                "layers": [self.first, self.last],
+                "parts": None if self.parts is None else [p.to_json() for p in self.parts],
+                "quantized": list(self.quantized),
+                "exit": None if self.exit is None else self.exit.to_json()}
+
+    @staticmethod
+    def from_json(doc: Mapping[str, Any], index: int) -> Stage:
+        parts = doc.get("parts")
+        ex = doc.get("exit")
+        return Stage(
+            device=doc.get("device"), frequency=doc.get("frequency"),
+            first=int(doc["layers"][0]), last=int(doc["layers"][1]),
+            id=int(doc.get("id", index)),
+            parts=None if parts is None else tuple(
+                Part(p["device"], p.get("frequency"), (int(p["rows"][0]), int(p["rows"][1])))
+                for p in parts),
+            quantized=tuple(int(q) for q in doc.get("quantized") or ()),
+            exit=None if ex is None else ExitHead(str(ex["output"]), float(ex["probability"]),
+                                                  ex.get("threshold")))
+
+
+RouteEnd = int | Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one tensor travels between stages (the edges of the stage graph).
+
+    ``source`` is the producing stage id or ``"input"``; ``targets`` the stage ids (and/or
+    ``"output"``) that read it. ``transfer == "direct"``: it goes straight from the
+    producer's device(s) to each target's, once per receiving device (QUANT's tensor-flow
+    coherence); ``"forwarded"``: stages ``via`` relay it hop by hop along the chain.
+    """
+
+    tensor: str
+    source: RouteEnd
+    targets: tuple[RouteEnd, ...]
+    transfer: Literal["direct", "forwarded"] = "direct"
+    via: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "from": self.source, "to": list(self.targets),
+                "transfer": self.transfer, "via": list(self.via)}
+
+    @staticmethod
+    def from_json(doc: Mapping[str, Any]) -> Route:
+        return Route(str(doc["tensor"]), doc["from"], tuple(doc["to"]),
+                     doc.get("transfer", "direct"), tuple(int(v) for v in doc.get("via", ())))
 
 
 @dataclass(frozen=True)
@@ -398,12 +533,15 @@ class Estimate:
     energy: Mapping[str, float] = field(default_factory=dict)
     carbon: float | None = None
     inferences: float | None = None
+    noise: float | None = None
+    expected_latency: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"latency": self.latency, "compute": self.compute,
                 "communication": self.communication, "weight_loading": self.weight_loading,
                 "bottleneck": self.bottleneck, "energy": dict(self.energy),
-                "carbon": self.carbon, "inferences": self.inferences}
+                "carbon": self.carbon, "inferences": self.inferences, "noise": self.noise,
+                "expected_latency": self.expected_latency}
 
 
 @dataclass(frozen=True)
@@ -419,6 +557,8 @@ class Plan:
         placement: device of every position of the extended chain.
         frequencies: the frequency chosen for each used device.
         pseudo: device of each pseudo layer by kind (``source``, ``preprocess``, ...).
+        routes: how every tensor crossing a stage boundary travels (schema 2); empty for a
+            plan that has not been routed yet (the chain then forwards, as in schema 1).
     """
 
     status: PlanStatus
@@ -429,28 +569,45 @@ class Plan:
     placement: tuple[str, ...] = ()
     frequencies: Mapping[str, str | None] = field(default_factory=dict)
     pseudo: Mapping[str, str] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+
+    def __post_init__(self) -> None:
+        # a stage's id is its index in the plan, whoever built the plan
+        if any(s.id != i for i, s in enumerate(self.stages)):
+            from dataclasses import replace
+
+            object.__setattr__(self, "stages", tuple(
+                replace(s, id=i) for i, s in enumerate(self.stages)))
+
+    @property
+    def exits(self) -> tuple[tuple[int, ExitHead], ...]:
+        """(stage id, head) of every stage that ends in an exit head."""
+        return tuple((i, s.exit) for i, s in enumerate(self.stages) if s.exit is not None)
 
     def to_json(self) -> dict[str, Any]:
-        """The plan document of docs/INTERFACES.md (plus ``pseudo``)."""
+        """The plan document of docs/INTERFACES.md (schema 2, plus ``pseudo``)."""
         return {"status": self.status, "objective": self.objective,
                 "stages": [s.to_json() for s in self.stages],
                 "estimate": self.estimate.to_json(),
                 "solve_seconds": self.solve_seconds,
                 "frequencies": dict(self.frequencies),
-                "pseudo": dict(self.pseudo)}
+                "pseudo": dict(self.pseudo),
+                "routes": [r.to_json() for r in self.routes],
+                "exits": [h.to_json() | {"stage": i} for i, h in self.exits]}
 
     @staticmethod
     def from_json(doc: Mapping[str, Any]) -> Plan:
         est = doc["estimate"]
         return Plan(
             status=doc["status"], objective=doc["objective"],
-            stages=tuple(Stage(s["device"], s.get("frequency"), int(s["layers"][0]),
-                               int(s["layers"][1])) for s in doc["stages"]),
+            stages=tuple(Stage.from_json(s, i) for i, s in enumerate(doc["stages"])),
             estimate=Estimate(
                 latency=est["latency"], compute=est["compute"],
                 communication=est["communication"], weight_loading=est["weight_loading"],
                 bottleneck=est["bottleneck"], energy=dict(est.get("energy") or {}),
-                carbon=est.get("carbon"), inferences=est.get("inferences")),
+                carbon=est.get("carbon"), inferences=est.get("inferences"),
+                noise=est.get("noise"), expected_latency=est.get("expected_latency")),
             solve_seconds=float(doc.get("solve_seconds", 0.0)),
             frequencies=dict(doc.get("frequencies") or {}),
-            pseudo=dict(doc.get("pseudo") or {}))
+            pseudo=dict(doc.get("pseudo") or {}),
+            routes=tuple(Route.from_json(r) for r in doc.get("routes") or ()))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from partitioner.analysis.costs import build_cost_table
+from partitioner.analysis.estimate import evaluate
 from partitioner.analysis.lazy import lazy_profile, plan_bundles
 from partitioner.analysis.profiler import bundle_count, bundle_ranges
 from partitioner.analysis.profiles import Profile, ProfiledBundle
@@ -13,7 +14,6 @@ from partitioner.analysis.system import parse_system
 from partitioner.errors import UserError
 from partitioner.ir import Cut, Layer, LayerGraph, TensorInfo
 from partitioner.solver import solve
-from partitioner.solver.evaluate import evaluate
 
 N_LAYERS = 6
 

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from partitioner import ir
+from partitioner.analysis.estimate import edge_energy
 from partitioner.errors import InfeasibleError
 from partitioner.solver import evaluate, solve
-from partitioner.solver.evaluate import edge_energy
 from partitioner.solver.synthetic import TableSpec, random_table
 
 REL = 1e-6

@@ -77,9 +77,11 @@ def build_positions(graph: LayerGraph, system: System, private: int = 0
     flops: list[float] = []
 
     def add(name: str, kind: str, layer: int | None, weight: int,
-            allowed: tuple[str, ...] | None, nbytes: int, flop: float) -> None:
+            allowed: tuple[str, ...] | None, nbytes: int, flop: float,
+            weights: tuple[str, ...] = ()) -> None:
         positions.append(Position(index=len(positions), name=name, kind=kind,  # type: ignore[arg-type]
-                                  layer=layer, weight_bytes=weight, allowed=allowed))
+                                  layer=layer, weight_bytes=weight, allowed=allowed,
+                                  weights=weights))
         out_bytes.append(int(nbytes))
         flops.append(float(flop))
 
@@ -92,7 +94,7 @@ def build_positions(graph: LayerGraph, system: System, private: int = 0
     for layer in graph.layers:
         add(layer.name, "layer", layer.index, layer.weight_bytes,
             trusted if layer.index < private else None, graph.cut_after(layer.index).nbytes,
-            layer.flops)
+            layer.flops, layer.weights)
     if app.destination is not None:
         add("<destination>", "destination", None, 0, (app.destination,),
             _PSEUDO_BYTES_DESTINATION, 0.0)
@@ -229,7 +231,8 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
         graph_name=graph.name, graph_sha256=graph.sha256, positions=positions,
         system=system, frequencies=freqs, bundles=bundles, transfers=transfers, mbs=mbs,
         preload=preload,
-        sources={d.name: "profile" if d.name in index else "analytic" for d in system.devices})
+        sources={d.name: "profile" if d.name in index else "analytic" for d in system.devices},
+        weight_sizes=dict(graph.initializer_bytes))
 
 
 def _profiled(dev: Device, freq: str | None, graph: LayerGraph, pos_i: Position,

@@ -8,7 +8,7 @@ Full bundle profiling measures ``L*MBS - MBS*(MBS-1)/2`` bundles per device and 
    measured single layers plus its internal cuts over the device's memory bandwidth
    (:func:`partitioner.analysis.costs.estimate_bundle`);
 3. solves, and measures exactly the bundles of the profiled device that the plan uses
-   (the canonical split of its runs, :func:`partitioner.solver.evaluate.canonical_bundles`);
+   (the canonical split of its runs, :func:`partitioner.analysis.estimate.canonical_bundles`);
 4. re-plans, and repeats until every bundle the plan uses on the device is measured.
 
 Each round measures at least one new bundle, so it ends after at most the full set.
@@ -75,7 +75,7 @@ class LazyResult:
 
 def plan_bundles(table: CostTable, plan: Plan, device: str) -> list[tuple[int, int]]:
     """Model-layer ranges ``(first, last)`` of the bundles ``plan`` runs on ``device``."""
-    from partitioner.solver.evaluate import canonical_bundles
+    from partitioner.analysis.estimate import canonical_bundles
 
     out = []
     for b in canonical_bundles(table, plan.placement):

@@ -2,7 +2,7 @@
 
 The solver reports totals; a deployment report wants them per stage. This module walks the
 plan's placement over the extended chain with the same pricing rules as
-:func:`partitioner.solver.evaluate.evaluate` (canonical bundles, ODIWeP hiding, one
+:func:`partitioner.analysis.estimate.evaluate` (canonical bundles, ODIWeP hiding, one
 transfer per bundle boundary) and lays the bundles and transfers end to end: segment
 ``start`` times are the single-inference critical path (DISS eq. 4.1-4.3 summed).
 """
@@ -54,7 +54,7 @@ def timeline(plan: Plan, table: CostTable) -> list[dict[str, Any]] | None:
     "start", "duration"}`` (``stage`` is the plan stage the segment belongs to, None for a
     pseudo layer).
     """
-    from partitioner.solver.evaluate import canonical_bundles
+    from partitioner.analysis.estimate import canonical_bundles
 
     placement = placement_of(plan, table)
     if placement is None:

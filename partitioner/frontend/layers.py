@@ -242,23 +242,32 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         flops = macs = 0
         weights: set[str] = set()
         out_bytes = 0
+        consumes: dict[str, None] = {}  # ordered sets
+        produces: dict[str, None] = {}
         for i in idx:
             f, m = node_cost(nodes[i], shape_of)
             flops, macs = flops + f, macs + m
-            weights.update(n for n in node_inputs(nodes[i])
+            reads = node_inputs(nodes[i])
+            weights.update(n for n in reads
                            if n in inits and is_weight_dtype(inits[n].data_type))
+            consumes.update((n, None) for n in reads
+                            if n in tensors and produced.get(n) != k)
+            produces.update((o, None) for o in nodes[i].output
+                            if o in tensors and produced.get(o) == k)
             out_bytes += sum(tensors[o].nbytes for o in nodes[i].output
                              if o in tensors and produced.get(o) == k)
         all_weights |= weights
         layers.append(ir.Layer(
             index=k, name=names[k], ops=tuple(nodes[i].op_type for i in idx), nodes=tuple(idx),
             flops=flops, weight_count=_count(weights, inits), weight_bytes=_bytes(weights, inits),
-            output_bytes=out_bytes, cut_bytes=cuts[k + 1].nbytes))
+            output_bytes=out_bytes, cut_bytes=cuts[k + 1].nbytes,
+            consumes=tuple(consumes), produces=tuple(produces), weights=tuple(sorted(weights))))
         macs_all.append(macs)
     layer_graph = ir.LayerGraph(
         name=name, sha256=sha256, granularity=granularity, layers=tuple(layers), cuts=cuts,
         inputs=tuple(info(n) for n in input_names),
-        outputs=tuple(info(n) for n in outputs if n in produced), tensors=tensors)
+        outputs=tuple(info(n) for n in outputs if n in produced), tensors=tensors,
+        initializer_bytes={n: _bytes({n}, inits) for n in sorted(all_weights)})
     stats = LayerStats(macs=tuple(macs_all), total_weight_count=_count(all_weights, inits),
                        total_weight_bytes=_bytes(all_weights, inits))
     return layer_graph, stats

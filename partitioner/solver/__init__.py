@@ -8,7 +8,7 @@ frequencies)`` is that canonical pricing, independent of the integer program.
 
 from __future__ import annotations
 
-from partitioner.solver.evaluate import canonical_bundles, evaluate
+from partitioner.analysis.estimate import canonical_bundles, evaluate
 from partitioner.solver.solve import solve
 
 __all__ = ["solve", "evaluate", "canonical_bundles"]

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 
 from partitioner import ir
-from partitioner.solver.evaluate import evaluate
+from partitioner.analysis.estimate import evaluate
 from partitioner.solver.network import Arc, Network, rebuild
 
 __all__ = ["costs_of", "busy_costs", "energy_costs", "time_costs", "distances", "prune_by",
@@ -184,7 +184,7 @@ def bottleneck_plan(net: Network, table: ir.CostTable, objective: ir.Objective,
 
 
 def _busy(table: ir.CostTable, chosen: Chosen) -> dict[str, float]:
-    from partitioner.solver.evaluate import device_busy
+    from partitioner.analysis.estimate import device_busy
 
     return device_busy(table, chosen[0], chosen[1])
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import mip
 
 from partitioner import ir
+from partitioner.analysis.estimate import carbon_duration, edge_energy, evaluate
 from partitioner.errors import InfeasibleError, fail
 from partitioner.solver.diagnose import explain_infeasible
-from partitioner.solver.evaluate import carbon_duration, edge_energy, evaluate
 from partitioner.solver.milp import Formulation
 from partitioner.solver.network import Network, build_network, reachable
 from partitioner.solver.prune import (

@@ -1,4 +1,4 @@
-"""Canonical pricing of a placement, independent of the integer program.
+"""The cost model: canonical pricing of a placement, independent of the integer program.
 
 This module is the single definition of what a plan costs (SPEC §3-4). The MIP in
 :mod:`partitioner.solver.network` is built to agree with it, and the property tests check
