@@ -19,13 +19,17 @@ import ast
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from partitioner import ir
 from partitioner.errors import fail
-from partitioner.frontend.flops import is_major, node_cost
+from partitioner.frontend.flops import ValueOf, is_major, node_cost
 from partitioner.frontend.tensors import (
+    CONTROL_FLOW,
     dtype_name,
+    graph_attrs,
+    is_external,
     is_weight_dtype,
     node_inputs,
     static_shape,
@@ -43,11 +47,14 @@ class LayerStats:
         macs: multiply-accumulates of each layer's major ops.
         total_weight_count / total_weight_bytes: weights deduplicated over the model (a
             weight shared by two layers counts in each layer but once here).
+        notes: one line per control-flow node that holds major ops: they stay together
+            in its layer (a sub-graph is never split across devices).
     """
 
     macs: tuple[int, ...]
     total_weight_count: int
     total_weight_bytes: int
+    notes: tuple[str, ...] = ()
 
 
 def _scope_name(node: onnx.NodeProto) -> str | None:
@@ -189,6 +196,13 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         t = types.get(tensor)
         return static_shape(t) if t is not None else None
 
+    def value_of(tensor: str) -> np.ndarray | None:
+        # Only small in-memory constants are read (a Loop's trip count), never weights.
+        t = inits.get(tensor)
+        if t is None or is_external(t) or len(t.dims) > 1 or (t.dims and t.dims[0] > 1):
+            return None
+        return onnx.numpy_helper.to_array(t)
+
     def info(tensor: str) -> ir.TensorInfo:
         shape = shape_of(tensor)
         t = types.get(tensor)
@@ -245,7 +259,7 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         consumes: dict[str, None] = {}  # ordered sets
         produces: dict[str, None] = {}
         for i in idx:
-            f, m = node_cost(nodes[i], shape_of)
+            f, m = node_cost(nodes[i], shape_of, value_of)
             flops, macs = flops + f, macs + m
             reads = node_inputs(nodes[i])
             weights.update(n for n in reads
@@ -268,9 +282,31 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         inputs=tuple(info(n) for n in input_names),
         outputs=tuple(info(n) for n in outputs if n in produced), tensors=tensors,
         initializer_bytes={n: _bytes({n}, inits) for n in sorted(all_weights)})
+    notes = tuple(_control_flow_note(nodes[i], layer_of[i], value_of) for i in range(len(nodes))
+                  if nodes[i].op_type in CONTROL_FLOW and is_major(nodes[i]))
     stats = LayerStats(macs=tuple(macs_all), total_weight_count=_count(all_weights, inits),
-                       total_weight_bytes=_bytes(all_weights, inits))
+                       total_weight_bytes=_bytes(all_weights, inits), notes=notes)
     return layer_graph, stats
+
+
+def _major_count(node: onnx.NodeProto) -> int:
+    return sum(_major_count(n) if n.op_type in CONTROL_FLOW else int(is_major(n))
+               for g in graph_attrs(node) for n in g.node)
+
+
+def _control_flow_note(node: onnx.NodeProto, layer: int, value_of: ValueOf) -> str:
+    """Why a control-flow node's major ops share one layer, and how its FLOPs count."""
+    what = f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node"
+    if node.op_type == "If":
+        how = "branch chosen by the data; FLOPs count the heavier branch"
+    elif node.op_type == "Loop":
+        trip = value_of(node.input[0]) if node.input and node.input[0] else None
+        how = (f"FLOPs count its body x {int(trip.reshape(-1)[0])} iterations" if trip is not None
+               else "trip count not constant; FLOPs count its body once")
+    else:
+        how = "FLOPs count its body once per scanned slice"
+    return (f"layer {layer}: {what} holds {_major_count(node)} major ops that stay in this "
+            f"layer (a sub-graph is not split across devices); {how}")
 
 
 def _layer_name(nodes: list[onnx.NodeProto], idx: list[int], granularity: str) -> str:

@@ -36,13 +36,14 @@ from onnx.external_data_helper import load_external_data_for_tensor
 from partitioner.errors import fail
 from partitioner.frontend.inputs import fix_input_shapes, model_inputs
 from partitioner.frontend.subgraphs import (
-    CONTROL_FLOW,
     describe_control_flow,
     hoist_subgraph_constants,
     inline_constant_ifs,
+    loop_output_types,
     rename_in_graph,
 )
 from partitioner.frontend.tensors import (
+    CONTROL_FLOW,
     constant_value_proto,
     graph_attrs,
     is_external,
@@ -179,21 +180,31 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
+def _onnx_infer(skeleton: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        # Strict mode stops at the first op it cannot handle (e.g. a custom domain);
+        # the lenient pass infers the rest and the caller names what stayed unknown.
+        try:
+            return onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        except Exception as err:  # noqa: BLE001 - any failure here is the model's fault
+            fail(f"{label}: ONNX shape inference failed: {str(err).splitlines()[0]}")
+
+
 def _infer(model: onnx.ModelProto, label: str) -> tuple[dict[str, onnx.TypeProto],
                                                          dict[str, onnx.NodeProto]]:
     """Types of every tensor ONNX shape inference can determine, by name, and the inferred
     copies of the control-flow nodes (their sub-graphs carry the inside shapes), by their
     first output."""
     skeleton = _skeleton(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
-    except onnx.shape_inference.InferenceError:
-        # Strict mode stops at the first op it cannot handle (e.g. a custom domain);
-        # the lenient pass infers the rest and the caller names what stayed unknown.
-        try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-        except Exception as err:  # noqa: BLE001 - any failure here is the model's fault
-            fail(f"{label}: ONNX shape inference failed: {str(err).splitlines()[0]}")
+    inferred = _onnx_infer(skeleton, label)
+    hints = loop_output_types(inferred.graph)
+    if hints:
+        # ONNX leaves loop outputs without a shape; given as hints, they reach consumers.
+        skeleton.graph.value_info.extend(
+            onnx.helper.make_value_info(name, t) for name, t in hints.items())
+        inferred = _onnx_infer(skeleton, label)
     types: dict[str, onnx.TypeProto] = {
         t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
         for t in model.graph.initializer}

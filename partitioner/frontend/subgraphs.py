@@ -17,18 +17,16 @@ graphs unless it defines the same name itself. Every rename here follows that ru
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableSequence
 
 import numpy as np
 import onnx
 
 from partitioner.errors import fail
-from partitioner.frontend.tensors import constant_value_proto, graph_attrs
+from partitioner.frontend.tensors import constant_value_proto, graph_attrs, static_shape
 
-__all__ = ["CONTROL_FLOW", "inline_constant_ifs", "hoist_subgraph_constants",
+__all__ = ["inline_constant_ifs", "hoist_subgraph_constants", "loop_output_types",
            "rename_in_graph", "describe_control_flow"]
-
-CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
 def _local_names(graph: onnx.GraphProto) -> set[str]:
@@ -54,11 +52,10 @@ def rename_in_graph(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
     if not mapping:
         return
 
-    def renamed(values: object) -> None:
-        seq = values  # a protobuf repeated string field
-        for k, name in enumerate(seq):  # type: ignore[arg-type]
+    def renamed(values: MutableSequence[str]) -> None:  # a protobuf repeated string field
+        for k, name in enumerate(values):
             if name in mapping:
-                seq[k] = mapping[name]  # type: ignore[index]
+                values[k] = mapping[name]
 
     for node in graph.node:
         renamed(node.input)
@@ -218,6 +215,58 @@ def hoist_subgraph_constants(graph: onnx.GraphProto) -> int:
             visit(sub)
     graph.initializer.extend(moved)
     return len(moved)
+
+
+def _static_type(graph: onnx.GraphProto, name: str) -> onnx.TypeProto | None:
+    for vi in list(graph.output) + list(graph.value_info):
+        if vi.name == name and static_shape(vi.type) is not None and \
+                vi.type.tensor_type.elem_type:
+            return vi.type
+    return None
+
+
+def loop_output_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Static types of ``Loop`` outputs that ONNX shape inference leaves open.
+
+    ONNX infers only the element type of a loop's outputs, as a carried value may change
+    shape between iterations. When the body returns a carried value with the static shape
+    it came in with, that is its final shape too; a scan output (stacked per iteration) is
+    ``[M] + body shape`` when the trip count ``M`` is a constant. ``graph`` must carry the
+    body's inferred shapes (the result of ONNX inference).
+    """
+    consts = {t.name: t for t in graph.initializer}
+    known = {vi.name: vi.type for vi in list(graph.input) + list(graph.value_info)}
+    found: dict[str, onnx.TypeProto] = {}
+    for node in graph.node:
+        body = next((a.g for a in node.attribute if a.name == "body"), None)
+        if node.op_type != "Loop" or body is None or len(body.output) < 1:
+            continue
+        carried = len(node.input) - 2
+        for k, out in enumerate(node.output):
+            if not out or (out in known and static_shape(known[out]) is not None):
+                continue
+            if k + 1 >= len(body.output):
+                break
+            inner = _static_type(body, body.output[k + 1].name)
+            if inner is None:
+                continue
+            if k < carried:
+                start = known.get(node.input[k + 2]) if node.input[k + 2] in known else (
+                    onnx.helper.make_tensor_type_proto(consts[node.input[k + 2]].data_type,
+                                                       list(consts[node.input[k + 2]].dims))
+                    if node.input[k + 2] in consts else None)
+                if start is not None and static_shape(start) == static_shape(inner):
+                    found[out] = inner
+                continue
+            trip = consts.get(node.input[0]) if node.input and node.input[0] else None
+            if trip is None or trip.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            steps = onnx.numpy_helper.to_array(trip).reshape(-1)
+            shape = static_shape(inner)
+            if steps.size == 1 and shape is not None:
+                found[out] = onnx.helper.make_tensor_type_proto(
+                    inner.tensor_type.elem_type, [max(0, int(steps[0])), *shape])
+    return found
 
 
 def describe_control_flow(node: onnx.NodeProto) -> str:

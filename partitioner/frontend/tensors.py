@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto
 
 __all__ = [
+    "CONTROL_FLOW",
     "dtype_name",
     "tensor_nbytes",
     "static_shape",
@@ -24,6 +25,9 @@ __all__ = [
     "subgraph_inputs",
     "node_inputs",
 ]
+
+# Ops whose attributes hold sub-graphs that run (ONNX control flow).
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 # Sub-byte element types: their byte size is ceil(n * bits / 8), not n * itemsize.
 _BITS = {
