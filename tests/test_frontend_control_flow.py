@@ -252,3 +252,52 @@ def test_loop_whose_carried_value_changes_shape_is_one_line_naming_it():
     text = str(err.value)
     assert "\n" not in text and "Loop node 'doubling'" in text
     assert "changes the shape of a loop-carried value" in text
+
+
+def _f32(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_nested_control_flow_reading_outer_names():
+    """A data-dependent ``If`` inside a ``Loop`` body, both reading main-graph weights, as
+    scripted recurrent models are exported; and a ``Scan`` recurrence."""
+    inner_then = helper.make_graph([helper.make_node("MatMul", ["h_in", "W"], ["a"])],
+                                   "inner_then", [], [_out("a")])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["h_in"], ["b"])], "inner_else",
+                                   [], [_out("b")])
+    body = helper.make_graph(
+        [helper.make_node("ReduceSum", ["h_in"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["h_out"], name="inner", then_branch=inner_then,
+                          else_branch=inner_else),
+         helper.make_node("Identity", ["c_in"], ["c_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []), _f32("h_in", [1, 16])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), _f32("h_out", [1, 16])])
+    loop = _model([helper.make_node("Loop", ["M", "", "x"], ["y"], name="loop", body=body)],
+                  [_f32("x", [1, 16])], [_out("y")],
+                  [_w("W", 16, 16), _i64("M", 3),
+                   numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    prepared = load_model(loop)
+    (layer,) = prepared.graph.layers
+    # Per iteration: reduce 1 + compare 1 + the heavier branch (matmul 2*16*16).
+    assert layer.flops == 3 * (1 + 1 + 2 * 16 * 16)
+    assert set(layer.weights) == {"W", "zero"}
+    x = RNG.standard_normal((1, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(prepared.model, {"x": x})[0], _run(loop, {"x": x})[0],
+                               rtol=1e-5)
+
+    scan_body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "Wx"], ["p"]),
+         helper.make_node("MatMul", ["hs", "Wh"], ["q"]),
+         helper.make_node("Add", ["p", "q"], ["r"]), helper.make_node("Tanh", ["r"], ["hn"]),
+         helper.make_node("Identity", ["hn"], ["yt"])], "scan_body",
+        [_f32("hs", [1, 8]), _f32("xt", [1, 4])], [_f32("hn", [1, 8]), _f32("yt", [1, 8])])
+    scan = _model([helper.make_node("Scan", ["h0", "seq"], ["hT", "ys"], name="scan",
+                                    body=scan_body, num_scan_inputs=1)],
+                  [_f32("h0", [1, 8]), _f32("seq", [5, 1, 4])], [_out("ys")],
+                  [_w("Wx", 4, 8), _w("Wh", 8, 8)])
+    prepared = load_model(scan)
+    (layer,) = prepared.graph.layers
+    assert layer.flops == 5 * (2 * 8 * 4 + 2 * 8 * 8 + 8 + 8)  # five slices of the cell
+    assert prepared.graph.outputs[0].shape == (5, 1, 8)

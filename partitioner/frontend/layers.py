@@ -305,8 +305,9 @@ def _control_flow_note(node: onnx.NodeProto, layer: int, value_of: ValueOf) -> s
                else "trip count not constant; FLOPs count its body once")
     else:
         how = "FLOPs count its body once per scanned slice"
-    return (f"layer {layer}: {what} holds {_major_count(node)} major ops that stay in this "
-            f"layer (a sub-graph is not split across devices); {how}")
+    count = _major_count(node)
+    return (f"layer {layer}: {what} keeps its {count} major op{'s' if count != 1 else ''} "
+            f"in one layer (a sub-graph is not split across devices); {how}")
 
 
 def _layer_name(nodes: list[onnx.NodeProto], idx: list[int], granularity: str) -> str:

@@ -202,6 +202,9 @@ def _infer(model: onnx.ModelProto, label: str) -> tuple[dict[str, onnx.TypeProto
     hints = loop_output_types(inferred.graph)
     if hints:
         # ONNX leaves loop outputs without a shape; given as hints, they reach consumers.
+        for out in skeleton.graph.output:
+            if out.name in hints:
+                out.type.CopyFrom(hints.pop(out.name))
         skeleton.graph.value_info.extend(
             onnx.helper.make_value_info(name, t) for name, t in hints.items())
         inferred = _onnx_infer(skeleton, label)
