@@ -111,3 +111,35 @@ def test_shared_weights_count_once_in_the_totals_and_in_every_layer_that_reads_t
     run = [ort.InferenceSession(m.SerializeToString()).run(None, {"images": x})[0]
            for m in (model, prepared.model)]
     np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_transformed_weight_read_by_several_layers_is_recomputed_in_each():
+    """A quantised conv weight (``DequantizeLinear`` of int8) re-used by two convolutions:
+    each conv's layer reads the int8 weight itself, and the float copy crosses no cut."""
+    rng = np.random.default_rng(2)
+    wq = numpy_helper.from_array(rng.integers(-127, 128, (8, 8, 3, 3)).astype(np.int8), "Wq")
+    scale = numpy_helper.from_array(np.array(0.01, np.float32), "Wq_scale")
+    stem = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+                                   "W_stem")
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "Wq_scale"], ["W_shared"]),
+             helper.make_node("Conv", ["images", "W_stem"], ["c0"], name="stem", **CONV),
+             helper.make_node("Conv", ["c0", "W_shared"], ["c1"], name="block", **CONV),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W_shared"], ["c2"], name="block_again", **CONV)]
+    graph = helper.make_graph(
+        nodes, "reused", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                        [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("c2", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [wq, scale, stem])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prepared = load_model(model)
+    layers = prepared.graph.layers
+    assert [layer.name for layer in layers] == ["stem", "block", "block_again"]
+    assert "Wq" in layers[1].weights and "Wq" in layers[2].weights
+    activation = 8 * 8 * 8 * 4
+    assert [c.nbytes for c in prepared.graph.cuts[1:]] == [activation] * 3
+    assert prepared.stats.total_weight_bytes == 8 * 8 * 9 + 4 + 8 * 27 * 4
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString()).run(None, {"images": x})[0]
+           for m in (model, prepared.model)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)

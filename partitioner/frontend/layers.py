@@ -25,6 +25,7 @@ import onnx
 from partitioner import ir
 from partitioner.errors import fail
 from partitioner.frontend.flops import ValueOf, is_major, node_cost
+from partitioner.frontend.subgraphs import rename_reads
 from partitioner.frontend.tensors import (
     CONTROL_FLOW,
     dtype_name,
@@ -114,8 +115,10 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _assign(nodes: list[onnx.NodeProto], inits: set[str], granularity: str) -> list[int]:
-    """Layer index of every node (see the module docstring)."""
+def _assign(nodes: list[onnx.NodeProto], inits: set[str],
+            granularity: str) -> tuple[list[int], dict[int, set[int]]]:
+    """Layer index of every node (see the module docstring), and the layers that read each
+    constant-only node read by more than one layer."""
     const = set(inits)
     const_nodes: set[int] = set()
     for i, node in enumerate(nodes):
@@ -152,11 +155,59 @@ def _assign(nodes: list[onnx.NodeProto], inits: set[str], granularity: str) -> l
     for i, node in enumerate(nodes):
         for n in node_inputs(node):
             consumers.setdefault(n, []).append(i)
+    needs: dict[int, set[int]] = {}
     for i in sorted(const_nodes, reverse=True):
-        users = [layer_of[u] for o in nodes[i].output for u in consumers.get(o, ())]
-        placed = [u for u in users if u >= 0]
-        layer_of[i] = min(placed) if placed else count - 1
-    return layer_of
+        need: set[int] = set()
+        for o in nodes[i].output:
+            for u in consumers.get(o, ()):
+                need |= needs[u] if u in needs else {layer_of[u]}
+        needs[i] = need
+        layer_of[i] = min(need) if need else count - 1
+    return layer_of, {i: need for i, need in needs.items() if len(need) > 1}
+
+
+def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], layer_of: list[int],
+                        needs: Mapping[int, set[int]]) -> tuple[list[onnx.NodeProto], list[int],
+                                                                list[float]]:
+    """Copy each constant-only node into every further layer that reads it.
+
+    A weight transformed once (``DequantizeLinear``, ``Transpose`` of a shared weight) and
+    read by several layers would otherwise cross every cut in between as a weight-sized
+    activation, and those layers would not name the weight they depend on. Each copy
+    recomputes the value in its layer from the same initialiser, so the weight is shared
+    by name (``Layer.weights``), counted once in the totals. Returns the nodes with the
+    copies appended, their layers, and sort keys that put a copy just after its original.
+    """
+    keys = [float(i) for i in range(len(nodes))]
+    if not needs:
+        return nodes, layer_of, keys
+    types = {vi.name: vi for vi in graph.value_info}
+    copy_of: dict[tuple[str, int], str] = {}
+    nodes, layer_of = list(nodes), list(layer_of)
+    for i in sorted(needs):  # producers before the constant nodes that read them
+        for k in sorted(needs[i] - {layer_of[i]}):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(nodes[i])
+            rename_reads(clone, {n: copy_of[(n, k)] for n in node_inputs(clone)
+                                 if (n, k) in copy_of})
+            for j, out in enumerate(clone.output):
+                if out:
+                    copy_of[(out, k)] = clone.output[j] = f"{out}__layer{k}"
+                    if out in types:
+                        vi = graph.value_info.add()
+                        vi.CopyFrom(types[out])
+                        vi.name = clone.output[j]
+            if clone.name:
+                clone.name = f"{clone.name}__layer{k}"
+            nodes.append(clone)
+            layer_of.append(k)
+            keys.append(i + 0.5)
+    for idx in range(len(keys)):
+        node, k = nodes[idx], layer_of[idx]
+        mapping = {n: copy_of[(n, k)] for n in node_inputs(node) if (n, k) in copy_of}
+        if mapping and keys[idx] == int(keys[idx]):  # originals; copies were wired above
+            rename_reads(node, mapping)
+    return nodes, layer_of, keys
 
 
 def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
@@ -177,10 +228,10 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = [o.name for o in graph.output]
-    nodes = list(graph.node)
-    layer_of = _assign(nodes, set(inits), granularity)
+    layer_of, needs = _assign(list(graph.node), set(inits), granularity)
+    nodes, layer_of, keys = _localise_constants(graph, list(graph.node), layer_of, needs)
     count = max(layer_of) + 1
-    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], i))
+    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], keys[i]))
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
     nodes = list(graph.node)

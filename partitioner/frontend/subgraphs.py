@@ -26,7 +26,7 @@ from partitioner.errors import fail
 from partitioner.frontend.tensors import constant_value_proto, graph_attrs, static_shape
 
 __all__ = ["inline_constant_ifs", "hoist_subgraph_constants", "loop_output_types",
-           "rename_in_graph", "describe_control_flow"]
+           "rename_in_graph", "rename_reads", "describe_control_flow"]
 
 
 def _local_names(graph: onnx.GraphProto) -> set[str]:
@@ -69,6 +69,16 @@ def rename_in_graph(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
         tensor.name = mapping.get(tensor.name, tensor.name)
     for sparse in graph.sparse_initializer:
         sparse.values.name = mapping.get(sparse.values.name, sparse.values.name)
+
+
+def rename_reads(node: onnx.NodeProto, mapping: Mapping[str, str]) -> None:
+    """Rename what ``node`` reads: its inputs and the outer names its sub-graphs read."""
+    for k, name in enumerate(node.input):
+        if name in mapping:
+            node.input[k] = mapping[name]
+    for sub in graph_attrs(node):
+        local = _local_names(sub)
+        rename_in_graph(sub, {a: b for a, b in mapping.items() if a not in local})
 
 
 class _Fresh:
