@@ -301,3 +301,45 @@ def test_nested_control_flow_reading_outer_names():
     (layer,) = prepared.graph.layers
     assert layer.flops == 5 * (2 * 8 * 4 + 2 * 8 * 8 + 8 + 8)  # five slices of the cell
     assert prepared.graph.outputs[0].shape == (5, 1, 8)
+
+
+def test_torchscript_export_with_shape_tests_inlines_to_the_real_network():
+    """What the TorchScript exporter writes for Python ``if`` on sizes: ``Shape -> Gather ->
+    Equal -> If`` around the whole network (before: one layer of ~500 FLOPs)."""
+    torch = pytest.importorskip("torch")
+    import io
+    import warnings
+
+    class Scripted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            if x.size(1) == 3:
+                y = self.conv(x).relu()
+            else:
+                y = x.flatten(1)
+            if y.dim() == 4:
+                y = y.flatten(1)
+            return self.fc(y) if y.size(1) == 512 else y[:, :10]
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(Scripted()), (torch.randn(1, 3, 8, 8),), buf,
+                          dynamo=False, input_names=["x"], opset_version=17,
+                          dynamic_axes={"x": {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    assert "If" in [n.op_type for n in model.graph.node]
+    prepared = load_model(model, shapes={"x": (1, 3, 8, 8)})
+    assert "If" not in [n.op_type for n in prepared.model.graph.node]
+    conv, fc = prepared.graph.layers
+    assert conv.ops[0] == "Conv" and fc.ops == ("Gemm",)
+    assert conv.flops == 2 * (8 * 8 * 8) * 27 + 8 * 8 * 8  # conv 2 * MACs, relu
+    assert fc.flops == 2 * 512 * 10
+    assert prepared.stats.total_weight_count == 8 * 27 + 8 + 512 * 10 + 10
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(prepared.model, {"x": x})[0], _run(model, {"x": x})[0],
+                               rtol=1e-4, atol=1e-5)

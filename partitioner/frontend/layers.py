@@ -6,7 +6,9 @@ index among the producers of its inputs (layer 0 if none). Cheap nodes before th
 major node form its prologue (layer 0). Nodes that read only weights (constant-only
 sub-graphs that were too large or not allowed to fold, e.g. ``DequantizeLinear`` of a
 weight) go with their first consumer instead, so they do not drag a weight-sized tensor
-across every cut from layer 0.
+across every cut from layer 0; every further layer that reads them gets its own copy of
+them (``<output>__layer<k>``), so a shared weight crosses no cut and every layer that needs
+it names it in ``Layer.weights``.
 
 Cuts (SPEC §2): the cut after layer ``k`` carries every tensor produced at or before ``k``
 and consumed after ``k``; graph inputs are produced "at -1"; graph outputs are consumed
