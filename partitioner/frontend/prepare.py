@@ -7,7 +7,7 @@ The steps (issue 2):
    unset dims all count as dynamic); an unfixed one is an error naming input and axis;
 3. run ONNX shape inference with data propagation on a *skeleton* of the model whose large
    initialisers are plain inputs (so no weight is read, and a model over 2 GB infers as a
-   small proto);
+   small proto; :mod:`partitioner.frontend.inference`);
 4. inline every ``If`` whose condition is now a constant (its taken branch replaces it,
    :mod:`partitioner.frontend.subgraphs`);
 5. fold shape-computation sub-graphs (``Shape -> Gather -> Concat -> Reshape`` and
@@ -34,30 +34,25 @@ from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from partitioner.errors import fail
+from partitioner.frontend.inference import infer_types
 from partitioner.frontend.inputs import fix_input_shapes, model_inputs
 from partitioner.frontend.subgraphs import (
     describe_control_flow,
     hoist_subgraph_constants,
     inline_constant_ifs,
-    loop_output_types,
     rename_in_graph,
 )
 from partitioner.frontend.tensors import (
     CONTROL_FLOW,
     constant_value_proto,
-    graph_attrs,
     is_external,
     node_inputs,
     static_shape,
-    tensor_nbytes,
 )
 
 __all__ = ["prepare_model", "topological_order", "model_inputs", "MAX_ROUNDS"]
 
 MAX_ROUNDS = 8
-# Initialisers up to this size are kept in the inference skeleton (shape inference needs
-# the *values* of Reshape targets, axes, pads...); larger ones become typed inputs.
-_SKELETON_MAX_BYTES = 64 << 10
 # External initialisers up to this size are read (they are shape vectors, not weights).
 _LOAD_EXTERNAL_MAX_BYTES = 4 << 10
 # Folded results may not exceed these sizes: integer/bool results are shape arithmetic
@@ -144,110 +139,6 @@ def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
             del tensor.external_data[:]
 
 
-def _initializer_bytes(tensor: TensorProto) -> int:
-    # From dims and dtype: ByteSize() on a large in-memory tensor costs ~1 s per 100 MB.
-    if is_external(tensor):
-        return 1 << 62
-    return tensor_nbytes(tuple(tensor.dims), tensor.data_type)
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without large initialisers (they become inputs of the same type and shape)."""
-    graph = model.graph
-    g = onnx.GraphProto(name=graph.name)
-    g.node.extend(graph.node)
-    g.input.extend(model_inputs(graph))
-    inputs = {v.name for v in g.input}
-    for tensor in graph.initializer:
-        if _initializer_bytes(tensor) <= _SKELETON_MAX_BYTES:
-            g.initializer.append(tensor)
-        elif tensor.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(
-                tensor.name, tensor.data_type, list(tensor.dims)))
-    g.sparse_initializer.extend(graph.sparse_initializer)
-    for out in graph.output:
-        # Outputs keep only their element type: stale symbolic dims must not survive.
-        vi = g.output.add()
-        vi.name = out.name
-        if out.type.WhichOneof("value") == "tensor_type":
-            vi.type.tensor_type.elem_type = out.type.tensor_type.elem_type
-        else:
-            vi.type.CopyFrom(out.type)
-    skeleton = onnx.ModelProto()
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.graph.CopyFrom(g)
-    return skeleton
-
-
-def _onnx_infer(skeleton: onnx.ModelProto, label: str) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
-    except onnx.shape_inference.InferenceError:
-        # Strict mode stops at the first op it cannot handle (e.g. a custom domain);
-        # the lenient pass infers the rest and the caller names what stayed unknown.
-        try:
-            return onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-        except Exception as err:  # noqa: BLE001 - any failure here is the model's fault
-            fail(f"{label}: ONNX shape inference failed: {str(err).splitlines()[0]}")
-
-
-def _infer(model: onnx.ModelProto, label: str) -> tuple[dict[str, onnx.TypeProto],
-                                                         dict[str, onnx.NodeProto]]:
-    """Types of every tensor ONNX shape inference can determine, by name, and the inferred
-    copies of the control-flow nodes (their sub-graphs carry the inside shapes), by their
-    first output."""
-    skeleton = _skeleton(model)
-    inferred = _onnx_infer(skeleton, label)
-    hints = loop_output_types(inferred.graph)
-    if hints:
-        # ONNX leaves loop outputs without a shape; given as hints, they reach consumers.
-        for out in skeleton.graph.output:
-            if out.name in hints:
-                out.type.CopyFrom(hints.pop(out.name))
-        skeleton.graph.value_info.extend(
-            onnx.helper.make_value_info(name, t) for name, t in hints.items())
-        inferred = _onnx_infer(skeleton, label)
-    types: dict[str, onnx.TypeProto] = {
-        t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
-        for t in model.graph.initializer}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        types[vi.name] = vi.type
-    control = {n.output[0]: n for n in g.node if n.output and any(graph_attrs(n))}
-    if any(o and (o not in types or static_shape(types[o]) is None)
-           for node in skeleton.graph.node for o in node.output):
-        # ONNX inference does not know ONNX Runtime's contrib ops (com.microsoft FusedConv,
-        # Attention, ...); ORT's symbolic inference does. Only fill what is still unknown.
-        for name, t in _symbolic_types(skeleton).items():
-            if name not in types or static_shape(types[name]) is None:
-                types[name] = t
-    return types, control
-
-
-def _symbolic_types(skeleton: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Static types from onnxruntime's symbolic shape inference ({} if it cannot run)."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        return {}
-    # Its public ``infer_shapes`` saves "sym_shape_infer_temp.onnx" into the working
-    # directory when inference is incomplete and then raises; run its steps ourselves so
-    # nothing is written and the partial result is kept.
-    try:
-        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        engine._preprocess(skeleton)
-        while engine.run_:
-            engine._infer_impl()
-        engine._update_output_from_vi()
-        inferred = engine.out_mp_
-    except Exception:  # noqa: BLE001 - best effort; the caller names what stays unknown
-        return {}
-    g = inferred.graph
-    return {vi.name: vi.type for vi in list(g.value_info) + list(g.output)
-            if static_shape(vi.type) is not None}
-
-
 def _constant_values(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     """In-memory (not external) initialisers by name; their values are read on demand."""
     return {t.name: t for t in graph.initializer if not is_external(t)}
@@ -302,26 +193,33 @@ def _foldable_size(values: list[np.ndarray]) -> bool:
 class _SameConstant:
     """Finds an initialiser (or an earlier fold) holding exactly the bytes of a new value.
 
-    Only same-dtype, same-shape candidates are read, and folded values are small, so no
-    weight is loaded to compare.
+    Candidates of one dtype and shape are read (and indexed by their bytes) only when a
+    folded value of that dtype and shape asks; folded values are small, so no weight is
+    ever loaded to compare.
     """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         overridable = {v.name for v in graph.input}
-        self._candidates: dict[tuple[int, tuple[int, ...]], list[TensorProto]] = {}
+        self._pending: dict[tuple[int, tuple[int, ...]], list[TensorProto]] = {}
         for t in graph.initializer:
             if not is_external(t) and t.name not in overridable:
-                self._candidates.setdefault((t.data_type, tuple(t.dims)), []).append(t)
+                self._pending.setdefault((t.data_type, tuple(t.dims)), []).append(t)
+        self._by_bytes: dict[tuple[int, tuple[int, ...]], dict[bytes, str]] = {}
+
+    def _index(self, key: tuple[int, tuple[int, ...]]) -> dict[bytes, str]:
+        index = self._by_bytes.setdefault(key, {})
+        for t in self._pending.pop(key, ()):
+            index.setdefault(numpy_helper.to_array(t).tobytes(), t.name)
+        return index
 
     def find(self, tensor: TensorProto, array: np.ndarray) -> str | None:
-        raw = np.asarray(array).tobytes()  # bit equality: -0.0 and NaN payloads differ
-        for other in self._candidates.get((tensor.data_type, tuple(tensor.dims)), ()):
-            if numpy_helper.to_array(other).tobytes() == raw:
-                return other.name
-        return None
+        # Bit equality: -0.0 and 0.0, or two NaN payloads, are different constants.
+        return self._index((tensor.data_type, tuple(tensor.dims))).get(
+            np.asarray(array).tobytes())
 
-    def add(self, tensor: TensorProto) -> None:
-        self._candidates.setdefault((tensor.data_type, tuple(tensor.dims)), []).append(tensor)
+    def add(self, tensor: TensorProto, array: np.ndarray) -> None:
+        self._index((tensor.data_type, tuple(tensor.dims))).setdefault(
+            np.asarray(array).tobytes(), tensor.name)
 
 
 def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> int:
@@ -385,7 +283,7 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> 
             if existing is not None:
                 alias[name] = existing
                 continue
-            same.add(tensor)
+            same.add(tensor, array)
             folded.append(tensor)
     if len(keep) == len(graph.node):
         return 0
@@ -502,7 +400,7 @@ def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...
         return None if tensor is None or is_external(tensor) else numpy_helper.to_array(tensor)
 
     for _ in range(MAX_ROUNDS):
-        types, control = _infer(model, label)
+        types, control = infer_types(model, label)
         count = inline_constant_ifs(graph, constant, label)
         count += _fold_round(model, types)
         folded += count
