@@ -211,3 +211,36 @@ def test_shape_hint_fits_the_kind_of_input(name, elem, dims, hint):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UserError, match=re.escape(f"--shape {hint}")):
         load_model(model)
+
+
+def test_control_flow_note_on_stderr(save_onnx):
+    """A data-dependent If holding the network: inspect says so in one line on stderr."""
+    rng = np.random.default_rng(0)
+    out = helper.make_tensor_value_info("t", TensorProto.FLOAT, None)
+    then_branch = helper.make_graph([helper.make_node("Conv", ["images", "W"], ["t"])],
+                                    "then", [], [out])
+    else_branch = helper.make_graph([helper.make_node("Conv", ["conv_in", "W2"], ["t"])],
+                                    "else", [], [out])
+    nodes = [helper.make_node("Slice", ["images", "s0", "s1", "s2"], ["conv_in"]),  # 6 x 6
+             helper.make_node("ReduceSum", ["images"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], name="gate", then_branch=then_branch,
+                              else_branch=else_branch)]
+    graph = helper.make_graph(
+        nodes, "gated", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                       [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W2"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array([0, 0, 1, 1], np.int64), "s0"),
+         numpy_helper.from_array(np.array([1, 3, 7, 7], np.int64), "s1"),
+         numpy_helper.from_array(np.array([0, 1, 2, 3], np.int64), "s2")])
+    path = save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = _cli(str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "If node 'gate'" in notes[0], result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["totals"]["flops"] >= 2 * (4 * 6 * 6) * 27  # the conv branch is counted
+    assert "note:" not in _cli(str(path), "--json", "--quiet").stderr

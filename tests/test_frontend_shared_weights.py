@@ -143,3 +143,26 @@ def test_a_transformed_weight_read_by_several_layers_is_recomputed_in_each():
     run = [ort.InferenceSession(m.SerializeToString()).run(None, {"images": x})[0]
            for m in (model, prepared.model)]
     np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embedding_counts_once():
+    """The input embedding and the output projection share one matrix (``Gather`` of E and
+    ``MatMul`` with ``Transpose(E)``, as tied language models export)."""
+    rng = np.random.default_rng(4)
+    vocab, dim = 100, 64  # 6400 floats: the transpose is not folded into a copy
+    emb = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "E")
+    w = numpy_helper.from_array(rng.standard_normal((dim, dim)).astype(np.float32), "W")
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "W"], ["h"], name="mix"),
+             helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "E_t"], ["logits"], name="unembed")]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, vocab])], [emb, w])
+    prepared = load_model(helper.make_model(graph,
+                                            opset_imports=[helper.make_opsetid("", 17)]))
+    readers = [layer.name for layer in prepared.graph.layers if "E" in layer.weights]
+    assert readers == ["mix", "unembed"]  # the (cheap) Gather joins the first major layer
+    assert prepared.stats.total_weight_bytes == (vocab * dim + dim * dim) * 4
+    assert sum(prepared.graph.initializer_bytes.values()) == (vocab * dim + dim * dim) * 4
+    assert max(c.nbytes for c in prepared.graph.cuts) == 8 * vocab * 4  # the logits
