@@ -244,3 +244,16 @@ def test_control_flow_note_on_stderr(save_onnx):
     doc = json.loads(result.stdout)
     assert doc["totals"]["flops"] >= 2 * (4 * 6 * 6) * 27  # the conv branch is counted
     assert "note:" not in _cli(str(path), "--json", "--quiet").stderr
+
+
+def test_input_of_unknown_rank_names_itself_in_the_hint():
+    from partitioner.errors import UserError
+    from partitioner.frontend import load_model
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["token_ids"], ["out"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("token_ids", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UserError, match=r"--shape token_ids=D0,D1,\.\.\. \(e\.g\. 1,128\)"):
+        load_model(model)

@@ -109,8 +109,10 @@ def fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             if vi.name not in shapes:
+                example = (f"{BATCH},{CHANNELS},{IMAGE},{IMAGE} for an image, "
+                           if tt.elem_type in _IMAGE_TYPES else "") + f"{BATCH},{SEQUENCE}"
                 fail(f"{label}: input {vi.name!r} has no shape (unknown rank); fix it with "
-                     f"--shape {vi.name}=D0,D1,... (e.g. --shape images=1,3,640,640)")
+                     f"--shape {vi.name}=D0,D1,... (e.g. {example})")
             for d in shapes[vi.name]:
                 tt.shape.dim.add().dim_value = d
             continue

@@ -380,7 +380,12 @@ def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...
         # Local functions hide their nodes from shape inference and from the layer grouping.
         from onnx.inliner import inline_local_functions
 
-        inlined = inline_local_functions(model)
+        try:
+            inlined = inline_local_functions(model)
+        except Exception as err:  # noqa: BLE001 - the inliner raises several types
+            fail(f"{label}: cannot inline its local functions "
+                 f"({', '.join(f.name for f in model.functions)}): "
+                 f"{(str(err).splitlines() or [type(err).__name__])[0]}")
         model.CopyFrom(inlined)
     graph = model.graph
     hoist_subgraph_constants(graph)
