@@ -21,32 +21,15 @@ degraded system may not meet them and a slower answer beats none.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from partitioner import ir
-
-__all__ = ["system_without", "fallback_name", "compile_without", "compile_fallbacks",
-           "Replanner"]
+__all__ = ["compile_without", "compile_fallbacks", "Replanner"]
 
 log = logging.getLogger("runtime.replan")
-
-
-def system_without(system: ir.System, lost: Iterable[str]) -> ir.System:
-    """``system`` minus the ``lost`` devices and their links."""
-    lost = set(lost)
-    return dataclasses.replace(
-        system, devices=tuple(d for d in system.devices if d.name not in lost),
-        links=tuple(k for k in system.links if k.a not in lost and k.b not in lost))
-
-
-def fallback_name(lost: Iterable[str]) -> str:
-    """Folder name under ``BUNDLE/fallback/`` for a set of lost devices."""
-    return "without-" + "+".join(sorted(lost))
 
 
 def compile_without(bundle_dir: str | Path, model: str | Path, system_path: str | Path,

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_readme import LEAN_WORKER, _run, commands, copy_repository, environment, section
+from test_readme import (
+    LEAN_WORKER,
+    _run,
+    commands,
+    copy_repository,
+    environment,
+    section,
+    stop,
+)
 
 import models
 
@@ -89,13 +97,6 @@ def test_lean_install_serves_a_bundle(tmp_path: Path) -> None:
         for name, value in expected.items():
             np.testing.assert_allclose(outputs[name], value, rtol=1e-4, atol=1e-5)
     finally:
-        for proc, _, _ in workers:
-            proc.terminate()
-        for proc, _, _ in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop([proc for proc, _, _ in workers])
     for device, (_, _, log) in zip(devices, workers, strict=True):
         assert "Traceback" not in log.read_text(), f"{device}:\n{log.read_text()}"

@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,6 +149,18 @@ def _run(command: str, prelude: list[str], cwd: Path, env: dict[str, str],
     return proc
 
 
+def stop(procs: list[subprocess.Popen[Any]]) -> None:
+    """Terminate long-running commands (servers), killing those that do not exit."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_every_readme_block_is_run() -> None:
     blocks = readme_blocks()
     assert blocks
@@ -199,15 +212,9 @@ def test_readme_commands_and_python_api_run_as_written(tmp_path: Path) -> None:
         for block in section(PYTHON_API, "python"):
             _run(f"python - <<'README_PYTHON'\n{block.text}\nREADME_PYTHON", [], work, env)
     finally:
-        for _, proc, _ in servers:
-            proc.terminate()
-        for command, proc, log in servers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert "Traceback" not in log.read_text(), f"{command}\n{log.read_text()}"
+        stop([proc for _, proc, _ in servers])
+    for command, _, log in servers:
+        assert "Traceback" not in log.read_text(), f"{command}\n{log.read_text()}"
     # what the commands should have left behind
     assert (work / "bundle" / "manifest.json").is_file()
     assert (work / "plan.png").stat().st_size > 0

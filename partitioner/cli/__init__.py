@@ -51,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()  # an unwritable stdout fails here, as one line (below)
+        return status
     except UserError as err:
         print(f"partitioner {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

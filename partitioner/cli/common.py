@@ -50,9 +50,14 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def print_json(doc: Any) -> None:
-    """One JSON document on stdout, nothing else."""
+    """One JSON document on stdout, nothing else.
+
+    Flushed here, so that an unwritable stdout (a full disk) fails inside the command,
+    as one line and exit 2, not in the interpreter's exit.
+    """
     json.dump(doc, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
