@@ -26,10 +26,13 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from partitioner import ir
-from partitioner.errors import UserError, fail
+from stagebundle.errors import UserError, fail
+from stagebundle.load import load_bundle
+
+if TYPE_CHECKING:  # the compiler is imported only on the re-planning path, lazily
+    from partitioner import ir
 
 __all__ = ["system_without", "fallback_name", "compile_without", "compile_fallbacks",
            "Replanner"]
@@ -56,10 +59,10 @@ def compile_without(bundle_dir: str | Path, model: str | Path, system_path: str 
 
     Returns the new bundle directory ``BUNDLE/fallback/without-<lost>``.
     """
+    from partitioner import ir
     from partitioner.analysis.costs import build_cost_table
     from partitioner.analysis.system import load_system
     from partitioner.backend import compile_bundle
-    from partitioner.backend.manifest import load_bundle
     from partitioner.frontend import load_model
     from partitioner.solver import solve
 
@@ -102,12 +105,11 @@ def compile_fallbacks(bundle_dir: str | Path, model: str | Path, system_path: st
                       profiles: Sequence[Any] = ()) -> dict[str, Path | None]:
     """One fallback per device of ``devices`` (default: every unpinned device of the plan)."""
     from partitioner.analysis.system import load_system
-    from partitioner.backend.manifest import load_bundle
 
     main = load_bundle(bundle_dir)
     if devices is None:
         app = load_system(system_path).application
-        used = dict.fromkeys(s.device for s in main.stages)
+        used = main.devices
         devices = [d for d in used if d not in (app.source, app.destination)]
     return {d: compile_without(bundle_dir, model, system_path, [d], profiles=profiles)
             for d in devices}
