@@ -90,6 +90,7 @@ class _Waiting:
     deadline: float
     opened: float
     timings: list[dict[str, Any]]
+    nbytes: int = 0  # tensor bytes held
 
 
 class Worker:
@@ -110,6 +111,7 @@ class Worker:
         tls: mutual TLS on every connection (see :mod:`runtime.tls`), or ``None``.
         queue_depth: requests queued per unit before senders are held back.
         max_inboxes: requests waiting for more senders at once; more are refused busy.
+        max_inbox_bytes: tensor bytes those may hold together; more are refused busy.
     """
 
     inline = True
@@ -118,7 +120,8 @@ class Worker:
                  listen: tuple[str, int] = ("127.0.0.1", 0), token: str | None = None,
                  threads: int | None = None, grpc_port: int | None = None,
                  send_timeout: float = 10.0, tls: TLSConfig | None = None,
-                 spin: bool = False, queue_depth: int = 64, max_inboxes: int = 1024) -> None:
+                 spin: bool = False, queue_depth: int = 64, max_inboxes: int = 1024,
+                 max_inbox_bytes: int = 256 << 20) -> None:
         check_bind(listen[0], token)
         if queue_depth < 1 or max_inboxes < 1:
             fail("queue depth and inbox cap must be at least 1")
@@ -129,6 +132,8 @@ class Worker:
         self.spin = spin
         self.queue_depth = queue_depth
         self.max_inboxes = max_inboxes
+        self.max_inbox_bytes = max_inbox_bytes
+        self._inbox_bytes = 0
         self.views: dict[str, BundleView] = {}
         self.runners: dict[UnitKey, StageRunner] = {}
         self.queues: dict[UnitKey, queue.Queue[Job]] = {}
@@ -250,10 +255,10 @@ class Worker:
             with self._stats_lock:
                 stats, received = dict(self.stats), dict(self.received)
             with self._inbox_lock:
-                waiting = len(self._inboxes)
+                waiting, held = len(self._inboxes), self._inbox_bytes
             return {"type": "ready", "ready": self.ready, "device": self.device,
                     "stages": self.stage_list(), "stats": stats, "received": received,
-                    "waiting": waiting,
+                    "waiting": waiting, "waiting_bytes": held,
                     "queued": {f"{p}:{u}": q.qsize() for (p, u), q in self.queues.items()}}
         if kind == "reload":
             try:
@@ -358,6 +363,7 @@ class Worker:
         now = time.monotonic()
         deadline = now + float(budget)  # type: ignore[arg-type]
         ik = (plan, rid, attempt, unit_key)
+        size = sum(a.nbytes for a in tensors.values())
         with self._inbox_lock:
             box = self._inboxes.pop(ik, None)
             if box is None:
@@ -365,11 +371,24 @@ class Worker:
                     raise Busy(f"{where}: device {self.device} has {self.max_inboxes} "
                                f"requests waiting for their senders")
                 box = _Waiting(Inbox(senders), dict(h), deadline, now, [])
-            box.inbox.add(sender, message)  # a repeated sender is refused
+            else:
+                self._inbox_bytes -= box.nbytes
+            try:
+                box.inbox.add(sender, message)  # a repeated sender is refused
+            except UserError:
+                self._keep(ik, box)
+                raise
             merge_timings(box.timings, h.get("timings"))
             box.deadline = min(box.deadline, deadline)
             if not box.inbox.complete:
-                self._inboxes[ik] = box
+                if self._inbox_bytes + box.nbytes + size > self.max_inbox_bytes:
+                    del box.inbox.received[sender]
+                    self._keep(ik, box)
+                    raise Busy(f"{where}: device {self.device} holds "
+                               f"{self._inbox_bytes >> 20} MiB of requests waiting for "
+                               f"their senders")
+                box.nbytes += size
+                self._keep(ik, box)
                 return None
         what = f"{where} (stage {unit_key}, device {self.device})"
         assembled = box.inbox.tensors(view.unit_map[unit_key].receives, what)
@@ -378,6 +397,12 @@ class Worker:
                   "route": first.get("route"), "reply": first.get("reply"),
                   "timings": box.timings}
         return Job(header, assembled, box.deadline, box.opened, now)
+
+    def _keep(self, ik: tuple[str, str, int, str], box: _Waiting) -> None:
+        """(Re)file an incomplete inbox (the inbox lock is held)."""
+        if box.inbox.received:
+            self._inboxes[ik] = box
+            self._inbox_bytes += box.nbytes
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
         """Send a message to the request's reply address (best effort)."""
@@ -397,6 +422,7 @@ class Worker:
             with self._inbox_lock:
                 dead = [k for k, b in self._inboxes.items() if b.deadline < now]
                 boxes = [self._inboxes.pop(k) for k in dead]
+                self._inbox_bytes -= sum(b.nbytes for b in boxes)
             for (_, rid, attempt, unit), box in zip(dead, boxes, strict=True):
                 self._count("expired")
                 missing = [s for s in box.inbox.senders if s not in box.inbox.received]

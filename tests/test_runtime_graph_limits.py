@@ -110,7 +110,8 @@ def test_inboxes_are_capped_and_expire(tmp_path, replies) -> None:
         assert cloud.stats["expired"] == 2
         with connect(cloud.address, 5.0) as sock:
             send_frame(sock, {"type": "ready", "token": TOKEN})
-            assert recv_frame(sock, max_body=0).header["waiting"] == 0
+            ready = recv_frame(sock, max_body=0).header
+        assert ready["waiting"] == 0 and ready["waiting_bytes"] == 0
         # a message the plan does not declare is refused, naming the request
         bad = _send(cloud, {"id": "q9", **common, "from": "1"}, {"s": _a()})
         assert bad["code"] == "bad_request" and "q9" in bad["message"]
@@ -172,3 +173,24 @@ def test_cli_unwritable_output_and_busy_port_are_one_line(tmp_path, capsys) -> N
         err = capsys.readouterr().err
         assert code == 2 and "cannot listen there" in err and len(err.strip().splitlines()) == 1
     assert not list(Path(tmp_path).glob("*.npz"))
+
+
+def test_inbox_bytes_are_capped(tmp_path, replies) -> None:
+    built = skip_bundle(tmp_path / "m")
+    one = _a().nbytes
+    cloud = Worker(built.bundle, "cloud", token=TOKEN, max_inbox_bytes=one + one // 2).start()
+    try:
+        common = {"unit": "2", "from": "0", "budget": 30, "route": {},
+                  "reply": replies.address}
+        first = _send(cloud, {"id": "m0", **common}, {"s": _a()})
+        second = _send(cloud, {"id": "m1", **common}, {"s": _a()})
+        assert first["type"] == "accepted"
+        assert second["code"] == "busy" and "MiB of requests waiting" in second["message"]
+        # the held request completes when its other sender comes; the cap frees up
+        done = _send(cloud, {"id": "m0", **common, "from": "1"}, {"b": _a()})
+        assert done["type"] == "accepted"
+        assert _send(cloud, {"id": "m1", **common}, {"s": _a()})["type"] == "accepted"
+        results = replies.wait(1, "result")
+        assert [h["id"] for h in results] == ["m0"] and results[0]["from"] == "2"
+    finally:
+        cloud.close()
