@@ -263,7 +263,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     opts.intra_op_num_threads = threads
     full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     units = list(view.units())
-    runners = [StageRunner(u, view.bundle.unit_path(u), threads=threads) for u in units]
+    runners = [StageRunner(u, view.root, threads=threads) for u in units]
     available, stage_t = dict(feeds), []
     for r in runners:  # a chain: each stage's inputs were produced by earlier ones
         inp = {n: available[n] for n in r.input_names}

@@ -109,7 +109,7 @@ class LocalExecutor:
                  threads: int | None = None) -> None:
         self.view = _views(bundle)[MAIN]
         units = list(self.view.units())
-        self.runners = {u.key: StageRunner(u, self.view.bundle.unit_path(u), threads=threads)
+        self.runners = {u.key: StageRunner(u, self.view.root, threads=threads)
                         for u in units}
         self._units = {u.key: cf.ThreadPoolExecutor(1, thread_name_prefix=f"local-{u.key}")
                        for u in units}

@@ -26,7 +26,7 @@ import numpy as np
 
 from stagebundle.errors import fail
 from stagebundle.graph import HEIGHT, expected_senders
-from stagebundle.load import load_bundle, safe_path
+from stagebundle.load import load_bundle, read_verified, safe_path
 from stagebundle.manifest import INPUT, MANIFEST, OUTPUT, Bundle, Send, TensorSpec, Unit
 
 __all__ = [
@@ -213,7 +213,13 @@ def merge_timings(into: list[dict[str, Any]], more: Any) -> None:
 
 
 class StageRunner:
-    """An ONNX Runtime session for one unit (CPU; ``threads`` intra-op threads).
+    """An ONNX Runtime session for unit ``unit`` of the bundle in ``root`` (CPU;
+    ``threads`` intra-op threads).
+
+    The unit file's bytes are read once, checked against the manifest's SHA-256 *as
+    read*, and handed to ONNX Runtime (no check-then-open race); a unit with external
+    data is opened by path, ONNX Runtime resolving the data file next to it (its digest
+    was checked by the loader).
 
     ``spin``: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off
     here by default: a worker shares its host with its other units (pipelining) and often
@@ -221,13 +227,16 @@ class StageRunner:
     (benchmarks/partition_sweep.py measured the difference on 2 cores).
     """
 
-    def __init__(self, unit: Unit, path: str | Path, *, threads: int | None = None,
+    def __init__(self, unit: Unit, root: str | Path, *, threads: int | None = None,
                  spin: bool = False,
                  providers: Iterable[str] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
 
         self.unit = unit
-        self.path = Path(path)
+        self.path = Path(root) / unit.file
+        what = f"stage {unit.key} ({unit.device})"
+        model: bytes | str = str(self.path) if unit.external_data is not None else \
+            read_verified(Path(root), unit.file, unit.sha256, what)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -235,8 +244,7 @@ class StageRunner:
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), opts,
-                                                providers=list(providers))
+            self.session = ort.InferenceSession(model, opts, providers=list(providers))
         except Exception as err:  # ORT raises its own exception types
             fail(f"stage {unit.key} ({self.path.name}): ONNX Runtime cannot load it: "
                  f"{str(err).splitlines()[0] if str(err) else err.__class__.__name__}")

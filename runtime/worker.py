@@ -210,7 +210,7 @@ class Worker:
                 if unit.device != self.device:
                     continue
                 k = (key, unit.key)
-                self.runners[k] = StageRunner(unit, view.bundle.unit_path(unit),
+                self.runners[k] = StageRunner(unit, view.root,
                                               threads=self.threads, spin=self.spin)
                 self.queues[k] = queue.Queue(self.queue_depth)
                 self.locks[k] = threading.Lock()
