@@ -1,7 +1,7 @@
 """Executors: run a bundle in this process, or drive workers on other hosts.
 
-:class:`LocalExecutor` runs the stage graph with ONNX Runtime in one process (``runtime
-run --local``), by the very rules the workers follow (:func:`stagebundle.graph.run_graph`).
+:class:`LocalExecutor` (:mod:`runtime.local`, re-exported here) runs the stage graph with
+ONNX Runtime in one process (``runtime run --local``), by the very rules the workers follow.
 :class:`RemoteExecutor` sends the bundle's ``input_sends`` (rows cut with
 :func:`stagebundle.graph.take_rows`) to the host of each receiving unit, with the route
 (device -> host:port) and a reply address, and gathers every message the units send to
@@ -36,18 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from runtime.local import LocalExecutor, RequestError, check_model_inputs, views_of
 from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import (
-    MAIN,
     BundleView,
-    StageRunner,
     check_message,
-    check_tensor,
     merge_timings,
     open_bundle,
-    open_bundles,
     piece_rows,
 )
 from runtime.tls import TLSConfig
@@ -60,8 +57,8 @@ from runtime.transport import (
     send_frame,
 )
 from stagebundle.errors import UserError, fail
-from stagebundle.graph import Inbox, Message, outgoing, run_graph
-from stagebundle.manifest import INPUT, OUTPUT, Unit
+from stagebundle.graph import Inbox, Message, outgoing
+from stagebundle.manifest import INPUT, OUTPUT
 
 __all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_inputs", "probe",
            "probe_status"]
@@ -69,100 +66,6 @@ __all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_input
 log = logging.getLogger("runtime.executor")
 
 RETRYABLE = frozenset({"unreachable", "no_route", "deadline"})
-
-
-class RequestError(UserError):
-    """A request failed for good; the message names its id and why."""
-
-    exit_code = 3
-
-
-def check_model_inputs(view: BundleView, inputs: Mapping[str, np.ndarray]) -> None:
-    """``inputs`` are exactly the model inputs, with their declared dtype and shape."""
-    names = {t.name for t in view.inputs}
-    for name in inputs:
-        if name not in names:
-            fail(f"input {name!r}: not an input of the model (inputs: {', '.join(names)})")
-    for t in view.inputs:
-        if t.name not in inputs:
-            fail(f"input {t.name}: missing")
-        check_tensor(t, np.asarray(inputs[t.name]), "model input")
-
-
-def _views(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:
-    if isinstance(bundle, BundleView):
-        return {bundle.key: bundle}
-    if isinstance(bundle, Mapping):
-        return dict(bundle)
-    return open_bundles(bundle)
-
-
-class LocalExecutor:
-    """Every unit in this process with ONNX Runtime; ``submit`` pipelines across units.
-
-    Each request walks the stage graph with :func:`stagebundle.graph.run_graph` (the
-    workers' rules: inboxes, sends, row pieces); each unit runs on its own thread, so
-    request k+1 runs unit 0 while request k runs unit 1.
-    """
-
-    def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView], *,
-                 threads: int | None = None) -> None:
-        self.view = _views(bundle)[MAIN]
-        units = list(self.view.units())
-        self.runners = {u.key: StageRunner(u, self.view.root, threads=threads)
-                        for u in units}
-        self._units = {u.key: cf.ThreadPoolExecutor(1, thread_name_prefix=f"local-{u.key}")
-                       for u in units}
-        # drives the requests through the graph (each mostly waits on a unit thread)
-        self._requests = cf.ThreadPoolExecutor(len(units) + 1,
-                                               thread_name_prefix="local-request")
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
-
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one request through every unit; returns the model outputs by name."""
-        return self.submit(inputs).result()
-
-    def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
-               ) -> cf.Future[dict[str, np.ndarray]]:
-        check_model_inputs(self.view, inputs)
-        rid = request_id or uuid.uuid4().hex
-        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
-        fut.request_id = rid  # type: ignore[attr-defined]
-        feeds = {k: np.asarray(v) for k, v in inputs.items()}
-        self._requests.submit(self._request, rid, feeds, fut)
-        return fut
-
-    def _request(self, rid: str, feeds: dict[str, np.ndarray], fut: cf.Future[Any]) -> None:
-        record: dict[str, Any] = {"id": rid, "plan": MAIN, "attempts": 1, "timings": []}
-        start = time.perf_counter()
-
-        def run(unit: Unit, tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-            t0 = time.perf_counter()
-            out = self._units[unit.key].submit(self.runners[unit.key].run, tensors).result()
-            record["timings"].append({"stage": unit.key, "device": unit.device,
-                                      "queue": 0.0, "compute": time.perf_counter() - t0})
-            return out
-
-        try:
-            outputs = run_graph(self.view.bundle, feeds, run)
-        except Exception as err:
-            fut.set_exception(RequestError(
-                f"request {rid}: {err.__class__.__name__}: {str(err).splitlines()[0]}"))
-            return
-        record["latency"] = time.perf_counter() - start
-        self.records.append(record)
-        fut.set_result(outputs)
-
-    def close(self) -> None:
-        self._requests.shutdown(wait=False)
-        for p in self._units.values():
-            p.shutdown(wait=False)
-
-    def __enter__(self) -> LocalExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def probe_status(addr: tuple[str, int], timeout: float = 1.0,
@@ -232,7 +135,7 @@ class RemoteExecutor:
                  replanner: Callable[[frozenset[str]], str | None] | None = None,
                  probe_interval: float = 0.25, probe_timeout: float = 1.0,
                  probe_strikes: int = 2, tls: TLSConfig | None = None) -> None:
-        self.views = _views(bundle)
+        self.views = views_of(bundle)
         self.view = self.views["main"]
         self.hosts: dict[str, tuple[str, int]] = {}
         for dev, text in hosts.items():

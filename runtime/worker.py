@@ -49,14 +49,14 @@ from runtime.stages import (
     BundleView,
     StageRunner,
     check_message,
-    merge_timings,
     open_bundles,
     piece_rows,
 )
 from runtime.tls import TLSConfig
 from runtime.transport import ConnectionPool, format_address, parse_address
+from runtime.waiting import Busy, WaitingRoom
 from stagebundle.errors import UserError, fail
-from stagebundle.graph import Inbox, Message, held_after, outgoing
+from stagebundle.graph import Message, held_after, outgoing
 from stagebundle.manifest import OUTPUT
 
 __all__ = ["Worker", "Job", "Busy"]
@@ -64,10 +64,6 @@ __all__ = ["Worker", "Job", "Busy"]
 log = logging.getLogger("runtime.worker")
 
 UnitKey = tuple[str, str]  # (plan key, unit key)
-
-
-class Busy(Exception):
-    """The worker cannot take the request now (inboxes or a unit queue are full)."""
 
 
 @dataclass
@@ -79,18 +75,6 @@ class Job:
     deadline: float  # time.monotonic() by which the request must be done
     received: float = field(default_factory=time.monotonic)  # its first message arrived
     ready: float = field(default_factory=time.monotonic)  # its last message arrived
-
-
-@dataclass
-class _Waiting:
-    """An inbox of one request for one unit, waiting for the rest of its senders."""
-
-    inbox: Inbox
-    header: dict[str, Any]
-    deadline: float
-    opened: float
-    timings: list[dict[str, Any]]
-    nbytes: int = 0  # tensor bytes held
 
 
 class Worker:
@@ -131,16 +115,12 @@ class Worker:
         self.threads = threads
         self.spin = spin
         self.queue_depth = queue_depth
-        self.max_inboxes = max_inboxes
-        self.max_inbox_bytes = max_inbox_bytes
-        self._inbox_bytes = 0
         self.views: dict[str, BundleView] = {}
         self.runners: dict[UnitKey, StageRunner] = {}
         self.queues: dict[UnitKey, queue.Queue[Job]] = {}
         self.locks: dict[UnitKey, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
-        self._inboxes: dict[tuple[str, str, int, str], _Waiting] = {}
-        self._inbox_lock = threading.Lock()
+        self.waiting = WaitingRoom(device, max_inboxes, max_inbox_bytes)
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0, "busy": 0,
@@ -254,8 +234,7 @@ class Worker:
         if kind == "ready":
             with self._stats_lock:
                 stats, received = dict(self.stats), dict(self.received)
-            with self._inbox_lock:
-                waiting, held = len(self._inboxes), self._inbox_bytes
+            waiting, held = self.waiting.usage()
             return {"type": "ready", "ready": self.ready, "device": self.device,
                     "stages": self.stage_list(), "stats": stats, "received": received,
                     "waiting": waiting, "waiting_bytes": held,
@@ -362,34 +341,10 @@ class Worker:
         message: Message = {n: (rows[n], a) for n, a in tensors.items()}
         now = time.monotonic()
         deadline = now + float(budget)  # type: ignore[arg-type]
-        ik = (plan, rid, attempt, unit_key)
-        size = sum(a.nbytes for a in tensors.values())
-        with self._inbox_lock:
-            box = self._inboxes.pop(ik, None)
-            if box is None:
-                if len(senders) > 1 and len(self._inboxes) >= self.max_inboxes:
-                    raise Busy(f"{where}: device {self.device} has {self.max_inboxes} "
-                               f"requests waiting for their senders")
-                box = _Waiting(Inbox(senders), dict(h), deadline, now, [])
-            else:
-                self._inbox_bytes -= box.nbytes
-            try:
-                box.inbox.add(sender, message)  # a repeated sender is refused
-            except UserError:
-                self._keep(ik, box)
-                raise
-            merge_timings(box.timings, h.get("timings"))
-            box.deadline = min(box.deadline, deadline)
-            if not box.inbox.complete:
-                if self._inbox_bytes + box.nbytes + size > self.max_inbox_bytes:
-                    del box.inbox.received[sender]
-                    self._keep(ik, box)
-                    raise Busy(f"{where}: device {self.device} holds "
-                               f"{self._inbox_bytes >> 20} MiB of requests waiting for "
-                               f"their senders")
-                box.nbytes += size
-                self._keep(ik, box)
-                return None
+        box = self.waiting.file((plan, rid, attempt, unit_key), senders, sender, message,
+                                dict(h), deadline, now, where)
+        if box is None:
+            return None
         what = f"{where} (stage {unit_key}, device {self.device})"
         assembled = box.inbox.tensors(view.unit_map[unit_key].receives, what)
         first = box.header
@@ -397,12 +352,6 @@ class Worker:
                   "route": first.get("route"), "reply": first.get("reply"),
                   "timings": box.timings}
         return Job(header, assembled, box.deadline, box.opened, now)
-
-    def _keep(self, ik: tuple[str, str, int, str], box: _Waiting) -> None:
-        """(Re)file an incomplete inbox (the inbox lock is held)."""
-        if box.inbox.received:
-            self._inboxes[ik] = box
-            self._inbox_bytes += box.nbytes
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
         """Send a message to the request's reply address (best effort)."""
@@ -418,12 +367,7 @@ class Worker:
     def _reap_loop(self) -> None:
         """Drop the inboxes whose deadline passed (their other senders never came)."""
         while not self._stop.wait(0.5):
-            now = time.monotonic()
-            with self._inbox_lock:
-                dead = [k for k, b in self._inboxes.items() if b.deadline < now]
-                boxes = [self._inboxes.pop(k) for k in dead]
-                self._inbox_bytes -= sum(b.nbytes for b in boxes)
-            for (_, rid, attempt, unit), box in zip(dead, boxes, strict=True):
+            for (_, rid, attempt, unit), box in self.waiting.expired(time.monotonic()):
                 self._count("expired")
                 missing = [s for s in box.inbox.senders if s not in box.inbox.received]
                 self._notify(box.header, {
