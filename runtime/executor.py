@@ -28,7 +28,6 @@ import logging
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from runtime.local import LocalExecutor, RequestError, check_model_inputs, views_of
+from runtime.local import (
+    LocalExecutor,
+    RequestError,
+    check_model_inputs,
+    new_request,
+    views_of,
+)
 from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
@@ -192,12 +197,8 @@ class RemoteExecutor:
     def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
                ) -> cf.Future[dict[str, np.ndarray]]:
         """Start a request; the future's ``request_id`` attribute is its id."""
-        check_model_inputs(self.view, inputs)
-        rid = request_id or uuid.uuid4().hex
-        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
-        fut.request_id = rid  # type: ignore[attr-defined]
-        p = _Pending(rid, {k: np.asarray(v) for k, v in inputs.items()}, fut,
-                     deadline=time.monotonic() + self.timeout)
+        rid, fut, feeds = new_request(self.view, inputs, request_id)
+        p = _Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout)
         with self._lock:
             if rid in self._pending:
                 fail(f"request {rid}: id already in flight")

@@ -23,7 +23,8 @@ from stagebundle.errors import UserError, fail
 from stagebundle.graph import run_graph
 from stagebundle.manifest import Unit
 
-__all__ = ["RequestError", "LocalExecutor", "check_model_inputs", "views_of"]
+__all__ = ["RequestError", "LocalExecutor", "check_model_inputs", "new_request",
+           "views_of"]
 
 
 class RequestError(UserError):
@@ -42,6 +43,17 @@ def check_model_inputs(view: BundleView, inputs: Mapping[str, np.ndarray]) -> No
         if t.name not in inputs:
             fail(f"input {t.name}: missing")
         check_tensor(t, np.asarray(inputs[t.name]), "model input")
+
+
+def new_request(view: BundleView, inputs: Mapping[str, np.ndarray],
+                request_id: str | None) -> tuple[str, cf.Future[dict[str, np.ndarray]],
+                                                 dict[str, np.ndarray]]:
+    """Check a request's inputs; its id, its future (``request_id`` attribute) and feeds."""
+    check_model_inputs(view, inputs)
+    rid = request_id or uuid.uuid4().hex
+    fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
+    fut.request_id = rid  # type: ignore[attr-defined]
+    return rid, fut, {k: np.asarray(v) for k, v in inputs.items()}
 
 
 def views_of(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:
@@ -79,11 +91,7 @@ class LocalExecutor:
 
     def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
                ) -> cf.Future[dict[str, np.ndarray]]:
-        check_model_inputs(self.view, inputs)
-        rid = request_id or uuid.uuid4().hex
-        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
-        fut.request_id = rid  # type: ignore[attr-defined]
-        feeds = {k: np.asarray(v) for k, v in inputs.items()}
+        rid, fut, feeds = new_request(self.view, inputs, request_id)
         self._requests.submit(self._request, rid, feeds, fut)
         return fut
 
