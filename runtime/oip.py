@@ -2,8 +2,21 @@
 
 A stock ``tritonclient.grpc`` client can check a worker's liveness and readiness, read a
 stage's metadata and run ``ModelInfer`` on it. Each stage the worker serves is a model
-named ``stage<id>`` (``<fallback>.stage<id>`` for fallback plans), version ``1``. Only the
-service stubs that ``tritonclient`` ships (``service_pb2`` / ``service_pb2_grpc``) are used.
+named as in the bundle's Triton repositories, ``<model>_stage<id>`` (see
+:func:`partitioner.backend.triton.triton_model_name`), version ``1``, so one client works
+against this port and against Triton; ``stage<id>`` is accepted as an alias. Fallback
+plans prefix ``<fallback>.`` to both. Only the service stubs that ``tritonclient`` ships
+(``service_pb2`` / ``service_pb2_grpc``) are used.
+
+Requests are checked before any array is built: datatype, rank, every dimension
+non-negative and the element count computed on Python integers (``np.prod`` on int64
+wraps round for a shape like ``[2**62, 4]``) and compared with the stage's declared shape,
+so a lying or giant shape is one ``INVALID_ARGUMENT`` line, never a traceback.
+
+With TLS (``--tls-*``) the port presents the node certificate; a stock client must be
+given the CA (``root_certificates``) and, because clients check the host name, the
+certificate must name the address the client dials: ``runtime certs SYSTEM -o DIR``
+(:mod:`runtime.certs`) makes certificates with those IP SANs.
 
 Security matches the TCP port: the same bind policy, the token as gRPC metadata
 ``authorization: Bearer <token>`` (all calls but ``ServerLive``), tensors checked against
@@ -14,7 +27,10 @@ the manifest before ONNX Runtime sees them, and message caps sized from the stag
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -22,6 +38,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
+from partitioner.backend.triton import triton_model_name
 from partitioner.errors import UserError
 from runtime.security import token_matches
 from runtime.stages import StageRunner, check_tensor
@@ -29,7 +46,7 @@ from runtime.stages import StageRunner, check_tensor
 if TYPE_CHECKING:
     from runtime.worker import Worker
 
-__all__ = ["OipServer", "start_oip_server", "model_name", "TRITON_DTYPES"]
+__all__ = ["OipServer", "start_oip_server", "model_name", "model_names", "TRITON_DTYPES"]
 
 log = logging.getLogger("runtime.oip")
 
@@ -46,16 +63,59 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
 
 
-def model_name(plan: str, stage_id: str) -> str:
-    """The OIP model name of a stage (``stage0``; ``without-hub.stage1`` for fallbacks)."""
-    if plan == "main":
-        return f"stage{stage_id}"
-    return f"{plan.split('/', 1)[-1]}.stage{stage_id}"
+def model_names(plan: str, stage_id: str, model: str | None = None) -> tuple[str, ...]:
+    """The OIP names of a stage: the Triton name first, then the ``stage<id>`` alias.
+
+    ``<model>_stage1`` and ``stage1`` for the main plan; ``without-hub.<model>_stage1`` and
+    ``without-hub.stage1`` for a fallback plan. Without a model name only the alias.
+    """
+    names = [f"stage{stage_id}"]
+    if model and stage_id.isdigit():
+        names.insert(0, triton_model_name(model, int(stage_id)))
+    if plan != "main":
+        prefix = plan.split("/", 1)[-1]
+        names = [f"{prefix}.{n}" for n in names]
+    return tuple(names)
+
+
+def model_name(plan: str, stage_id: str, model: str | None = None) -> str:
+    """The name a stage is listed under (see :func:`model_names`)."""
+    return model_names(plan, stage_id, model)[0]
+
+
+def bundle_model_name(root: Path) -> str | None:
+    """The model name in a bundle's manifest (already verified by the loader), if any."""
+    try:
+        doc = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+        name = doc["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+_MAX_RANK = 16
+
+
+def _dims(shape: Any, where: str, name: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, refusing ranks above 16 (no int64 maths)."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) > _MAX_RANK or any(d < 0 for d in dims):
+        raise UserError(f"{where}: tensor {name}: bad shape {list(dims)}")
+    return dims
 
 
 class _Servicer(pbg.GRPCInferenceServiceServicer):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        self._models: dict[str, str | None] = {}  # plan key -> model name (manifest)
+
+    def _names(self, plan: str, stage_id: str) -> tuple[str, ...]:
+        if plan not in self._models:
+            view = self.worker.views.get(plan)
+            model = getattr(view, "model_name", None)  # a view may carry it one day
+            self._models[plan] = model if isinstance(model, str) else (
+                None if view is None else bundle_model_name(view.root))
+        return model_names(plan, stage_id, self._models[plan])
 
     # --------------------------------------------------------------- helpers
     def _auth(self, context: grpc.ServicerContext) -> None:
@@ -69,7 +129,7 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
 
     def _runner(self, name: str, context: grpc.ServicerContext) -> StageRunner:
         for (plan, sid), runner in list(self.worker.runners.items()):
-            if model_name(plan, sid) == name:
+            if name in self._names(plan, sid):
                 return runner
         context.abort(grpc.StatusCode.NOT_FOUND,
                       f"model {name!r} is not a stage served by device {self.worker.device}")
@@ -85,7 +145,7 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._auth(context)
-        ok = any(model_name(p, s) == request.name for p, s in list(self.worker.runners))
+        ok = any(request.name in self._names(p, s) for p, s in list(self.worker.runners))
         return pb.ModelReadyResponse(ready=ok and self.worker.ready)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -129,10 +189,16 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
                 if dtype is None:
                     raise UserError(f"{where}: tensor {inp.name}: datatype {inp.datatype!r} "
                                     f"is not supported")
-                shape = tuple(int(d) for d in inp.shape)
+                shape = _dims(inp.shape, where, inp.name)
+                if dtype != spec.dtype:  # (the wording of stages.check_tensor)
+                    raise UserError(f"{where}: tensor {inp.name} has dtype {dtype}, "
+                                    f"expected {spec.dtype}")
+                if list(shape) != list(spec.shape):
+                    raise UserError(f"{where}: tensor {inp.name} has shape {list(shape)}, "
+                                    f"expected {list(spec.shape)}")
                 if raw:
                     buf = raw[i]
-                    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                    expected = math.prod(shape) * np.dtype(dtype).itemsize
                     if len(buf) != expected:
                         raise UserError(f"{where}: tensor {inp.name}: {len(buf)} B for "
                                         f"shape {list(shape)} {inp.datatype}")
@@ -142,10 +208,11 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
                     if field is None:
                         raise UserError(f"{where}: tensor {inp.name}: {inp.datatype} needs "
                                         f"raw_input_contents")
-                    arr = np.asarray(getattr(inp.contents, field), dtype=dtype)
-                    if arr.size != int(np.prod(shape, dtype=np.int64)):
-                        raise UserError(f"{where}: tensor {inp.name}: {arr.size} values for "
-                                        f"shape {list(shape)}")
+                    values = getattr(inp.contents, field)
+                    if len(values) != math.prod(shape):
+                        raise UserError(f"{where}: tensor {inp.name}: {len(values)} values "
+                                        f"for shape {list(shape)}")
+                    arr = np.asarray(values, dtype=dtype)
                 arr = arr.reshape(shape)
                 check_tensor(spec, arr, where)
                 feeds[inp.name] = arr
