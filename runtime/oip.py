@@ -94,6 +94,7 @@ def bundle_model_name(root: Path) -> str | None:
 
 
 _MAX_RANK = 16
+_MAX_RPCS = 32  # requests in the OIP server at once (4 run, the rest wait)
 
 
 def _dims(shape: Any, where: str, name: str) -> tuple[int, ...]:
@@ -257,9 +258,14 @@ def start_oip_server(worker: Worker, host: str, port: int) -> OipServer:
               + sum(t.nbytes for t in r.stage.outputs)
               for (p, _), r in worker.runners.items()) + (1 << 20)
     cap = min(cap, (1 << 31) - 1)  # gRPC takes an int32
+    # bounded like the TCP port: RPCs beyond the cap get RESOURCE_EXHAUSTED (a typed
+    # "busy") instead of queueing without end; idle connections are closed after a minute
     server = grpc.server(cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="oip"),
                          options=[("grpc.max_receive_message_length", cap),
-                                  ("grpc.max_send_message_length", cap)])
+                                  ("grpc.max_send_message_length", cap),
+                                  ("grpc.max_concurrent_streams", 16),
+                                  ("grpc.max_connection_idle_ms", 60_000)],
+                         maximum_concurrent_rpcs=_MAX_RPCS)
     pbg.add_GRPCInferenceServiceServicer_to_server(_Servicer(worker), server)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if worker.tls is not None:

@@ -332,7 +332,10 @@ class FrameServer:
                     reply is None or reply.get("type") != "error"):
                 with self._lock:
                     state.proven = True
-                conn.settimeout(self.idle_timeout)
+                try:
+                    conn.settimeout(self.idle_timeout)
+                except OSError:  # closed meanwhile (server shutting down)
+                    return
             if reply is not None and not self._reply(conn, reply):
                 return
             if after is not None:

@@ -104,6 +104,9 @@ def _time_left(deadline: float, what: str) -> float:
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux") and hasattr(socket, "MSG_WAITALL")
 _BULK = 64 * 1024  # bytes from which the kernel-timeout path pays for its extra calls
 _TIMEVAL = struct.Struct("@ll")
+# A body below this is read together with its header (one call, not two) and so before
+# ``check_header`` sees the header: what a peer without the token can make us read.
+_SMALL_BODY = 16 * 1024
 
 
 def _bulk_path(sock: socket.socket, size: int) -> bool:
@@ -137,6 +140,25 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
         n = sock.recv_into(view[got:])
         if not n:
             raise _truncated(got, size, what)
+        got += n
+
+
+def _fill_pair(sock: socket.socket, head: memoryview, body: memoryview,
+               deadline: float | None) -> None:
+    """Fill a small frame's header and body with one ``recvmsg_into`` (both usually wait
+    in the socket already), else one after the other."""
+    if type(sock) is not socket.socket or not hasattr(sock, "recvmsg_into"):
+        _fill(sock, head, deadline, "header")
+        _fill(sock, body, deadline, "body")
+        return
+    size, got = len(head) + len(body), 0
+    while got < size:
+        if deadline is not None:
+            sock.settimeout(_time_left(deadline, "header"))
+        parts = [head[got:], body] if got < len(head) else [body[got - len(head):]]
+        n = sock.recvmsg_into(parts)[0]
+        if not n:
+            raise _truncated(got, size, "header and body")
         got += n
 
 
@@ -223,8 +245,9 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
     and its prefix and header within ``header_timeout`` (default: the same), so a peer
     that sends part of a frame, or dribbles it a byte at a time, cannot hold the reader.
     ``check_header(header, body_len)`` runs after the header and before the body is
-    allocated or read (the token check of :class:`runtime.server.FrameServer`); it refuses
-    a frame by raising :class:`ProtocolError`. The body is read into an uninitialised
+    allocated or read (the token check of :class:`runtime.server.FrameServer`; a body under
+    16 KiB is read with its header, in one call, and checked just after); it refuses a frame
+    by raising :class:`ProtocolError`. The body is read into an uninitialised
     ``uint8`` array; the tensors are views of it.
 
     Raises:
@@ -250,14 +273,23 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
                 _fill(sock, view[n:], head_deadline, "prefix")
             header_len, body_len = unpack_prefix(prefix, max_header, max_body)
             head = bytearray(header_len)
-            _fill(sock, memoryview(head), head_deadline, "header")
-            header = parse_header(head)
-            if check_header is not None:
-                check_header(header, body_len)
-            body = _allocate_body(body_len)
-            if body_len:
-                fill = _fill_bulk if _bulk_path(sock, body_len) else _fill
-                fill(sock, memoryview(body), frame_deadline, "body")  # type: ignore[arg-type]
+            if 0 < body_len < _SMALL_BODY:  # with its header: one read, checked just after
+                body = _allocate_body(body_len)
+                _fill_pair(sock, memoryview(head), memoryview(body),  # type: ignore[arg-type]
+                           head_deadline)
+                header = parse_header(head)
+                if check_header is not None:
+                    check_header(header, body_len)
+            else:
+                _fill(sock, memoryview(head), head_deadline, "header")
+                header = parse_header(head)
+                if check_header is not None:
+                    check_header(header, body_len)
+                body = _allocate_body(body_len)
+                if body_len:
+                    fill = _fill_bulk if _bulk_path(sock, body_len) else _fill
+                    fill(sock, memoryview(body), frame_deadline,  # type: ignore[arg-type]
+                         "body")
         except TimeoutError as err:
             raise ProtocolError(f"truncated frame: the {err or 'frame'} did not arrive in "
                                 f"time", "truncated") from None

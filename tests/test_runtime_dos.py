@@ -226,3 +226,28 @@ def test_many_attackers_at_once_then_a_client(serve) -> None:
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_real_worker_survives_idle_sockets_and_odd_tokens(tmp_path) -> None:
+    """The same attacks on a worker (its FrameServer as the worker builds it)."""
+    from runtime.worker import Worker
+    from tests.test_runtime_fixtures import TOKEN as WORKER_TOKEN
+    from tests.test_runtime_fixtures import build
+
+    built = build(tmp_path / "b", fallbacks=False)
+    worker = Worker(built.bundle, "hub", token=WORKER_TOKEN).start()
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection(worker.address, timeout=10) for _ in range(300)]
+        for token in ("\ud800", "wrong", None):
+            with connect(worker.address, 10.0) as sock:
+                send_frame(sock, {"type": "ready", "token": token})
+                assert recv_frame(sock, max_body=0).header["code"] == "unauthorized"
+        with connect(worker.address, 10.0) as sock:
+            send_frame(sock, {"type": "ready", "token": WORKER_TOKEN})
+            reply = recv_frame(sock, max_body=0).header
+        assert reply["type"] == "ready" and reply["ready"] is True
+    finally:
+        for s in idle:
+            s.close()
+        worker.close()
