@@ -57,26 +57,32 @@ SIZES = {  # name -> shape (float32)
 # --------------------------------------------------------------------------- echo servers
 
 
-def _echo_tcp(port_file: str) -> None:
-    from runtime.server import bind_listener
-    from runtime.transport import ConnectionClosed, recv_frame, send_frame
-
-    srv = bind_listener("127.0.0.1", 0)
+def _accept_forever(port_file: str, serve: Any, timeout: float | None = None) -> None:
+    """Listen on a free loopback port (written to ``port_file``); ``serve`` each
+    connection in its own thread, as the runtime's servers do."""
+    srv = socket.create_server(("127.0.0.1", 0))
     Path(port_file).write_text(str(srv.getsockname()[1]))
     while True:
         conn, _ = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def serve(c: socket.socket) -> None:
-            with c:
-                while True:
-                    try:
-                        f = recv_frame(c, max_body=1 << 30)
-                    except (ConnectionClosed, OSError):
-                        return
-                    send_frame(c, {"type": "echo"}, f.tensors)
-
+        conn.settimeout(timeout)
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _echo_tcp(port_file: str) -> None:
+    from runtime.transport import ConnectionClosed, recv_frame, send_frame
+
+    def serve(c: socket.socket) -> None:
+        with c:
+            while True:
+                try:
+                    f = recv_frame(c, max_body=1 << 30)
+                except (ConnectionClosed, OSError):
+                    return
+                send_frame(c, {"type": "echo"}, f.tensors)
+
+    # a timeout, as on a worker's connections (Python's timeout mode, not blocking)
+    _accept_forever(port_file, serve, timeout=600.0)
 
 
 def _echo_raw(port_file: str) -> None:
@@ -86,22 +92,16 @@ def _echo_raw(port_file: str) -> None:
     known in advance, so no per-message header, no allocation, no decoding) and a byte
     saying whether to read with ``MSG_WAITALL`` (one call per message) or a plain loop.
     """
-    srv = socket.create_server(("127.0.0.1", 0))
-    Path(port_file).write_text(str(srv.getsockname()[1]))
-    while True:
-        conn, _ = srv.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def serve(c: socket.socket) -> None:
+        with c:
+            size = bytearray(9)
+            if not _raw_fill(c, memoryview(size)):
+                return
+            buf = memoryview(bytearray(int.from_bytes(size[:8], "little")))
+            while _raw_fill(c, buf, bool(size[8])):
+                c.sendall(buf)
 
-        def serve(c: socket.socket) -> None:
-            with c:
-                size = bytearray(9)
-                if not _raw_fill(c, memoryview(size)):
-                    return
-                buf = memoryview(bytearray(int.from_bytes(size[:8], "little")))
-                while _raw_fill(c, buf, bool(size[8])):
-                    c.sendall(buf)
-
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    _accept_forever(port_file, serve)
 
 
 def _raw_fill(sock: socket.socket, view: memoryview, waitall: bool = False) -> bool:

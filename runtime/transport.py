@@ -96,11 +96,13 @@ def _time_left(deadline: float, what: str) -> float:
     return left
 
 
-# Linux, large bodies: a blocking socket with SO_RCVTIMEO / SO_SNDTIMEO bounds one whole
-# recv / send call (the kernel counts the wait down across wake-ups) and MSG_WAITALL makes
-# one recv fill the whole buffer: a few system calls per body instead of a poll() + recv()
-# pair per chunk, which is what Python's own timeouts cost. Small frames, TLS sockets and
-# other systems use Python's timeouts with ``settimeout(time left)`` before every read.
+# Reads and writes use Python's timeouts (a poll() + recv() pair per call), with
+# ``settimeout(time left)`` before each so the deadline covers the whole frame. When the
+# first call leaves a large rest (a body still arriving over a real network), Linux
+# switches to a blocking socket whose SO_RCVTIMEO / SO_SNDTIMEO bounds one whole call (the
+# kernel counts the wait down across wake-ups) and MSG_WAITALL: one call for the rest
+# instead of a pair per chunk. On loopback a body is usually there at once, and the
+# switch (4 more calls) is not made.
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux") and hasattr(socket, "MSG_WAITALL")
 _BULK = 64 * 1024  # bytes from which the kernel-timeout path pays for its extra calls
 _TIMEVAL = struct.Struct("@ll")
@@ -135,6 +137,9 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
     """
     got, size = 0, len(view)
     while got < size:
+        if got and _bulk_path(sock, size - got):
+            _fill_bulk(sock, view[got:], deadline, what)
+            return
         if deadline is not None:
             sock.settimeout(_time_left(deadline, what))
         n = sock.recv_into(view[got:])
@@ -206,17 +211,19 @@ def send_frame(sock: socket.socket, header: Mapping[str, Any],
             sock.sendall(b)
         return total
     old = sock.gettimeout()
-    bulk = old is not None and _bulk_path(sock, total)
-    if bulk:
-        sock.settimeout(None)
-        _kernel_timeout(sock, socket.SO_SNDTIMEO, old or 0.0)
+    bulk, left = False, total
     try:
         while buffers:
+            if not bulk and left < total and old is not None and _bulk_path(sock, left):
+                bulk = True  # a large rest did not fit: see _KERNEL_TIMEOUTS
+                sock.settimeout(None)
+                _kernel_timeout(sock, socket.SO_SNDTIMEO, old)
             # sendmsg takes at most IOV_MAX buffers; 512 is below every platform's limit
             try:
                 sent = sock.sendmsg(buffers[:512])
             except BlockingIOError:  # SO_SNDTIMEO ran out
                 raise TimeoutError("frame send timed out") from None
+            left -= sent
             while sent:
                 if sent >= len(buffers[0]):
                     sent -= len(buffers[0])
@@ -287,9 +294,8 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
                     check_header(header, body_len)
                 body = _allocate_body(body_len)
                 if body_len:
-                    fill = _fill_bulk if _bulk_path(sock, body_len) else _fill
-                    fill(sock, memoryview(body), frame_deadline,  # type: ignore[arg-type]
-                         "body")
+                    _fill(sock, memoryview(body), frame_deadline,  # type: ignore[arg-type]
+                          "body")
         except TimeoutError as err:
             raise ProtocolError(f"truncated frame: the {err or 'frame'} did not arrive in "
                                 f"time", "truncated") from None
