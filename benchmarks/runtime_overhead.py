@@ -239,9 +239,15 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
                                               "grpc": []}
             fns = (("raw", raw_once), ("raw_waitall", raw_waitall_once), ("tcp", tcp_once),
                    ("grpc", grpc_once))
+            cpu = dict.fromkeys(rounds, 0.0)  # CPU seconds, both ends, over all rounds
+            calls = dict.fromkeys(rounds, 0)
             for _ in range(repeats):
                 for kind, fn in fns:
+                    pid = procs["raw" if kind.startswith("raw") else kind].pid
+                    c0, s0 = time.process_time(), _cpu_seconds(pid)
                     rounds[kind].append(_median_time(fn, n) / 2 * 1e3)
+                    cpu[kind] += time.process_time() - c0 + _cpu_seconds(pid) - s0
+                    calls[kind] += n + 3  # (with _median_time's warm-up calls)
             for r in raws.values():
                 r.close()
             row: dict[str, Any] = {"tensor": name, "bytes": int(arr.nbytes), "rounds": rounds}
@@ -250,12 +256,17 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
             for floor in ("raw", "raw_waitall"):
                 row[f"tcp_over_{floor}"] = statistics.median(
                     t / r for t, r in zip(rounds["tcp"], rounds[floor], strict=True))
+            # CPU per hop (a call is a round trip: two hops) is what the load of other
+            # processes distorts least; the wall-clock figures above are medians
+            row["cpu_per_hop_us"] = {k: cpu[k] / (2 * calls[k]) * 1e6 for k in rounds}
             row["cpu_us"] = _frame_cpu_us(arr)
             rows.append(row)
             print(f"hop {name:>14} {arr.nbytes / 1e6:7.2f} MB: raw {row['raw_hop_ms']:.3f} ms"
                   f" (waitall {row['raw_waitall_hop_ms']:.3f}), tcp {row['tcp_hop_ms']:.3f} ms"
                   f" ({row['tcp_over_raw']:.2f}x raw, {row['tcp_over_raw_waitall']:.2f}x"
-                  f" waitall), grpc {row['grpc_hop_ms']:.3f} ms", file=sys.stderr)
+                  f" waitall), grpc {row['grpc_hop_ms']:.3f} ms; CPU per hop, both ends: raw"
+                  f" {row['cpu_per_hop_us']['raw']:.0f} us, tcp"
+                  f" {row['cpu_per_hop_us']['tcp']:.0f} us", file=sys.stderr)
         sock.close()
         channel.close()
     finally:
@@ -282,6 +293,15 @@ def _split(prepared: Any, parts: int = 3) -> list[tuple[int, int]]:
         first = c + 1
     bounds.append((first, len(flops) - 1))
     return bounds
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _median_time(fn: Any, n: int) -> float:
