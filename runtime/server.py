@@ -16,9 +16,9 @@ Denial of service without the token is bounded here, before a handler sees anyth
   authenticated request (a frame whose type is not in ``open_types`` that was not
   refused) it may stay idle only ``first_frame_timeout`` seconds; at most ``max_per_peer``
   of them per peer address, and when ``max_connections`` are open the oldest unproven one
-  is closed to make room. Only when every connection is proven is a newcomer refused, with
-  a typed ``busy`` error frame. So idle sockets (hundreds of them) cannot lock out a client
-  that holds the token.
+  is closed to make room (idle ones before one reading a frame it was let in). Only when
+  every connection is proven is a newcomer refused, with a typed ``busy`` error frame. So
+  idle sockets (hundreds of them) cannot lock out a client that holds the token.
 * **Memory**: bodies being received at once are bounded by ``max_buffered`` bytes (a
   reader waits, within its frame's deadline, for room, then is refused ``busy``); a body
   that cannot be allocated is a ``busy`` refusal, never a crash.
@@ -66,6 +66,7 @@ class _Conn:
     host: str  # the peer's address, without the port (the per-peer bound)
     opened: float = field(default_factory=time.monotonic)
     proven: bool = False  # has carried an authenticated, accepted request
+    reading: bool = False  # a frame whose header passed the checks is being read
     dropped: bool = False  # closed by the server to make room
 
 
@@ -155,8 +156,10 @@ class FrameServer:
         when it holds ``max_per_peer`` of them, of anyone when the server is full.
         """
         victims: list[socket.socket] = []
+        # idle ones first: a connection reading a checked (with ``token``: authenticated)
+        # frame yields last, so a flood cannot cut a new client's first frame short
         unproven = sorted((c for c in self._conns.values() if not c.proven),
-                          key=lambda c: c.opened)
+                          key=lambda c: (c.reading, c.opened))
         mine = [c for c in unproven if c.host == host]
         while len(mine) >= self.max_per_peer:
             victims.append(mine.pop(0).sock)
@@ -297,6 +300,7 @@ class FrameServer:
         def check(header: dict[str, Any], body_len: int) -> None:
             self._check_header(header, body_len)
             reserved[0] = body_len
+            state.reading = True
 
         while not self._stop.is_set():
 
@@ -316,6 +320,7 @@ class FrameServer:
             except OSError:  # idle too long, reset, or dropped to make room
                 return
             finally:
+                state.reading = False
                 if reserved[0]:
                     self._release(reserved[0])
                     reserved[0] = 0

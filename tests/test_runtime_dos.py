@@ -103,6 +103,26 @@ def test_idle_sockets_do_not_lock_out_a_client(serve, limits) -> None:
             s.close()
 
 
+def test_a_first_frame_in_flight_outlives_a_flood(serve) -> None:
+    """A new client half-way through its first (authenticated) frame is evicted last."""
+    from runtime.protocol import encode
+
+    srv = serve(max_connections=40, max_per_peer=1000)
+    arr = np.arange(50_000, dtype=np.float32)
+    data = b"".join(bytes(b) for b in encode({"type": "ping", "token": TOKEN}, {"x": arr}))
+    with _raw(srv) as client:
+        client.sendall(data[:4096])  # header checked, body being read
+        time.sleep(0.3)
+        idle = [_raw(srv) for _ in range(300)]
+        try:
+            client.sendall(data[4096:])
+            assert _reply(client) == {"type": "pong", "n": 50_000}
+            assert srv.stats["evicted"] > 0
+        finally:
+            for s in idle:
+                s.close()
+
+
 def test_proven_connections_are_kept_and_a_full_server_says_busy(serve) -> None:
     srv = serve(max_connections=2)
     pooled = [connect(srv.address, 10.0) for _ in range(2)]
