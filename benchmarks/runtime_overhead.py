@@ -473,7 +473,10 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     ax.set_xticks(x, [h["tensor"] for h in hops], rotation=20, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("one hop, ms (median, loopback)")
-    ax.set_title("Transport alone, float32 tensors")
+    load = doc["host"].get("load_average_before")
+    ax.set_title("Transport alone, float32 tensors" + (
+        f"\n(load average {load[0]:.0f} on {doc['host']['cpus']} cores: a loaded host)"
+        if load and load[0] > 1 else ""), fontsize=10)
     ax.legend(fontsize=8)
     if not ms:
         fig.tight_layout()
