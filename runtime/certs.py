@@ -31,7 +31,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from partitioner.backend.emit import safe_name
 from partitioner.errors import fail
 
 __all__ = ["add_arguments", "run", "make_certificates", "device_hosts"]
@@ -189,6 +188,8 @@ def make_certificates(system_path: str | Path, out: str | Path, *, days: int = 3
 
     Returns the subject names (file stems) with the host SANs each carries.
     """
+    from partitioner.backend.emit import safe_name  # (not at import: `runtime serve` is lean)
+
     if days < 1:
         fail(f"--days {days}: must be at least 1")
     hosts = device_hosts(system_path, extra_hosts)

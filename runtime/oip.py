@@ -3,7 +3,7 @@
 A stock ``tritonclient.grpc`` client can check a worker's liveness and readiness, read a
 stage's metadata and run ``ModelInfer`` on it. Each stage the worker serves is a model
 named as in the bundle's Triton repositories, ``<model>_stage<id>`` (see
-:func:`partitioner.backend.triton.triton_model_name`), version ``1``, so one client works
+:func:`triton_name`), version ``1``, so one client works
 against this port and against Triton; ``stage<id>`` is accepted as an alias. Fallback
 plans prefix ``<fallback>.`` to both. Only the service stubs that ``tritonclient`` ships
 (``service_pb2`` / ``service_pb2_grpc``) are used.
@@ -27,10 +27,9 @@ the manifest before ONNX Runtime sees them, and message caps sized from the stag
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import math
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -38,7 +37,6 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
-from partitioner.backend.triton import triton_model_name
 from partitioner.errors import UserError
 from runtime.security import token_matches
 from runtime.stages import StageRunner, check_tensor
@@ -46,7 +44,8 @@ from runtime.stages import StageRunner, check_tensor
 if TYPE_CHECKING:
     from runtime.worker import Worker
 
-__all__ = ["OipServer", "start_oip_server", "model_name", "model_names", "TRITON_DTYPES"]
+__all__ = ["OipServer", "start_oip_server", "model_name", "model_names", "triton_name",
+           "TRITON_DTYPES"]
 
 log = logging.getLogger("runtime.oip")
 
@@ -63,34 +62,47 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
 
 
-def model_names(plan: str, stage_id: str, model: str | None = None) -> tuple[str, ...]:
-    """The OIP names of a stage: the Triton name first, then the ``stage<id>`` alias.
+def model_names(plan: str, stage_id: str, triton_name: str | None = None) -> tuple[str, ...]:
+    """The OIP names of a stage: its Triton name first, then the ``stage<id>`` alias.
 
-    ``<model>_stage1`` and ``stage1`` for the main plan; ``without-hub.<model>_stage1`` and
-    ``without-hub.stage1`` for a fallback plan. Without a model name only the alias.
+    ``resnet18_stage1`` and ``stage1`` for the main plan; ``without-hub.resnet18_stage1``
+    and ``without-hub.stage1`` for a fallback plan. Without a Triton name only the alias.
     """
     names = [f"stage{stage_id}"]
-    if model and stage_id.isdigit():
-        names.insert(0, triton_model_name(model, int(stage_id)))
+    if triton_name:
+        names.insert(0, triton_name)
     if plan != "main":
         prefix = plan.split("/", 1)[-1]
         names = [f"{prefix}.{n}" for n in names]
     return tuple(names)
 
 
-def model_name(plan: str, stage_id: str, model: str | None = None) -> str:
+def model_name(plan: str, stage_id: str, triton_name: str | None = None) -> str:
     """The name a stage is listed under (see :func:`model_names`)."""
-    return model_names(plan, stage_id, model)[0]
+    return model_names(plan, stage_id, triton_name)[0]
 
 
-def bundle_model_name(root: Path) -> str | None:
-    """The model name in a bundle's manifest (already verified by the loader), if any."""
-    try:
-        doc = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
-        name = doc["model"]["name"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+def triton_name(bundle: Any, stage_id: str) -> str | None:
+    """The Triton model name of a whole stage of ``bundle`` (a loaded manifest).
+
+    The folder the compiler's Triton back end recorded (``triton/<device>/<name>``) when
+    the bundle has one; else the back end's naming rule, when the compiler is installed
+    (imported here, at the first request, so that ``runtime serve`` starts without it).
+    """
+    if not stage_id.isdigit():
+        return None  # a part of a split stage: no Triton model of its own
+    for stage in getattr(bundle, "stages", ()):
+        folder = getattr(stage, "triton", None)
+        if str(getattr(stage, "id", "")) == stage_id and isinstance(folder, str) and folder:
+            return PurePosixPath(folder).name
+    model = getattr(getattr(bundle, "model", None), "name", None)
+    if not isinstance(model, str) or not model:
         return None
-    return name if isinstance(name, str) and name else None
+    try:
+        from partitioner.backend.triton import triton_model_name
+    except ImportError:  # a lean worker without the compiler: the alias only
+        return None
+    return triton_model_name(model, int(stage_id))
 
 
 _MAX_RANK = 16
@@ -108,15 +120,14 @@ def _dims(shape: Any, where: str, name: str) -> tuple[int, ...]:
 class _Servicer(pbg.GRPCInferenceServiceServicer):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self._models: dict[str, str | None] = {}  # plan key -> model name (manifest)
+        self._triton: dict[tuple[str, str], str | None] = {}  # (plan, stage) -> name
 
     def _names(self, plan: str, stage_id: str) -> tuple[str, ...]:
-        if plan not in self._models:
-            view = self.worker.views.get(plan)
-            model = getattr(view, "model_name", None)  # a view may carry it one day
-            self._models[plan] = model if isinstance(model, str) else (
-                None if view is None else bundle_model_name(view.root))
-        return model_names(plan, stage_id, self._models[plan])
+        key = (plan, stage_id)
+        if key not in self._triton:
+            bundle = getattr(self.worker.views.get(plan), "bundle", None)
+            self._triton[key] = triton_name(bundle, stage_id)
+        return model_names(plan, stage_id, self._triton[key])
 
     # --------------------------------------------------------------- helpers
     def _auth(self, context: grpc.ServicerContext) -> None:

@@ -190,3 +190,18 @@ def test_large_tensors_pass_both_transports(tmp_path) -> None:
     finally:
         for w in workers:
             w.close()
+
+
+def test_triton_name_prefers_the_folder_the_compiler_recorded() -> None:
+    from types import SimpleNamespace as NS
+
+    from partitioner.backend.triton import triton_model_name
+    from runtime.oip import model_names, triton_name
+
+    bundle = NS(model=NS(name="my model"), stages=[NS(id=1, triton="triton/hub/custom_stage1"),
+                                                   NS(id=2, triton=None)])
+    assert triton_name(bundle, "1") == "custom_stage1"
+    assert triton_name(bundle, "2") == triton_model_name("my model", 2) == "my_model_stage2"
+    assert triton_name(bundle, "1.0") is None  # a part of a split stage
+    assert model_names("fallback/without-hub", "2", "my_model_stage2") == (
+        "without-hub.my_model_stage2", "without-hub.stage2")
