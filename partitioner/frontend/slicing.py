@@ -40,6 +40,7 @@ __all__ = [
     "uses_external_data",
     "save_model",
     "inline_model",
+    "value_info",
 ]
 
 # Tensors at least this big go to the external data file when a stage is saved with one;
@@ -123,7 +124,7 @@ def tensor_info(vi: ValueInfoProto) -> TensorInfo:
     return TensorInfo(vi.name, tuple(dims), dtype.name, size * dtype.itemsize)
 
 
-def _value_info(info: TensorInfo) -> ValueInfoProto:
+def value_info(info: TensorInfo) -> ValueInfoProto:
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
     return helper.make_tensor_value_info(info.name, elem, list(info.shape))
 
@@ -256,14 +257,14 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
 
     sub_nodes = [nodes_all[i] for i in sorted(set(borrowed))] + [nodes_all[i] for i in in_range]
     internal = (produced | {o for i in borrowed for o in nodes_all[i].output}) - set(outputs)
-    value_info = [known[n] for n in sorted(internal) if n in known]
+    inner_infos = [known[n] for n in sorted(internal) if n in known]
     sub_graph = helper.make_graph(
         sub_nodes,
         f"{model.graph.name or graph.name}_layers_{first}_{last}",
-        [_value_info(t) for t in in_infos],
-        [_value_info(t) for t in out_infos],
+        [value_info(t) for t in in_infos],
+        [value_info(t) for t in out_infos],
         initializer=[inits[n] for n in used_inits],
-        value_info=value_info,
+        value_info=inner_infos,
     )
     sub = helper.make_model(
         sub_graph,
