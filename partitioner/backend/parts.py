@@ -107,13 +107,13 @@ class _Stage:
 
     def __init__(self, sub: SubModel, what: str) -> None:
         self.sub = sub
-        self.model = sub.model
-        self.shapes = shape_map(sub.model)
+        self.model = sub.shell  # the weights stay shared with the source model
+        self.shapes = shape_map(sub.shell, sub.weights)
         for t in (*sub.inputs, *sub.outputs):
             self.shapes[t.name] = tuple(t.shape)
-        self.const = constant_names(sub.model)
+        self.const = constant_names(sub.shell, sub.weights)
         self.nodes: list[_Node] = []
-        for i, node in enumerate(sub.model.graph.node):
+        for i, node in enumerate(sub.shell.graph.node):
             if all(n in self.const for n in node.input if n):
                 continue  # Constant nodes and weight-only nodes are copied unchanged
             row = node_row_op(node, self.shapes, self.const)
@@ -274,7 +274,7 @@ def _part_model(stage: _Stage, bands: dict[str, Rows], tag: str, what: str
         nodes, f"{model.graph.name}_{tag}",
         [value_info(_sliced(t, r)) for t, r in inputs],
         [value_info(_sliced(t, r)) for t, r in outputs],
-        initializer=[*model.graph.initializer, *extra_inits])
+        initializer=[*model.graph.initializer, *extra_inits])  # the shell's: small
     part = helper.make_model(graph, opset_imports=list(model.opset_import),
                              ir_version=model.ir_version, producer_name=model.producer_name,
                              producer_version=model.producer_version,
@@ -312,7 +312,7 @@ def build_parts(prepared: Any, stage: ir.Stage) -> list[PartModel]:
         model, inputs, outputs = _part_model(analysed, band, f"part{k}", f"{what} part {k}")
         part_sub = SubModel(model, tuple(_sliced(t, r) for t, r in inputs),
                             tuple(_sliced(t, r) for t, r in outputs), stage.first, stage.last,
-                            sub.base_dir)
+                            sub.base_dir, sub.weights)
         result.append(PartModel(k, p.device, p.frequency, p.rows, part_sub,
                                 tuple(inputs), tuple(outputs)))
     return result

@@ -21,7 +21,7 @@ the back end's part builder shares.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 import onnx
@@ -65,11 +65,13 @@ _POOLS = frozenset({"MaxPool", "AveragePool"})
 Shapes = Mapping[str, tuple[int, ...]]
 
 
-def shape_map(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shape of every value the model's top graph knows (initialisers included)."""
+def shape_map(model: onnx.ModelProto, weights: Iterable[onnx.TensorProto] = ()
+              ) -> dict[str, tuple[int, ...]]:
+    """Static shape of every value the model's top graph knows (initialisers and the
+    extra ``weights`` of a stage shell included)."""
     g = model.graph
     shapes: dict[str, tuple[int, ...]] = {t.name: tuple(int(d) for d in t.dims)
-                                          for t in g.initializer}
+                                          for t in (*g.initializer, *weights)}
     for vi in (*g.input, *g.value_info, *g.output):
         s = static_shape(vi.type)
         if s is not None:
@@ -77,9 +79,10 @@ def shape_map(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def constant_names(model: onnx.ModelProto) -> set[str]:
-    """Initialisers and every value computed from constants only (weights, not data)."""
-    const = {t.name for t in model.graph.initializer}
+def constant_names(model: onnx.ModelProto, weights: Iterable[onnx.TensorProto] = ()
+                   ) -> set[str]:
+    """Initialisers (and ``weights``) and every value computed from constants only."""
+    const = {t.name for t in (*model.graph.initializer, *weights)}
     for node in model.graph.node:
         if all(n in const for n in node_inputs(node) if n):
             const.update(o for o in node.output if o)

@@ -16,10 +16,11 @@ stage's own data file, one tensor at a time.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, ValueInfoProto, helper
 
 from partitioner.errors import InternalError, fail
+from partitioner.frontend.tensors import tensor_nbytes
 from partitioner.ir import LayerGraph, TensorInfo
 from stagebundle.load import iter_tensors
 
@@ -64,30 +66,56 @@ class _Prepared(Protocol):
 class SubModel:
     """The ONNX model of layers ``first..last`` of a prepared model.
 
+    The stage's weights are not copied: ``weights`` are the source model's own
+    initialiser messages, and ``shell`` is the stage model without them (nodes, inputs,
+    outputs, value infos: kilobytes). :meth:`save` and :meth:`to_bytes` stream the weights
+    one tensor at a time, so compiling never holds a second copy of a stage.
+
     Attributes:
-        model: the stage model. Initialisers that were external data in the source model
-            are still external references, relative to ``base_dir``.
-        inputs: live tensors entering the range (graph inputs of ``model``), in order.
-        outputs: tensors leaving the range (graph outputs of ``model``), in order.
+        shell: the stage model without its top-level initialisers.
+        inputs: live tensors entering the range (graph inputs), in order.
+        outputs: tensors leaving the range (graph outputs), in order.
         first / last: the layer range (inclusive).
         base_dir: folder against which external-data locations resolve (None: no external
             data).
+        weights: the initialisers the stage reads, shared with the source model; those
+            that were external data there are still references relative to ``base_dir``.
     """
 
-    model: ModelProto
+    shell: ModelProto
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     first: int
     last: int
     base_dir: Path | None = None
+    weights: tuple[TensorProto, ...] = ()
+
+    @property
+    def model(self) -> ModelProto:
+        """The whole stage model as one proto: a copy, weights included (small stages and
+        tests; :meth:`save` and :meth:`to_bytes` do not need it)."""
+        out = ModelProto()
+        out.CopyFrom(self.shell)
+        out.graph.initializer.extend(self.weights)
+        return out
 
     @property
     def has_external_data(self) -> bool:
-        return uses_external_data(self.model)
+        return uses_external_data(self.shell) or any(_is_external(t) for t in self.weights)
 
     def save(self, path: str | os.PathLike[str], *, external_data: str | None = None) -> None:
         """Write the stage to ``path`` atomically; see :func:`save_model`."""
-        save_model(self.model, path, base_dir=self.base_dir, external_data=external_data)
+        _save(self.shell, self.weights, path, base_dir=self.base_dir,
+              external_data=external_data)
+
+    def to_bytes(self) -> bytes:
+        """The serialised stage (for ``onnxruntime.InferenceSession(bytes)``), built one
+        weight at a time; external weights are read in. Below protobuf's 2 GB only."""
+        if self.has_external_data:
+            return self.inlined().SerializeToString()
+        buf = io.BytesIO()
+        _write_inline(self.shell, self.weights, buf)
+        return buf.getvalue()
 
     def inlined(self) -> ModelProto:
         """A copy whose external weights are loaded into memory (this stage's only).
@@ -96,7 +124,9 @@ class SubModel:
         (``onnxruntime.InferenceSession(m.SerializeToString())``); for stages above 2 GB
         save them with :meth:`save` instead.
         """
-        return inline_model(self.model, self.base_dir)
+        out = self.model
+        _load_externals(out, self.base_dir)
+        return out
 
 
 # --------------------------------------------------------------------------- tensors
@@ -263,7 +293,6 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
         f"{model.graph.name or graph.name}_layers_{first}_{last}",
         [value_info(t) for t in in_infos],
         [value_info(t) for t in out_infos],
-        initializer=[inits[n] for n in used_inits],
         value_info=inner_infos,
     )
     sub = helper.make_model(
@@ -276,7 +305,8 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
     )
     raw_dir = getattr(prepared, "base_dir", None)
     base_dir = Path(raw_dir) if raw_dir is not None else None
-    return SubModel(sub, in_infos, out_infos, first, last, base_dir)
+    return SubModel(sub, in_infos, out_infos, first, last, base_dir,
+                    tuple(inits[n] for n in used_inits))
 
 
 # --------------------------------------------------------------------------- saving
@@ -314,13 +344,39 @@ def _copy_range(src: Path, offset: int, length: int | None, dst: Any) -> int:
     return copied
 
 
-def _inline_size(model: ModelProto) -> int:
-    return sum(len(t.raw_data) for t in iter_tensors(model) if not _is_external(t))
+def _copy_except(src: Any, dst: Any, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except field ``skip``.
+
+    Walks the descriptor rather than ``ListFields()``, which would materialise the skipped
+    field's value (a copy of a tensor's ``raw_data``).
+    """
+    for fd in src.DESCRIPTOR.fields:
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else (
+            fd.label == fd.LABEL_REPEATED)  # protobuf < 6 has no is_repeated
+        if repeated:
+            values = getattr(src, fd.name)
+            if len(values):
+                getattr(dst, fd.name).extend(values)
+        elif src.HasField(fd.name):
+            if fd.type == fd.TYPE_MESSAGE:
+                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
+            else:
+                setattr(dst, fd.name, getattr(src, fd.name))
+
+
+def _split(model: ModelProto) -> tuple[ModelProto, list[TensorProto]]:
+    """A copy of ``model`` without its top-level initialisers, and those (not copied)."""
+    shell = ModelProto()
+    _copy_except(model, shell, "graph")
+    _copy_except(model.graph, shell.graph, "initializer")
+    return shell, list(model.graph.initializer)
 
 
 def save_model(model: ModelProto, path: str | os.PathLike[str], *, base_dir: Path | None = None,
                external_data: str | None = None) -> None:
-    """Save a (stage) model atomically, streaming its external weights.
+    """Save a (stage) model atomically, streaming its weights.
 
     Args:
         model: the model; tensors stored as external data resolve against ``base_dir``.
@@ -330,22 +386,38 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, base_dir: Pat
             embedded unless the model already uses external data or would exceed protobuf's
             2 GB limit, in which case ``<file>.data`` is used.
 
-    The model passed in is not modified. Each external tensor is copied chunk by chunk from
-    its source file, so memory use is bounded by the chunk size, not the model size.
+    The model passed in is not modified nor copied: each weight is written on its own
+    (external ones chunk by chunk from their source file), so the memory this needs is
+    one tensor, not the model.
     """
+    shell, weights = _split(model)
+    _save(shell, weights, path, base_dir=base_dir, external_data=external_data)
+
+
+def _save(shell: ModelProto, weights: Sequence[TensorProto], path: str | os.PathLike[str], *,
+          base_dir: Path | None, external_data: str | None) -> None:
     path = Path(path)
-    if external_data is None and (uses_external_data(model) or _inline_size(model) > _PROTO_LIMIT):
+    if external_data is None and (
+            uses_external_data(shell) or any(_is_external(t) for t in weights)
+            or shell.ByteSize() + sum(_encoded_size(t) for t in weights) > _PROTO_LIMIT):
         external_data = path.name + ".data"
     out = ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(shell)  # nodes and value infos only: the weights are written one by one
     tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
-        if external_data is not None:
-            if Path(external_data).name != external_data:
-                raise InternalError(f"external data name {external_data!r} must be a file name")
-            with open(tmp_dir / external_data, "wb") as data:
-                _write_external(out, data, base_dir, external_data)
-        onnx.save_model(out, str(tmp_dir / path.name))
+        with open(tmp_dir / path.name, "wb") as f:
+            if external_data is None:
+                _write_inline(out, weights, f)
+            else:
+                if Path(external_data).name != external_data:
+                    raise InternalError(f"external data name {external_data!r} must be a "
+                                        f"file name")
+                with open(tmp_dir / external_data, "wb") as data:
+                    _write_external(out, data, base_dir, external_data)
+                    for t in weights:
+                        out.graph.initializer.append(
+                            _externalised(t, data, base_dir, external_data))
+                f.write(out.SerializeToString())
         if external_data is not None:
             os.replace(tmp_dir / external_data, path.parent / external_data)
         os.replace(tmp_dir / path.name, path)
@@ -353,38 +425,137 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, base_dir: Pat
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _write_external(model: ModelProto, data: Any, base_dir: Path | None, name: str) -> None:
-    for t in iter_tensors(model):
-        if _is_external(t):
-            fields = _external_fields(t)
-            src = _resolve(base_dir, fields["location"], t.name)
-            offset = int(fields.get("offset", 0))
-            length = int(fields["length"]) if "length" in fields else None
-            start = data.tell()
-            n = _copy_range(src, offset, length, data)
-        elif t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_THRESHOLD:
-            start = data.tell()
-            data.write(t.raw_data)
-            n = len(t.raw_data)
-            t.ClearField("raw_data")
-        else:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, size: int) -> bytes:
+    """Key and length of a length-delimited protobuf field of ``size`` bytes."""
+    return _varint(number << 3 | 2) + _varint(size)
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+
+
+def _meta(t: TensorProto) -> TensorProto:
+    """``t`` without its ``raw_data`` (name, type, dims, external-data entries)."""
+    meta = TensorProto()
+    _copy_except(t, meta, "raw_data")
+    return meta
+
+
+def _raw_size(t: TensorProto) -> int | None:
+    """Bytes of ``t.raw_data`` from its dims and type, without reading it (None: no raw)."""
+    if not t.HasField("raw_data"):
+        return None
+    return tensor_nbytes(tuple(int(d) for d in t.dims), t.data_type)
+
+
+def _encoded_size(t: TensorProto) -> int:
+    """Serialised size of ``t``. Not ``t.ByteSize()``: upb computes that by encoding the
+    message, which holds a big tensor twice over for a moment."""
+    raw = _raw_size(t)
+    if raw is None:
+        return int(t.ByteSize())
+    return int(_meta(t).ByteSize()) + len(_field(_TENSOR_RAW_DATA, raw)) + raw
+
+
+def _write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any) -> None:
+    """The model ``shell`` plus ``weights`` as its graph's initialisers, one at a time.
+
+    Protobuf merges a message field that occurs twice (and concatenates repeated fields),
+    so the weights go in a second ``graph`` field after the shell; every parser reads the
+    file as the one model, and only one tensor is ever held in a second copy.
+    """
+    f.write(shell.SerializeToString())
+    if not weights:
+        return
+    sizes = [_encoded_size(t) for t in weights]
+    body = sum(len(_field(_GRAPH_INITIALIZER, n)) + n for n in sizes)
+    f.write(_field(_MODEL_GRAPH, body))
+    for t, n in zip(weights, sizes, strict=True):
+        f.write(_field(_GRAPH_INITIALIZER, n))
+        if not t.HasField("raw_data"):
+            f.write(t.SerializeToString())
             continue
-        del t.external_data[:]
-        for key, value in (("location", name), ("offset", str(start)), ("length", str(n))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        t.data_location = TensorProto.EXTERNAL
-        # Keep offsets page-aligned like onnx's own writer (mmap-friendly loaders).
-        pad = (-data.tell()) % 4096
-        if pad:
-            data.write(b"\0" * pad)
+        # the metadata, then raw_data from its one Python copy (SerializeToString of the
+        # whole tensor would hold it two more times: upb's buffer and the bytes object)
+        raw = t.raw_data
+        head = _meta(t).SerializeToString() + _field(_TENSOR_RAW_DATA, len(raw))
+        if len(head) + len(raw) != n:  # raw_data disagrees with dims: refuse, write nothing
+            fail(f"tensor {t.name!r}: raw_data holds {len(raw)} bytes, its dims and type "
+                 f"say {_raw_size(t)}")
+        f.write(head)
+        f.write(raw)
+        del raw
+
+
+def _store(t: TensorProto, data: Any, base_dir: Path | None) -> tuple[int, int] | None:
+    """Append the bytes of ``t`` to ``data``; (offset, length), or None if it stays inline."""
+    if _is_external(t):
+        fields = _external_fields(t)
+        src = _resolve(base_dir, fields["location"], t.name)
+        length = int(fields["length"]) if "length" in fields else None
+        start = data.tell()
+        return start, _copy_range(src, int(fields.get("offset", 0)), length, data)
+    # from the dims, not len(raw_data): reading raw_data copies the tensor
+    raw_size = _raw_size(t)
+    if raw_size is None or raw_size < _EXTERNAL_THRESHOLD:
+        return None
+    start = data.tell()
+    raw = t.raw_data
+    data.write(raw)
+    return start, len(raw)
+
+
+def _point(t: TensorProto, name: str, start: int, n: int, data: Any) -> None:
+    del t.external_data[:]
+    for key, value in (("location", name), ("offset", str(start)), ("length", str(n))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = TensorProto.EXTERNAL
+    # Keep offsets page-aligned like onnx's own writer (mmap-friendly loaders).
+    pad = (-data.tell()) % 4096
+    if pad:
+        data.write(b"\0" * pad)
+
+
+def _write_external(model: ModelProto, data: Any, base_dir: Path | None, name: str) -> None:
+    """Move every tensor of ``model`` (in place) to the open data file ``data``."""
+    for t in iter_tensors(model):
+        where = _store(t, data, base_dir)
+        if where is not None:
+            t.ClearField("raw_data")
+            _point(t, name, *where, data)
+
+
+def _externalised(t: TensorProto, data: Any, base_dir: Path | None, name: str) -> TensorProto:
+    """A copy of ``t`` whose bytes went to ``data`` (a plain copy when it stays inline)."""
+    stub = TensorProto()
+    where = _store(t, data, base_dir)
+    if where is None:
+        stub.CopyFrom(t)
+    else:
+        _copy_except(t, stub, "raw_data")
+        _point(stub, name, *where, data)
+    return stub
 
 
 def inline_model(model: ModelProto, base_dir: Path | None) -> ModelProto:
     """A copy of ``model`` with every external tensor loaded from ``base_dir``."""
     out = ModelProto()
     out.CopyFrom(model)
-    for t in _externals(iter_tensors(out)):
+    _load_externals(out, base_dir)
+    return out
+
+
+def _load_externals(model: ModelProto, base_dir: Path | None) -> None:
+    for t in _externals(iter_tensors(model)):
         fields = _external_fields(t)
         src = _resolve(base_dir, fields["location"], t.name)
         with open(src, "rb") as f:
@@ -393,7 +564,6 @@ def inline_model(model: ModelProto, base_dir: Path | None) -> ModelProto:
             t.raw_data = f.read(length)
         del t.external_data[:]
         t.data_location = TensorProto.DEFAULT
-    return out
 
 
 def _externals(tensors: Iterable[TensorProto]) -> list[TensorProto]:
