@@ -8,29 +8,52 @@ carries only the initialisers and ``Constant`` nodes it uses, so it never holds 
 another stage (SPEC §2: a device holds the weights of its own layers only).
 
 The sub-graph is built by hand rather than with ``onnx.utils.extract_model``: that helper
-serialises the whole model (it breaks above 2 GB) and loads every external weight. Here an
-initialiser stored as external data stays a reference to its file until the stage is saved;
-:meth:`SubModel.save` then streams only the bytes of the tensors the stage uses into the
-stage's own data file, one tensor at a time.
+serialises the whole model (it breaks above 2 GB) and loads every external weight. A stage
+does not copy its weights: :class:`SubModel` holds the source model's own initialiser
+messages next to a weight-less ``shell``. :meth:`SubModel.save` streams them one tensor at
+a time, into the stage's data file (external weights chunk by chunk from their source
+file) or after the graph in the ``.onnx`` file itself (see
+:mod:`partitioner.frontend.stagefile`), so saving a stage needs the memory of its largest
+tensor, not of the stage.
+
+Why not onnx_ir (issue 10 item 7), measured on vgg16 (553 MB, weights inline), the stage of
+its second half of layers (517 MB), one fresh process each, peak RSS by getrusage, on the
+loaded 2-core host (script: wrap the prepared model with
+``onnx_ir.serde.deserialize_model``, remove the other nodes and initialisers, make the
+boundary values graph inputs, ``onnx_ir.save``): onnx_ir peaks at 3301 MB, 2158 MB above
+the loaded model, because ``save`` serialises the whole stage proto (in memory: several
+copies of the stage); this module writes *both* stages within the 1107 MB that loading
+already peaks at (``python benchmarks/compile_memory.py``, mode ``slice-only``: 1107 MB,
+was 3782 MB before streaming). With external data the two are level (onnx_ir 92 MB for
+the one stage, this module 99 MB for both), as onnx_ir's lazy tensors are what the
+references here already are. So onnx_ir buys no memory and costs a second in-memory IR of
+the model (the front end, the layer graph and the profiler all read the ``ModelProto``);
+the hand-written code stays.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, ValueInfoProto, helper
 
-from partitioner.errors import InternalError, fail
-from partitioner.frontend.tensors import tensor_nbytes
+from partitioner.errors import fail
+from partitioner.frontend.stagefile import (
+    inline_model,
+    is_external,
+    load_externals,
+    save_model,
+    save_split,
+    uses_external_data,
+    write_inline,
+)
 from partitioner.ir import LayerGraph, TensorInfo
 from stagebundle.load import iter_tensors
 
@@ -44,15 +67,6 @@ __all__ = [
     "inline_model",
     "value_info",
 ]
-
-# Tensors at least this big go to the external data file when a stage is saved with one;
-# smaller ones stay in the protobuf (the same default as onnx.save's size_threshold).
-_EXTERNAL_THRESHOLD = 1024
-# Copy external bytes in chunks so a multi-GB tensor never sits in memory whole.
-_CHUNK = 16 << 20
-# Stay clear of protobuf's 2 GiB hard limit when deciding that weights must go external.
-_PROTO_LIMIT = 1_800_000_000
-
 
 class _Prepared(Protocol):
     """What :func:`extract_layers` needs of ``partitioner.frontend.PreparedModel``."""
@@ -101,11 +115,11 @@ class SubModel:
 
     @property
     def has_external_data(self) -> bool:
-        return uses_external_data(self.shell) or any(_is_external(t) for t in self.weights)
+        return uses_external_data(self.shell) or any(is_external(t) for t in self.weights)
 
     def save(self, path: str | os.PathLike[str], *, external_data: str | None = None) -> None:
         """Write the stage to ``path`` atomically; see :func:`save_model`."""
-        _save(self.shell, self.weights, path, base_dir=self.base_dir,
+        save_split(self.shell, self.weights, path, base_dir=self.base_dir,
               external_data=external_data)
 
     def to_bytes(self) -> bytes:
@@ -114,7 +128,7 @@ class SubModel:
         if self.has_external_data:
             return self.inlined().SerializeToString()
         buf = io.BytesIO()
-        _write_inline(self.shell, self.weights, buf)
+        write_inline(self.shell, self.weights, buf)
         return buf.getvalue()
 
     def inlined(self) -> ModelProto:
@@ -125,7 +139,7 @@ class SubModel:
         save them with :meth:`save` instead.
         """
         out = self.model
-        _load_externals(out, self.base_dir)
+        load_externals(out, self.base_dir)
         return out
 
 
@@ -184,15 +198,6 @@ def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
 
 def _is_constant(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.input
-
-
-def _is_external(t: TensorProto) -> bool:
-    return t.data_location == TensorProto.EXTERNAL
-
-
-def uses_external_data(model: ModelProto) -> bool:
-    """Whether any tensor of ``model`` is stored as external data."""
-    return any(_is_external(t) for t in iter_tensors(model))
 
 
 # --------------------------------------------------------------------------- slicing
@@ -307,264 +312,3 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
     base_dir = Path(raw_dir) if raw_dir is not None else None
     return SubModel(sub, in_infos, out_infos, first, last, base_dir,
                     tuple(inits[n] for n in used_inits))
-
-
-# --------------------------------------------------------------------------- saving
-
-
-def _external_fields(t: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def _resolve(base_dir: Path | None, location: str, tensor: str) -> Path:
-    if base_dir is None:
-        fail(f"tensor {tensor!r}: stored as external data ({location!r}) but the model's "
-             f"folder is unknown")
-    path = (base_dir / location)
-    if not path.is_file():
-        fail(f"tensor {tensor!r}: external data file {str(path)!r} not found")
-    return path
-
-
-def _copy_range(src: Path, offset: int, length: int | None, dst: Any) -> int:
-    """Append ``length`` bytes of ``src`` from ``offset`` to the open file ``dst``."""
-    copied = 0
-    with open(src, "rb") as f:
-        f.seek(offset)
-        while length is None or copied < length:
-            want = _CHUNK if length is None else min(_CHUNK, length - copied)
-            chunk = f.read(want)
-            if not chunk:
-                break
-            dst.write(chunk)
-            copied += len(chunk)
-    if length is not None and copied != length:
-        fail(f"external data file {str(src)!r}: expected {length} bytes at offset {offset}, "
-             f"found {copied}")
-    return copied
-
-
-def _copy_except(src: Any, dst: Any, skip: str) -> None:
-    """Copy every set field of message ``src`` into ``dst`` except field ``skip``.
-
-    Walks the descriptor rather than ``ListFields()``, which would materialise the skipped
-    field's value (a copy of a tensor's ``raw_data``).
-    """
-    for fd in src.DESCRIPTOR.fields:
-        if fd.name == skip:
-            continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else (
-            fd.label == fd.LABEL_REPEATED)  # protobuf < 6 has no is_repeated
-        if repeated:
-            values = getattr(src, fd.name)
-            if len(values):
-                getattr(dst, fd.name).extend(values)
-        elif src.HasField(fd.name):
-            if fd.type == fd.TYPE_MESSAGE:
-                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
-            else:
-                setattr(dst, fd.name, getattr(src, fd.name))
-
-
-def _split(model: ModelProto) -> tuple[ModelProto, list[TensorProto]]:
-    """A copy of ``model`` without its top-level initialisers, and those (not copied)."""
-    shell = ModelProto()
-    _copy_except(model, shell, "graph")
-    _copy_except(model.graph, shell.graph, "initializer")
-    return shell, list(model.graph.initializer)
-
-
-def save_model(model: ModelProto, path: str | os.PathLike[str], *, base_dir: Path | None = None,
-               external_data: str | None = None) -> None:
-    """Save a (stage) model atomically, streaming its weights.
-
-    Args:
-        model: the model; tensors stored as external data resolve against ``base_dir``.
-        path: the ``.onnx`` file to write.
-        base_dir: folder of the source model's external data files.
-        external_data: file name (next to ``path``) for the weights. When None, weights are
-            embedded unless the model already uses external data or would exceed protobuf's
-            2 GB limit, in which case ``<file>.data`` is used.
-
-    The model passed in is not modified nor copied: each weight is written on its own
-    (external ones chunk by chunk from their source file), so the memory this needs is
-    one tensor, not the model.
-    """
-    shell, weights = _split(model)
-    _save(shell, weights, path, base_dir=base_dir, external_data=external_data)
-
-
-def _save(shell: ModelProto, weights: Sequence[TensorProto], path: str | os.PathLike[str], *,
-          base_dir: Path | None, external_data: str | None) -> None:
-    path = Path(path)
-    if external_data is None and (
-            uses_external_data(shell) or any(_is_external(t) for t in weights)
-            or shell.ByteSize() + sum(_encoded_size(t) for t in weights) > _PROTO_LIMIT):
-        external_data = path.name + ".data"
-    out = ModelProto()
-    out.CopyFrom(shell)  # nodes and value infos only: the weights are written one by one
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
-        with open(tmp_dir / path.name, "wb") as f:
-            if external_data is None:
-                _write_inline(out, weights, f)
-            else:
-                if Path(external_data).name != external_data:
-                    raise InternalError(f"external data name {external_data!r} must be a "
-                                        f"file name")
-                with open(tmp_dir / external_data, "wb") as data:
-                    _write_external(out, data, base_dir, external_data)
-                    for t in weights:
-                        out.graph.initializer.append(
-                            _externalised(t, data, base_dir, external_data))
-                f.write(out.SerializeToString())
-        if external_data is not None:
-            os.replace(tmp_dir / external_data, path.parent / external_data)
-        os.replace(tmp_dir / path.name, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, size: int) -> bytes:
-    """Key and length of a length-delimited protobuf field of ``size`` bytes."""
-    return _varint(number << 3 | 2) + _varint(size)
-
-
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
-
-
-def _meta(t: TensorProto) -> TensorProto:
-    """``t`` without its ``raw_data`` (name, type, dims, external-data entries)."""
-    meta = TensorProto()
-    _copy_except(t, meta, "raw_data")
-    return meta
-
-
-def _raw_size(t: TensorProto) -> int | None:
-    """Bytes of ``t.raw_data`` from its dims and type, without reading it (None: no raw)."""
-    if not t.HasField("raw_data"):
-        return None
-    return tensor_nbytes(tuple(int(d) for d in t.dims), t.data_type)
-
-
-def _encoded_size(t: TensorProto) -> int:
-    """Serialised size of ``t``. Not ``t.ByteSize()``: upb computes that by encoding the
-    message, which holds a big tensor twice over for a moment."""
-    raw = _raw_size(t)
-    if raw is None:
-        return int(t.ByteSize())
-    return int(_meta(t).ByteSize()) + len(_field(_TENSOR_RAW_DATA, raw)) + raw
-
-
-def _write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any) -> None:
-    """The model ``shell`` plus ``weights`` as its graph's initialisers, one at a time.
-
-    Protobuf merges a message field that occurs twice (and concatenates repeated fields),
-    so the weights go in a second ``graph`` field after the shell; every parser reads the
-    file as the one model, and only one tensor is ever held in a second copy.
-    """
-    f.write(shell.SerializeToString())
-    if not weights:
-        return
-    sizes = [_encoded_size(t) for t in weights]
-    body = sum(len(_field(_GRAPH_INITIALIZER, n)) + n for n in sizes)
-    f.write(_field(_MODEL_GRAPH, body))
-    for t, n in zip(weights, sizes, strict=True):
-        f.write(_field(_GRAPH_INITIALIZER, n))
-        if not t.HasField("raw_data"):
-            f.write(t.SerializeToString())
-            continue
-        # the metadata, then raw_data from its one Python copy (SerializeToString of the
-        # whole tensor would hold it two more times: upb's buffer and the bytes object)
-        raw = t.raw_data
-        head = _meta(t).SerializeToString() + _field(_TENSOR_RAW_DATA, len(raw))
-        if len(head) + len(raw) != n:  # raw_data disagrees with dims: refuse, write nothing
-            fail(f"tensor {t.name!r}: raw_data holds {len(raw)} bytes, its dims and type "
-                 f"say {_raw_size(t)}")
-        f.write(head)
-        f.write(raw)
-        del raw
-
-
-def _store(t: TensorProto, data: Any, base_dir: Path | None) -> tuple[int, int] | None:
-    """Append the bytes of ``t`` to ``data``; (offset, length), or None if it stays inline."""
-    if _is_external(t):
-        fields = _external_fields(t)
-        src = _resolve(base_dir, fields["location"], t.name)
-        length = int(fields["length"]) if "length" in fields else None
-        start = data.tell()
-        return start, _copy_range(src, int(fields.get("offset", 0)), length, data)
-    # from the dims, not len(raw_data): reading raw_data copies the tensor
-    raw_size = _raw_size(t)
-    if raw_size is None or raw_size < _EXTERNAL_THRESHOLD:
-        return None
-    start = data.tell()
-    raw = t.raw_data
-    data.write(raw)
-    return start, len(raw)
-
-
-def _point(t: TensorProto, name: str, start: int, n: int, data: Any) -> None:
-    del t.external_data[:]
-    for key, value in (("location", name), ("offset", str(start)), ("length", str(n))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
-    t.data_location = TensorProto.EXTERNAL
-    # Keep offsets page-aligned like onnx's own writer (mmap-friendly loaders).
-    pad = (-data.tell()) % 4096
-    if pad:
-        data.write(b"\0" * pad)
-
-
-def _write_external(model: ModelProto, data: Any, base_dir: Path | None, name: str) -> None:
-    """Move every tensor of ``model`` (in place) to the open data file ``data``."""
-    for t in iter_tensors(model):
-        where = _store(t, data, base_dir)
-        if where is not None:
-            t.ClearField("raw_data")
-            _point(t, name, *where, data)
-
-
-def _externalised(t: TensorProto, data: Any, base_dir: Path | None, name: str) -> TensorProto:
-    """A copy of ``t`` whose bytes went to ``data`` (a plain copy when it stays inline)."""
-    stub = TensorProto()
-    where = _store(t, data, base_dir)
-    if where is None:
-        stub.CopyFrom(t)
-    else:
-        _copy_except(t, stub, "raw_data")
-        _point(stub, name, *where, data)
-    return stub
-
-
-def inline_model(model: ModelProto, base_dir: Path | None) -> ModelProto:
-    """A copy of ``model`` with every external tensor loaded from ``base_dir``."""
-    out = ModelProto()
-    out.CopyFrom(model)
-    _load_externals(out, base_dir)
-    return out
-
-
-def _load_externals(model: ModelProto, base_dir: Path | None) -> None:
-    for t in _externals(iter_tensors(model)):
-        fields = _external_fields(t)
-        src = _resolve(base_dir, fields["location"], t.name)
-        with open(src, "rb") as f:
-            f.seek(int(fields.get("offset", 0)))
-            length = int(fields["length"]) if "length" in fields else -1
-            t.raw_data = f.read(length)
-        del t.external_data[:]
-        t.data_location = TensorProto.DEFAULT
-
-
-def _externals(tensors: Iterable[TensorProto]) -> list[TensorProto]:
-    return [t for t in tensors if _is_external(t)]
