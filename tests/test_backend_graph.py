@@ -4,6 +4,7 @@ schema-1 bundles that still load, run and explain."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,56 @@ def test_triton_skips_split_stages_with_a_note(tmp_path, capsys):
     assert out.stages[1].triton is None and out.stages[0].triton is not None
     assert "stages 1 are split into row parts" in out.extra["triton_note"]
     assert "no Triton model" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class PartModel:
+    """The contract of partitioner.backend.parts.PartModel (helper "parts")."""
+
+    index: int
+    device: str
+    frequency: str | None
+    rows: tuple[int, int]
+    model: object
+    inputs: tuple
+    outputs: tuple
+
+
+def test_split_stage_is_written_as_parts_with_their_sends(tmp_path, monkeypatch):
+    """The emission plumbing of a split stage, against a stand-in for the row-part back
+    end whose two "parts" each run the whole stage (rows None): one file and PartSpec per
+    part, the stage's own device and file null, the producer sending to each part, a
+    single copy of each output going on; the bundle still reproduces the model."""
+    import sys
+    import types
+
+    from partitioner.frontend.slicing import extract_layers
+    from partitioner.ir import Estimate, Part, Plan, Stage
+
+    def build_parts(prepared, stage):
+        sub = extract_layers(prepared, stage.first, stage.last)
+        return [PartModel(k, p.device, p.frequency, p.rows, sub,
+                          tuple((t, None) for t in sub.inputs),
+                          tuple((t, None) for t in sub.outputs))
+                for k, p in enumerate(stage.parts)]
+
+    monkeypatch.setitem(sys.modules, "partitioner.backend.parts",
+                        types.SimpleNamespace(build_parts=build_parts))
+    plan = Plan("optimal", "latency", (
+        Stage("edge", None, 0, 1),
+        Stage(None, None, 2, 4, parts=(Part("hub", None, (0, 3)), Part("cloud", None, (4, 7)))),
+        Stage("edge", None, 5, 8)), Estimate(0, 0, 0, 0, 0), 0.0)
+    b = load_bundle(compile_bundle(prepare(skip_dag(), GROUPS), plan, system(),
+                                   tmp_path / "b"))
+    split = b.stages[1]
+    assert (split.device, split.file) == (None, None)
+    assert [(p.file, p.device, p.rows) for p in split.parts] == [
+        ("stage1_part0_hub.onnx", "hub", (0, 3)), ("stage1_part1_cloud.onnx", "cloud", (4, 7))]
+    assert {s.to for s in b.stages[0].sends} == {"1.0", "1.1", "2"}
+    assert [s.to for s in split.parts[0].sends] == ["output", "2"]  # the one whole copy
+    assert not split.parts[1].sends
+    feeds = sample_inputs(b.inputs, seed=2)
+    got, want = run_bundle(b, feeds), run_model(skip_dag(), feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5)
+    assert "split in 2 parts" in format_text(explain(b))
