@@ -35,10 +35,8 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,25 +95,8 @@ def relayed_bytes(graph: Any, plan: Any) -> int:
     return net("forwarded") - net("direct")
 
 
-def start_worker(bundle: Path, device: str, token: Path, work: Path
-                 ) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = work / f"{device}.port.json"
-    port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device", device,
-           "--listen", "127.0.0.1:0", "--token-file", str(token), "--threads", "1",
-           "--port-file", str(port_file), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"worker {device} did not start")
-        time.sleep(0.05)
-    info = json.loads(port_file.read_text())
-    return proc, f"{info['host']}:{info['port']}"
-
-
 def measure(bundle: Path, graph: Any, requests: int, work: Path) -> dict[str, float]:
+    from benchmarks.partition_sweep import start_worker
     from runtime.executor import RemoteExecutor
 
     token = work / "token"
@@ -125,7 +106,7 @@ def measure(bundle: Path, graph: Any, requests: int, work: Path) -> dict[str, fl
     procs, hosts = [], {}
     try:
         for d in DEVICES:
-            proc, addr = start_worker(bundle, d, token, work)
+            proc, addr = start_worker(bundle, d, "127.0.0.1:0", token, work, 1, None, False)
             procs.append(proc)
             hosts[d] = addr
         ex = RemoteExecutor(bundle, hosts, token=token.read_text().strip(),

@@ -122,7 +122,8 @@ def test_svg_plot_shows_times_bytes_and_totals(solved, tmp_path):
 
     doc = explain(load_bundle(solved[3]))
     text = plot(doc, tmp_path / "p.svg").read_text()
-    from partitioner.backend.draw import _ms, _size
+    from partitioner.backend.draw import _ms
+    from partitioner.backend.explain import size_text as _size
 
     assert f"latency {_ms(doc['estimate']['latency'])}" in text
     sends = [x for s in doc["stages"] for u in s["units"] for x in u["sends"] if x["network"]]

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from partitioner.backend.explain import size_text
 from partitioner.errors import fail
 
 __all__ = ["plot", "FORMATS"]
@@ -66,14 +67,6 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(nbytes) < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError("unreachable")
-
-
 def _ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:.3g} ms" if ms >= 0.01 else f"{ms * 1e3:.3g} us"
@@ -113,7 +106,7 @@ def _timeline(ax: Any, segments: list[dict[str, Any]], colours: dict[str, Any]) 
             y = rows.index(s["from"])
             ax.barh(y, width, left=left, height=0.3, color="white", edgecolor="black",
                     hatch="///", linewidth=0.5)
-            size = _size(s["bytes"]) + " " if s.get("bytes") is not None else ""
+            size = size_text(s["bytes"]) + " " if s.get("bytes") is not None else ""
             text = f"{size}-> {s['to']}\n{_ms(s['duration'])}"
         if width >= 0.04 * end:  # label the bars wide enough to hold text
             ax.text(left + width / 2, y + (0 if s["kind"] == "compute" else 0.32), text,
@@ -134,7 +127,7 @@ def _stage_bytes(ax: Any, doc: dict[str, Any], colours: dict[str, Any]) -> None:
     bars = ax.bar(x, sent, color=[colours.get(s["device"] or s["units"][0]["device"], "grey")
                                   for s in stages], edgecolor="black")
     for bar, n in zip(bars, sent, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), _size(n),
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), size_text(n),
                 ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("bytes sent over links")
@@ -173,7 +166,7 @@ def _partition(ax: Any, doc: dict[str, Any], colours: dict[str, Any]) -> None:
                     arrowprops={"arrowstyle": "->", "connectionstyle": "arc3,rad=-0.25",
                                 "color": "black", "linewidth": 0.8})
         ax.text((x0 + x1) / 2, 0.55 + 0.12 * (k % 3),
-                f"{_size(send['bytes'])} {'/'.join(kinds)}", ha="center", fontsize=7)
+                f"{size_text(send['bytes'])} {'/'.join(kinds)}", ha="center", fontsize=7)
     ax.set_yticks([])
     ax.set_ylim(-0.5, 1.0)
     ax.set_xlim(-0.08 * n_layers, n_layers * 1.08)

@@ -16,10 +16,11 @@ from typing import Any
 
 from partitioner.backend.manifest import INPUT, OUTPUT, Bundle, Send, TensorSpec, Unit
 
-__all__ = ["explain", "format_text"]
+__all__ = ["explain", "format_text", "size_text"]
 
 
-def _size(nbytes: float) -> str:
+def size_text(nbytes: float) -> str:
+    """``1.5 KiB``: a byte count for people."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(nbytes) < 1024 or unit == "GiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -159,18 +160,18 @@ def _send_lines(sends: list[dict[str, Any]], indent: str) -> list[str]:
     for s in sends:
         items = ", ".join(
             f"{t['name']}" + (f"[{t['rows'][0]}..{t['rows'][1]}]" if t["rows"] else "")
-            + f" {_size(t['bytes'])} {t['transfer']}" for t in s["tensors"])
+            + f" {size_text(t['bytes'])} {t['transfer']}" for t in s["tensors"])
         where = f"{s['to']} ({s['to_device']})" if s["to_device"] else s["to"]
         net = "" if s["network"] else ", same device"
-        lines.append(f"{indent}-> {where}: {_size(s['bytes'])}{net}: {items}")
+        lines.append(f"{indent}-> {where}: {size_text(s['bytes'])}{net}: {items}")
     return lines
 
 
 def _unit_lines(u: dict[str, Any], indent: str) -> list[str]:
     ins = ", ".join(f"{t['name']} from {t['from']} ({t['transfer']})" for t in u["inputs"])
     fwd = f"; relays {', '.join(u['forwarded'])}" if u["forwarded"] else ""
-    return ([f"{indent}file {u['file']} ({_size(u['file_bytes'])}); receives "
-             f"{_size(u['receive_bytes'])}: {ins}{fwd}"] + _send_lines(u["sends"], indent))
+    return ([f"{indent}file {u['file']} ({size_text(u['file_bytes'])}); receives "
+             f"{size_text(u['receive_bytes'])}: {ins}{fwd}"] + _send_lines(u["sends"], indent))
 
 
 def format_text(doc: dict[str, Any]) -> str:
@@ -207,7 +208,7 @@ def format_text(doc: dict[str, Any]) -> str:
                 lines += _unit_lines(u, "    ")
     if doc["links"]:
         lines += ["", "links (each tensor once per receiving device):"]
-        lines += [f"    {x['from']} -> {x['to']}: {_size(x['bytes'])} "
+        lines += [f"    {x['from']} -> {x['to']}: {size_text(x['bytes'])} "
                   f"({', '.join(dict.fromkeys(x['tensors']))})" for x in doc["links"]]
     est = doc.get("estimate") or {}
     if est:
