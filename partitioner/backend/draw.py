@@ -157,18 +157,25 @@ def _partition(ax: Any, doc: dict[str, Any], colours: dict[str, Any]) -> None:
                 rotation=90)
     senders = [("input", s) for s in doc["input_sends"]] + [
         (u["key"], s) for st in doc["stages"] for u in st["units"] for s in u["sends"]]
-    for k, (src, send) in enumerate(senders):
+    import numpy as np
+
+    for src, send in senders:
         if not send["network"] or send["to"] not in centre:
             continue
-        (x0, y0), (x1, y1) = centre[src], centre[send["to"]]
+        (x0, _), (x1, _) = centre[src], centre[send["to"]]
+        # a parabola over the boxes, higher for a longer jump, labelled at its apex
+        height = 0.12 + 0.4 * abs(x1 - x0) / (n_layers * 1.1)
+        xs = np.linspace(x0, x1, 40)
+        ys = 0.42 + height * (1 - ((xs - (x0 + x1) / 2) / max(abs(x1 - x0) / 2, 1e-9)) ** 2)
+        ax.plot(xs, ys, color="black", linewidth=0.8)
+        ax.annotate("", xy=(xs[-1], ys[-1]), xytext=(xs[-3], ys[-3]),
+                    arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 0.8})
         kinds = sorted({t["transfer"] for t in send["tensors"]})
-        ax.annotate("", xy=(x1, y1 + 0.42), xytext=(x0, y0 + 0.42),
-                    arrowprops={"arrowstyle": "->", "connectionstyle": "arc3,rad=-0.25",
-                                "color": "black", "linewidth": 0.8})
-        ax.text((x0 + x1) / 2, 0.55 + 0.12 * (k % 3),
-                f"{size_text(send['bytes'])} {'/'.join(kinds)}", ha="center", fontsize=7)
+        ax.text((x0 + x1) / 2, 0.44 + height, f"{size_text(send['bytes'])} {'/'.join(kinds)}",
+                ha="center", va="bottom", fontsize=7,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
     ax.set_yticks([])
-    ax.set_ylim(-0.5, 1.0)
+    ax.set_ylim(-0.5, 1.1)
     ax.set_xlim(-0.08 * n_layers, n_layers * 1.08)
     step = max(1, n_layers // 12)
     ax.set_xticks(range(0, n_layers + 1, step))  # whole layers only
