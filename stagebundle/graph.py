@@ -69,7 +69,11 @@ def assemble(spec: TensorSpec, pieces: Iterable[Piece], what: str) -> np.ndarray
     """The tensor ``spec`` (rows ``spec.rows`` or whole) from pieces that tile it exactly."""
     pieces = list(pieces)
     if len(pieces) == 1 and (pieces[0][0] is None or pieces[0][0] == spec.rows):
-        return pieces[0][1]
+        arr = pieces[0][1]
+        if tuple(arr.shape) != spec.shape:
+            fail(f"{what}: tensor {spec.name} arrives with shape {list(arr.shape)}, declared "
+                 f"{list(spec.shape)}")
+        return arr
     if spec.rows is None:
         base, height = 0, spec.shape[HEIGHT]
     else:

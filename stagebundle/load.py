@@ -19,7 +19,7 @@ from typing import Any
 from stagebundle.errors import UserError, fail
 from stagebundle.manifest import MANIFEST, Bundle, Unit
 
-__all__ = ["load_bundle", "sha256_file", "safe_path", "iter_tensors"]
+__all__ = ["load_bundle", "sha256_file", "safe_path", "iter_tensors", "read_verified"]
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -63,25 +63,74 @@ def _check_file(root: Path, rel: str, digest: str | None, what: str) -> None:
 
 
 def iter_tensors(model: Any) -> Iterator[Any]:
-    """Every tensor that can hold weights: initialisers and tensor attributes, recursively."""
+    """Every dense tensor that can hold weights or point at external data, recursively.
 
-    def in_graph(g: Any) -> Iterator[Any]:
-        yield from g.initializer
-        for node in g.node:
+    Initialisers, sparse initialisers (values and indices), tensor and sparse-tensor
+    attributes, in the main graph, every sub-graph and every local function: each of them
+    can carry an external-data location (the CVE-2022-25882 / CVE-2024-27318 /
+    CVE-2025-51480 class), so each is checked whatever ONNX Runtime version reads it.
+    """
+
+    def sparse(sp: Any) -> Iterator[Any]:
+        yield sp.values
+        yield sp.indices
+
+    def in_nodes(nodes: Any) -> Iterator[Any]:
+        for node in nodes:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield from sparse(attr.sparse_tensor)
+                for sp in attr.sparse_tensors:
+                    yield from sparse(sp)
                 if attr.HasField("g"):
                     yield from in_graph(attr.g)
                 for sub in attr.graphs:
                     yield from in_graph(sub)
 
+    def in_graph(g: Any) -> Iterator[Any]:
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield from sparse(sp)
+        yield from in_nodes(g.node)
+
     yield from in_graph(model.graph)
+    for fn in model.functions:
+        yield from in_nodes(fn.node)
 
 
-def _check_external_refs(path: Path, allowed: str | None, what: str) -> None:
-    """Every external-data location inside the ONNX file is the declared one."""
+def read_verified(root: Path, rel: str, digest: str | None, what: str) -> bytes:
+    """The bytes of a bundle file, checked against its SHA-256 *as read*.
+
+    Whoever loads a file should hand these bytes on (ONNX Runtime accepts a model as
+    bytes) rather than re-open the path: that closes the check-then-open race.
+    """
+    path = safe_path(root, rel, what)
+    if not path.is_file():
+        fail(f"{what}: file {rel!r} is missing from bundle {str(root)!r}")
+    if digest is None:
+        fail(f"{what}: no sha256 recorded for {rel!r}")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        fail(f"{what}: file {rel!r} does not match its sha256 (manifest {digest[:12]}..., "
+             f"file {actual[:12]}...); the bundle was modified")
+    return data
+
+
+def _value_shapes(values: Any) -> dict[str, tuple[tuple[int | None, ...], int]]:
+    out = {}
+    for vi in values:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        out[vi.name] = (dims, tt.elem_type)
+    return out
+
+
+def _check_onnx(path: Path, unit: Unit, allowed: str | None, what: str) -> None:
+    """External-data references are the declared file; inputs/outputs match the manifest."""
     import onnx
 
     try:
@@ -94,6 +143,27 @@ def _check_external_refs(path: Path, allowed: str | None, what: str) -> None:
             if loc != allowed:
                 fail(f"{what}: tensor {t.name!r} in {path.name} reads external data from "
                      f"{loc!r}, which the manifest does not declare")
+    declared = {"input": unit.inputs, "output": unit.outputs}
+    found = {"input": _value_shapes(model.graph.input),
+             "output": _value_shapes(model.graph.output)}
+    for side, specs in declared.items():
+        for spec in specs:
+            if spec.name not in found[side]:
+                fail(f"{what}: {path.name} has no {side} {spec.name!r} that the manifest "
+                     f"declares")
+            dims, elem = found[side][spec.name]
+            if len(dims) != len(spec.shape) or any(
+                    d is not None and d != s for d, s in zip(dims, spec.shape, strict=True)):
+                fail(f"{what}: {side} {spec.name!r} is declared {list(spec.shape)} in the "
+                     f"manifest but {[d if d is not None else '?' for d in dims]} in "
+                     f"{path.name}")
+            try:
+                file_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
+            except (KeyError, ValueError, TypeError):
+                file_dtype = onnx.TensorProto.DataType.Name(elem).lower()
+            if file_dtype != spec.dtype:
+                fail(f"{what}: {side} {spec.name!r} is declared {spec.dtype} in the manifest "
+                     f"but {file_dtype} in {path.name}")
 
 
 def _check_chain(bundle: Bundle, where: Path) -> None:
@@ -123,7 +193,7 @@ def _check_unit(root: Path, unit: Unit, check_onnx: bool) -> None:
         _check_file(root, unit.external_data, unit.external_data_sha256, what)
     if check_onnx:
         ext = None if unit.external_data is None else PurePosixPath(unit.external_data).name
-        _check_external_refs(root / unit.file, ext, what)
+        _check_onnx(root / unit.file, unit, ext, what)
 
 
 def load_bundle(path: str | os.PathLike[str], *, check_onnx: bool = True) -> Bundle:
@@ -145,8 +215,9 @@ def load_bundle(path: str | os.PathLike[str], *, check_onnx: bool = True) -> Bun
     manifest = root / MANIFEST
     if not manifest.is_file():
         fail(f"{root}: not a bundle directory (no {MANIFEST})")
+    safe_path(root, MANIFEST, "bundle")  # a symlinked manifest must not lead outside
     try:
-        doc = json.loads(manifest.read_text(encoding="utf-8"))
+        doc = json.loads(manifest.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         fail(f"{manifest}: not valid JSON ({err.__class__.__name__})")
     try:

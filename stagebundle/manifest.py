@@ -36,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "READABLE_VERSIONS",
     "MANIFEST",
+    "MAX_TENSOR_BYTES",
     "INPUT",
     "OUTPUT",
     "Endpoint",
@@ -54,6 +55,10 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# A declared tensor sizes a worker's receive buffers: bound it so that a manifest cannot
+# make a worker accept (or allocate) an absurd body. 4 GiB is far above any activation of
+# the models this project targets (ViT-B/16's largest is 2.4 MB at batch 1).
+MAX_TENSOR_BYTES = 1 << 32
 MANIFEST = "manifest.json"
 INPUT, OUTPUT = "input", "output"
 
@@ -183,6 +188,9 @@ class TensorSpec:
         dtype = _need(doc, "dtype", where)
         if not is_known_dtype(dtype):
             fail(f"{where}: unknown dtype {dtype!r}")
+        if len(shape_t) > 16 or nbytes(shape_t, dtype) > MAX_TENSOR_BYTES:
+            fail(f"{where}: shape {list(shape_t)} declares more than {MAX_TENSOR_BYTES} bytes "
+                 f"(or over 16 dimensions)")
         src = doc.get("from")
         transfer = doc.get("transfer")
         if transfer not in (None, "direct", "forwarded"):
