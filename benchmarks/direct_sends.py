@@ -209,10 +209,13 @@ def draw(doc: dict[str, Any], path: Path) -> None:
             for b, v in zip(bars, vals, strict=True):
                 if np.isnan(v):
                     continue
-                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.4g}",
-                        ha="center", va="bottom", fontsize=7)
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(),
+                        f"{v:.0f}" if v >= 100 else f"{v:.3g}", ha="center", va="bottom",
+                        fontsize=6, rotation=90)
         ax.set_xticks(x, [f"{r['model']}\n{r['system']}" for r in rows], fontsize=7)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(label + " (log scale)", fontsize=9)
+        ax.set_yscale("log")
+        ax.margins(y=0.25)
     axes[0].legend(fontsize=8)
     fig.suptitle("forwarded vs direct sends, 3 devices (pi3 -> nano -> gpu1080ti)"
                  + (" — LOADED host" if doc["measured"] else ""), fontsize=10)
