@@ -84,8 +84,8 @@ def _stages(plan: Any) -> list[list[Any]]:
 
 def compare(graph: Any, full: Profile, system: System, mbs: int) -> dict[str, Any]:
     """Full, lazy and singles-only plans for one model and system."""
-    from partitioner.solver import solve
     from partitioner.analysis.estimate import evaluate
+    from partitioner.solver import solve
 
     full_table = build_cost_table(graph, system, profiles=[full], mbs=mbs)
     best = solve(full_table)

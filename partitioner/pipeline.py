@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from partitioner import ir
+from partitioner.analysis.routing import route_plan
 from partitioner.errors import UserError, fail
 
 if TYPE_CHECKING:
@@ -141,12 +142,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
                              profiles=_profiles(profiles, prepared.graph), mbs=mbs,
                              preload=preload, private=private)
     chosen = planner(objective)(table)
-    # ----------------------------------------------------------------- routing goes here
-    # The lead adds, after the solve and before anything reads the plan:
-    #     from partitioner.analysis.routing import route_plan
-    #     chosen = route_plan(prepared.graph, table, chosen)
-    # This is the one place: compile() and replan() both plan through this function.
-    # -----------------------------------------------------------------------------------
+    # Routing, once, before anything reads the plan (compile() and replan() both plan
+    # through here): direct sends where they are cheaper, the estimate re-priced.
+    chosen = route_plan(prepared.graph, table, chosen)
     return PlanResult(prepared, loaded_system, table, chosen, objective)
 
 

@@ -271,11 +271,8 @@ def _save_checked(model: Any, tmp: Path, name: str, what: str) -> str | None:
 
 
 def _build_parts(prepared: Any, stage: Stage) -> list[Any]:
-    try:
-        from partitioner.backend.parts import build_parts
-    except ImportError:
-        fail(f"stage {stage.id} is split into parts, and this build has no row-part back "
-             f"end (partitioner.backend.parts)")
+    from partitioner.backend.parts import build_parts
+
     return list(build_parts(prepared, stage))
 
 
