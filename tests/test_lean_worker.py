@@ -32,8 +32,6 @@ import models
 COMPILER = ("partitioner", "mip", "tqdm", "torch", "onnxscript", "matplotlib", "models")
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/security.py, runtime/tls.py and runtime/oip.py "
-                   "still import partitioner.errors (the same classes as stagebundle.errors)")
 def test_the_runtime_imports_nothing_of_the_compiler() -> None:
     # The lean install has the compiler's code (one distribution) but not its
     # dependencies: the runtime must not reach into it at all.
