@@ -243,9 +243,11 @@ def test_dag_bundle_forwards_live_tensors(tmp_path) -> None:
                    ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
     bundle = compile_bundle(prepared, plan, None, tmp_path / "b")
     view = open_bundle(bundle)
-    # x (model input) and a (residual + model output) cross both cuts (schema-1 chain)
+    # x (model input) and a (residual + model output) are needed past the next stage: the
+    # first stage sends both (along the chain or directly, as the router priced it); every
+    # stage sends what it makes for later ones
     sent = [{p.name for s in u.sends for p in s.tensors} for u in view.units()]
-    assert sent == [{"x", "a"}, {"x", "a", "b"}, {"y", "a"}]
+    assert sent[0] >= {"x", "a"} and "b" in sent[1] and "y" in sent[2]
     x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
     ref = dict(zip(["y", "a"], ort.InferenceSession(str(tmp_path / "dag.onnx")).run(
         ["y", "a"], {"x": x}), strict=True))
