@@ -8,6 +8,7 @@
                   ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
                   [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
     runtime fallback BUNDLE --model M --system S [--device NAME ...]
+    runtime certs SYSTEM -o DIR [--host H ...] [--days N] [--force]
 
 User errors are one line on stderr and exit status 2; a request that fails for good
 (after re-planning and retries) exits with status 3 and names the request id.
@@ -330,10 +331,28 @@ def _fallback(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- certs
+# (the logic lives in runtime/certs.py; only the registration is here)
+
+
+def _add_certs(p: argparse.ArgumentParser) -> None:
+    from runtime.certs import add_arguments
+
+    add_arguments(p)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from runtime.certs import run
+
+    return run(args)
+
+
 COMMANDS = {
     "serve": (_add_serve, _serve, "serve one device's stages of a bundle"),
     "run": (_add_run, _run, "run a bundle locally or on workers"),
     "fallback": (_add_fallback, _fallback, "compile fallback plans, one per device lost"),
+    "certs": (_add_certs, _certs, "make a private CA and TLS certificates for a system's "
+                                  "device addresses"),
 }
 
 

@@ -21,6 +21,7 @@ from partitioner.errors import fail
 from partitioner.frontend.layers import LayerStats, build_layer_graph
 from partitioner.frontend.loading import check_proto, export_torch, read_onnx
 from partitioner.frontend.prepare import prepare_model
+from partitioner.frontend.rows import with_rows
 from partitioner.ir import LayerGraph
 
 __all__ = ["PreparedModel", "load_model", "GRANULARITIES"]
@@ -107,5 +108,6 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
              f"expected an .onnx path, an onnx.ModelProto or a torch.nn.Module")
     folded = prepare_model(model, shapes=shapes, base_dir=base_dir, label=label)
     graph, stats = build_layer_graph(model, name=name, sha256=sha, granularity=granularity)
+    graph = with_rows(model, graph)  # Layer.rows: which layers can be split by output rows
     return PreparedModel(model=model, graph=graph, path=path, base_dir=base_dir, stats=stats,
                          shapes=shapes, folded=folded)
