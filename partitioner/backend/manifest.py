@@ -10,7 +10,9 @@ from __future__ import annotations
 from partitioner import __version__
 from stagebundle.load import load_bundle, safe_path, sha256_file
 from stagebundle.manifest import (
+    INPUT,
     MANIFEST,
+    OUTPUT,
     SCHEMA_VERSION,
     Bundle,
     Endpoint,
@@ -29,6 +31,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "PRODUCER",
     "MANIFEST",
+    "INPUT",
+    "OUTPUT",
     "Endpoint",
     "TensorSpec",
     "ModelSpec",
