@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from partitioner.errors import fail
+from stagebundle.errors import fail
 
 __all__ = ["add_arguments", "run", "make_certificates", "device_hosts"]
 

@@ -37,9 +37,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
-from partitioner.errors import UserError
 from runtime.security import token_matches
 from runtime.stages import StageRunner, check_tensor
+from stagebundle.errors import UserError
 
 if TYPE_CHECKING:
     from runtime.worker import Worker

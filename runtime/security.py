@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from partitioner.errors import fail
+from stagebundle.errors import fail
 
 __all__ = ["load_token", "token_matches", "check_bind", "is_loopback"]
 

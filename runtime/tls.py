@@ -31,7 +31,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from partitioner.errors import fail
+from stagebundle.errors import fail
 
 __all__ = ["TLSConfig", "tls_from_args"]
 

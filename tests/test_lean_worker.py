@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,21 @@ from test_readme import (
 )
 
 import models
+
+COMPILER = ("partitioner", "mip", "tqdm", "torch", "onnxscript", "matplotlib", "models")
+
+
+def test_the_runtime_imports_nothing_of_the_compiler() -> None:
+    # The lean install has the compiler's code (one distribution) but not its
+    # dependencies: the runtime must not reach into it at all.
+    probe = ("import json, sys, runtime.cli, runtime.worker, runtime.executor, "
+             "runtime.server, runtime.transport, runtime.tls, runtime.security, runtime.oip; "
+             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = set(json.loads(subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+        env=environment()).stdout))
+    assert "stagebundle" in loaded
+    assert not set(COMPILER) & loaded, sorted(set(COMPILER) & loaded)
 
 
 def _serve(runtime: Path, bundle: Path, device: str, workdir: Path

@@ -243,9 +243,11 @@ def test_dag_bundle_forwards_live_tensors(tmp_path) -> None:
                    ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
     bundle = compile_bundle(prepared, plan, None, tmp_path / "b")
     view = open_bundle(bundle)
-    # x (model input) and a (residual + model output) cross both cuts (schema-1 chain)
+    # direct sends: x and a stay on p for stage 2 (same worker), a goes to the output from
+    # stage 0; q gets only what it reads and sends only b (schema 1 relayed x and a via q)
     sent = [{p.name for s in u.sends for p in s.tensors} for u in view.units()]
-    assert sent == [{"x", "a"}, {"x", "a", "b"}, {"y", "a"}]
+    assert sent == [{"x", "a"}, {"b"}, {"y"}]
+    assert {s.to for s in view.bundle.unit("0").sends} == {"1", "2", "output"}
     x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
     ref = dict(zip(["y", "a"], ort.InferenceSession(str(tmp_path / "dag.onnx")).run(
         ["y", "a"], {"x": x}), strict=True))
