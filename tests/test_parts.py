@@ -307,3 +307,36 @@ def test_zoo_stages_reproduce_exactly(name, size, last):
     got = _run_parts(parts, feeds)
     for key, value in expected.items():
         assert _same(got[key], value), key
+
+
+def test_parts_of_a_model_with_external_weights_save_and_run_from_files(tmp_path):
+    """Part files of a model whose weights are external data stream those weights into
+    their own data files and reproduce the stage when run from disk."""
+    src = tmp_path / "src"
+    src.mkdir()
+    model = stack_a()  # random weights: build once, save a copy (saving moves them out)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, src / "m.onnx", save_as_external_data=True,
+                    location="m.bin", size_threshold=0)
+    loaded = onnx.load_model(src / "m.onnx", load_external_data=False)
+    prepared = prepare(loaded, base_dir=src)
+    h = _height(loaded)
+    stage = Stage(None, None, 0, 5, parts=tuple(
+        Part(f"d{i}", None, r) for i, r in enumerate(_even(h, 3))))
+    parts = build_parts(prepared, stage)
+    assert all(p.model.has_external_data for p in parts)
+    feeds = {"x": np.random.default_rng(4).standard_normal((1, 3, 37, 29)).astype(np.float32)}
+    pieces = []
+    for p in parts:
+        path = tmp_path / f"part{p.index}.onnx"
+        p.model.save(path)
+        assert (tmp_path / f"part{p.index}.onnx.data").is_file()
+        (t, rows), = p.inputs
+        got = run_model(path, {t.name: take_rows(feeds[t.name], None, rows, "x")})
+        (out, out_rows), = p.outputs
+        pieces.append((out_rows, got[out.name]))
+    whole = run_model(model, feeds)
+    name = model.graph.output[0].name
+    spec = TensorSpec(name, whole[name].shape, "float32")
+    assert _same(assemble(spec, pieces, "gather"), whole[name])
