@@ -24,7 +24,7 @@ Usage::
     python benchmarks/lazy_profiling.py --quick      # reuses results/profiles from
                                                      # bundle_vs_sum.py --quick
 
-Writes ``results/lazy_profiling.json`` and ``.png`` (``lazy_profiling-quick.*`` with ``--quick``).
+Writes ``results/lazy_profiling.json`` and ``.png`` (``lazy_profiling_quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from bundle_vs_sum import DEFAULT, QUICK, full_profile  # noqa: E402
 
+from benchmarks.common import result_paths, save_figure  # noqa: E402
 from partitioner.analysis.costs import build_cost_table  # noqa: E402
 from partitioner.analysis.lazy import lazy_profile  # noqa: E402
 from partitioner.analysis.profiler import ProfileSettings, host_info  # noqa: E402
@@ -83,8 +84,8 @@ def _stages(plan: Any) -> list[list[Any]]:
 
 def compare(graph: Any, full: Profile, system: System, mbs: int) -> dict[str, Any]:
     """Full, lazy and singles-only plans for one model and system."""
-    from partitioner.solver import solve
     from partitioner.analysis.estimate import evaluate
+    from partitioner.solver import solve
 
     full_table = build_cost_table(graph, system, profiles=[full], mbs=mbs)
     best = solve(full_table)
@@ -148,7 +149,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     a2.legend()
     fig.suptitle(f"Lazy vs full profiling ({HOST} = this host, others analytic)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                                               for r in rows),
                        "worst_singles_gap": max(r["singles_only"]["gap"] for r in rows)}}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / f"lazy_profiling{'-quick' if args.quick else ''}.json", doc)
-    plot(rows, args.out / f"lazy_profiling{'-quick' if args.quick else ''}.png")
+    json_path, png_path = result_paths("lazy_profiling", args.quick, args.out)
+    write_json_atomic(json_path, doc)
+    plot(rows, png_path)
     print(doc["summary"])
     return 0
 
