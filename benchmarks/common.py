@@ -70,19 +70,22 @@ def split_by_flops(flops: Sequence[int], parts: int) -> list[tuple[int, int]]:
 
 
 def spawn_worker(bundle: str | Path, device: str, port_file: Path, *, threads: int = 1,
-                 log: Path | None = None, extra: Sequence[str] = (),
+                 listen: str = "127.0.0.1:0", log: Path | None = None,
+                 extra: Sequence[str] = (), prefix: Sequence[str] = (),
                  timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``runtime serve BUNDLE --device DEVICE`` on loopback; ``(process, host:port)``.
+    """Start ``runtime serve BUNDLE --device DEVICE --listen LISTEN``; ``(process, host:port)``.
 
     Waits for the worker's ``--port-file``; its stderr goes to ``log`` (else discarded).
+    ``extra`` are more ``runtime serve`` options; ``prefix`` runs the command under another
+    (e.g. ``ip netns exec NS``).
 
     Raises:
         RuntimeError: the worker exited or did not listen within ``timeout`` seconds.
     """
     port_file.unlink(missing_ok=True)
     sink = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device", device,
-           "--threads", str(threads), "--listen", "127.0.0.1:0", "--port-file",
+    cmd = [*prefix, sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device",
+           device, "--threads", str(threads), "--listen", listen, "--port-file",
            str(port_file), "--quiet", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
     if log is not None:

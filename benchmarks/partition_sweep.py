@@ -49,7 +49,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import result_paths, save_figure  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    result_paths,
+    save_figure,
+    spawn_worker,
+    stop_processes,
+)
 
 QUICK_MODEL, QUICK_IMAGE = "tiny_cnn", 224  # cut tensors of 0.4-0.8 MB: well above the
 # tc burst (64 kB), so the shaped link decides the cut (at 32x32 they fit in one burst)
@@ -164,26 +169,6 @@ def forced(table: Any, placement: list[str]) -> Any:
     return replace(table, positions=positions)
 
 
-def start_worker(bundle: Path, device: str, listen: str, token: Path, work: Path,
-                 threads: int, ns: str | None, spin: bool) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = work / f"{device}.port.json"
-    port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device", device,
-           "--listen", listen, "--token-file", str(token), "--threads", str(threads),
-           "--port-file", str(port_file), "--quiet"] + (["--spin"] if spin else [])
-    if ns:
-        cmd = ["ip", "netns", "exec", ns] + cmd
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"worker {device} did not start")
-        time.sleep(0.05)
-    info = json.loads(port_file.read_text())
-    return proc, f"{info['host']}:{info['port']}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="alexnet")
@@ -269,8 +254,12 @@ def main() -> int:
                     for d in devices:
                         ns, ip = ((names.ns, names.cloud_ip) if d == "cloud"
                                   else (None, names.edge_ip))
-                        proc, addr = start_worker(bundle, d, f"{ip}:0", token, work,
-                                                  threads[d], ns, args.spin)
+                        proc, addr = spawn_worker(
+                            bundle, d, work / f"{d}.port.json", threads=threads[d],
+                            listen=f"{ip}:0", timeout=60.0,
+                            extra=["--token-file", str(token)] + (["--spin"] if args.spin
+                                                                  else []),
+                            prefix=["ip", "netns", "exec", ns] if ns else [])
                         procs.append(proc)
                         hosts[d] = addr
                     ex = RemoteExecutor(bundle, hosts, token=token.read_text().strip(),
@@ -285,9 +274,7 @@ def main() -> int:
                     finally:
                         ex.close()
                 finally:
-                    for p in procs:
-                        p.terminate()
-                        p.wait(timeout=10)
+                    stop_processes(procs, grace=10.0)
                 shutil.rmtree(bundle, ignore_errors=True)
                 cut = graph.cuts[k].nbytes  # cuts[k]: live tensors before layer k
                 row = {"cut": k, "edge_layers": k, "cut_bytes": cut,

@@ -144,7 +144,8 @@ class Soak:
         self.samples: list[dict[str, Any]] = []
 
     def sample(self, t: float) -> None:
-        row: dict[str, Any] = {"t": t, "answered": self.answered}
+        row: dict[str, Any] = {"t": t, "answered": self.answered,
+                               "load_average": os.getloadavg()[0]}
         for name, pid in self.pids.items():
             try:
                 row[name] = {"rss": rss_bytes(pid), "fds": open_fds(pid)}
