@@ -3,9 +3,11 @@
 Three measurements, written to ``benchmarks/results/runtime_overhead.json`` and ``.png``:
 
 1. **Per hop** (transport alone): a tensor is sent to an echo process and back on loopback;
-   one hop = half the round trip (median). Framed TCP (this runtime's transport) against a
-   gRPC unary call carrying the same bytes (its best case: raw bytes, no protobuf
-   tensor fields), for several tensor sizes including 1x3x224x224 float32.
+   one hop = half the round trip (median). Framed TCP (this runtime's transport) against
+   raw sockets (``sendall``/``recv_into`` of the bare bytes into a reused buffer: the
+   floor) and a gRPC unary call carrying the same bytes (its best case: raw bytes, no
+   protobuf tensor fields), for several tensor sizes including 1x3x224x224 float32;
+   interleaved rounds, medians. ``--hops-only`` runs this part alone.
 2. **End to end**: zoo models split into 3 stages by FLOPs (edge / hub / cloud), compiled by
    the real back end, served by three ``runtime serve`` processes on loopback; latency of
    one request (median) against one ONNX Runtime session of the whole model, and against
@@ -19,6 +21,7 @@ Three measurements, written to ``benchmarks/results/runtime_overhead.json`` and 
 Usage::
 
     python benchmarks/runtime_overhead.py [--quick] [--models tiny_cnn,resnet18] [--out DIR]
+    python benchmarks/runtime_overhead.py --hops-only [--repeats 9]   # part 1 alone
 """
 
 from __future__ import annotations
@@ -54,26 +57,61 @@ SIZES = {  # name -> shape (float32)
 # --------------------------------------------------------------------------- echo servers
 
 
-def _echo_tcp(port_file: str) -> None:
-    from runtime.server import bind_listener
-    from runtime.transport import ConnectionClosed, recv_frame, send_frame
-
-    srv = bind_listener("127.0.0.1", 0)
+def _accept_forever(port_file: str, serve: Any, timeout: float | None = None) -> None:
+    """Listen on a free loopback port (written to ``port_file``); ``serve`` each
+    connection in its own thread, as the runtime's servers do."""
+    srv = socket.create_server(("127.0.0.1", 0))
     Path(port_file).write_text(str(srv.getsockname()[1]))
     while True:
         conn, _ = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def serve(c: socket.socket) -> None:
-            with c:
-                while True:
-                    try:
-                        f = recv_frame(c, max_body=1 << 30)
-                    except (ConnectionClosed, OSError):
-                        return
-                    send_frame(c, {"type": "echo"}, f.tensors)
-
+        conn.settimeout(timeout)
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _echo_tcp(port_file: str) -> None:
+    from runtime.transport import ConnectionClosed, recv_frame, send_frame
+
+    def serve(c: socket.socket) -> None:
+        with c:
+            while True:
+                try:
+                    f = recv_frame(c, max_body=1 << 30)
+                except (ConnectionClosed, OSError):
+                    return
+                send_frame(c, {"type": "echo"}, f.tensors)
+
+    # a timeout, as on a worker's connections (Python's timeout mode, not blocking)
+    _accept_forever(port_file, serve, timeout=600.0)
+
+
+def _echo_raw(port_file: str) -> None:
+    """The floor: blocking sockets, ``recv_into`` a reused buffer, ``sendall`` it back.
+
+    A connection starts with the 8-byte size of every message that follows (sizes are
+    known in advance, so no per-message header, no allocation, no decoding) and a byte
+    saying whether to read with ``MSG_WAITALL`` (one call per message) or a plain loop.
+    """
+    def serve(c: socket.socket) -> None:
+        with c:
+            size = bytearray(9)
+            if not _raw_fill(c, memoryview(size)):
+                return
+            buf = memoryview(bytearray(int.from_bytes(size[:8], "little")))
+            while _raw_fill(c, buf, bool(size[8])):
+                c.sendall(buf)
+
+    _accept_forever(port_file, serve)
+
+
+def _raw_fill(sock: socket.socket, view: memoryview, waitall: bool = False) -> bool:
+    got, flags = 0, socket.MSG_WAITALL if waitall else 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got, flags)
+        if n == 0:
+            return False
+        got += n
+    return True
 
 
 def _echo_grpc(port_file: str) -> None:
@@ -113,8 +151,39 @@ def _spawn(args: list[str], port_file: Path, timeout: float = 60.0) -> subproces
     return proc
 
 
-def bench_hops(iters: int, work: Path) -> list[dict[str, Any]]:
-    """Median one-way time (half a round trip) per size, TCP frames vs gRPC."""
+def _frame_cpu_us(arr: np.ndarray, n: int = 2000) -> dict[str, float]:
+    """CPU cost of one frame's encoding and decoding alone (no socket), microseconds."""
+    from runtime.protocol import PREFIX, decode_tensors, encode, parse_header, unpack_prefix
+
+    header = {"type": "infer", "id": "req-000001", "plan": "main", "stage": "1",
+              "token": "t" * 32, "timings": []}
+    body = np.empty(arr.nbytes + 64, np.uint8)
+
+    def enc() -> None:
+        encode(header, {"t": arr})
+
+    first = bytes(encode(header, {"t": arr})[0])
+    head = first[PREFIX.size:]
+
+    def dec() -> None:
+        unpack_prefix(first[:PREFIX.size], 1 << 20, 1 << 30)
+        decode_tensors(parse_header(head), body)
+
+    def alloc() -> None:
+        np.empty(arr.nbytes, np.uint8)
+
+    return {k: _median_time(fn, n) * 1e6 for k, fn in
+            (("encode", enc), ("decode", dec), ("allocate_body", alloc))}
+
+
+def bench_hops(iters: int, work: Path, repeats: int = 5,
+               sizes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Median one-way time (half a round trip) per size: raw sockets, frames, gRPC.
+
+    The three are measured in the same run, in ``repeats`` interleaved rounds (so a load
+    spike from another process hits all of them alike); each figure is the median over
+    rounds of each round's median, and ``tcp_over_raw`` the median of the per-round ratios.
+    """
     import grpc
 
     from runtime.transport import connect, recv_frame, send_frame
@@ -122,22 +191,41 @@ def bench_hops(iters: int, work: Path) -> list[dict[str, Any]]:
     rows = []
     procs = {}
     try:
-        for kind in ("tcp", "grpc"):
+        for kind in ("tcp", "grpc", "raw"):
             pf = work / f"echo-{kind}.port"
             procs[kind] = _spawn([__file__, "--echo-server", kind, "--port-file", str(pf)], pf)
-        tcp_port = int((work / "echo-tcp.port").read_text())
-        grpc_port = int((work / "echo-grpc.port").read_text())
-        sock = connect(("127.0.0.1", tcp_port), 30)
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[
+        port = {k: int((work / f"echo-{k}.port").read_text()) for k in procs}
+        sock = connect(("127.0.0.1", port["tcp"]), 30)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port['grpc']}", options=[
             ("grpc.max_receive_message_length", 1 << 30),
             ("grpc.max_send_message_length", 1 << 30)])
         call = channel.unary_unary("/bench.Echo/Echo")
         for name, shape in SIZES.items():
+            if sizes and name not in sizes:
+                continue
             arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             n = max(20, iters if arr.nbytes < 4e6 else iters // 4)
+            raws = {}
+            for mode in (0, 1):  # plain recv_into loop, MSG_WAITALL
+                raws[mode] = socket.create_connection(("127.0.0.1", port["raw"]))
+                raws[mode].setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                raws[mode].sendall(arr.nbytes.to_bytes(8, "little") + bytes([mode]))
+            raw_back = memoryview(bytearray(arr.nbytes))
+            header = {"type": "infer", "id": "req-000001", "plan": "main", "stage": "1",
+                      "token": "t" * 32, "timings": []}
 
-            def tcp_once(a: np.ndarray = arr) -> None:
-                send_frame(sock, {"type": "echo"}, {"t": a})
+            def raw_once(a: np.ndarray = arr, back: memoryview = raw_back,
+                         s: socket.socket = raws[0], waitall: bool = False) -> None:
+                s.sendall(memoryview(a).cast("B"))  # type: ignore[arg-type]
+                if not _raw_fill(s, back, waitall):
+                    raise ConnectionError("raw echo closed")
+
+            def raw_waitall_once(a: np.ndarray = arr, back: memoryview = raw_back,
+                                 s: socket.socket = raws[1]) -> None:
+                raw_once(a, back, s, True)
+
+            def tcp_once(a: np.ndarray = arr, header: dict[str, Any] = header) -> None:
+                send_frame(sock, header, {"t": a})
                 f = recv_frame(sock, max_body=1 << 30)
                 assert f.tensors["t"].shape == a.shape
 
@@ -147,20 +235,38 @@ def bench_hops(iters: int, work: Path) -> list[dict[str, Any]]:
                 back = call(payload, timeout=30)
                 np.frombuffer(back, dtype=np.float32, offset=4 + len(head)).reshape(a.shape)
 
-            row: dict[str, Any] = {"tensor": name, "bytes": int(arr.nbytes)}
-            for kind, fn in (("tcp", tcp_once), ("grpc", grpc_once)):
-                for _ in range(5):
-                    fn()
-                times = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                row[f"{kind}_hop_ms"] = statistics.median(times) / 2 * 1e3
-                row[f"{kind}_hop_p90_ms"] = float(np.percentile(times, 90)) / 2 * 1e3
+            rounds: dict[str, list[float]] = {"raw": [], "raw_waitall": [], "tcp": [],
+                                              "grpc": []}
+            fns = (("raw", raw_once), ("raw_waitall", raw_waitall_once), ("tcp", tcp_once),
+                   ("grpc", grpc_once))
+            cpu = dict.fromkeys(rounds, 0.0)  # CPU seconds, both ends, over all rounds
+            calls = dict.fromkeys(rounds, 0)
+            for _ in range(repeats):
+                for kind, fn in fns:
+                    pid = procs["raw" if kind.startswith("raw") else kind].pid
+                    c0, s0 = time.process_time(), _cpu_seconds(pid)
+                    rounds[kind].append(_median_time(fn, n) / 2 * 1e3)
+                    cpu[kind] += time.process_time() - c0 + _cpu_seconds(pid) - s0
+                    calls[kind] += n + 3  # (with _median_time's warm-up calls)
+            for r in raws.values():
+                r.close()
+            row: dict[str, Any] = {"tensor": name, "bytes": int(arr.nbytes), "rounds": rounds}
+            for kind in rounds:
+                row[f"{kind}_hop_ms"] = statistics.median(rounds[kind])
+            for floor in ("raw", "raw_waitall"):
+                row[f"tcp_over_{floor}"] = statistics.median(
+                    t / r for t, r in zip(rounds["tcp"], rounds[floor], strict=True))
+            # CPU per hop (a call is a round trip: two hops) is what the load of other
+            # processes distorts least; the wall-clock figures above are medians
+            row["cpu_per_hop_us"] = {k: cpu[k] / (2 * calls[k]) * 1e6 for k in rounds}
+            row["cpu_us"] = _frame_cpu_us(arr)
             rows.append(row)
-            print(f"hop {name:>14} {arr.nbytes / 1e6:7.2f} MB: tcp {row['tcp_hop_ms']:.3f} ms,"
-                  f" grpc {row['grpc_hop_ms']:.3f} ms", file=sys.stderr)
+            print(f"hop {name:>14} {arr.nbytes / 1e6:7.2f} MB: raw {row['raw_hop_ms']:.3f} ms"
+                  f" (waitall {row['raw_waitall_hop_ms']:.3f}), tcp {row['tcp_hop_ms']:.3f} ms"
+                  f" ({row['tcp_over_raw']:.2f}x raw, {row['tcp_over_raw_waitall']:.2f}x"
+                  f" waitall), grpc {row['grpc_hop_ms']:.3f} ms; CPU per hop, both ends: raw"
+                  f" {row['cpu_per_hop_us']['raw']:.0f} us, tcp"
+                  f" {row['cpu_per_hop_us']['tcp']:.0f} us", file=sys.stderr)
         sock.close()
         channel.close()
     finally:
@@ -187,6 +293,15 @@ def _split(prepared: Any, parts: int = 3) -> list[tuple[int, int]]:
         first = c + 1
     bounds.append((first, len(flops) - 1))
     return bounds
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _median_time(fn: Any, n: int) -> float:
@@ -262,12 +377,13 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    runners = [StageRunner(s, threads=threads) for s in view.stages]
-    stage_in, stage_t = dict(feeds), []
-    for r in runners:
-        inp = dict(stage_in)
+    units = list(view.units())
+    runners = [StageRunner(u, view.root, threads=threads) for u in units]
+    available, stage_t = dict(feeds), []
+    for r in runners:  # a chain: each stage's inputs were produced by earlier ones
+        inp = {n: available[n] for n in r.input_names}
         stage_t.append(_median_time(lambda r=r, inp=inp: r.run(inp), iters))
-        stage_in = r.advance(stage_in)
+        available.update(r.run(inp))
     ref = full.run(None, feeds)
     lx = LocalExecutor(bundle, threads=threads)
 
@@ -289,8 +405,8 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
                  lambda: rx.infer(feeds)], iters)
             recs = list(rx.records)[-iters:]
             served_compute = sum(statistics.median(t["compute"] for r in recs
-                                                   for t in r["timings"] if t["stage"] == s.id)
-                                 for s in view.stages)
+                                                   for t in r["timings"] if t["stage"] == u.key)
+                                 for u in units)
             n_pipe = max(2 * iters, 40)
             t0 = time.perf_counter()
             inflight: list[Any] = []
@@ -307,17 +423,18 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         for p in procs:
             p.kill()
             p.wait()
-    cut_bytes = [sum(view.tensors[n].nbytes for n in s.carry) for s in view.stages[:-1]]
+    cut_bytes = [sum(view.receives(send.to)[p.name].nbytes for send in u.sends
+                     if send.to != "output" for p in send.tensors) for u in units[:-1]]
     row = {
         "model": name, "layers": len(prepared.graph.layers),
         "stages": [{"device": s.device, "layers": list(b), "compute_ms": t * 1e3}
-                   for s, b, t in zip(view.stages, bounds, stage_t, strict=True)],
+                   for s, b, t in zip(units, bounds, stage_t, strict=True)],
         "cut_bytes": cut_bytes,
         "full_ms": t_full * 1e3, "local_chain_ms": t_local * 1e3,
         "remote_chain_ms": t_remote * 1e3,
         "remote_overhead_ms": (t_remote - t_full) * 1e3,
         # hops: executor -> stage 0 -> ... -> last stage -> executor
-        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(view.stages) + 1),
+        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(units) + 1),
         "served_compute_ms": served_compute * 1e3,
         "pipelined_images_per_s": n_pipe / pipe_wall,
         "bottleneck_bound_images_per_s": 1.0 / max(stage_t),
@@ -344,18 +461,29 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ms = doc["models"]
+    fig, axes = plt.subplots(1, 3 if ms else 1, figsize=(16 if ms else 6.5, 4.5),
+                             squeeze=False)
+    axes = axes[0]
     hops = doc["hops"]
     x = np.arange(len(hops))
     ax = axes[0]
-    ax.bar(x - 0.2, [h["tcp_hop_ms"] for h in hops], 0.4, label="framed TCP")
-    ax.bar(x + 0.2, [h["grpc_hop_ms"] for h in hops], 0.4, label="gRPC unary (raw bytes)")
+    ax.bar(x - 0.27, [h.get("raw_hop_ms", np.nan) for h in hops], 0.27,
+           label="raw sockets (floor)")
+    ax.bar(x, [h["tcp_hop_ms"] for h in hops], 0.27, label="framed TCP")
+    ax.bar(x + 0.27, [h["grpc_hop_ms"] for h in hops], 0.27, label="gRPC unary (raw bytes)")
     ax.set_xticks(x, [h["tensor"] for h in hops], rotation=20, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("one hop, ms (median, loopback)")
-    ax.set_title("Transport alone, float32 tensors")
-    ax.legend()
-    ms = doc["models"]
+    load = doc["host"].get("load_average_before")
+    ax.set_title("Transport alone, float32 tensors" + (
+        f"\n(load average {load[0]:.0f} on {doc['host']['cpus']} cores: a loaded host)"
+        if load and load[0] > 1 else ""), fontsize=10)
+    ax.legend(fontsize=8)
+    if not ms:
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        return
     x = np.arange(len(ms))
     ax = axes[1]
     for k, (key, label) in enumerate((("full_ms", "one ORT session"),
@@ -389,11 +517,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="ORT threads per session")
     p.add_argument("--window", type=int, default=8, help="requests in flight when pipelined")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--echo-server", choices=("tcp", "grpc"), help=argparse.SUPPRESS)
+    p.add_argument("--hops-only", action="store_true",
+                   help="only the per-hop transport part (to runtime_overhead_hops.json)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per hop size")
+    p.add_argument("--sizes", help=f"comma-separated hop tensors (of {', '.join(SIZES)})")
+    p.add_argument("--echo-server", choices=("tcp", "grpc", "raw"), help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.echo_server:
-        (_echo_tcp if args.echo_server == "tcp" else _echo_grpc)(args.port_file)
+        {"tcp": _echo_tcp, "grpc": _echo_grpc, "raw": _echo_raw}[args.echo_server](
+            args.port_file)
         return 0
     iters = 30 if args.quick else 100
     names = (args.models.split(",") if args.models else
@@ -407,15 +540,21 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/runtime_overhead.py " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                     "python": platform.python_version(), "onnxruntime": ort.__version__},
-            "iterations": iters, "threads": args.threads,
-            "hops": bench_hops(iters * 2, work),
+                     "python": platform.python_version(), "onnxruntime": ort.__version__,
+                     # other processes share this host: the load says how noisy it was
+                     "load_average_before": list(os.getloadavg())},
+            "iterations": iters, "threads": args.threads, "repeats": args.repeats,
+            "hops": bench_hops(iters * 2, work, args.repeats,
+                               args.sizes.split(",") if args.sizes else None),
             "window": args.window,
-            "models": [bench_model(n, iters, work, args.threads, args.window) for n in names],
+            "models": [] if args.hops_only else
+                      [bench_model(n, iters, work, args.threads, args.window) for n in names],
         }
+        doc["host"]["load_average_after"] = list(os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "runtime_overhead_quick" if args.quick else "runtime_overhead"
+    stem = "runtime_overhead" + ("_hops" if args.hops_only else "") + (
+        "_quick" if args.quick else "")
     tmp_json = out / f".{stem}.json.tmp"
     tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp_json, out / f"{stem}.json")

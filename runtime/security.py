@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from partitioner.errors import fail
+from stagebundle.errors import fail
 
 __all__ = ["load_token", "token_matches", "check_bind", "is_loopback"]
 
@@ -54,7 +54,10 @@ def token_matches(expected: str | None, given: object) -> bool:
         return True
     if not isinstance(given, str):
         return False
-    return hmac.compare_digest(expected.encode(), given.encode())
+    # "surrogatepass": a JSON header may carry a lone surrogate ("\\ud800"), which
+    # plain UTF-8 cannot encode; it must be a wrong token, not a traceback
+    return hmac.compare_digest(expected.encode("utf-8", "surrogatepass"),
+                               given.encode("utf-8", "surrogatepass"))
 
 
 def is_loopback(host: str) -> bool:

@@ -3,8 +3,26 @@
 One private certificate authority per deployment signs a certificate for every node.
 Servers require a client certificate signed by that CA, and clients verify the server's
 certificate against it, so only the deployment's own nodes can talk to each other even
-before the token is checked. Host names are not checked (nodes are often addressed by
-IP and share one certificate); trust comes from the private CA alone.
+before the token is checked. This runtime's own clients do not check host names (nodes
+are often addressed by IP and may share one certificate); trust comes from the private CA
+alone.
+
+**Stock clients do check host names.** ``tritonclient.grpc`` (``ssl=True``), Python's
+``ssl.create_default_context`` and most HTTP/gRPC libraries refuse a server certificate
+that does not name the host they dialled ("Peer name 127.0.0.1 is not in peer
+certificate", ``CERTIFICATE_VERIFY_FAILED``). Make certificates that name every device's
+address with::
+
+    runtime certs SYSTEM.toml -o pki/ [--host NAME ...]   # see runtime/certs.py
+
+which writes ``pki/ca.pem``, ``pki/<device>.pem|.key`` (IP SAN = the host of the device's
+``address``) and ``pki/client.pem|.key``. Serve with ``--tls-cert pki/hub.pem --tls-key
+pki/hub.key --tls-ca pki/ca.pem``; a stock client then connects with
+``InferenceServerClient(url, ssl=True, root_certificates="pki/ca.pem",
+private_key="pki/client.key", certificate_chain="pki/client.pem")`` (the OIP port asks
+for a client certificate). With certificates that lack the address, the only client-side
+way round is gRPC's ``("grpc.ssl_target_name_override", "<a name in the certificate>")``
+channel option.
 """
 
 from __future__ import annotations
@@ -13,7 +31,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from partitioner.errors import fail
+from stagebundle.errors import fail
 
 __all__ = ["TLSConfig", "tls_from_args"]
 

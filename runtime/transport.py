@@ -13,10 +13,14 @@ tensor bytes are never copied in Python. Receiving reads the whole body into one
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 import ssl
+import struct
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -85,51 +89,177 @@ def connect(addr: tuple[str, int], timeout: float,
     return sock
 
 
+def _time_left(deadline: float, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(what)
+    return left
+
+
+# Reads and writes use Python's timeouts (a poll() + recv() pair per call), with
+# ``settimeout(time left)`` before each so the deadline covers the whole frame. When the
+# first call leaves a large rest (a body still arriving over a real network), Linux
+# switches to a blocking socket whose SO_RCVTIMEO / SO_SNDTIMEO bounds one whole call (the
+# kernel counts the wait down across wake-ups) and MSG_WAITALL: one call for the rest
+# instead of a pair per chunk. On loopback a body is usually there at once, and the
+# switch (4 more calls) is not made.
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux") and hasattr(socket, "MSG_WAITALL")
+_BULK = 64 * 1024  # bytes from which the kernel-timeout path pays for its extra calls
+_TIMEVAL = struct.Struct("@ll")
+# A body below this is read together with its header (one call, not two) and so before
+# ``check_header`` sees the header: what a peer without the token can make us read.
+_SMALL_BODY = 16 * 1024
+
+
+def _bulk_path(sock: socket.socket, size: int) -> bool:
+    return _KERNEL_TIMEOUTS and size >= _BULK and type(sock) is socket.socket
+
+
+def _kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """Set SO_RCVTIMEO / SO_SNDTIMEO (0 means none, so a tiny positive value stays 1 us)."""
+    whole = int(seconds)
+    micros = int((seconds - whole) * 1e6)
+    if seconds > 0 and not (whole or micros):
+        micros = 1
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros))
+
+
+def _truncated(got: int, size: int, what: str) -> ProtocolError:
+    return ProtocolError(f"truncated frame: connection closed after {got} of {size} B of "
+                         f"the {what}", "truncated")
+
+
+def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: str) -> None:
+    """Fill ``view`` before ``deadline`` (monotonic seconds; None: the socket's timeout).
+
+    The deadline bounds the whole read, not each ``recv``: a peer that dribbles a byte
+    now and then cannot keep a frame open. Leaves the socket in timeout mode.
+    """
+    got, size = 0, len(view)
+    while got < size:
+        if got and _bulk_path(sock, size - got):
+            _fill_bulk(sock, view[got:], deadline, what)
+            return
+        if deadline is not None:
+            sock.settimeout(_time_left(deadline, what))
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise _truncated(got, size, what)
+        got += n
+
+
+def _fill_pair(sock: socket.socket, head: memoryview, body: memoryview,
+               deadline: float | None) -> None:
+    """Fill a small frame's header and body with one ``recvmsg_into`` (both usually wait
+    in the socket already), else one after the other."""
+    if type(sock) is not socket.socket or not hasattr(sock, "recvmsg_into"):
+        _fill(sock, head, deadline, "header")
+        _fill(sock, body, deadline, "body")
+        return
+    size, got = len(head) + len(body), 0
+    while got < size:
+        if deadline is not None:
+            sock.settimeout(_time_left(deadline, "header"))
+        parts = [head[got:], body] if got < len(head) else [body[got - len(head):]]
+        n = sock.recvmsg_into(parts)[0]
+        if not n:
+            raise _truncated(got, size, "header and body")
+        got += n
+
+
+def _fill_bulk(sock: socket.socket, view: memoryview, deadline: float | None,
+               what: str) -> None:
+    """:func:`_fill` for large bodies on Linux (see ``_KERNEL_TIMEOUTS``)."""
+    old = sock.gettimeout()
+    sock.settimeout(None)
+    got, size = 0, len(view)
+    try:
+        while got < size:
+            _kernel_timeout(sock, socket.SO_RCVTIMEO,
+                            (old or 0.0) if deadline is None else _time_left(deadline, what))
+            try:
+                n = sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+            except BlockingIOError:  # SO_RCVTIMEO ran out before any byte came
+                raise TimeoutError(what) from None
+            if not n:
+                raise _truncated(got, size, what)
+            got += n
+    finally:
+        if old is None:  # a socket kept blocking by its owner must not keep our timeout
+            _kernel_timeout(sock, socket.SO_RCVTIMEO, 0.0)
+        sock.settimeout(old)  # in timeout mode (non-blocking) SO_RCVTIMEO has no effect
+
+
+def _allocate_body(body_len: int) -> np.ndarray:
+    """An uninitialised receive buffer (``bytearray(n)`` would zero-fill every byte)."""
+    try:
+        return np.empty(body_len, dtype=np.uint8)
+    except MemoryError:
+        raise ProtocolError(f"no memory for a body of {body_len} B", "busy") from None
+
+
 def send_frame(sock: socket.socket, header: Mapping[str, Any],
                tensors: Mapping[str, np.ndarray] | None = None) -> int:
-    """Write one frame; returns the bytes sent. Handles partial ``sendmsg`` writes."""
-    buffers = [memoryview(b).cast("B") for b in encode(header, tensors)]
-    total = sum(len(b) for b in buffers)
+    """Write one frame; returns the bytes sent. Handles partial ``sendmsg`` writes.
+
+    The socket's timeout bounds each write, and a whole large frame on Linux.
+    """
+    buffers: list[Any] = encode(header, tensors)
+    total = sum(map(len, buffers))
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets: one write per buffer
         for b in buffers:
             sock.sendall(b)
         return total
-    while buffers:
-        # sendmsg takes at most IOV_MAX buffers; 512 is below every platform's limit
-        sent = sock.sendmsg(buffers[:512])
-        while sent:
-            if sent >= len(buffers[0]):
-                sent -= len(buffers[0])
+    old = sock.gettimeout()
+    bulk, left = False, total
+    try:
+        while buffers:
+            if not bulk and left < total and old is not None and _bulk_path(sock, left):
+                bulk = True  # a large rest did not fit: see _KERNEL_TIMEOUTS
+                sock.settimeout(None)
+                _kernel_timeout(sock, socket.SO_SNDTIMEO, old)
+            # sendmsg takes at most IOV_MAX buffers; 512 is below every platform's limit
+            try:
+                sent = sock.sendmsg(buffers[:512])
+            except BlockingIOError:  # SO_SNDTIMEO ran out
+                raise TimeoutError("frame send timed out") from None
+            left -= sent
+            while sent:
+                if sent >= len(buffers[0]):
+                    sent -= len(buffers[0])
+                    buffers.pop(0)
+                else:
+                    buffers[0] = memoryview(buffers[0])[sent:]
+                    sent = 0
+            while buffers and not len(buffers[0]):
                 buffers.pop(0)
-            else:
-                buffers[0] = buffers[0][sent:]
-                sent = 0
-        while buffers and not len(buffers[0]):
-            buffers.pop(0)
+    finally:
+        if bulk:
+            sock.settimeout(old)  # timeout mode again, where SO_SNDTIMEO has no effect
     return total
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ProtocolError(f"truncated frame: connection closed after {got} of "
-                                f"{len(view)} B of the {what}", "truncated")
-        got += n
+HeaderCheck = Callable[[dict[str, Any], int], None]
 
 
 def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEADER,
-               frame_timeout: float | None = 30.0) -> Frame:
+               frame_timeout: float | None = 30.0, header_timeout: float | None = None,
+               check_header: HeaderCheck | None = None) -> Frame:
     """Read one frame; the caps are checked on the prefix before anything else is read.
 
-    The socket's own timeout applies to the wait for the first byte (an idle connection);
-    once a frame has started, the rest must arrive within ``frame_timeout`` seconds per
-    read, so a peer that sends half a frame and stalls cannot hold the reader for ever.
+    The socket's own timeout applies to the wait for the first byte (an idle connection).
+    Once a frame has started, the whole frame must arrive within ``frame_timeout`` seconds
+    and its prefix and header within ``header_timeout`` (default: the same), so a peer
+    that sends part of a frame, or dribbles it a byte at a time, cannot hold the reader.
+    ``check_header(header, body_len)`` runs after the header and before the body is
+    allocated or read (the token check of :class:`runtime.server.FrameServer`; a body under
+    16 KiB is read with its header, in one call, and checked just after); it refuses a frame
+    by raising :class:`ProtocolError`. The body is read into an uninitialised
+    ``uint8`` array; the tensors are views of it.
 
     Raises:
         ConnectionClosed: clean EOF before a frame started.
-        ProtocolError: malformed, oversized or truncated frame.
+        ProtocolError: malformed, oversized, truncated, late or refused frame.
         TimeoutError / OSError: socket failures.
     """
     prefix = bytearray(PREFIX.size)
@@ -138,20 +268,37 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
     if n == 0:
         raise ConnectionClosed()
     old_timeout = sock.gettimeout()
-    if frame_timeout is not None:
-        sock.settimeout(frame_timeout)
+    frame_deadline = head_deadline = None
+    if frame_timeout is not None or header_timeout is not None:
+        start = time.monotonic()
+        frame_deadline = None if frame_timeout is None else start + frame_timeout
+        head_deadline = frame_deadline if header_timeout is None else min(
+            start + header_timeout, math.inf if frame_deadline is None else frame_deadline)
     try:
         try:
-            _recv_exact(sock, view[n:], "prefix")
-            header_len, body_len = unpack_prefix(bytes(prefix), max_header, max_body)
+            if n < PREFIX.size:
+                _fill(sock, view[n:], head_deadline, "prefix")
+            header_len, body_len = unpack_prefix(prefix, max_header, max_body)
             head = bytearray(header_len)
-            _recv_exact(sock, memoryview(head), "header")
-            header = parse_header(head)
-            body = bytearray(body_len)
-            _recv_exact(sock, memoryview(body), "body")
-        except TimeoutError:
-            raise ProtocolError("truncated frame: the rest did not arrive in time",
-                                "truncated") from None
+            if 0 < body_len < _SMALL_BODY:  # with its header: one read, checked just after
+                body = _allocate_body(body_len)
+                _fill_pair(sock, memoryview(head), memoryview(body),  # type: ignore[arg-type]
+                           head_deadline)
+                header = parse_header(head)
+                if check_header is not None:
+                    check_header(header, body_len)
+            else:
+                _fill(sock, memoryview(head), head_deadline, "header")
+                header = parse_header(head)
+                if check_header is not None:
+                    check_header(header, body_len)
+                body = _allocate_body(body_len)
+                if body_len:
+                    _fill(sock, memoryview(body), frame_deadline,  # type: ignore[arg-type]
+                          "body")
+        except TimeoutError as err:
+            raise ProtocolError(f"truncated frame: the {err or 'frame'} did not arrive in "
+                                f"time", "truncated") from None
     finally:
         sock.settimeout(old_timeout)
     tensors = decode_tensors(header, body)

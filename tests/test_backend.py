@@ -13,7 +13,7 @@ import pytest
 
 from partitioner.backend import compile_bundle, load_bundle
 from partitioner.backend.manifest import MANIFEST, dumps
-from partitioner.backend.verify import run_chain, sample_inputs
+from partitioner.backend.verify import run_bundle, sample_inputs
 from partitioner.errors import UserError
 from partitioner.ir import Application, Device, Estimate, Link, Plan, Stage, System
 from tests.test_slicing import GROUPS
@@ -48,29 +48,60 @@ def _names(specs) -> list[str]:
     return [t.name for t in specs]
 
 
-def test_forwarding_lists_follow_the_chain(bundle_dir):
+def _sends(unit) -> list[tuple[str, list[str]]]:
+    return [(s.to, [p.name for p in s.tensors]) for s in unit.sends]
+
+
+def test_direct_sends_follow_the_tensor_dag(bundle_dir):
+    """A hand-made plan is routed direct: every tensor goes once per receiving device."""
     b = load_bundle(bundle_dir)
     s0, s1, s2 = b.stages
+    assert b.schema_version == 2 and b.transfer == "direct"
     assert [s.device for s in b.stages] == ["edge", "hub", "edge"]  # back and forth
-    assert [s.next for s in b.stages] == [1, 2, None]
     assert (b.source, b.destination) == ("edge", "edge")
     assert _names(s0.inputs) == ["x"] and s0.inputs[0].source == "input"
     assert [(t.name, t.targets) for t in s0.outputs] == [("a", (1, 2))]
-    # x is read by concat in stage 2: stage 0 receives it and forwards it, so does stage 1
-    assert [(t.name, t.source, t.targets) for t in s0.forward] == [("x", "input", (2,))]
-    assert [(t.name, t.source) for t in s1.forward] == [("x", "input"), ("a", 0)]
-    # early is a model output made by stage 1: it rides through stage 2 to the destination
-    assert ("early", ("output",)) in [(t.name, t.targets) for t in s1.outputs]
+    assert [(s.to, [p.name for p in s.tensors]) for s in b.input_sends] == [("0", ["x"])]
+    # x and a stay on the edge for stage 2 (A-B-A): stage 0 hands them on, nothing relays
+    # them through the hub
+    assert _sends(s0) == [("2", ["x", "a"]), ("1", ["a"])]
+    assert not s0.forward and not s1.forward and not s2.forward
+    # early is a model output made on the hub: it goes straight to the destination
+    assert _sends(s1) == [("output", ["early"]), ("2", ["c"])]
+    assert _sends(s2) == [("output", ["y"])]
+    assert [(t.name, t.source, t.transfer) for t in s2.inputs] == [
+        ("x", "input", "direct"), ("a", 0, "direct"), ("c", 1, "direct")]
+
+
+def test_forwarded_plan_relays_along_the_chain(tmp_path):
+    """mode forwarded is schema 1's chain: each stage relays what later stages need."""
+    from partitioner.analysis.routing import route_plan
+
+    prepared = prepare(skip_dag(), GROUPS)
+    plan = route_plan(prepared.graph, None, BACK_AND_FORTH, mode="forwarded")
+    b = load_bundle(compile_bundle(prepared, plan, system(), tmp_path / "b"))
+    s0, s1, s2 = b.stages
+    assert b.transfer == "forwarded"
+    # forward lists what a stage relays without its file reading it (stage 0 reads x,
+    # stage 1 reads a)
+    assert not s0.forward
+    assert [(t.name, t.source, t.targets) for t in s1.forward] == [("x", "input", (0, 2))]
     assert [(t.name, t.source, t.targets) for t in s2.forward] == [("early", 1, ("output",))]
-    assert [(t.name, t.source) for t in s2.inputs] == [("x", "input"), ("a", 0), ("c", 1)]
+    assert _sends(s0) == [("1", ["x", "a"])]
+    assert _sends(s1) == [("2", ["x", "a", "early", "c"])]
     # bytes crossing the cut after stage 1: early + c + x + a
-    assert s1.send_bytes == 4 * (4 * 64 + 4 * 64 + 3 * 64 + 4 * 64)
+    sizes = {t.name: t.nbytes for t in (*s1.inputs, *s1.outputs, *s1.forward)}
+    assert sum(sizes[p.name] for p in s1.sends[0].tensors) == 4 * (4 * 64 * 3 + 3 * 64)
+    feeds = sample_inputs(b.inputs, seed=3)
+    got, want = run_bundle(b, feeds), run_model(skip_dag(), feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5)
 
 
 def test_chained_stages_reproduce_the_model_and_hold_only_their_weights(bundle_dir):
     b = load_bundle(bundle_dir)
     feeds = sample_inputs(b.inputs, seed=3)
-    got = run_chain(b.path, b.stages, feeds)
+    got = run_bundle(b, feeds)
     want = run_model(skip_dag(), feeds)
     assert sorted(got) == sorted(want)
     for name in want:
@@ -185,10 +216,11 @@ def test_symlink_out_of_the_bundle_is_rejected(bundle_dir, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
     (lambda d: d.pop("model"), "missing required key 'model'"),
     (lambda d: d["stages"][1].pop("file"), "manifest stage 1: missing required key 'file'"),
-    (lambda d: d["stages"][0].update(next=2), "stage 0 has next 2, expected 1"),
+    (lambda d: d["stages"][0]["sends"][0].update(to="7"), "send goes to '7'"),
+    (lambda d: d["stages"][0]["sends"].pop(), "unit 1 .*not every sender sent to it"),
     (lambda d: d["stages"][0]["inputs"][0].update({"from": 2}), "stage 0 input 'x' comes from"),
 ])
 def test_malformed_manifest_is_rejected(bundle_dir, tmp_path, edit, message):

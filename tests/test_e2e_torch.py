@@ -292,7 +292,11 @@ def test_detector_fpn_three_outputs(tmp_path):
     for k in range(c3 - 1, fuse2):
         assert len(g.cut_after(k).tensors) >= 2  # a skip rides along every cut here
     bundle = _pipeline(prepared, hand, system, tmp_path, module, batches, "hand")
-    assert bundle.stages[1].forward, "the FPN skip must be forwarded through stage 1"
+    # direct sends: the FPN skips go straight from the backbone to the neck's stage, no
+    # stage relays them
+    assert not bundle.stages[1].forward
+    skips = {p.name for s in bundle.stages[0].sends if s.to == "2" for p in s.tensors}
+    assert skips, "an FPN skip must go direct from stage 0 to stage 2"
 
 
 def test_gru_split(tmp_path):

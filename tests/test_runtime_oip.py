@@ -87,6 +87,57 @@ def test_bad_token_and_bad_tensor_are_refused(client, built) -> None:
     ) is not None
 
 
+def test_triton_names_and_the_stage_alias(client, built) -> None:
+    """The OIP port serves the names of the bundle's Triton repositories, plus stage<id>."""
+    import json
+
+    from partitioner.backend.triton import triton_model_name
+
+    model = json.loads((built.bundle / "manifest.json").read_text())["model"]["name"]
+    triton_name = triton_model_name(model, 1)
+    assert triton_name != "stage1"
+    for name in (triton_name, "stage1"):
+        assert client.is_model_ready(name, headers=AUTH)
+        assert client.get_model_metadata(name, headers=AUTH, as_json=True)["name"] == name
+    assert not client.is_model_ready(triton_model_name(model, 0), headers=AUTH)  # edge's
+    x = _stage_input(built)
+    s1 = ort.InferenceSession(str(built.bundle / "stage1_hub.onnx"))
+    inp = grpcclient.InferInput(s1.get_inputs()[0].name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = s1.get_outputs()[0].name
+    np.testing.assert_allclose(client.infer(triton_name, [inp], headers=AUTH).as_numpy(out),
+                               s1.run([out], {s1.get_inputs()[0].name: x})[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [
+    [2 ** 62, 4],  # np.prod on int64 wraps round to 0: must not pass as an empty tensor
+    [2 ** 31, 2 ** 31, 2 ** 31],  # giant, no wrap
+    [-1, 16],  # reshape would infer it
+    [1] * 40,  # rank
+])
+def test_lying_shapes_are_one_line_refusals(cluster: Cluster, built, shape) -> None:
+    """Raw protobuf requests (a stock client checks shapes itself) with impossible shapes."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    name = ort.InferenceSession(str(built.bundle / "stage1_hub.onnx")).get_inputs()[0].name
+    req = pb.ModelInferRequest(model_name="stage1", id="lie")
+    req.inputs.append(pb.ModelInferRequest.InferInputTensor(name=name, datatype="FP32",
+                                                            shape=shape))
+    req.raw_input_contents.append(b"")
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.info['hub']['grpc_port']}") as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req, metadata=tuple(AUTH.items()), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        message = err.value.details()
+        assert "shape" in message and "\n" not in message and "Traceback" not in message
+        # and the port still serves
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+
+
 def test_large_tensors_pass_both_transports(tmp_path) -> None:
     """A 4.9 MB activation (above gRPC's 4 MB default) over OIP/gRPC and the TCP frames."""
     from onnx import TensorProto, helper, numpy_helper
@@ -139,3 +190,18 @@ def test_large_tensors_pass_both_transports(tmp_path) -> None:
     finally:
         for w in workers:
             w.close()
+
+
+def test_triton_name_prefers_the_folder_the_compiler_recorded() -> None:
+    from types import SimpleNamespace as NS
+
+    from partitioner.backend.triton import triton_model_name
+    from runtime.oip import model_names, triton_name
+
+    bundle = NS(model=NS(name="my model"), stages=[NS(id=1, triton="triton/hub/custom_stage1"),
+                                                   NS(id=2, triton=None)])
+    assert triton_name(bundle, "1") == "custom_stage1"
+    assert triton_name(bundle, "2") == triton_model_name("my model", 2) == "my_model_stage2"
+    assert triton_name(bundle, "1.0") is None  # a part of a split stage
+    assert model_names("fallback/without-hub", "2", "my_model_stage2") == (
+        "without-hub.my_model_stage2", "without-hub.stage2")

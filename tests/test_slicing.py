@@ -165,3 +165,43 @@ def test_outer_scope_reads_of_control_flow_bodies_become_inputs():
         feeds = {"x": sign * np.arange(1, 7, dtype=np.float32).reshape(2, 3)}
         env = _chain(prepared, [(0, 0), (1, 1), (2, 2)], feeds)
         np.testing.assert_array_equal(env["y"], run_model(model, feeds)["y"])
+
+
+def test_stages_share_the_source_weights_and_stream_them_on_save(tmp_path):
+    """The stage holds the source model's initialiser messages (no copy): a change to the
+    source shows in the stage. Saved inline (weights streamed after the graph, one at a
+    time) the file reads back as exactly the stage model, and so do its bytes."""
+    prepared = prepare(skip_dag(), GROUPS)
+    sub = extract_layers(prepared, 3, 5)
+    assert [t.name for t in sub.weights] == ["w2", "w3"]
+    assert not sub.shell.graph.initializer  # the shell carries no weights
+    sub.save(tmp_path / "stage.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage.onnx"]
+    assert onnx.load_model(tmp_path / "stage.onnx") == sub.model
+    assert onnx.load_model_from_string(sub.to_bytes()) == sub.model
+    onnx.checker.check_model(str(tmp_path / "stage.onnx"), full_check=True)
+    feeds = _feeds()
+    env = _chain(prepared, [(0, 2), (3, 5), (6, 8)], feeds, save_dir=tmp_path)
+    np.testing.assert_array_equal(env["y"], run_model(skip_dag(), feeds)["y"])
+    # shared, not copied: the source's w2 is the stage's w2
+    source_w2 = next(t for t in prepared.model.graph.initializer if t.name == "w2")
+    source_w2.raw_data = np.zeros(4 * 4 * 3 * 3, np.float32).tobytes()
+    assert not numpy_helper.to_array(sub.weights[0]).any()
+
+
+def test_save_model_round_trips_and_refuses_raw_data_that_contradicts_its_dims(tmp_path):
+    from partitioner.frontend.slicing import save_model
+
+    model = skip_dag()
+    save_model(model, tmp_path / "m.onnx")
+    assert onnx.load_model(tmp_path / "m.onnx") == model
+    save_model(model, tmp_path / "e.onnx", external_data="e.bin")
+    back = onnx.load_model(tmp_path / "e.onnx")  # loads e.bin
+    assert {t.name: numpy_helper.to_array(t).tolist() for t in back.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bad.graph.initializer[0].raw_data = b"\0" * 8  # dims say 4*3*3*3 floats
+    with pytest.raises(UserError, match="tensor 'w1': raw_data holds 8 bytes"):
+        save_model(bad, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

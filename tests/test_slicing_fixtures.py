@@ -59,9 +59,20 @@ def layer_graph(model: onnx.ModelProto, groups: list[list[int]] | None = None,
         cuts.append(Cut(k, tuple(live), sum(infos[t].nbytes for t in live)))
     # Rough FLOPs, enough for the solver to prefer a fast device for the convolutions.
     flops = [sum(10**6 if g.node[i].op_type == "Conv" else 10**3 for i in grp) for grp in groups]
+    # The tensor DAG edges, as the front end records them (stage-graph routing reads them);
+    # a Constant's output is copied into every stage that reads it, so it is no edge.
+    const = {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    consumes = [tuple(dict.fromkeys(x for i in grp for x in g.node[i].input
+                                    if x in infos and x not in const
+                                    and produced_at.get(x, -1) != k))
+                for k, grp in enumerate(groups)]
+    produces = [tuple(dict.fromkeys(o for i in grp for o in g.node[i].output
+                                    if last_read.get(o, -1) > k and o not in const))
+                for k, grp in enumerate(groups)]
     layers = tuple(
         Layer(k, f"layer{k}", tuple(g.node[i].op_type for i in grp), tuple(grp), flops[k], 0,
-              0, 0, cuts[k + 1].nbytes) for k, grp in enumerate(groups))
+              0, 0, cuts[k + 1].nbytes, consumes=consumes[k], produces=produces[k])
+        for k, grp in enumerate(groups))
     return LayerGraph(name, hashlib.sha256(model.SerializeToString()).hexdigest(), "node",
                       layers, tuple(cuts),
                       tuple(infos[vi.name] for vi in g.input if vi.name not in inits),

@@ -43,7 +43,7 @@ from partitioner.ir import (
     TransferCost,
 )
 
-__all__ = ["build_cost_table", "build_positions", "estimate_bundle"]
+__all__ = ["build_cost_table", "build_positions", "estimate_bundle", "network_transfer"]
 
 _PSEUDO_BYTES_DESTINATION = 4  # SPEC §2: the destination's output is one element
 
@@ -258,6 +258,24 @@ def _profiled(dev: Device, freq: str | None, graph: LayerGraph, pos_i: Position,
     return BundleCost(compute=latency, energy=energy)
 
 
+def network_transfer(system: System, src: Device, dst: Device, nbytes: float
+                     ) -> TransferCost | None:
+    """``nbytes`` from ``src`` to another device ``dst``; None when they are not linked.
+
+    SPEC §1: ``BW_dd' = min(NIC_d, NIC_d', link_dd')``, time ``bytes / BW + latency``,
+    sender/receiver energy from the link's network model. The one rule for every
+    transfer between devices: the cuts of the chain here, routed tensors in
+    :mod:`partitioner.analysis.routing`.
+    """
+    link = system.link(src.name, dst.name)
+    if link is None:
+        return None
+    bw = min(src.network_bandwidth, dst.network_bandwidth, link.bandwidth)
+    t = nbytes / bw + link.latency
+    send, recv = transfer_energy(link, t)
+    return TransferCost(time=t, sender_energy=send, receiver_energy=recv)
+
+
 def _transfers(system: System, out_bytes: Sequence[int]
                ) -> dict[tuple[int, str, str], TransferCost]:
     transfers: dict[tuple[int, str, str], TransferCost] = {}
@@ -270,13 +288,7 @@ def _transfers(system: System, out_bytes: Sequence[int]
                     transfers[(k, src.name, dst.name)] = TransferCost(
                         time=nbytes / src.memory_bandwidth)
                     continue
-                link = system.link(src.name, dst.name)
-                if link is None:
-                    continue
-                # SPEC §1: BW_dd' = min(NIC_d, NIC_d', link_dd').
-                bw = min(src.network_bandwidth, dst.network_bandwidth, link.bandwidth)
-                t = nbytes / bw + link.latency
-                send, recv = transfer_energy(link, t)
-                transfers[(k, src.name, dst.name)] = TransferCost(
-                    time=t, sender_energy=send, receiver_energy=recv)
+                tr = network_transfer(system, src, dst, nbytes)
+                if tr is not None:
+                    transfers[(k, src.name, dst.name)] = tr
     return transfers

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from partitioner import ir
 from partitioner.errors import InfeasibleError, fail
 
-__all__ = ["Bundle", "canonical_bundles", "evaluate", "device_busy", "edge_energy",
-           "carbon_duration"]
+__all__ = ["Bundle", "canonical_bundles", "evaluate", "routed_boundary", "device_busy",
+           "edge_energy", "carbon_duration"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,23 @@ def _transfer(table: ir.CostTable, after: int, src: str, dst: str) -> ir.Transfe
     return cost
 
 
+def routed_boundary(table: ir.CostTable, b: Bundle, nxt: Bundle) -> bool:
+    """A boundary between devices that the routed messages price instead of the chain."""
+    kinds = (table.positions[b.last].kind, table.positions[nxt.first].kind)
+    return b.device != nxt.device and "layer" in kinds
+
+
+def _routed_transfer(table: ir.CostTable, src: str, dst: str, nbytes: int
+                     ) -> ir.TransferCost:
+    from partitioner.analysis.costs import network_transfer
+
+    sys = table.system
+    cost = network_transfer(sys, sys.device(src), sys.device(dst), nbytes)
+    if cost is None:
+        fail(f"no link from {src!r} to {dst!r} for a routed tensor", error=InfeasibleError)
+    return cost
+
+
 def carbon_duration(table: ir.CostTable, objective: ir.Objective | None) -> float | None:
     """The service duration U of the carbon model (objective first, then application)."""
     if objective is not None and objective.duration is not None:
@@ -118,7 +135,8 @@ def edge_energy(table: ir.CostTable, energy: Mapping[str, float]) -> float:
 
 def evaluate(table: ir.CostTable, placement: Sequence[str],
              frequencies: Mapping[str, str | None], *,
-             duration: float | None = None) -> ir.Estimate:
+             duration: float | None = None,
+             routed: Sequence[tuple[str, str, int]] | None = None) -> ir.Estimate:
     """Price a placement canonically.
 
     Args:
@@ -127,6 +145,13 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
         frequencies: frequency of every used device (missing: ``None``).
         duration: service duration U for the carbon figure; defaults to the
             application's ``duration``. Without one, ``carbon`` is None.
+        routed: the messages of a routed plan (:mod:`partitioner.analysis.routing`), each
+            ``(sender device, receiver device, bytes)``. When given, they replace the
+            chain's transfers between devices at every boundary that touches a model
+            layer (one image in flight: their times add up; each is priced with
+            :func:`partitioner.analysis.costs.network_transfer` and its energy charged to
+            both ends); transfers inside a device and between pseudo layers stay the
+            table's.
 
     Returns:
         The estimate: latency and its breakdown, bottleneck, energy per used device that
@@ -154,6 +179,8 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
         busy[b.device] += cost.time - hidden
         if idx + 1 < len(bundles):
             nxt = bundles[idx + 1]
+            if routed is not None and routed_boundary(table, b, nxt):
+                continue
             tr = _transfer(table, b.last, b.device, nxt.device)
             comm += tr.time
             busy[b.device] += tr.time
@@ -163,6 +190,16 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
                 known.add(b.device)
             if tr.receiver_energy is not None:
                 known.add(nxt.device)
+    for src, dst, nbytes in routed or ():
+        if src == dst:
+            continue  # a tensor already on the device: no transfer (tensor-flow coherence)
+        tr = _routed_transfer(table, src, dst, nbytes)
+        comm += tr.time
+        busy[src] = busy.get(src, 0.0) + tr.time
+        for end, e in ((src, tr.sender_energy), (dst, tr.receiver_energy)):
+            if e is not None:
+                energy[end] = energy.get(end, 0.0) + e
+                known.add(end)
     latency = compute + weight + comm
     bottleneck = max(busy.values()) if busy else 0.0
     u = duration if duration is not None else table.system.application.duration
@@ -172,7 +209,7 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
         carbon = 0.0
         for name, e in energy.items():
             dev = table.system.device(name)
-            hold = (bottleneck - busy[name]) * (dev.idle_power or 0.0)
+            hold = (bottleneck - busy.get(name, 0.0)) * (dev.idle_power or 0.0)
             carbon += (dev.carbon_intensity or 0.0) * inferences * (e + hold)
     return ir.Estimate(latency=latency, compute=compute, communication=comm,
                        weight_loading=weight, bottleneck=bottleneck,

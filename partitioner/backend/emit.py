@@ -1,10 +1,14 @@
 """Turn a plan into a deployment bundle: :func:`compile_bundle`.
 
 Each plan stage becomes one ONNX file (``stage<i>_<device>.onnx``, plus
-``stage<i>_<device>.onnx.data`` when its weights are external data), checked with
-``onnx.checker`` and loaded in ONNX Runtime. The manifest records what crosses every cut:
-a tensor produced at stage ``a`` and read at ``c > a + 1`` is forwarded by the stages
-between (SPEC §2 chain model; see :mod:`partitioner.backend.manifest`).
+``stage<i>_<device>.onnx.data`` when its weights are external data), a stage split by
+rows one file per part (``stage<i>_part<k>_<device>.onnx``, from
+:func:`partitioner.backend.parts.build_parts`), each checked with ``onnx.checker`` and
+loaded in ONNX Runtime. The manifest (schema 2, :mod:`stagebundle.manifest`) is the stage
+graph: every unit's ``sends`` and the bundle's ``input_sends`` come from the plan's routes
+(:func:`partitioner.analysis.routing.route_plan`, called here for a plan without routes),
+written by :mod:`partitioner.backend.sends`. Verification runs the bundle with
+:func:`stagebundle.graph.run_graph`, the runtime's own message rules.
 
 The bundle is written into a temporary directory next to ``out_dir`` and renamed into
 place at the end, so an error never leaves a half-written bundle; an existing non-empty
@@ -26,20 +30,33 @@ import onnx
 
 from partitioner.backend.manifest import (
     MANIFEST,
+    PRODUCER,
     Bundle,
-    Endpoint,
     ModelSpec,
+    PartSpec,
     StageSpec,
-    TensorSpec,
     dumps,
     sha256_file,
+    unit_key,
 )
-from partitioner.backend.verify import TOLERANCE, compare, run_chain, sample_inputs, session
+from partitioner.backend.sends import (
+    UnitFiles,
+    check_reads,
+    forwarded_specs,
+    input_sends,
+    sends_of,
+    spec,
+    tensor_specs,
+    transfer_kind,
+)
+from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
 from partitioner.errors import fail
-from partitioner.frontend.slicing import SubModel, extract_layers, save_model, uses_external_data
-from partitioner.ir import CostTable, Plan, System, TensorInfo
+from partitioner.frontend.slicing import extract_layers, save_model, uses_external_data
+from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
+from stagebundle.graph import check_graph
 
-__all__ = ["compile_bundle", "check_output", "safe_name", "stage_file_name", "route"]
+__all__ = ["compile_bundle", "check_output", "safe_name", "stage_file_name",
+           "part_file_name"]
 
 
 def safe_name(text: str) -> str:
@@ -52,8 +69,9 @@ def stage_file_name(index: int, device: str) -> str:
     return f"stage{index}_{safe_name(device)}.onnx"
 
 
-def _spec(t: TensorInfo, **kw: Any) -> TensorSpec:
-    return TensorSpec(t.name, tuple(t.shape), t.dtype, **kw)
+def part_file_name(stage: int, part: int, device: str) -> str:
+    """``stage<i>_part<k>_<device>.onnx``."""
+    return f"stage{stage}_part{part}_{safe_name(device)}.onnx"
 
 
 def _check_plan(plan: Plan, n_layers: int, system: System | None) -> None:
@@ -66,58 +84,14 @@ def _check_plan(plan: Plan, n_layers: int, system: System | None) -> None:
             fail(f"plan stage {i} ({s.device}): layers {s.first}..{s.last} do not continue "
                  f"the previous stage (expected to start at layer {expect})")
         expect = s.last + 1
-        if known is not None and s.device not in known:
-            fail(f"plan stage {i}: device {s.device!r} is not in the system file")
+        if not s.devices:
+            fail(f"plan stage {i}: no device and no parts")
+        for dev in s.devices:
+            if known is not None and dev not in known:
+                fail(f"plan stage {i}: device {dev!r} is not in the system file")
     if expect != n_layers:
         fail(f"plan: stages end at layer {expect - 1}, the model has {n_layers} layers "
              f"(0..{n_layers - 1})")
-
-
-def route(subs: Sequence[SubModel], model_inputs: Sequence[TensorInfo],
-          model_outputs: Sequence[TensorInfo]
-          ) -> list[tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
-    """Per stage: (inputs with ``from``, outputs with ``to``, forwarded tensors).
-
-    A tensor with origin ``o`` (a stage, or -1 for a model input) whose last reader is
-    stage ``n`` (the number of stages when it is a model output) is carried through every
-    stage ``i`` with ``o < i < n`` that does not produce it.
-    """
-    n = len(subs)
-    origin: dict[str, int] = {t.name: -1 for t in model_inputs}
-    info: dict[str, TensorInfo] = {t.name: t for t in model_inputs}
-    for i, sub in enumerate(subs):
-        for t in sub.outputs:
-            origin[t.name] = i
-            info[t.name] = t
-    readers: dict[str, list[int]] = {}
-    for i, sub in enumerate(subs):
-        for t in sub.inputs:
-            if t.name not in origin or origin[t.name] >= i:
-                fail(f"stage {i}: input tensor {t.name!r} is produced by no earlier stage "
-                     f"(is the plan's layer order topological?)")
-            readers.setdefault(t.name, []).append(i)
-    outputs = {t.name for t in model_outputs}
-    for name in outputs:
-        if name not in origin:
-            fail(f"model output {name!r} is produced by no stage")
-    last_need = {name: max(readers.get(name, [-1]) + ([n] if name in outputs else []))
-                 for name in origin}
-
-    def source(name: str) -> Endpoint:
-        return "input" if origin[name] < 0 else origin[name]
-
-    def targets(name: str, after: int) -> tuple[Endpoint, ...]:
-        later: list[Endpoint] = [r for r in readers.get(name, []) if r > after]
-        return tuple(later + (["output"] if name in outputs else []))
-
-    result = []
-    for i, sub in enumerate(subs):
-        ins = tuple(_spec(t, source=source(t.name)) for t in sub.inputs)
-        outs = tuple(_spec(t, targets=targets(t.name, i)) for t in sub.outputs)
-        fwd = tuple(_spec(info[name], source=source(name), targets=targets(name, i))
-                    for name, o in origin.items() if o < i < last_need[name])
-        result.append((ins, outs, fwd))
-    return result
 
 
 def _reference(prepared: Any, work: Path, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -215,50 +189,70 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
            triton: bool, table: CostTable | None, seed: int, progress: bool) -> Bundle:
     from tqdm import tqdm
 
+    from partitioner.analysis.routing import messages, route_plan, tensor_flow
+
     graph = prepared.graph
-    subs = [extract_layers(prepared, s.first, s.last) for s in plan.stages]
-    routes = route(subs, graph.inputs, graph.outputs)
+    parts = {s.id: _build_parts(prepared, s) for s in plan.stages if s.parts}
+    rows = _unit_rows(parts)
+    if not plan.routes:  # a hand-made plan: route it here, with the same function
+        plan = route_plan(graph, table, plan, unit_rows=rows)
+    msgs = messages(graph, plan, plan.routes, table, rows)
+    routes = {r.tensor: r for r in plan.routes}
+    infos = {**graph.tensors, **{t.name: t for t in (*graph.inputs, *graph.outputs)}}
+    _, readers = tensor_flow(graph, plan)
     timeline = None
     if table is not None:
         from partitioner.backend.timeline import timeline as make_timeline
 
-        timeline = make_timeline(plan, table)
+        timeline = make_timeline(plan, table, graph, msgs)
     stages: list[StageSpec] = []
-    bar = tqdm(total=len(subs), desc="stages", unit="stage", disable=not progress,
+    bar = tqdm(total=len(plan.stages), desc="stages", unit="stage", disable=not progress,
                file=sys.stderr, leave=False)
-    for i, (s, sub, (ins, outs, fwd)) in enumerate(zip(plan.stages, subs, routes, strict=True)):
+    for s in plan.stages:
         bar.update(1)
-        name = stage_file_name(i, s.device)
-        sub.save(tmp / name)
-        what = f"stage {i} ({s.device}, layers {s.first}..{s.last})"
-        try:
-            onnx.checker.check_model(str(tmp / name))
-        except onnx.checker.ValidationError as err:
-            fail(f"{what}: {name} fails the ONNX checker: {str(err).splitlines()[0]}")
-        data = name + ".data" if (tmp / (name + ".data")).exists() else None
+        reads = {n for n, r in readers.items() if s.id in r}
+        common = dict(id=s.id, first=s.first, last=s.last, quantized=s.quantized,
+                      exit=None if s.exit is None else s.exit.to_json(),
+                      next=s.id + 1 if s.id + 1 < len(plan.stages) else None,
+                      estimate=_stage_estimate(timeline, s.id))
+        if s.parts:
+            stages.append(_split_stage(s, parts[s.id], tmp, msgs, routes, reads, common))
+            continue
+        sub = extract_layers(prepared, s.first, s.last)
+        files = UnitFiles(tuple((t, None) for t in sub.inputs),
+                          tuple((t, None) for t in sub.outputs))
+        check_reads(s.id, files, reads)
+        assert s.device is not None
+        name = stage_file_name(s.id, s.device)
+        data = _save_checked(sub, tmp, name, f"stage {s.id} ({s.device}, layers "
+                                             f"{s.first}..{s.last})")
+        ins, outs = tensor_specs(files, routes)
+        key = unit_key(s.id)
         stages.append(StageSpec(
-            id=i, device=s.device, frequency=s.frequency or plan.frequencies.get(s.device),
-            first=s.first, last=s.last, file=name, sha256=sha256_file(tmp / name),
-            inputs=ins, outputs=outs, forward=fwd,
-            next=i + 1 if i + 1 < len(plan.stages) else None, external_data=data,
+            device=s.device, frequency=s.frequency or plan.frequencies.get(s.device),
+            file=name, sha256=sha256_file(tmp / name), inputs=ins, outputs=outs,
+            forward=forwarded_specs(msgs, key, files, routes, infos),
+            sends=sends_of(msgs, key), external_data=data,
             external_data_sha256=None if data is None else sha256_file(tmp / data),
-            estimate=_stage_estimate(timeline, i)))
+            **common))  # type: ignore[arg-type]
     bar.close()
     app = system.application if system is not None else None
     model = ModelSpec(graph.name, graph.sha256, graph.granularity,
-                      tuple(_spec(t) for t in graph.inputs),
-                      tuple(_spec(t) for t in graph.outputs),
+                      tuple(spec(t) for t in graph.inputs),
+                      tuple(spec(t) for t in graph.outputs),
                       tuple(layer.name for layer in graph.layers))
     extra: dict[str, Any] = {"timeline": timeline}
     bundle = Bundle(path=tmp, model=model, plan=plan.to_json(), stages=tuple(stages),
+                    input_sends=input_sends(msgs),
                     source=app.source if app else plan.pseudo.get("source"),
                     destination=app.destination if app else plan.pseudo.get("destination"),
-                    extra=extra)
+                    transfer=transfer_kind(plan.routes), producer=PRODUCER, extra=extra)
+    check_graph(bundle)  # the sends add up, as the loader and the runtime will check
     if verify:
         bundle = _verified(prepared, bundle, tmp, seed)
     else:
-        for st in bundle.stages:  # still prove every stage loads in ONNX Runtime
-            session(tmp / st.file, f"stage {st.id} ({st.file})")
+        for unit in bundle.units():  # still prove every unit loads in ONNX Runtime
+            session(tmp / unit.file, f"stage {unit.key} ({unit.file})")
     if triton:
         from partitioner.backend.triton import write_repository
 
@@ -266,12 +260,72 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
     return bundle
 
 
+def _save_checked(model: Any, tmp: Path, name: str, what: str) -> str | None:
+    """Write a unit file, run the ONNX checker on it; the external-data file name or None."""
+    model.save(tmp / name)
+    try:
+        onnx.checker.check_model(str(tmp / name))
+    except onnx.checker.ValidationError as err:
+        fail(f"{what}: {name} fails the ONNX checker: {str(err).splitlines()[0]}")
+    return name + ".data" if (tmp / (name + ".data")).exists() else None
+
+
+def _build_parts(prepared: Any, stage: Stage) -> list[Any]:
+    from partitioner.backend.parts import build_parts
+
+    return list(build_parts(prepared, stage))
+
+
+def _unit_rows(parts: dict[int, list[Any]]) -> Any:
+    """The rows each part receives and holds, from its part model (routing's UnitRows)."""
+    if not parts:
+        return None
+
+    def rows(stage: int, part: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        pm = parts[stage][part]
+        return ({t.name: r for t, r in pm.inputs}, {t.name: r for t, r in pm.outputs})
+    return rows
+
+
+def _split_stage(s: Stage, parts: Sequence[Any], tmp: Path, msgs: Sequence[Any],
+                 routes: dict[str, Any], reads: set[str], common: dict[str, Any]
+                 ) -> StageSpec:
+    """A stage split by rows: one file and one PartSpec per part, the stage's own lists
+    whole (unsliced)."""
+    specs = []
+    whole_in: dict[str, TensorInfo] = {}
+    whole_out: dict[str, TensorInfo] = {}
+    for k, pm in enumerate(parts):
+        files = UnitFiles(tuple(pm.inputs), tuple(pm.outputs))
+        name = part_file_name(s.id, k, pm.device)
+        data = _save_checked(pm.model, tmp, name, f"stage {s.id} part {k} ({pm.device}, "
+                                                   f"rows {pm.rows[0]}..{pm.rows[1]})")
+        ins, outs = tensor_specs(files, routes)
+        specs.append(PartSpec(
+            index=k, device=pm.device, frequency=pm.frequency, rows=tuple(pm.rows),
+            file=name, sha256=sha256_file(tmp / name), inputs=ins, outputs=outs,
+            sends=sends_of(msgs, unit_key(s.id, k)), external_data=data,
+            external_data_sha256=None if data is None else sha256_file(tmp / data)))
+        whole_in.update((t.name, t) for t, _ in pm.inputs)
+        whole_out.update((t.name, t) for t, _ in pm.outputs)
+    files = UnitFiles(tuple((t, None) for t in whole_in.values()),
+                      tuple((t, None) for t in whole_out.values()))
+    check_reads(s.id, files, reads)
+    ins, outs = tensor_specs(files, routes)
+    return StageSpec(device=None, frequency=None, file=None, sha256=None, inputs=ins,
+                     outputs=outs, parts=tuple(specs), **common)
+
 def _stage_estimate(timeline: list[dict[str, Any]] | None, i: int) -> dict[str, float] | None:
+    """A stage's share of the estimate; the parts add up to the plan's totals (with the
+    pseudo layers' segments): compute, weight loading after ODIWeP hiding, transfers inside
+    the stage's device (``internal``) and the transfers it sends (``send``)."""
     if timeline is None:
         return None
-    compute = sum(s["duration"] for s in timeline if s["stage"] == i and s["kind"] == "compute")
-    send = sum(s["duration"] for s in timeline if s["stage"] == i and s["kind"] == "transfer")
-    return {"compute": compute, "send": send}
+    mine = [s for s in timeline if s["stage"] == i]
+    return {"compute": sum(s["compute"] for s in mine if s["kind"] == "compute"),
+            "weight_loading": sum(s["weight_loading"] for s in mine if s["kind"] == "compute"),
+            "internal": sum(s["internal"] for s in mine if s["kind"] == "compute"),
+            "send": sum(s["duration"] for s in mine if s["kind"] == "transfer")}
 
 
 def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int) -> Bundle:
@@ -283,7 +337,7 @@ def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int) -> Bundle:
         full = _reference(prepared, work, feeds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    chained = run_chain(tmp, bundle.stages, feeds)
+    chained = run_bundle(bundle, feeds)
     worst_abs, worst_rel, name = compare(full, chained)
     if worst_rel > TOLERANCE:
         fail(f"verification: model output {name!r} differs between the chained stages and "

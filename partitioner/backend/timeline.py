@@ -3,8 +3,13 @@
 The solver reports totals; a deployment report wants them per stage. This module walks the
 plan's placement over the extended chain with the same pricing rules as
 :func:`partitioner.analysis.estimate.evaluate` (canonical bundles, ODIWeP hiding, one
-transfer per bundle boundary) and lays the bundles and transfers end to end: segment
-``start`` times are the single-inference critical path (DISS eq. 4.1-4.3 summed).
+transfer per bundle boundary; with routes, the routed messages replace the transfers
+between devices, sent when their sender's stage ends) and lays the bundles and transfers
+end to end: segment ``start`` times are the single-inference critical path (DISS eq.
+4.1-4.3 summed), and the segments add up to the estimate's parts: ``compute``,
+``weight_loading`` (after ODIWeP hiding) and ``internal`` of the compute segments plus
+the transfer segments' durations are the estimate's compute, weight loading and
+communication.
 """
 
 from __future__ import annotations
@@ -12,48 +17,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from partitioner.analysis.routing import Message, placement_of
 from partitioner.errors import UserError
-from partitioner.ir import CostTable, Plan
+from partitioner.ir import CostTable, LayerGraph, Plan
 
 __all__ = ["placement_of", "timeline"]
 
 
-def placement_of(plan: Plan, table: CostTable) -> tuple[str, ...] | None:
-    """The device of every position of ``table``: the plan's own, or derived from stages.
-
-    A hand-made plan lists only stages; its pseudo layers sit where the application puts
-    them (source/destination), the preprocess layer with the plan's ``pseudo`` entry or on
-    the first stage's device. None when the plan does not cover the table's layers.
-    """
-    if len(plan.placement) == len(table.positions):
-        return tuple(plan.placement)
-    app = table.system.application
-    by_layer: dict[int, str] = {}
-    for s in plan.stages:
-        for k in range(s.first, s.last + 1):
-            by_layer[k] = s.device
-    first_dev = plan.stages[0].device if plan.stages else None
-    out: list[str] = []
-    for p in table.positions:
-        if p.kind == "layer":
-            dev = by_layer.get(p.layer if p.layer is not None else -1)
-        else:
-            dev = plan.pseudo.get(p.kind) or {
-                "source": app.source, "destination": app.destination}.get(p.kind) or first_dev
-        if dev is None:
-            return None
-        out.append(dev)
-    return tuple(out)
-
-
-def timeline(plan: Plan, table: CostTable) -> list[dict[str, Any]] | None:
+def timeline(plan: Plan, table: CostTable, graph: LayerGraph | None = None,
+             messages: Sequence[Message] | None = None) -> list[dict[str, Any]] | None:
     """Compute and transfer segments of one inference, in order; None if not priceable.
 
     Each segment is ``{"kind": "compute", "device", "stage", "name", "positions",
-    "start", "duration"}`` or ``{"kind": "transfer", "from", "to", "stage", "after",
-    "start", "duration"}`` (``stage`` is the plan stage the segment belongs to, None for a
-    pseudo layer).
+    "start", "duration", "compute", "weight_loading", "internal"}`` or ``{"kind":
+    "transfer", "from", "to", "stage", "after", "start", "duration", "bytes"}`` (``stage``
+    is the plan stage the segment belongs to, None for a pseudo layer; ``bytes`` is None
+    when unknown). ``messages`` (the plan's routed messages) replace the chain's transfers
+    between devices.
     """
+    from partitioner.analysis.costs import network_transfer
     from partitioner.analysis.estimate import canonical_bundles
 
     placement = placement_of(plan, table)
@@ -68,12 +50,56 @@ def timeline(plan: Plan, table: CostTable) -> list[dict[str, Any]] | None:
         layer = table.positions[pos].layer
         return None if layer is None else stage_of.get(layer)
 
+    def cut_bytes(pos: int) -> int | None:
+        layer = table.positions[pos].layer
+        if graph is None or layer is None:
+            return None
+        return graph.cut_after(layer).nbytes
+
     try:
         bundles = canonical_bundles(table, placement)
     except UserError:
         return None
+    first_layer = next((i for i, p in enumerate(table.positions) if p.kind == "layer"), 0)
+    sys = table.system
     segs: list[dict[str, Any]] = []
+
+    def send(sender: str, sid: int | None, after: int, t: float) -> float:
+        for m in messages or ():
+            if m.sender.split(".")[0] != sender or m.sender_device is None:
+                continue
+            if m.receiver_device in (None, m.sender_device):
+                continue  # already on the device: no transfer
+            tr = network_transfer(sys, sys.device(m.sender_device),
+                                  sys.device(m.receiver_device), m.nbytes)
+            if tr is None:
+                raise _Unpriced
+            segs.append({"kind": "transfer", "from": m.sender_device,
+                         "to": m.receiver_device, "stage": sid, "after": after,
+                         "start": t, "duration": tr.time, "bytes": m.nbytes,
+                         "sender": m.sender, "receiver": m.receiver})
+            t += tr.time
+        return t
+
+    try:
+        return _walk(plan, table, bundles, stage, cut_bytes, first_layer, messages, send,
+                     segs)
+    except _Unpriced:
+        return None
+
+
+class _Unpriced(Exception):
+    """A segment has no price in the table (the timeline is then None)."""
+
+
+def _walk(plan: Plan, table: CostTable, bundles: Sequence[Any], stage: Any, cut_bytes: Any,
+          first_layer: int, messages: Sequence[Message] | None, send: Any,
+          segs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    from partitioner.analysis.estimate import routed_boundary
+
     t = 0.0
+    if messages is not None and first_layer == 0:
+        t = send("input", None, -1, t)  # no source position: the input starts at stage 0
     for idx, b in enumerate(bundles):
         freq = plan.frequencies.get(b.device, _default_freq(table, b.device))
         cost = table.bundles.get((b.first, b.last, b.device, freq))
@@ -84,16 +110,27 @@ def timeline(plan: Plan, table: CostTable) -> list[dict[str, Any]] | None:
         names: Sequence[str] = [table.positions[k].name for k in (b.first, b.last)]
         segs.append({"kind": "compute", "device": b.device, "stage": stage(b.first),
                      "name": names[0] if b.first == b.last else f"{names[0]}..{names[1]}",
-                     "positions": [b.first, b.last], "start": t, "duration": dur})
+                     "positions": [b.first, b.last], "start": t, "duration": dur,
+                     "compute": cost.compute, "weight_loading": cost.weight_loading - hidden,
+                     "internal": cost.internal})
         t += dur
+        if messages is not None:
+            # the messages a stage (or the source) sends, once its last bundle is done
+            sid = stage(b.last)
+            if sid is not None and plan.stages[sid].last == table.positions[b.last].layer:
+                t = send(str(sid), sid, b.last, t)
+            elif b.last + 1 == first_layer:
+                t = send("input", None, b.last, t)
         if idx + 1 < len(bundles):
             nxt = bundles[idx + 1]
+            if messages is not None and routed_boundary(table, b, nxt):
+                continue
             tr = table.transfers.get((b.last, b.device, nxt.device))
             if tr is None:
                 return None
             segs.append({"kind": "transfer", "from": b.device, "to": nxt.device,
                          "stage": stage(b.last), "after": b.last, "start": t,
-                         "duration": tr.time})
+                         "duration": tr.time, "bytes": cut_bytes(b.last)})
             t += tr.time
     return segs
 

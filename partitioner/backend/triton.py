@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,7 +87,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def write_repository(bundle: Bundle, root: Path) -> Bundle:
     """Write the repositories under ``root/triton`` and record each stage's model folder."""
     stages = []
+    skipped = []
     for s in bundle.stages:
+        if s.parts or s.device is None or s.file is None:
+            # a split stage is several models whose row pieces the stage graph gathers;
+            # a Triton repository serves whole models, so it is left out (noted below)
+            skipped.append(s.id)
+            stages.append(s)
+            continue
         name = triton_model_name(bundle.model.name, s.id)
         rel = f"triton/{safe_name(s.device)}/{name}"
         version = root / rel / "1"
@@ -97,4 +105,10 @@ def write_repository(bundle: Bundle, root: Path) -> Bundle:
             _link_or_copy(root / s.external_data, version / Path(s.external_data).name)
         (root / rel / "config.pbtxt").write_text(config_text(name, s), encoding="utf-8")
         stages.append(replace(s, triton=rel))
+    if skipped:
+        note = (f"stages {', '.join(map(str, skipped))} are split into row parts and have no "
+                f"Triton model; serve them with runtime workers")
+        print(f"triton: {note}", file=sys.stderr)
+        return replace(bundle, stages=tuple(stages),
+                       extra={**bundle.extra, "triton_note": note})
     return replace(bundle, stages=tuple(stages))

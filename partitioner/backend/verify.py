@@ -1,9 +1,9 @@
-"""Run a bundle's stages in a chain on this host and compare them with the whole model.
+"""Run a bundle's units on this host and compare them with the whole model.
 
-The chain is run exactly as the manifest says the devices will run it: stage ``i`` gets
-only what stage ``i - 1`` sends (its ``outputs`` and ``forward`` lists), runs its ONNX file
-on its ``inputs``, and sends its own lists on. So a wrong ``forward`` list fails here, not
-on the devices.
+The bundle is run exactly as the manifest says the devices will run it
+(:func:`stagebundle.graph.run_graph`): each unit gets only what its senders' ``sends``
+carry, runs its ONNX file, and sends its own. So a wrong send fails here, not on the
+devices.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from partitioner.backend.manifest import StageSpec, TensorSpec
+from partitioner.backend.manifest import Bundle, StageSpec, TensorSpec, Unit, load_bundle
 from partitioner.errors import fail
+from stagebundle.graph import run_graph
 
-__all__ = ["sample_inputs", "session", "run_chain", "compare", "TOLERANCE"]
+__all__ = ["sample_inputs", "session", "run_bundle", "run_chain", "compare", "TOLERANCE"]
 
 # Largest accepted |chain - full| relative to the output's scale (max(1, max|full|)): the
 # stages run the same kernels, only fusions across a cut may round differently.
@@ -58,32 +59,29 @@ def session(path: str | os.PathLike[str] | bytes, what: str, *, threads: int | N
         fail(f"{what}: ONNX Runtime cannot load it: {msg}")
 
 
-def run_chain(root: Path, stages: Sequence[StageSpec], feeds: Mapping[str, np.ndarray]
-              ) -> dict[str, np.ndarray]:
-    """Run ``stages`` hop by hop; returns what the last stage sends (the model outputs).
+def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run every unit of ``bundle`` in this process with the stage graph's message rules
+    (:func:`stagebundle.graph.run_graph`, what the runtime obeys); the model outputs.
 
     One session is alive at a time, so verifying a large model needs the memory of its
-    largest stage, not of all of them.
+    largest unit, not of all of them.
     """
-    carried: dict[str, np.ndarray] = dict(feeds)
-    for s in stages:
-        sess = session(root / s.file, f"stage {s.id} ({s.file})")
+    def run(unit: Unit, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = session(bundle.unit_path(unit), f"stage {unit.key} ({unit.file})")
         names = [o.name for o in sess.get_outputs()]
-        missing = [t.name for t in s.inputs if t.name not in carried]
-        if missing:
-            fail(f"stage {s.id}: input {missing[0]!r} is not sent by the previous stage")
-        produced = dict(zip(names, sess.run(names, {t.name: carried[t.name] for t in s.inputs}),
-                            strict=True))
-        del sess
-        sent: dict[str, np.ndarray] = {}
-        for t in s.outputs:
-            sent[t.name] = produced[t.name]
-        for t in s.forward:
-            if t.name not in carried:
-                fail(f"stage {s.id}: forwarded tensor {t.name!r} never reached it")
-            sent[t.name] = carried[t.name]
-        carried = sent
-    return carried
+        return dict(zip(names, sess.run(names, dict(inputs)), strict=True))
+
+    return run_graph(bundle, feeds, run)
+
+
+def run_chain(root: Path, stages: Sequence[StageSpec], feeds: Mapping[str, np.ndarray]
+              ) -> dict[str, np.ndarray]:
+    """The bundle at ``root`` run by :func:`run_bundle` (the schema-1 era entry point;
+    ``stages`` must be the bundle's own)."""
+    bundle = load_bundle(root)
+    if [s.id for s in stages] != [s.id for s in bundle.stages]:
+        fail(f"{root}: run_chain was given stages that are not the bundle's")
+    return run_bundle(bundle, feeds)
 
 
 def compare(full: Mapping[str, np.ndarray], chained: Mapping[str, np.ndarray]

@@ -2,7 +2,8 @@
 
 ``load_model`` accepts an ``.onnx`` path or a PyTorch module (exported with the dynamo
 exporter) and returns a :class:`PreparedModel`: the prepared ONNX model (static shapes,
-inferred ``value_info``, shape sub-graphs folded, nodes ordered layer by layer) and its
+inferred ``value_info``, shape sub-graphs folded, ``If`` nodes with a constant condition
+inlined, nodes ordered layer by layer) and its
 :class:`partitioner.ir.LayerGraph`. Weights are never loaded for this.
 """
 
@@ -20,6 +21,7 @@ from partitioner.errors import fail
 from partitioner.frontend.layers import LayerStats, build_layer_graph
 from partitioner.frontend.loading import check_proto, export_torch, read_onnx
 from partitioner.frontend.prepare import prepare_model
+from partitioner.frontend.rows import with_rows
 from partitioner.ir import LayerGraph
 
 __all__ = ["PreparedModel", "load_model", "GRANULARITIES"]
@@ -41,7 +43,8 @@ class PreparedModel:
         base_dir: folder for resolving external data, or None.
         stats: MACs per layer and deduplicated weight totals.
         shapes: the input shapes that were fixed (``--shape``).
-        folded: how many nodes were folded into constants.
+        folded: how many nodes were folded into constants or aliased to an existing
+            initialiser (an ``If`` replaced by its taken branch counts as one).
     """
 
     model: onnx.ModelProto
@@ -105,5 +108,6 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
              f"expected an .onnx path, an onnx.ModelProto or a torch.nn.Module")
     folded = prepare_model(model, shapes=shapes, base_dir=base_dir, label=label)
     graph, stats = build_layer_graph(model, name=name, sha256=sha, granularity=granularity)
+    graph = with_rows(model, graph)  # Layer.rows: which layers can be split by output rows
     return PreparedModel(model=model, graph=graph, path=path, base_dir=base_dir, stats=stats,
                          shapes=shapes, folded=folded)

@@ -8,28 +8,54 @@ carries only the initialisers and ``Constant`` nodes it uses, so it never holds 
 another stage (SPEC §2: a device holds the weights of its own layers only).
 
 The sub-graph is built by hand rather than with ``onnx.utils.extract_model``: that helper
-serialises the whole model (it breaks above 2 GB) and loads every external weight. Here an
-initialiser stored as external data stays a reference to its file until the stage is saved;
-:meth:`SubModel.save` then streams only the bytes of the tensors the stage uses into the
-stage's own data file, one tensor at a time.
+serialises the whole model (it breaks above 2 GB) and loads every external weight. A stage
+does not copy its weights: :class:`SubModel` holds the source model's own initialiser
+messages next to a weight-less ``shell``. :meth:`SubModel.save` streams them one tensor at
+a time, into the stage's data file (external weights chunk by chunk from their source
+file) or after the graph in the ``.onnx`` file itself (see
+:mod:`partitioner.frontend.stagefile`), so saving a stage needs the memory of its largest
+tensor, not of the stage.
+
+Why not onnx_ir (issue 10 item 7), measured on vgg16 (553 MB, weights inline), the stage of
+its second half of layers (517 MB), one fresh process each, peak RSS by getrusage, on the
+loaded 2-core host (script: wrap the prepared model with
+``onnx_ir.serde.deserialize_model``, remove the other nodes and initialisers, make the
+boundary values graph inputs, ``onnx_ir.save``): onnx_ir peaks at 3301 MB, 2158 MB above
+the loaded model, because ``save`` serialises the whole stage proto (in memory: several
+copies of the stage); this module writes *both* stages within the 1107 MB that loading
+already peaks at (``python benchmarks/compile_memory.py``, mode ``slice-only``: 1107 MB,
+was 3782 MB before streaming). With external data the two are level (onnx_ir 92 MB for
+the one stage, this module 99 MB for both), as onnx_ir's lazy tensors are what the
+references here already are. So onnx_ir buys no memory and costs a second in-memory IR of
+the model (the front end, the layer graph and the profiler all read the ``ModelProto``);
+the hand-written code stays.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, ValueInfoProto, helper
 
-from partitioner.errors import InternalError, fail
+from partitioner.errors import fail
+from partitioner.frontend.stagefile import (
+    inline_model,
+    is_external,
+    load_externals,
+    save_model,
+    save_split,
+    uses_external_data,
+    write_inline,
+)
 from partitioner.ir import LayerGraph, TensorInfo
+from stagebundle.load import iter_tensors
 
 __all__ = [
     "SubModel",
@@ -39,16 +65,8 @@ __all__ = [
     "uses_external_data",
     "save_model",
     "inline_model",
+    "value_info",
 ]
-
-# Tensors at least this big go to the external data file when a stage is saved with one;
-# smaller ones stay in the protobuf (the same default as onnx.save's size_threshold).
-_EXTERNAL_THRESHOLD = 1024
-# Copy external bytes in chunks so a multi-GB tensor never sits in memory whole.
-_CHUNK = 16 << 20
-# Stay clear of protobuf's 2 GiB hard limit when deciding that weights must go external.
-_PROTO_LIMIT = 1_800_000_000
-
 
 class _Prepared(Protocol):
     """What :func:`extract_layers` needs of ``partitioner.frontend.PreparedModel``."""
@@ -62,30 +80,56 @@ class _Prepared(Protocol):
 class SubModel:
     """The ONNX model of layers ``first..last`` of a prepared model.
 
+    The stage's weights are not copied: ``weights`` are the source model's own
+    initialiser messages, and ``shell`` is the stage model without them (nodes, inputs,
+    outputs, value infos: kilobytes). :meth:`save` and :meth:`to_bytes` stream the weights
+    one tensor at a time, so compiling never holds a second copy of a stage.
+
     Attributes:
-        model: the stage model. Initialisers that were external data in the source model
-            are still external references, relative to ``base_dir``.
-        inputs: live tensors entering the range (graph inputs of ``model``), in order.
-        outputs: tensors leaving the range (graph outputs of ``model``), in order.
+        shell: the stage model without its top-level initialisers.
+        inputs: live tensors entering the range (graph inputs), in order.
+        outputs: tensors leaving the range (graph outputs), in order.
         first / last: the layer range (inclusive).
         base_dir: folder against which external-data locations resolve (None: no external
             data).
+        weights: the initialisers the stage reads, shared with the source model; those
+            that were external data there are still references relative to ``base_dir``.
     """
 
-    model: ModelProto
+    shell: ModelProto
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     first: int
     last: int
     base_dir: Path | None = None
+    weights: tuple[TensorProto, ...] = ()
+
+    @property
+    def model(self) -> ModelProto:
+        """The whole stage model as one proto: a copy, weights included (small stages and
+        tests; :meth:`save` and :meth:`to_bytes` do not need it)."""
+        out = ModelProto()
+        out.CopyFrom(self.shell)
+        out.graph.initializer.extend(self.weights)
+        return out
 
     @property
     def has_external_data(self) -> bool:
-        return uses_external_data(self.model)
+        return uses_external_data(self.shell) or any(is_external(t) for t in self.weights)
 
     def save(self, path: str | os.PathLike[str], *, external_data: str | None = None) -> None:
         """Write the stage to ``path`` atomically; see :func:`save_model`."""
-        save_model(self.model, path, base_dir=self.base_dir, external_data=external_data)
+        save_split(self.shell, self.weights, path, base_dir=self.base_dir,
+              external_data=external_data)
+
+    def to_bytes(self) -> bytes:
+        """The serialised stage (for ``onnxruntime.InferenceSession(bytes)``), built one
+        weight at a time; external weights are read in. Below protobuf's 2 GB only."""
+        if self.has_external_data:
+            return self.inlined().SerializeToString()
+        buf = io.BytesIO()
+        write_inline(self.shell, self.weights, buf)
+        return buf.getvalue()
 
     def inlined(self) -> ModelProto:
         """A copy whose external weights are loaded into memory (this stage's only).
@@ -94,7 +138,9 @@ class SubModel:
         (``onnxruntime.InferenceSession(m.SerializeToString())``); for stages above 2 GB
         save them with :meth:`save` instead.
         """
-        return inline_model(self.model, self.base_dir)
+        out = self.model
+        load_externals(out, self.base_dir)
+        return out
 
 
 # --------------------------------------------------------------------------- tensors
@@ -122,7 +168,7 @@ def tensor_info(vi: ValueInfoProto) -> TensorInfo:
     return TensorInfo(vi.name, tuple(dims), dtype.name, size * dtype.itemsize)
 
 
-def _value_info(info: TensorInfo) -> ValueInfoProto:
+def value_info(info: TensorInfo) -> ValueInfoProto:
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
     return helper.make_tensor_value_info(info.name, elem, list(info.shape))
 
@@ -150,35 +196,8 @@ def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
                 yield from _subgraph_free_names(g)
 
 
-def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every tensor that can hold weights: initialisers and tensor attributes, recursively."""
-
-    def in_graph(g: GraphProto) -> Iterator[TensorProto]:
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from in_graph(attr.g)
-                for sub in attr.graphs:
-                    yield from in_graph(sub)
-
-    yield from in_graph(model.graph)
-
-
 def _is_constant(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.input
-
-
-def _is_external(t: TensorProto) -> bool:
-    return t.data_location == TensorProto.EXTERNAL
-
-
-def uses_external_data(model: ModelProto) -> bool:
-    """Whether any tensor of ``model`` is stored as external data."""
-    return any(_is_external(t) for t in iter_tensors(model))
 
 
 # --------------------------------------------------------------------------- slicing
@@ -273,14 +292,13 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
 
     sub_nodes = [nodes_all[i] for i in sorted(set(borrowed))] + [nodes_all[i] for i in in_range]
     internal = (produced | {o for i in borrowed for o in nodes_all[i].output}) - set(outputs)
-    value_info = [known[n] for n in sorted(internal) if n in known]
+    inner_infos = [known[n] for n in sorted(internal) if n in known]
     sub_graph = helper.make_graph(
         sub_nodes,
         f"{model.graph.name or graph.name}_layers_{first}_{last}",
-        [_value_info(t) for t in in_infos],
-        [_value_info(t) for t in out_infos],
-        initializer=[inits[n] for n in used_inits],
-        value_info=value_info,
+        [value_info(t) for t in in_infos],
+        [value_info(t) for t in out_infos],
+        value_info=inner_infos,
     )
     sub = helper.make_model(
         sub_graph,
@@ -292,125 +310,5 @@ def extract_layers(prepared: _Prepared, first: int, last: int) -> SubModel:
     )
     raw_dir = getattr(prepared, "base_dir", None)
     base_dir = Path(raw_dir) if raw_dir is not None else None
-    return SubModel(sub, in_infos, out_infos, first, last, base_dir)
-
-
-# --------------------------------------------------------------------------- saving
-
-
-def _external_fields(t: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def _resolve(base_dir: Path | None, location: str, tensor: str) -> Path:
-    if base_dir is None:
-        fail(f"tensor {tensor!r}: stored as external data ({location!r}) but the model's "
-             f"folder is unknown")
-    path = (base_dir / location)
-    if not path.is_file():
-        fail(f"tensor {tensor!r}: external data file {str(path)!r} not found")
-    return path
-
-
-def _copy_range(src: Path, offset: int, length: int | None, dst: Any) -> int:
-    """Append ``length`` bytes of ``src`` from ``offset`` to the open file ``dst``."""
-    copied = 0
-    with open(src, "rb") as f:
-        f.seek(offset)
-        while length is None or copied < length:
-            want = _CHUNK if length is None else min(_CHUNK, length - copied)
-            chunk = f.read(want)
-            if not chunk:
-                break
-            dst.write(chunk)
-            copied += len(chunk)
-    if length is not None and copied != length:
-        fail(f"external data file {str(src)!r}: expected {length} bytes at offset {offset}, "
-             f"found {copied}")
-    return copied
-
-
-def _inline_size(model: ModelProto) -> int:
-    return sum(len(t.raw_data) for t in iter_tensors(model) if not _is_external(t))
-
-
-def save_model(model: ModelProto, path: str | os.PathLike[str], *, base_dir: Path | None = None,
-               external_data: str | None = None) -> None:
-    """Save a (stage) model atomically, streaming its external weights.
-
-    Args:
-        model: the model; tensors stored as external data resolve against ``base_dir``.
-        path: the ``.onnx`` file to write.
-        base_dir: folder of the source model's external data files.
-        external_data: file name (next to ``path``) for the weights. When None, weights are
-            embedded unless the model already uses external data or would exceed protobuf's
-            2 GB limit, in which case ``<file>.data`` is used.
-
-    The model passed in is not modified. Each external tensor is copied chunk by chunk from
-    its source file, so memory use is bounded by the chunk size, not the model size.
-    """
-    path = Path(path)
-    if external_data is None and (uses_external_data(model) or _inline_size(model) > _PROTO_LIMIT):
-        external_data = path.name + ".data"
-    out = ModelProto()
-    out.CopyFrom(model)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
-        if external_data is not None:
-            if Path(external_data).name != external_data:
-                raise InternalError(f"external data name {external_data!r} must be a file name")
-            with open(tmp_dir / external_data, "wb") as data:
-                _write_external(out, data, base_dir, external_data)
-        onnx.save_model(out, str(tmp_dir / path.name))
-        if external_data is not None:
-            os.replace(tmp_dir / external_data, path.parent / external_data)
-        os.replace(tmp_dir / path.name, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _write_external(model: ModelProto, data: Any, base_dir: Path | None, name: str) -> None:
-    for t in iter_tensors(model):
-        if _is_external(t):
-            fields = _external_fields(t)
-            src = _resolve(base_dir, fields["location"], t.name)
-            offset = int(fields.get("offset", 0))
-            length = int(fields["length"]) if "length" in fields else None
-            start = data.tell()
-            n = _copy_range(src, offset, length, data)
-        elif t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_THRESHOLD:
-            start = data.tell()
-            data.write(t.raw_data)
-            n = len(t.raw_data)
-            t.ClearField("raw_data")
-        else:
-            continue
-        del t.external_data[:]
-        for key, value in (("location", name), ("offset", str(start)), ("length", str(n))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        t.data_location = TensorProto.EXTERNAL
-        # Keep offsets page-aligned like onnx's own writer (mmap-friendly loaders).
-        pad = (-data.tell()) % 4096
-        if pad:
-            data.write(b"\0" * pad)
-
-
-def inline_model(model: ModelProto, base_dir: Path | None) -> ModelProto:
-    """A copy of ``model`` with every external tensor loaded from ``base_dir``."""
-    out = ModelProto()
-    out.CopyFrom(model)
-    for t in _externals(iter_tensors(out)):
-        fields = _external_fields(t)
-        src = _resolve(base_dir, fields["location"], t.name)
-        with open(src, "rb") as f:
-            f.seek(int(fields.get("offset", 0)))
-            length = int(fields["length"]) if "length" in fields else -1
-            t.raw_data = f.read(length)
-        del t.external_data[:]
-        t.data_location = TensorProto.DEFAULT
-    return out
-
-
-def _externals(tensors: Iterable[TensorProto]) -> list[TensorProto]:
-    return [t for t in tensors if _is_external(t)]
+    return SubModel(sub, in_infos, out_infos, first, last, base_dir,
+                    tuple(inits[n] for n in used_inits))
