@@ -16,7 +16,7 @@ Usage::
     python benchmarks/bundle_vs_sum.py --quick        # ~2 minutes on 2 cores
     python benchmarks/bundle_vs_sum.py --models alexnet resnet18 --mbs 6 --runs 50
 
-Writes ``results/bundle_vs_sum.json`` and ``.png`` (``bundle_vs_sum-quick.*`` with ``--quick``).
+Writes ``results/bundle_vs_sum.json`` and ``.png`` (``bundle_vs_sum_quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from benchmarks.common import result_paths, save_figure  # noqa: E402
 from partitioner.analysis.profiler import (  # noqa: E402
     BundleTimer,
     ProfileSettings,
@@ -170,7 +171,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("bundle / sum of singles")
     fig.suptitle("Bundle latency vs sum of single-layer latencies (this host, ORT CPU)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     results["all"] = summarise(everything)
     results["load_average_after"] = os.getloadavg()
-    write_json_atomic(args.out / f"bundle_vs_sum{'-quick' if args.quick else ''}.json", results)
-    plot(results, args.out / f"bundle_vs_sum{'-quick' if args.quick else ''}.png")
+    json_path, png_path = result_paths("bundle_vs_sum", args.quick, args.out)
+    write_json_atomic(json_path, results)
+    plot(results, png_path)
     print(json.dumps(results["all"], indent=1))
     return 0
 

@@ -24,7 +24,7 @@ Usage::
     python benchmarks/lazy_profiling.py --quick      # reuses results/profiles from
                                                      # bundle_vs_sum.py --quick
 
-Writes ``results/lazy_profiling.json`` and ``.png`` (``lazy_profiling-quick.*`` with ``--quick``).
+Writes ``results/lazy_profiling.json`` and ``.png`` (``lazy_profiling_quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from bundle_vs_sum import DEFAULT, QUICK, full_profile  # noqa: E402
 
+from benchmarks.common import result_paths, save_figure  # noqa: E402
 from partitioner.analysis.costs import build_cost_table  # noqa: E402
 from partitioner.analysis.lazy import lazy_profile  # noqa: E402
 from partitioner.analysis.profiler import ProfileSettings, host_info  # noqa: E402
@@ -149,7 +150,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     a2.legend()
     fig.suptitle(f"Lazy vs full profiling ({HOST} = this host, others analytic)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                                               for r in rows),
                        "worst_singles_gap": max(r["singles_only"]["gap"] for r in rows)}}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / f"lazy_profiling{'-quick' if args.quick else ''}.json", doc)
-    plot(rows, args.out / f"lazy_profiling{'-quick' if args.quick else ''}.png")
+    json_path, png_path = result_paths("lazy_profiling", args.quick, args.out)
+    write_json_atomic(json_path, doc)
+    plot(rows, png_path)
     print(doc["summary"])
     return 0
 

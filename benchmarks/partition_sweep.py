@@ -20,7 +20,11 @@ and the destination) and records the mean latency, next to two estimates of the 
 Needs root (``ip netns``, ``tc``). Usage::
 
     sudo python benchmarks/partition_sweep.py --model alexnet --mbps 50
-    python benchmarks/partition_sweep.py --quick        # tiny_cnn, 5 requests per cut
+    sudo python benchmarks/partition_sweep.py --quick   # tiny_cnn at 224x224, 5 requests
+
+Each run has its own namespace, veth pair and /30 subnet (named after its pid), removed
+when it ends, so two runs never collide. Writes ``results/partition_sweep.json`` and
+``.png`` (``partition_sweep_quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -31,21 +35,63 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-NS = "psweep-cloud"
-EDGE_IF, CLOUD_IF = "psw-edge", "psw-cloud"
-EDGE_IP, CLOUD_IP = "10.231.0.1", "10.231.0.2"
-RESULTS = Path(__file__).with_name("results")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    result_paths,
+    save_figure,
+    spawn_worker,
+    stop_processes,
+)
+
+QUICK_MODEL, QUICK_IMAGE = "tiny_cnn", 224  # cut tensors of 0.4-0.8 MB: well above the
+# tc burst (64 kB), so the shaped link decides the cut (at 32x32 they fit in one burst)
+
+
+@dataclass(frozen=True)
+class LinkNames:
+    """Names of one run's namespace, veth pair and addresses (unique per process)."""
+
+    ns: str
+    edge_if: str
+    cloud_if: str
+    edge_ip: str
+    cloud_ip: str
+
+
+def link_names(pid: int, taken: Iterable[str] = ()) -> LinkNames:
+    """Names for the run of process ``pid``: two runs never share a namespace or device.
+
+    The /30 subnet in 10.231.0.0/16 is chosen from the pid, skipping addresses in
+    ``taken`` (those already on this host). Interface names stay within 15 characters.
+    """
+    used = set(taken)
+    for step in range(16384):
+        block = ((pid + step) % 16384) * 4
+        edge_ip = f"10.231.{block >> 8}.{(block & 255) + 1}"
+        cloud_ip = f"10.231.{block >> 8}.{(block & 255) + 2}"
+        if edge_ip not in used and cloud_ip not in used:
+            return LinkNames(f"psweep-{pid}", f"pswe{pid}", f"pswc{pid}", edge_ip, cloud_ip)
+    raise RuntimeError("no free /30 subnet in 10.231.0.0/16")
+
+
+def host_addresses() -> set[str]:
+    """IPv4 addresses on this host's interfaces (``ip -o -4 addr``)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True,
+                         check=False).stdout
+    return {f.split("/")[0] for line in out.splitlines() for f in line.split()[3:4]}
 
 
 def sh(*cmd: str, ns: str | None = None) -> None:
@@ -54,20 +100,22 @@ def sh(*cmd: str, ns: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def shaped_link(mbps: float, delay_ms: float) -> Iterator[None]:
-    """A veth pair into namespace NS, each direction shaped to ``mbps`` (tc tbf)."""
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-    sh("ip", "netns", "add", NS)
+def shaped_link(mbps: float, delay_ms: float, names: LinkNames) -> Iterator[LinkNames]:
+    """A veth pair into namespace ``names.ns``, each direction shaped to ``mbps`` (tc tbf).
+
+    Everything it creates is removed on the way out, whatever ends the run.
+    """
+    sh("ip", "netns", "add", names.ns)  # fails if it exists: never take over another run's
     try:
-        sh("ip", "link", "add", EDGE_IF, "type", "veth", "peer", "name", CLOUD_IF)
-        sh("ip", "link", "set", CLOUD_IF, "netns", NS)
-        sh("ip", "addr", "add", f"{EDGE_IP}/30", "dev", EDGE_IF)
-        sh("ip", "link", "set", EDGE_IF, "up")
-        sh("ip", "addr", "add", f"{CLOUD_IP}/30", "dev", CLOUD_IF, ns=NS)
-        sh("ip", "link", "set", CLOUD_IF, "up", ns=NS)
-        sh("ip", "link", "set", "lo", "up", ns=NS)
+        sh("ip", "link", "add", names.edge_if, "type", "veth", "peer", "name", names.cloud_if)
+        sh("ip", "link", "set", names.cloud_if, "netns", names.ns)
+        sh("ip", "addr", "add", f"{names.edge_ip}/30", "dev", names.edge_if)
+        sh("ip", "link", "set", names.edge_if, "up")
+        sh("ip", "addr", "add", f"{names.cloud_ip}/30", "dev", names.cloud_if, ns=names.ns)
+        sh("ip", "link", "set", names.cloud_if, "up", ns=names.ns)
+        sh("ip", "link", "set", "lo", "up", ns=names.ns)
         rate = f"{mbps}mbit"
-        for dev, ns in ((EDGE_IF, None), (CLOUD_IF, NS)):
+        for dev, ns in ((names.edge_if, None), (names.cloud_if, names.ns)):
             if delay_ms > 0:
                 sh("tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay",
                    f"{delay_ms}ms", ns=ns)
@@ -76,10 +124,10 @@ def shaped_link(mbps: float, delay_ms: float) -> Iterator[None]:
             else:
                 sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
                    "64kb", "latency", "2s", ns=ns)
-        yield
+        yield names
     finally:
-        subprocess.run(["ip", "link", "del", EDGE_IF], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+        subprocess.run(["ip", "link", "del", names.edge_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", names.ns], capture_output=True)
 
 
 def whole_model_latency(path: Path, threads: int, runs: int = 20) -> float:
@@ -121,26 +169,6 @@ def forced(table: Any, placement: list[str]) -> Any:
     return replace(table, positions=positions)
 
 
-def start_worker(bundle: Path, device: str, listen: str, token: Path, work: Path,
-                 threads: int, ns: str | None, spin: bool) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = work / f"{device}.port.json"
-    port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device", device,
-           "--listen", listen, "--token-file", str(token), "--threads", str(threads),
-           "--port-file", str(port_file), "--quiet"] + (["--spin"] if spin else [])
-    if ns:
-        cmd = ["ip", "netns", "exec", ns] + cmd
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"worker {device} did not start")
-        time.sleep(0.05)
-    info = json.loads(port_file.read_text())
-    return proc, f"{info['host']}:{info['port']}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="alexnet")
@@ -150,18 +178,26 @@ def main() -> int:
     ap.add_argument("--profile-runs", type=int, default=20)
     ap.add_argument("--spin", action="store_true",
                     help="workers let idle ONNX Runtime threads spin (runtime serve --spin)")
-    ap.add_argument("--quick", action="store_true", help="tiny_cnn, 5 requests, 10 runs")
-    ap.add_argument("--out", default=str(RESULTS / "partition_sweep"))
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="input size of the zoo model (default: the model's own)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"{QUICK_MODEL} at {QUICK_IMAGE}x{QUICK_IMAGE}, 5 requests, 10 runs")
+    ap.add_argument("--out", default=None, help="results folder")
     args = ap.parse_args()
     if args.quick:
-        args.model, args.requests, args.profile_runs = "tiny_cnn", 5, 10
+        args.model, args.requests, args.profile_runs = QUICK_MODEL, 5, 10
+        args.image_size = args.image_size or QUICK_IMAGE
     if os.geteuid() != 0 or not shutil.which("tc"):
         print("partition_sweep: needs root and tc (ip netns, tc qdisc)", file=sys.stderr)
         return 2
+    # SIGTERM/SIGHUP end the run through `finally`: the namespace and veth go with it
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(128 + 15))
+    names = link_names(os.getpid(), host_addresses())
 
     import models
     from partitioner.analysis.costs import build_cost_table
-    from partitioner.analysis.profiles import load_profile
+    from partitioner.analysis.profiles import load_profile, write_json_atomic
     from partitioner.analysis.system import load_system
     from partitioner.backend import compile_bundle
     from partitioner.frontend import load_model
@@ -172,7 +208,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="psweep-"))
     try:
         model = work / f"{args.model}.onnx"
-        models.save_model(args.model, model)
+        models.save_model(args.model, model, **({"image_size": args.image_size}
+                                                 if args.image_size else {}))
         prepared = load_model(model)
         graph = prepared.graph
         n = len(graph.layers)
@@ -199,7 +236,7 @@ def main() -> int:
         rng = np.random.default_rng(0)
         inputs = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in graph.inputs}
         rows = []
-        with shaped_link(args.mbps, args.delay_ms):
+        with shaped_link(args.mbps, args.delay_ms, names):
             for k in range(n + 1):
                 placement = []
                 for p in analytic.positions:
@@ -215,13 +252,18 @@ def main() -> int:
                 procs, hosts = [], {}
                 try:
                     for d in devices:
-                        ns, ip = (NS, CLOUD_IP) if d == "cloud" else (None, EDGE_IP)
-                        proc, addr = start_worker(bundle, d, f"{ip}:0", token, work,
-                                                  threads[d], ns, args.spin)
+                        ns, ip = ((names.ns, names.cloud_ip) if d == "cloud"
+                                  else (None, names.edge_ip))
+                        proc, addr = spawn_worker(
+                            bundle, d, work / f"{d}.port.json", threads=threads[d],
+                            listen=f"{ip}:0", timeout=60.0,
+                            extra=["--token-file", str(token)] + (["--spin"] if args.spin
+                                                                  else []),
+                            prefix=["ip", "netns", "exec", ns] if ns else [])
                         procs.append(proc)
                         hosts[d] = addr
                     ex = RemoteExecutor(bundle, hosts, token=token.read_text().strip(),
-                                        listen=f"{EDGE_IP}:0", timeout=120.0)
+                                        listen=f"{names.edge_ip}:0", timeout=120.0)
                     try:
                         for _ in range(3):
                             ex.infer(inputs)
@@ -232,9 +274,7 @@ def main() -> int:
                     finally:
                         ex.close()
                 finally:
-                    for p in procs:
-                        p.terminate()
-                        p.wait(timeout=10)
+                    stop_processes(procs, grace=10.0)
                 shutil.rmtree(bundle, ignore_errors=True)
                 cut = graph.cuts[k].nbytes  # cuts[k]: live tensors before layer k
                 row = {"cut": k, "edge_layers": k, "cut_bytes": cut,
@@ -248,7 +288,8 @@ def main() -> int:
                       f"{row['measured_mean'] * 1e3:8.2f} ms", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"benchmark": "partition_sweep", "model": args.model, "layers": n,
+    doc = {"benchmark": "partition_sweep", "quick": args.quick, "model": args.model,
+           "image_size": args.image_size, "layers": n,
            "layer_names": [layer.name for layer in graph.layers],
            "link_mbps": args.mbps, "spin": args.spin, "delay_ms": args.delay_ms,
            "requests": args.requests,
@@ -256,12 +297,11 @@ def main() -> int:
            "machine": {"cpu": platform.processor() or platform.machine(),
                        "cores": os.cpu_count(), "python": platform.python_version()},
            "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    plot(doc, out.with_suffix(".png"))
-    print(json.dumps({"json": str(out.with_suffix(".json")),
-                      "png": str(out.with_suffix(".png"))}))
+    json_path, png_path = result_paths("partition_sweep", args.quick, args.out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, doc)
+    plot(doc, png_path)
+    print(json.dumps({"json": str(json_path), "png": str(png_path)}))
     return 0
 
 
@@ -287,8 +327,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ analytic model) and a zoo model:
    per hour, the carbon-optimal plan under a latency cap next to the latency-optimal plan's
    carbon.
 
-Writes benchmarks/results/tradeoffs.json and .png. Usage::
+Writes benchmarks/results/tradeoffs.json and .png (``tradeoffs_quick.*`` with ``--quick``).
+Usage::
 
-    python benchmarks/tradeoffs.py [--model alexnet] [--points 12] [--quick]
+    python benchmarks/tradeoffs.py [--model alexnet] [--points 12] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import result_paths, save_figure  # noqa: E402
+
 SYSTEM = HERE / "data" / "dvfs-edge-hub-cloud.toml"
 CARBON = HERE / "data" / "carbon_hourly.json"
 
@@ -51,19 +55,20 @@ def _summary(plan: Any) -> dict[str, Any]:
 EDGE: tuple[str, ...] = ()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     global EDGE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="alexnet")
     ap.add_argument("--points", type=int, default=12, help="points per cap sweep")
     ap.add_argument("--quick", action="store_true", help="tiny_cnn, 5 points")
-    ap.add_argument("--out", default=str(RESULTS / "tradeoffs"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="results folder")
+    args = ap.parse_args(argv)
     if args.quick:
         args.model, args.points = "tiny_cnn", 5
 
     import models
     from partitioner.analysis.costs import build_cost_table
+    from partitioner.analysis.profiles import write_json_atomic
     from partitioner.analysis.system import load_system
     from partitioner.errors import InfeasibleError
     from partitioner.frontend import load_model
@@ -139,11 +144,11 @@ def main() -> int:
            "carbon_note": grids["note"], "seconds": elapsed,
            "machine": {"cpu": platform.processor() or platform.machine(),
                        "cores": os.cpu_count(), "python": platform.python_version()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, out.with_suffix(".png"))
-    print(json.dumps({"json": str(out.with_suffix(".json")), "png": str(out.with_suffix(".png")),
+    json_path, png_path = result_paths("tradeoffs", args.quick, args.out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, doc)
+    plot(doc, png_path)
+    print(json.dumps({"json": str(json_path), "png": str(png_path),
                       "seconds": round(elapsed, 2)}))
     return 0
 
@@ -197,8 +202,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.suptitle(f"{doc['model']} on {Path(doc['system']).name} (analytic model)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,20 @@ def test_profile_model_with_external_weights(tmp_path) -> None:
     profile = read_profile(out)
     expected = bundle_count(len(profile.layers), 2)
     assert json.loads(proc.stdout)["bundles_in_file"] == len(profile.bundles) == expected
+
+
+def test_inline_and_shared_set_ups_profile_the_same_bundles(tiny, prepared, tmp_path) -> None:
+    docs = {}
+    for setup, extra in (("shared", []), ("inline", ["--inline-weights"])):
+        out = tmp_path / f"{setup}.json"
+        proc = cli(str(tiny), "--device", "nano", "--mbs", "3", *FAST, "-o", str(out),
+                   "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        docs[setup] = (json.loads(proc.stdout), read_profile(out))
+    (shared, p_shared), (inline, p_inline) = docs["shared"], docs["inline"]
+    assert p_shared.bundle_map().keys() == p_inline.bundle_map().keys()
+    assert len(p_shared.bundles) == bundle_count(len(prepared.graph.layers), 3)
+    for summary in (shared, inline):  # where the time went, for the overhead benchmark
+        assert summary["setup_seconds"] > 0 and summary["run_seconds"] > 0
+    assert inline["weights_file_seconds"] < shared["weights_file_seconds"]
+    assert inline["reused_freed_memory"] is False

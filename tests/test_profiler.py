@@ -227,3 +227,59 @@ def test_bad_profiles_are_rejected(prepared, tmp_path) -> None:
     save_profile(replace(good, layers=good.layers[:-1]), tmp_path / "short.json")
     with pytest.raises(UserError, match="the profile has 5 layers, m has 6"):
         load_profile(tmp_path / "short.json", graph)
+
+
+# --------------------------------------------------------------------------- cheap set-up
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """tiny_cnn: its convolution and Gemm weights are above the 1 KB external threshold."""
+    from models import save_model
+    from partitioner.frontend import load_model
+
+    return load_model(save_model("tiny_cnn", tmp_path_factory.mktemp("cnn") / "cnn.onnx"))
+
+
+def test_shared_weights_bundles_compute_what_inline_ones_do(cnn) -> None:
+    import onnxruntime as ort
+
+    from partitioner.analysis.profiler import SharedWeights
+    from partitioner.frontend.slicing import extract_layers
+
+    inputs = sample_inputs(cnn.graph, seed=1)
+    weights = SharedWeights(cnn)
+    try:
+        assert (weights.folder / "weights.bin").stat().st_size > 0
+        captured = capture_intermediates(cnn, inputs, 1, weights=weights)
+        plain = capture_intermediates(cnn, inputs, 1)
+        assert captured.keys() == plain.keys()
+        assert all(np.array_equal(captured[k], plain[k]) for k in plain)
+        n = len(cnn.graph.layers)
+        for a, b in bundle_ranges(n, n):
+            shared = extract_layers(weights.prepared, a, b)
+            inline = extract_layers(cnn, a, b)
+            # references, not bytes: the shared bundle's proto carries no weight data
+            assert shared.model.ByteSize() < inline.model.ByteSize() // 4 or \
+                inline.model.ByteSize() < 4096
+            feeds = {t.name: captured[t.name] for t in shared.inputs}
+            got = weights.session(shared.model, 1).run(None, feeds)
+            want = ort.InferenceSession(inline.inlined().SerializeToString(),
+                                        providers=["CPUExecutionProvider"]).run(None, feeds)
+            assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        assert sorted(p.name for p in weights.folder.iterdir()) == ["model.onnx",
+                                                                    "weights.bin"]
+    finally:
+        weights.close()
+    assert not weights.folder.exists()
+
+
+def test_timer_counts_set_up_and_runs_and_cleans_up(cnn) -> None:
+    captured = capture_intermediates(cnn, sample_inputs(cnn.graph), 1)
+    with BundleTimer(cnn, captured, FAST) as timer:  # writes its own weight file
+        b = timer.measure(0, 2)
+        folder = timer.weights.folder
+        assert folder.exists() and timer.setup_seconds > 0 and timer.run_seconds > 0
+        assert timer.run_seconds >= (FAST.runs + FAST.warmup) * b.min
+    assert not folder.exists()
+    inline = BundleTimer(cnn, captured, FAST, shared=False)
+    inline.measure(0, 2)
+    assert inline._weights is None  # the inline set-up never writes a weight file

@@ -10,15 +10,27 @@ kept. The number of bundles is ``L*MBS - MBS*(MBS-1)/2`` (SPEC §3).
 
 Profiling is resumable: the profile is written atomically after every bundle, and a
 restart with the same settings skips the bundles already in the file.
+
+Setting a bundle up is kept cheap (issue 16): the model's weights are written once, at
+page-aligned offsets, to one file (:class:`SharedWeights`); each bundle is then extracted
+with its initialisers as references into that file, and ONNX Runtime maps them from there
+when it opens the bundle's session. No weight is copied per bundle on our side (before,
+each bundle copied its weights three times: extraction, serialisation, session). The
+graph ONNX Runtime optimises and the kernels it runs are the same as from an inline model;
+``benchmarks/profiler_overhead.py`` checks that the latencies agree. Measuring stays
+sequential: nothing is prepared while a bundle is being timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import platform
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +52,8 @@ __all__ = [
     "trimmed_stats",
     "sample_inputs",
     "capture_intermediates",
+    "SharedWeights",
+    "reuse_freed_memory",
     "BundleTimer",
     "host_info",
     "start_profile",
@@ -104,6 +118,116 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+class SharedWeights:
+    """The prepared model with its weights written once to one file, for cheap bundles.
+
+    ``prepared`` is the model whose initialisers (1 KB and larger) are references into
+    ``weights.bin`` in a private temporary folder (offsets page-aligned, so ONNX Runtime
+    can map them instead of reading them); sub-models extracted from it carry references,
+    not bytes. The folder is in ``/dev/shm`` when that has room (the file then never waits
+    for a disk), else in the system's temporary folder; it is removed by :meth:`close` (or
+    when this object is collected).
+
+    Raises:
+        UserError: the folder cannot be written (naming it and why).
+    """
+
+    def __init__(self, prepared: Any) -> None:
+        from partitioner.frontend.slicing import save_model
+
+        self._names = itertools.count()
+        base_dir = getattr(prepared, "base_dir", None)
+        for where in _weight_folders(_weight_bytes(prepared.model)):
+            self._tmp = tempfile.TemporaryDirectory(prefix="partitioner-profile-", dir=where)
+            self._cleanup = weakref.finalize(self, self._tmp.cleanup)
+            self.folder = Path(self._tmp.name)
+            try:
+                save_model(prepared.model, self.folder / "model.onnx", base_dir=base_dir,
+                           external_data="weights.bin")
+                break
+            except OSError as err:
+                self.close()
+                if where is None:  # the last resort failed too
+                    fail(f"{self.folder}: cannot write the profiler's copy of the weights: "
+                         f"{err.strerror or err}")
+        model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
+        if dataclasses.is_dataclass(prepared) and not isinstance(prepared, type):
+            self.prepared: Any = replace(prepared, model=model, base_dir=self.folder)
+        else:  # any object with model / graph / base_dir (what extract_layers reads)
+            self.prepared = _Prepared(model, prepared.graph, self.folder)
+
+    def session(self, model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+        """An ORT session of ``model`` (references into ``weights.bin``, or inline)."""
+        # The proto is small (weights are references); ORT reads it from a file so that
+        # it resolves the references against this folder. The file is not needed after.
+        path = self.folder / f"bundle{next(self._names)}.onnx"
+        path.write_bytes(model.SerializeToString())
+        try:
+            return ort.InferenceSession(str(path), _session_options(threads),
+                                        providers=["CPUExecutionProvider"])
+        finally:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove the folder (open sessions keep their mapped weights)."""
+        self._cleanup()
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's weights: the proto's own plus its external data."""
+    external = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            fields = {e.key: e.value for e in t.external_data}
+            external += int(fields.get("length", 0) or 0)
+    return model.ByteSize() + external
+
+
+def _weight_folders(size: int) -> list[str | None]:
+    """Where to put the weight file, best first (None: the system's temporary folder)."""
+    shm = Path("/dev/shm")
+    try:
+        st = os.statvfs(shm)
+        # room for the file twice over (other users of shared memory) and some slack
+        if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize > 2 * size + (64 << 20):
+            return [str(shm), None]
+    except OSError:
+        pass
+    return [None]
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
+
+    Every bundle's session allocates its pre-packed weights afresh and frees them when
+    the next bundle opens; by default glibc maps each large block anew and unmaps it on
+    free, so every bundle pays page faults on fresh memory for its whole weights (most of
+    a bundle's set-up on AlexNet). With the thresholds raised the next bundle reuses the
+    same pages. Kernels and their data are unchanged (the same 4 KiB anonymous pages), so
+    timings are not; the process keeps its peak memory until it exits. Returns False
+    where this is not glibc (nothing is changed).
+    """
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux" or not platform.libc_ver()[0] == "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+    return libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    model: onnx.ModelProto
+    graph: LayerGraph
+    base_dir: Path | None
+
+
 def _session(model: onnx.ModelProto, threads: int | None,
              base_dir: Path | None = None) -> ort.InferenceSession:
     from partitioner.frontend.slicing import save_model, uses_external_data
@@ -157,22 +281,27 @@ def sample_inputs(graph: LayerGraph, npz: str | Path | None = None, *, seed: int
 
 
 def capture_intermediates(prepared: Any, inputs: Mapping[str, np.ndarray],
-                          threads: int | None = None) -> dict[str, np.ndarray]:
+                          threads: int | None = None, *,
+                          weights: SharedWeights | None = None) -> dict[str, np.ndarray]:
     """Run the full model once and return every tensor that crosses a cut, by name.
 
     All cut tensors are added as graph outputs of one ORT session, so each bundle can be
-    fed the tensors the model really produces at its boundary.
+    fed the tensors the model really produces at its boundary. With ``weights`` (made from
+    the same ``prepared``) the session maps the shared weight file instead of copying.
     """
     graph: LayerGraph = prepared.graph
     model = onnx.ModelProto()
-    model.CopyFrom(prepared.model)
+    model.CopyFrom(prepared.model if weights is None else weights.prepared.model)
     have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name, info in graph.tensors.items():
         if name in have:
             continue
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, info.shape))
-    sess = _session(model, threads, getattr(prepared, "base_dir", None))
+    if weights is None:
+        sess = _session(model, threads, getattr(prepared, "base_dir", None))
+    else:
+        sess = weights.session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     values = sess.run(names, dict(inputs))
     captured = dict(inputs)
@@ -188,14 +317,43 @@ class BundleTimer:
         captured: tensors by name from :func:`capture_intermediates`.
         settings: runs, warm-up, trim, threads.
         meter: optional energy meter.
+        weights: the shared weight file to open bundles from (see :class:`SharedWeights`);
+            by default the timer writes its own on first use. ``shared=False`` opens each
+            bundle from an inline copy of its weights instead (the slow set-up, kept to
+            compare against).
     """
 
     def __init__(self, prepared: Any, captured: Mapping[str, np.ndarray],
-                 settings: ProfileSettings, meter: EnergyMeter | None = None) -> None:
+                 settings: ProfileSettings, meter: EnergyMeter | None = None, *,
+                 weights: SharedWeights | None = None, shared: bool = True) -> None:
         self.prepared = prepared
         self.captured = captured
         self.settings = settings
         self.meter = meter
+        self.shared = shared
+        self._weights = weights
+        self._own_weights = weights is None
+        self.setup_seconds = 0.0  # opening bundles, summed over measure() calls
+        self.run_seconds = 0.0  # warm-up and timed runs, summed likewise
+
+    @property
+    def weights(self) -> SharedWeights:
+        """The shared weight file (written on first use when none was given)."""
+        if self._weights is None:
+            self._weights = SharedWeights(self.prepared)
+        return self._weights
+
+    def close(self) -> None:
+        """Remove the weight file this timer wrote itself (not one it was given)."""
+        if self._own_weights and self._weights is not None:
+            self._weights.close()
+            self._weights = None
+
+    def __enter__(self) -> BundleTimer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def runner(self, first: int, last: int) -> Callable[[], float]:
         """A function that runs layers ``first..last`` once and returns its seconds.
@@ -205,8 +363,12 @@ class BundleTimer:
         """
         from partitioner.frontend.slicing import extract_layers
 
-        sub = extract_layers(self.prepared, first, last)
-        sess = _session(sub.model, self.settings.threads, sub.base_dir)
+        if self.shared:
+            sub = extract_layers(self.weights.prepared, first, last)
+            sess = self.weights.session(sub.model, self.settings.threads)
+        else:
+            sub = extract_layers(self.prepared, first, last)
+            sess = _session(sub.model, self.settings.threads, sub.base_dir)
         feeds = {t.name: self.captured[t.name] for t in sub.inputs}
         outputs = [o.name for o in sess.get_outputs()]
 
@@ -218,8 +380,15 @@ class BundleTimer:
         return once
 
     def measure(self, first: int, last: int, frequency: str | None = None) -> ProfiledBundle:
-        """Measure layers ``first..last`` as one sub-model (batch 1, warm-up, N runs)."""
+        """Measure layers ``first..last`` as one sub-model (batch 1, warm-up, N runs).
+
+        Adds the seconds spent opening the bundle to ``setup_seconds`` and those spent
+        running it (warm-up and timed runs) to ``run_seconds``.
+        """
+        t0 = time.perf_counter()
         once = self.runner(first, last)
+        t1 = time.perf_counter()
+        self.setup_seconds += t1 - t0
         for _ in range(self.settings.warmup):
             once()
         if self.meter is not None:
@@ -229,6 +398,7 @@ class BundleTimer:
         energy = None
         if self.meter is not None:
             energy = self.meter.stop(self.settings.runs, stats["latency"])
+        self.run_seconds += time.perf_counter() - t1
         return ProfiledBundle(first=first, last=last, frequency=frequency, energy=energy,
                               **stats)
 

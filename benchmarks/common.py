@@ -1,0 +1,144 @@
+"""Helpers every benchmark shares: where results go, worker processes, /proc samples.
+
+Result files (the project rule): a full run writes ``results/<name>.json`` and ``.png``; a
+``--quick`` run writes ``results/<name>_quick.json`` and ``.png`` and never touches the full
+files, which are the ones ``benchmarks/README.md`` quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().with_name("results")
+
+__all__ = ["ROOT", "RESULTS", "result_paths", "save_figure", "split_by_flops", "spawn_worker",
+           "stop_processes", "rss_bytes", "open_fds", "linear_slope"]
+
+
+def result_paths(name: str, quick: bool, out: str | Path | None = None) -> tuple[Path, Path]:
+    """``(json, png)`` of benchmark ``name``: ``<name>_quick.*`` for a ``--quick`` run.
+
+    Args:
+        name: the benchmark's name (its script's stem).
+        quick: a ``--quick`` run (written beside, never over, the full results).
+        out: the results folder (default ``benchmarks/results``).
+    """
+    folder = RESULTS if out is None else Path(out)
+    stem = f"{name}_quick" if quick else name
+    return folder / f"{stem}.json", folder / f"{stem}.png"
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def split_by_flops(flops: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Cut layers with these FLOPs into ``parts`` contiguous ``(first, last)`` runs of
+    about equal FLOPs (every run non-empty; fewer runs when there are fewer layers)."""
+    weights = [max(1, f) for f in flops]
+    parts = max(1, min(parts, len(weights)))
+    total, cum, cuts = sum(weights), 0, []
+    for i, w in enumerate(weights[:-1]):
+        cum += w
+        left = len(weights) - 1 - i  # layers after i, each run needs one
+        if len(cuts) < parts - 1 and (cum >= total * (len(cuts) + 1) / parts
+                                      or left == parts - 1 - len(cuts)):
+            cuts.append(i)
+    bounds, first = [], 0
+    for c in cuts:
+        bounds.append((first, c))
+        first = c + 1
+    bounds.append((first, len(weights) - 1))
+    return bounds
+
+
+def spawn_worker(bundle: str | Path, device: str, port_file: Path, *, threads: int = 1,
+                 listen: str = "127.0.0.1:0", log: Path | None = None,
+                 extra: Sequence[str] = (), prefix: Sequence[str] = (),
+                 timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``runtime serve BUNDLE --device DEVICE --listen LISTEN``; ``(process, host:port)``.
+
+    Waits for the worker's ``--port-file``; its stderr goes to ``log`` (else discarded).
+    ``extra`` are more ``runtime serve`` options; ``prefix`` runs the command under another
+    (e.g. ``ip netns exec NS``).
+
+    Raises:
+        RuntimeError: the worker exited or did not listen within ``timeout`` seconds.
+    """
+    port_file.unlink(missing_ok=True)
+    sink = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    cmd = [*prefix, sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--device",
+           device, "--threads", str(threads), "--listen", listen, "--port-file",
+           str(port_file), "--quiet", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
+    if log is not None:
+        sink.close()  # type: ignore[union-attr]  # the child holds its own descriptor
+    end = time.monotonic() + timeout
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None:
+            tail = log.read_text()[-800:] if log is not None else ""
+            raise RuntimeError(f"runtime serve --device {device} exited "
+                               f"({proc.returncode}): {tail}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError(f"runtime serve --device {device}: not listening after "
+                               f"{timeout:.0f} s")
+        time.sleep(0.05)
+    info: dict[str, Any] = json.loads(port_file.read_text())
+    return proc, f"{info['host']}:{info['port']}"
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = 5.0) -> None:
+    """Terminate each process (these ids only), then kill what is left after ``grace``."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (``VmRSS`` in ``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of process ``pid`` (entries of ``/proc/PID/fd``)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def linear_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` over ``xs`` (0 with fewer than two distinct xs)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
