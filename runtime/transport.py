@@ -325,14 +325,25 @@ class ConnectionPool:
 
     ``send`` retries once on a fresh connection when a reused one turns out to be broken,
     which is how a restarted worker is picked up without restarting anyone else.
+
+    Idle connections to addresses that are never used again (an executor's reply address
+    after it closed: a new ephemeral port per client) must not pile up: returning a
+    connection sweeps the pool for peers that went away (at most every ``sweep_every``
+    seconds), and at most ``max_addresses`` addresses are kept, the least recently used
+    dropped first. benchmarks/soak.py found the last stage's descriptors growing by one per
+    client before this.
     """
 
     def __init__(self, timeout: float = 10.0, max_idle: int = 8,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, max_addresses: int = 64,
+                 sweep_every: float = 1.0) -> None:
         self.timeout = timeout
         self.tls = tls
         self.max_idle = max_idle
-        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self.max_addresses = max_addresses
+        self.sweep_every = sweep_every
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}  # LRU order
+        self._swept = time.monotonic()
         self._lock = threading.Lock()
 
     def _take(self, addr: tuple[str, int]) -> socket.socket | None:
@@ -346,12 +357,41 @@ class ConnectionPool:
         return None
 
     def _give(self, addr: tuple[str, int], sock: socket.socket) -> None:
+        closing: list[socket.socket] = []
         with self._lock:
-            conns = self._idle.setdefault(addr, [])
+            conns = self._idle.pop(addr, [])
+            self._idle[addr] = conns  # most recently used last
             if len(conns) < self.max_idle:
                 conns.append(sock)
-                return
-        sock.close()
+            else:
+                closing.append(sock)
+            closing += self._sweep_locked()
+            while len(self._idle) > self.max_addresses:
+                closing += self._idle.pop(next(iter(self._idle)))
+        for s in closing:
+            s.close()
+
+    def _sweep_locked(self) -> list[socket.socket]:
+        """Idle connections whose peer went away (lock held); they are removed."""
+        now = time.monotonic()
+        if now - self._swept < self.sweep_every:
+            return []
+        self._swept = now
+        stale = []
+        for a, conns in list(self._idle.items()):
+            keep = [c for c in conns if not _is_stale(c)]
+            stale += [c for c in conns if c not in keep]
+            if keep:
+                self._idle[a] = keep
+            else:
+                del self._idle[a]
+        return stale
+
+    @property
+    def idle_count(self) -> int:
+        """Idle pooled connections held now (every one is an open descriptor)."""
+        with self._lock:
+            return sum(len(c) for c in self._idle.values())
 
     def _exchange(self, addr: tuple[str, int], timeout: float | None,
                   exchange: Callable[[socket.socket, float], tuple[T, bool]],
