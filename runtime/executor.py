@@ -176,7 +176,7 @@ class RemoteExecutor:
                  f"wildcard")
         max_body = max(v.incoming_bytes(OUTPUT) for v in self.views.values()) + 4096
         self._server = FrameServer(bind_listener(host, port), self._on_message,
-                                   max_body=max_body,
+                                   max_body=max_body, token=token, open_types=(),
                                    tls=None if tls is None else tls.server_context()).start()
         self.reply = format_address(self._server.address)
         self._stop = threading.Event()

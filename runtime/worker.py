@@ -135,8 +135,10 @@ class Worker:
             known = sorted({d for v in self.views.values() for d in v.devices})
             fail(f"--device {device}: no stage of the bundle runs on it (devices: "
                  f"{', '.join(known)})")
+        # the token is checked on the header, before any body is read (DoS bound);
+        # liveness probes need none
         self.server = FrameServer(bind_listener(*listen), self._handle,
-                                  max_body=self._max_body(),
+                                  max_body=self._max_body(), token=token,
                                   tls=None if tls is None else tls.server_context())
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self.grpc = None
@@ -234,6 +236,8 @@ class Worker:
         if kind == "ready":
             with self._stats_lock:
                 stats, received = dict(self.stats), dict(self.received)
+            # frames refused by the server before the body (wrong token) count as rejected
+            stats["rejected"] += self.server.stats["refused_token"]
             waiting, held = self.waiting.usage()
             return {"type": "ready", "ready": self.ready, "device": self.device,
                     "stages": self.stage_list(), "stats": stats, "received": received,

@@ -212,7 +212,7 @@ def test_malformed_oversized_truncated_frames(cluster: Cluster, built) -> None:
     junk = b"\xff\xfe{not json"
     assert _raw(cluster, "edge", PREFIX.pack(MAGIC, VERSION, 0, 0, len(junk), 0) + junk)[
         "code"] == "malformed"
-    lie = json.dumps({"type": "infer", "tensors": [
+    lie = json.dumps({"type": "infer", "token": TOKEN, "tensors": [
         {"name": "input", "dtype": "float32", "shape": [1, 3, 32, 32], "offset": 0,
          "nbytes": 64}]}).encode()
     reply = _raw(cluster, "edge", PREFIX.pack(MAGIC, VERSION, 0, 0, len(lie), 64) + lie

@@ -95,22 +95,19 @@ def _check_plan(plan: Plan, n_layers: int, system: System | None) -> None:
 
 
 def _reference(prepared: Any, work: Path, feeds: dict[str, Any]) -> dict[str, Any]:
-    """The whole prepared model's outputs on ``feeds`` (ORT, CPU)."""
+    """The whole prepared model's outputs on ``feeds`` (ORT, CPU).
+
+    The model goes to ONNX Runtime through a file with external data, never as one
+    serialised byte string: that string is a second copy of every weight (vgg16, inline
+    weights: benchmarks/compile_memory.py measured the difference).
+    """
     model: onnx.ModelProto = prepared.model
     names = [o.name for o in model.graph.output]
     what = f"model {prepared.graph.name!r}"
-    data: bytes | None = None
-    if not uses_external_data(model):
-        try:
-            data = model.SerializeToString()
-        except ValueError:  # above protobuf's 2 GB: go through a file with external data
-            data = None
-    if data is None:
-        path = work / "full.onnx"
-        save_model(model, path, base_dir=getattr(prepared, "base_dir", None))
-        sess = session(path, what)
-    else:
-        sess = session(data, what)
+    path = work / "full.onnx"
+    save_model(model, path, base_dir=getattr(prepared, "base_dir", None),
+               external_data="full.onnx.data")
+    sess = session(path, what)
     return dict(zip(names, sess.run(names, feeds), strict=True))
 
 
