@@ -51,7 +51,7 @@ from partitioner.backend.sends import (
 )
 from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
 from partitioner.errors import fail
-from partitioner.frontend.slicing import extract_layers, save_model, uses_external_data
+from partitioner.frontend.slicing import extract_layers, save_model
 from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
 from stagebundle.graph import check_graph
 
