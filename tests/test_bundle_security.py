@@ -169,3 +169,19 @@ def test_read_verified_checks_the_bytes_it_returns(bundle_dir, tmp_path):
     (b / rel).write_bytes((b / rel).read_bytes() + b"\0")
     with pytest.raises(UserError, match="does not match its sha256"):
         read_verified(b, rel, digest, "stage 0")
+
+
+def test_fallback_directory_leading_outside_is_refused(bundle_dir, tmp_path):
+    from runtime.stages import open_bundles
+
+    b = _copy(bundle_dir, tmp_path / "b")
+    elsewhere = _copy(bundle_dir, tmp_path / "elsewhere")
+    (b / "fallback").mkdir()
+    (b / "fallback" / "without-hub").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UserError, match="leads outside the bundle directory"):
+        open_bundles(b)
+    (b / "fallback" / "without-hub").unlink()
+    (b / "fallback").rmdir()
+    (b / "fallback").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(UserError, match="leads outside the bundle directory"):
+        open_bundles(b)
