@@ -1,0 +1,97 @@
+"""When and how an objective is solved without the integer program (exact either way).
+
+:func:`applies` says whether nothing but one frequency per device couples the choices
+(no latency or energy cap, every memory holds whatever may be placed on it, few enough
+frequency vectors); :func:`solve_fast` then solves ``latency``, ``energy`` and
+``weighted`` by the dynamic program of :mod:`.dp` and ``throughput`` by the label search
+of :mod:`.bottleneck`. ``carbon`` (a ratio) always goes to the integer program.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from partitioner import ir
+from partitioner.solver.bottleneck import least_bottleneck
+from partitioner.solver.dp import MAX_PHI, Chosen, Costs, linear_dp
+from partitioner.solver.memory import memory_of
+from partitioner.solver.runs import RunArrays, run_arrays
+
+__all__ = ["applies", "solve_fast"]
+
+_KINDS = ("latency", "energy", "weighted", "throughput")
+
+
+def applies(table: ir.CostTable, objective: ir.Objective) -> bool:
+    """Whether :func:`solve_fast` is exact for ``objective`` on ``table``."""
+    if objective.kind not in _KINDS or objective.max_latency is not None \
+            or objective.max_energy:
+        return False
+    if math.prod(len(table.frequencies.get(d, (None,))) for d in table.device_names) \
+            > MAX_PHI:
+        return False
+    for dev in table.system.devices:
+        if math.isinf(dev.memory):
+            continue
+        anywhere = [k for k, p in enumerate(table.positions)
+                    if p.allowed is None or dev.name in p.allowed]
+        if memory_of(table, anywhere) > dev.memory:
+            return False  # the memory may bind: the integer program prices it
+    return True
+
+
+def _edge_energy(table: ir.CostTable, arrays: RunArrays) -> Costs:
+    edge = np.array([d.device_class == "edge" for d in table.system.devices])
+    run = np.where(edge[:, None, None, None], arrays.energy, 0.0)
+    run = np.where(np.isfinite(arrays.time), run, math.inf)
+    cut = arrays.cut_send * edge[None, :, None] + arrays.cut_recv * edge[None, None, :]
+    cut = np.where(np.isfinite(arrays.cut_time), cut, math.inf)
+    return run, cut
+
+
+def _negated(costs: Costs) -> Costs:
+    """Costs whose minimum is the maximum of ``costs`` (infeasible stays infinite)."""
+    run, cut = costs
+    return (np.where(np.isfinite(run), -run, math.inf),
+            np.where(np.isfinite(cut), -cut, math.inf))
+
+
+def _weighted(table: ir.CostTable, arrays: RunArrays, objective: ir.Objective
+              ) -> Chosen | None:
+    """QUANT: ``w_T (T - T_min)/(T_max - T_min) + w_E (E - E_min)/(E_max - E_min)``."""
+    latency: Costs = (arrays.time, arrays.cut_time)
+    energy = _edge_energy(table, arrays)
+    run = np.zeros_like(arrays.time)
+    cut = np.zeros_like(arrays.cut_time)
+    for costs, w in ((latency, objective.latency_weight), (energy, objective.energy_weight)):
+        low, high = linear_dp(arrays, [costs]), linear_dp(arrays, [_negated(costs)])
+        if low is None or high is None:
+            return None
+        lo, hi = low[0][0], -high[0][0]
+        if hi - lo > 1e-9 * abs(hi) + 1e-15 and w > 0:
+            run = run + costs[0] * (w / (hi - lo))
+            cut = cut + costs[1] * (w / (hi - lo))
+    if not run.any() and not cut.any():
+        run, cut = latency
+    run = np.where(np.isfinite(arrays.time), run, math.inf)
+    cut = np.where(np.isfinite(arrays.cut_time), cut, math.inf)
+    out = linear_dp(arrays, [(run, cut)])
+    return None if out is None else out[1]
+
+
+def solve_fast(table: ir.CostTable, objective: ir.Objective) -> Chosen | None:
+    """The optimal placement and frequencies, or None when no plan exists."""
+    arrays = run_arrays(table)
+    kind = objective.kind
+    if kind == "throughput":
+        found = least_bottleneck(arrays)
+        return None if found is None else found[1]
+    if kind == "weighted":
+        return _weighted(table, arrays, objective)
+    costs: list[Costs] = [(arrays.time, arrays.cut_time)]
+    if kind == "energy":
+        costs.insert(0, _edge_energy(table, arrays))
+    out = linear_dp(arrays, costs)
+    return None if out is None else out[1]
