@@ -68,7 +68,7 @@ def objectives(layers: int, seeds: list[int], repeats: int, mip_limit: float | N
             # carbon still runs the integer program: bounded, once (status says if it hit)
             objective = ir.Objective(kind=kind,  # type: ignore[arg-type]
                                      time_limit=carbon_limit if kind == "carbon" else None)
-            med, times, plan = _time(lambda: solve(table, objective),
+            med, times, plan = _time(lambda t=table, o=objective: solve(t, o),
                                      1 if kind == "carbon" else repeats)
             row: dict[str, Any] = {"seed": seed, "solve_s": med, "all_s": times,
                                    "status": plan.status,
@@ -97,11 +97,11 @@ def latency_vs_dp(layers: int, seeds: list[int], repeats: int) -> dict[str, Any]
         table = random_table(TableSpec(layers=layers, devices=4, frequencies=3, mbs=layers,
                                        source=False, destination=False), seed)
 
-        def dp() -> Any:
+        def dp(table: ir.CostTable = table) -> Any:
             arrays = run_arrays(table)
             return linear_dp(arrays, [(arrays.time, arrays.cut_time)])
 
-        solve_s, _, plan = _time(lambda: solve(table), repeats)
+        solve_s, _, plan = _time(lambda t=table: solve(t), repeats)
         dp_s, _, found = _time(dp, repeats)
         rows.append({"seed": seed, "solve_s": solve_s, "dp_s": dp_s,
                      "ratio": solve_s / dp_s, "latency": plan.estimate.latency,

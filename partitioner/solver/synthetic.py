@@ -70,7 +70,8 @@ def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
     speed = [rnd.uniform(0.2, 5.0) * (1 + k) for k in range(spec.devices)]
     weights = [rnd.randint(0, 1000) for _ in range(spec.layers)]
     shared_size = max(sum(weights), 1)
-    readers = {k for k in range(spec.layers) if spec.shared_prob and rnd.random() < spec.shared_prob}
+    readers = {k for k in range(spec.layers)
+               if spec.shared_prob and rnd.random() < spec.shared_prob}
     weights = [w + (shared_size if k in readers else 0) for k, w in enumerate(weights)]
     total_w = (sum(weights) - shared_size * max(len(readers) - 1, 0)) or 1
     devices = []
