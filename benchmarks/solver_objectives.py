@@ -30,6 +30,7 @@ from typing import Any
 
 from partitioner import ir
 from partitioner.analysis.estimate import edge_energy
+from partitioner.errors import InfeasibleError
 from partitioner.solver import solve
 from partitioner.solver.dp import linear_dp
 from partitioner.solver.runs import run_arrays
@@ -68,8 +69,12 @@ def objectives(layers: int, seeds: list[int], repeats: int, mip_limit: float | N
             # carbon still runs the integer program: bounded, once (status says if it hit)
             objective = ir.Objective(kind=kind,  # type: ignore[arg-type]
                                      time_limit=carbon_limit if kind == "carbon" else None)
-            med, times, plan = _time(lambda t=table, o=objective: solve(t, o),
-                                     1 if kind == "carbon" else repeats)
+            try:
+                med, times, plan = _time(lambda t=table, o=objective: solve(t, o),
+                                         1 if kind == "carbon" else repeats)
+            except InfeasibleError as err:  # the time limit ran out before any plan
+                rows.append({"seed": seed, "solve_s": carbon_limit, "status": str(err)})
+                continue
             row: dict[str, Any] = {"seed": seed, "solve_s": med, "all_s": times,
                                    "status": plan.status,
                                    "value": _value(table, kind, plan)}

@@ -26,7 +26,8 @@ import numpy as np
 
 from partitioner.solver.runs import RunArrays
 
-__all__ = ["Costs", "Chosen", "phi_vectors", "linear_dp", "plan_of_runs", "MAX_PHI"]
+__all__ = ["Costs", "Chosen", "phi_vectors", "linear_dp", "linear_dp_batch", "plan_of_runs",
+           "MAX_PHI"]
 
 #: The most frequency vectors the programs enumerate; beyond, the integer program runs.
 MAX_PHI = 2048
@@ -73,63 +74,79 @@ def linear_dp(arrays: RunArrays, costs: list[Costs]) -> tuple[list[float], Chose
     Returns:
         The objective components of the optimum and its placement and frequencies.
     """
+    batched = [(run[None], cut[None]) for run, cut in costs]
+    return linear_dp_batch(arrays, batched)[0]
+
+
+def linear_dp_batch(arrays: RunArrays, costs: list[Costs]
+                    ) -> list[tuple[list[float], Chosen] | None]:
+    """:func:`linear_dp` for a batch of cost sets at once (one numpy pass).
+
+    Each component is ``(run (K, D, F, n, n), cut (K, n - 1, D, D))``; returns the ``K``
+    optima (the weighted objective's four normalising bounds are one such batch).
+    """
     n, n_dev = arrays.n, len(arrays.devices)
     phi = phi_vectors(arrays)
     n_phi = len(phi)
     dev = np.arange(n_dev)[None, :]
+    n_batch = costs[0][0].shape[0]
     two = len(costs) == 2
     run1, cut1 = costs[0]
     run2, cut2 = costs[1] if two else (None, None)
-    v1 = np.full((n_phi, n_dev, n), math.inf)
-    v2 = np.full((n_phi, n_dev, n), math.inf) if two else None
-    a1 = np.full((n_phi, n_dev, n), math.inf)
-    a2 = np.full((n_phi, n_dev, n), math.inf) if two else None
-    a1[:, :, 0] = 0.0
+    shape = (n_batch, n_phi, n_dev, n)
+    v1 = np.full(shape, math.inf)
+    v2 = np.full(shape, math.inf) if two else None
+    a1 = np.full(shape, math.inf)
+    a2 = np.full(shape, math.inf) if two else None
+    a1[..., 0] = 0.0
     if a2 is not None:
-        a2[:, :, 0] = 0.0
-    best_i = np.zeros((n_phi, n_dev, n), dtype=int)
-    best_from = np.zeros((n_phi, n_dev, n), dtype=int)
+        a2[..., 0] = 0.0
+    best_i = np.zeros(shape, dtype=int)
+    best_from = np.zeros(shape, dtype=int)
     not_self = np.where(np.eye(n_dev, dtype=bool), math.inf, 0.0)
     for j in range(n):
         if j > 0:
             # A[phi, d, j] = min over d' != d of V[phi, d', j - 1] + cut[j - 1, d', d]
-            c1 = v1[:, :, j - 1, None] + cut1[j - 1][None] + not_self[None]
+            c1 = v1[..., j - 1, None] + (cut1[:, j - 1] + not_self)[:, None]
             c2 = None
             if two:
                 assert v2 is not None and cut2 is not None
-                c2 = v2[:, :, j - 1, None] + cut2[j - 1][None]
-            m1, m2, arg = _lexmin(c1, c2, axis=1)
-            a1[:, :, j] = m1
+                c2 = v2[..., j - 1, None] + cut2[:, j - 1][:, None]
+            m1, m2, arg = _lexmin(c1, c2, axis=2)
+            a1[..., j] = m1
             if a2 is not None and m2 is not None:
-                a2[:, :, j] = m2
-            best_from[:, :, j] = arg
-        col1 = run1[dev, phi, :j + 1, j]  # (P, D, j + 1)
-        r1 = a1[:, :, :j + 1] + col1
+                a2[..., j] = m2
+            best_from[..., j] = arg
+        r1 = a1[..., :j + 1] + run1[..., j][:, dev, phi, :j + 1]  # (K, P, D, j + 1)
         r2 = None
         if two:
             assert run2 is not None and a2 is not None
-            r2 = a2[:, :, :j + 1] + run2[dev, phi, :j + 1, j]
-        m1, m2, arg = _lexmin(r1, r2, axis=2)
-        v1[:, :, j] = m1
+            r2 = a2[..., :j + 1] + run2[..., j][:, dev, phi, :j + 1]
+        m1, m2, arg = _lexmin(r1, r2, axis=3)
+        v1[..., j] = m1
         if v2 is not None and m2 is not None:
-            v2[:, :, j] = m2
-        best_i[:, :, j] = arg
-    flat1 = v1[:, :, n - 1].reshape(-1)
-    flat2 = v2[:, :, n - 1].reshape(-1) if v2 is not None else None
-    m1, m2, arg = _lexmin(flat1[None], None if flat2 is None else flat2[None], axis=1)
-    if not np.isfinite(m1[0]):
-        return None
-    p, d = divmod(int(arg[0]), n_dev)
-    runs: Runs = []
-    j = n - 1
-    while j >= 0:
-        i = int(best_i[p, d, j])
-        runs.append((i, j, d))
-        if i == 0:
-            break
-        d, j = int(best_from[p, d, i]), i - 1
-    values = [float(m1[0])] + ([float(m2[0])] if m2 is not None else [])
-    return values, plan_of_runs(arrays, runs[::-1], phi[p])
+            v2[..., j] = m2
+        best_i[..., j] = arg
+    out: list[tuple[list[float], Chosen] | None] = []
+    for k in range(n_batch):
+        flat1 = v1[k, :, :, n - 1].reshape(-1)
+        flat2 = v2[k, :, :, n - 1].reshape(-1) if v2 is not None else None
+        m1, m2, arg = _lexmin(flat1[None], None if flat2 is None else flat2[None], axis=1)
+        if not np.isfinite(m1[0]):
+            out.append(None)
+            continue
+        p, d = divmod(int(arg[0]), n_dev)
+        runs: Runs = []
+        j = n - 1
+        while j >= 0:
+            i = int(best_i[k, p, d, j])
+            runs.append((i, j, d))
+            if i == 0:
+                break
+            d, j = int(best_from[k, p, d, i]), i - 1
+        values = [float(m1[0])] + ([float(m2[0])] if m2 is not None else [])
+        out.append((values, plan_of_runs(arrays, runs[::-1], phi[p])))
+    return out
 
 
 def plan_of_runs(arrays: RunArrays, runs: Runs, phi: np.ndarray) -> Chosen:

@@ -15,7 +15,7 @@ import numpy as np
 
 from partitioner import ir
 from partitioner.solver.bottleneck import least_bottleneck
-from partitioner.solver.dp import MAX_PHI, Chosen, Costs, linear_dp
+from partitioner.solver.dp import MAX_PHI, Chosen, Costs, linear_dp, linear_dp_batch
 from partitioner.solver.memory import memory_of
 from partitioner.solver.runs import RunArrays, run_arrays
 
@@ -65,11 +65,15 @@ def _weighted(table: ir.CostTable, arrays: RunArrays, objective: ir.Objective
     energy = _edge_energy(table, arrays)
     run = np.zeros_like(arrays.time)
     cut = np.zeros_like(arrays.cut_time)
-    for costs, w in ((latency, objective.latency_weight), (energy, objective.energy_weight)):
-        low, high = linear_dp(arrays, [costs]), linear_dp(arrays, [_negated(costs)])
-        if low is None or high is None:
-            return None
-        lo, hi = low[0][0], -high[0][0]
+    # min and max of T and E over every plan: four programs in one batch
+    sets = [latency, _negated(latency), energy, _negated(energy)]
+    found = linear_dp_batch(arrays, [(np.stack([c[0] for c in sets]),
+                                      np.stack([c[1] for c in sets]))])
+    if any(f is None for f in found):
+        return None
+    ends = [f[0][0] for f in found if f is not None]
+    for (lo, hi), costs, w in (((ends[0], -ends[1]), latency, objective.latency_weight),
+                               ((ends[2], -ends[3]), energy, objective.energy_weight)):
         if hi - lo > 1e-9 * abs(hi) + 1e-15 and w > 0:
             run = run + costs[0] * (w / (hi - lo))
             cut = cut + costs[1] * (w / (hi - lo))
