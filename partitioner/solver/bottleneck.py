@@ -23,13 +23,14 @@ Every surviving complete label is a feasible plan; the best one is optimal.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
 from partitioner.solver.dp import Chosen, linear_dp, plan_of_runs
 from partitioner.solver.runs import RunArrays
 
-__all__ = ["least_bottleneck", "busy_of_plan"]
+__all__ = ["least_bottleneck", "busy_of_plan", "OutOfTime"]
 
 _TOL = 1e-9
 _STEP = 1.04
@@ -61,7 +62,8 @@ def _weighted(arrays: RunArrays, lam: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return run, cut
 
 
-def _bounds(arrays: RunArrays, rounds: int) -> tuple[float, float, list[np.ndarray]]:
+def _bounds(arrays: RunArrays, rounds: int
+            ) -> tuple[float, float, Chosen | None, list[np.ndarray]]:
     """Lower and upper bounds on the least bottleneck, and the weights tried.
 
     For weights ``lam`` that sum to 1, ``min_x lam . busy(x) <= lam . busy(x*) <= B*``: each
@@ -70,6 +72,7 @@ def _bounds(arrays: RunArrays, rounds: int) -> tuple[float, float, list[np.ndarr
     n_dev = len(arrays.devices)
     lam = np.full(n_dev, 1.0 / n_dev)
     best_b = math.inf
+    best: Chosen | None = None
     lower = 0.0
     tried = []
     for r in range(rounds):
@@ -81,12 +84,13 @@ def _bounds(arrays: RunArrays, rounds: int) -> tuple[float, float, list[np.ndarr
         chosen = out[1]
         busy = busy_of_plan(arrays, chosen)
         b = float(busy.max())
-        best_b = min(best_b, b)
+        if b < best_b:
+            best, best_b = chosen, b
         if b <= 0:
             break
         lam = lam * np.exp(2.0 / math.sqrt(r + 1) * (busy / b - 1.0))
         lam = lam / lam.sum()
-    return lower, best_b, tried
+    return lower, best_b, best, tried
 
 
 def _completion(arrays: RunArrays, lam: np.ndarray) -> np.ndarray:
@@ -150,8 +154,20 @@ class _Labels:
         self.start = np.concatenate([self.start, start])
 
 
-def least_bottleneck(arrays: RunArrays, rounds: int = 8) -> tuple[float, Chosen] | None:
+class OutOfTime(Exception):
+    """The deadline passed; ``best`` is the best plan known (not proven optimal)."""
+
+    def __init__(self, best: Chosen | None) -> None:
+        super().__init__("time limit")
+        self.best = best
+
+
+def least_bottleneck(arrays: RunArrays, rounds: int = 8, deadline: float | None = None
+                     ) -> tuple[float, Chosen] | None:
     """The plan with the least bottleneck, then the least latency; None if none exists.
+
+    Raises:
+        OutOfTime: ``deadline`` (a ``time.perf_counter()`` value) passed first.
 
     Searches with a cap ``tau`` on every busy time, from just above the lower bound up to
     the upper bound: the first cap under which a complete plan survives is above the
@@ -159,7 +175,7 @@ def least_bottleneck(arrays: RunArrays, rounds: int = 8) -> tuple[float, Chosen]
     optimal (a tight cap keeps the search small; the last cap, the upper bound, always
     succeeds).
     """
-    lower, upper, lams = _bounds(arrays, rounds)
+    lower, upper, best, lams = _bounds(arrays, rounds)
     if not math.isfinite(upper):
         return None
     bounds = [(lam, _completion(arrays, lam)) for lam in lams]
@@ -170,17 +186,26 @@ def least_bottleneck(arrays: RunArrays, rounds: int = 8) -> tuple[float, Chosen]
         # out of the dominance and adding it in a second pass under B* was tried: at 40
         # layers the fronts shrink by 1 %, not worth a second search.)
         tau = min(upper, tau * _STEP)
-        found = _search(arrays, tau * (1 + _TOL) + 1e-15, bounds)
+        if deadline is not None and time.perf_counter() > deadline:
+            raise OutOfTime(best)
+        found = _search(arrays, tau * (1 + _TOL) + 1e-15, bounds, deadline)
+        if found is None and deadline is not None and time.perf_counter() > deadline:
+            raise OutOfTime(best)
         if found is not None or tau >= upper:
             return found
 
 
-def _search(arrays: RunArrays, limit: float, bounds: list[tuple[np.ndarray, np.ndarray]]
-            ) -> tuple[float, Chosen] | None:
-    """Every plan whose busy times stay within ``limit``, kept up to dominance: the best."""
+def _search(arrays: RunArrays, limit: float, bounds: list[tuple[np.ndarray, np.ndarray]],
+            deadline: float | None = None) -> tuple[float, Chosen] | None:
+    """Every plan whose busy times stay within ``limit``, kept up to dominance: the best.
+
+    Returns None (no plan) as soon as ``deadline`` passes; the caller checks the clock.
+    """
     n, n_dev = arrays.n, len(arrays.devices)
     labels = _Labels(n_dev)
     for j in range(n):
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
         for d in range(n_dev):
             cand_b, cand_l, cand_f, cand_p, cand_s = [], [], [], [], []
             for f in range(len(arrays.freqs[d])):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from partitioner import ir
-from partitioner.solver.bottleneck import least_bottleneck
+from partitioner.solver.bottleneck import OutOfTime, least_bottleneck
 from partitioner.solver.dp import MAX_PHI, Chosen, Costs, linear_dp, linear_dp_batch
 from partitioner.solver.memory import memory_of
 from partitioner.solver.runs import RunArrays, run_arrays
@@ -85,13 +85,25 @@ def _weighted(table: ir.CostTable, arrays: RunArrays, objective: ir.Objective
     return None if out is None else out[1]
 
 
-def solve_fast(table: ir.CostTable, objective: ir.Objective) -> Chosen | None:
-    """The optimal placement and frequencies, or None when no plan exists."""
+def solve_fast(table: ir.CostTable, objective: ir.Objective, deadline: float | None = None
+               ) -> tuple[str, Chosen | None]:
+    """``(status, chosen)``: the optimal placement and frequencies (``"optimal"``), the
+    best known when ``deadline`` passed first (``"feasible"``), or None: no plan exists.
+    """
     arrays = run_arrays(table)
     kind = objective.kind
     if kind == "throughput":
-        found = least_bottleneck(arrays)
-        return None if found is None else found[1]
+        try:
+            found = least_bottleneck(arrays, deadline=deadline)
+        except OutOfTime as late:
+            return "feasible", late.best
+        return "optimal", None if found is None else found[1]
+    return "optimal", _linear(table, arrays, objective)
+
+
+def _linear(table: ir.CostTable, arrays: RunArrays, objective: ir.Objective
+            ) -> Chosen | None:
+    kind = objective.kind
     if kind == "weighted":
         return _weighted(table, arrays, objective)
     costs: list[Costs] = [(arrays.time, arrays.cut_time)]

@@ -351,9 +351,9 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     _validate(table, objective)
     deadline = t0 + objective.time_limit if objective.time_limit else None
     if fast.applies(table, objective):
-        chosen = fast.solve_fast(table, objective)
+        status, chosen = fast.solve_fast(table, objective, deadline)
         if chosen is not None:
-            return build_plan(table, objective, chosen[0], chosen[1], "optimal",
+            return build_plan(table, objective, chosen[0], chosen[1], status,
                               time.perf_counter() - t0)
         # no plan at all: the network below says why
     net = build_network(table)
