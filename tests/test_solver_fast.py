@@ -9,8 +9,7 @@ import pytest
 
 from partitioner import ir
 from partitioner.analysis.estimate import edge_energy
-from partitioner.solver import evaluate, solve
-from partitioner.solver import fast
+from partitioner.solver import evaluate, fast, solve
 from partitioner.solver.synthetic import TableSpec, random_table
 
 

@@ -162,14 +162,17 @@ def _bundle_fast(doc: Any, n_layers: int) -> ProfiledBundle | None:
     """
     if type(doc) is not dict:
         return None
-    first, last, lat = doc.get("first"), doc.get("last"), doc.get("latency")
-    freq = doc.get("frequency")
-    get = doc.get
+    entry: dict[str, Any] = doc
+    first: Any = entry.get("first")
+    last: Any = entry.get("last")
+    lat: Any = entry.get("latency")
+    freq: Any = entry.get("frequency")
+    get = entry.get
     if (type(first) is int and type(last) is int and 0 <= first <= last < n_layers
             and (freq is None or type(freq) is str) and type(lat) in (float, int)
             and 0 < lat < math.inf and _plain(get("energy")) and _plain(get("std"))
             and _plain(get("min")) and _plain(get("max")) and _plain(get("p50"))):
-        opt = [None if get(k) is None else float(get(k))
+        opt = [None if (v := get(k)) is None else float(v)
                for k in ("energy", "std", "min", "max", "p50")]
         return ProfiledBundle(first, last, freq, float(lat), *opt)
     return None
