@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from partitioner.analysis.profiles import write_json_atomic
 from partitioner.solver.synthetic import TableSpec, random_table
 
 FREQS = ("614MHz", "922MHz", "1300MHz")
@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "solver_cli_quick" if ns.quick else "solver_cli"
-    fd, tmp_path = tempfile.mkstemp(dir=out, suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp_path, out / f"{stem}.json")
+    write_json_atomic(out / f"{stem}.json", doc)
     return 0
 
 

@@ -19,7 +19,6 @@ writes ``results/solver_objectives[_quick].json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 
 from partitioner import ir
 from partitioner.analysis.estimate import edge_energy
+from partitioner.analysis.profiles import write_json_atomic
 from partitioner.errors import InfeasibleError
 from partitioner.solver import solve
 from partitioner.solver.dp import linear_dp
@@ -167,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "solver_objectives_quick" if quick else "solver_objectives"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, out / f"{stem}.json")
+    write_json_atomic(out / f"{stem}.json", doc)
     plot(doc, out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png", file=sys.stderr)
     return 0
