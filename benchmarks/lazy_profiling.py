@@ -50,6 +50,7 @@ from partitioner.analysis.profiles import Profile, write_json_atomic  # noqa: E4
 from partitioner.analysis.system import load_system  # noqa: E402
 from partitioner.data import example_system_path  # noqa: E402
 from partitioner.ir import System  # noqa: E402
+from partitioner.pipeline import planner  # noqa: E402
 
 HOST = "nano"  # the device this host stands for
 BANDWIDTHS = (1.0e6, 1.0e7, 1.0e8)  # Pi <-> hub link, B/s
@@ -91,10 +92,10 @@ def compare(graph: Any, full: Profile, system: System, mbs: int) -> dict[str, An
     lookup = full.bundle_map()
     base = replace(full, bundles=(), lazy=True)
     result = lazy_profile(graph, system, HOST, base, lambda a, b: lookup[(a, b, None)],
-                          mbs=mbs)
+                          planner=planner(), mbs=mbs)
     lazy_exact = evaluate(full_table, result.plan.placement, result.plan.frequencies)
     adaptive = lazy_profile(graph, system, HOST, base, lambda a, b: lookup[(a, b, None)],
-                            mbs=mbs, estimate="adaptive")
+                            planner=planner(), mbs=mbs, estimate="adaptive")
     adaptive_exact = evaluate(full_table, adaptive.plan.placement, adaptive.plan.frequencies)
     singles = replace(base, bundles=tuple(b for b in full.bundles if b.first == b.last))
     naive = solve(build_cost_table(graph, system, profiles=[singles], mbs=mbs))

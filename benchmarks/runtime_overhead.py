@@ -262,12 +262,13 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    runners = [StageRunner(s, threads=threads) for s in view.stages]
-    stage_in, stage_t = dict(feeds), []
-    for r in runners:
-        inp = dict(stage_in)
+    units = list(view.units())
+    runners = [StageRunner(u, view.root, threads=threads) for u in units]
+    available, stage_t = dict(feeds), []
+    for r in runners:  # a chain: each stage's inputs were produced by earlier ones
+        inp = {n: available[n] for n in r.input_names}
         stage_t.append(_median_time(lambda r=r, inp=inp: r.run(inp), iters))
-        stage_in = r.advance(stage_in)
+        available.update(r.run(inp))
     ref = full.run(None, feeds)
     lx = LocalExecutor(bundle, threads=threads)
 
@@ -289,8 +290,8 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
                  lambda: rx.infer(feeds)], iters)
             recs = list(rx.records)[-iters:]
             served_compute = sum(statistics.median(t["compute"] for r in recs
-                                                   for t in r["timings"] if t["stage"] == s.id)
-                                 for s in view.stages)
+                                                   for t in r["timings"] if t["stage"] == u.key)
+                                 for u in units)
             n_pipe = max(2 * iters, 40)
             t0 = time.perf_counter()
             inflight: list[Any] = []
@@ -307,17 +308,18 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         for p in procs:
             p.kill()
             p.wait()
-    cut_bytes = [sum(view.tensors[n].nbytes for n in s.carry) for s in view.stages[:-1]]
+    cut_bytes = [sum(view.receives(send.to)[p.name].nbytes for send in u.sends
+                     if send.to != "output" for p in send.tensors) for u in units[:-1]]
     row = {
         "model": name, "layers": len(prepared.graph.layers),
         "stages": [{"device": s.device, "layers": list(b), "compute_ms": t * 1e3}
-                   for s, b, t in zip(view.stages, bounds, stage_t, strict=True)],
+                   for s, b, t in zip(units, bounds, stage_t, strict=True)],
         "cut_bytes": cut_bytes,
         "full_ms": t_full * 1e3, "local_chain_ms": t_local * 1e3,
         "remote_chain_ms": t_remote * 1e3,
         "remote_overhead_ms": (t_remote - t_full) * 1e3,
         # hops: executor -> stage 0 -> ... -> last stage -> executor
-        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(view.stages) + 1),
+        "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(units) + 1),
         "served_compute_ms": served_compute * 1e3,
         "pipelined_images_per_s": n_pipe / pipe_wall,
         "bottleneck_bound_images_per_s": 1.0 / max(stage_t),

@@ -1,4 +1,4 @@
-"""The two exception types of the project.
+"""The exception types of the project (shared with the runtime through ``stagebundle``).
 
 ``UserError`` is bad input (a missing file, an unfixed dynamic dimension, an infeasible
 cap): the CLI prints its message as one line on stderr and exits with ``exit_code``.
@@ -9,27 +9,12 @@ Raise user errors through :func:`fail` so every message has the same shape.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from stagebundle.errors import InternalError, UserError, fail
 
 __all__ = ["UserError", "InternalError", "InfeasibleError", "fail"]
-
-
-class UserError(Exception):
-    """Bad input from the user. ``str(err)`` is a single line naming what is wrong."""
-
-    exit_code = 2
 
 
 class InfeasibleError(UserError):
     """No plan meets the constraints; the message names the constraint that cannot be met."""
 
     exit_code = 2
-
-
-class InternalError(Exception):
-    """A bug in the project (an invariant that should hold did not)."""
-
-
-def fail(message: str, *, error: type[UserError] = UserError) -> NoReturn:
-    """Raise a user error whose message is ``message`` folded onto one line."""
-    raise error(" ".join(str(message).split()))

@@ -1,7 +1,10 @@
-"""Runtime: workers that serve stages and an executor that chains them.
+"""Runtime: workers that serve the units of a stage graph and executors that drive them.
 
-``runtime serve`` (:mod:`runtime.worker`) serves one device's stages of a compiled bundle;
-``runtime run`` (:mod:`runtime.executor`) runs a bundle in one process or across workers.
+``runtime serve`` (:mod:`runtime.worker`) serves one device's units (whole stages and row
+parts) of a compiled bundle; ``runtime run`` (:mod:`runtime.executor`) runs a bundle in one
+process or across workers. The runtime imports only :mod:`stagebundle` (the bundle
+schema and its message mechanics), numpy and onnxruntime; the compiler is imported only
+to re-plan on demand (:mod:`runtime.replan`).
 From Python::
 
     from runtime import LocalExecutor, RemoteExecutor

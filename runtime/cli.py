@@ -3,7 +3,7 @@
 ::
 
     runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
-                  [--grpc-port P] [--port-file F]
+                  [--grpc-port P] [--port-file F] [--queue-depth N]
     runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
                   ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
                   [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from partitioner.errors import UserError, fail
+from stagebundle.errors import UserError, fail
 
 __all__ = ["main", "parse_hosts", "load_inputs", "save_outputs"]
 
@@ -71,11 +71,26 @@ def load_inputs(items: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def check_writable(path: str | Path, what: str = "-o") -> None:
+    """Refuse an output path whose folder is missing, not a folder, or not writable
+    (before any work is done, so a long run does not fail at its very end)."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        fail(f"{what} {path}: folder {folder} does not exist")
+    if Path(path).is_dir():
+        fail(f"{what} {path}: is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{what} {path}: folder {folder} is not writable")
+
+
 def save_outputs(path: str | Path, outputs: dict[str, np.ndarray]) -> None:
     """Write ``outputs`` to ``path`` as .npz, atomically (temp file, then ``os.replace``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz",
-                               dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz",
+                                   dir=path.parent if str(path.parent) else ".")
+    except OSError as err:
+        fail(f"-o {path}: cannot write there ({err.strerror or err})")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, allow_pickle=False, **outputs)
@@ -88,9 +103,13 @@ def save_outputs(path: str | Path, outputs: dict[str, np.ndarray]) -> None:
 def _write_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:
@@ -122,6 +141,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="also serve the Open Inference Protocol v2 over gRPC (0: any port)")
     p.add_argument("--port-file", help="write {host, port, grpc_port} as JSON here once "
                                        "listening (atomic)")
+    p.add_argument("--queue-depth", type=int, default=64, metavar="N",
+                   help="requests queued per unit before senders are held back and then "
+                        "refused busy (bounds the worker's memory)")
     _add_tls(p)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
 
@@ -146,10 +168,19 @@ def _serve(args: argparse.Namespace) -> int:
         fail(str(err))
     if args.threads is not None and args.threads < 1:
         fail("--threads must be at least 1")
-    worker = Worker(args.bundle, args.device, listen=(host, port),
-                    token=load_token(args.token_file), threads=args.threads,
-                    grpc_port=args.grpc_port, spin=args.spin,
-                    tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
+    if args.queue_depth < 1:
+        fail("--queue-depth must be at least 1")
+    if args.port_file:
+        check_writable(args.port_file, "--port-file")
+    try:
+        worker = Worker(args.bundle, args.device, listen=(host, port),
+                        token=load_token(args.token_file), threads=args.threads,
+                        grpc_port=args.grpc_port, spin=args.spin,
+                        queue_depth=args.queue_depth,
+                        tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
+    except OSError as err:  # the port is taken, or the address is not this host's
+        fail(f"--listen {format_address((host, port))}: cannot listen there "
+             f"({err.strerror or err})")
     addr = format_address(worker.address)
     info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],
             "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
@@ -218,9 +249,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             fail("one of --local, --hosts or --system (device addresses) is required")
     inputs = load_inputs(args.input)
-    out_dir = Path(args.output).resolve().parent
-    if not out_dir.is_dir():
-        fail(f"-o {args.output}: folder {out_dir} does not exist")
+    check_writable(args.output)
     executor: Any
     if args.local:
         executor = LocalExecutor(args.bundle)
@@ -233,11 +262,14 @@ def _run(args: argparse.Namespace) -> int:
 
             replanner = Replanner(args.bundle, args.model, args.system,
                                   token=load_token(args.token_file))
-        executor = RemoteExecutor(args.bundle, hosts, token=load_token(args.token_file),
-                                  timeout=args.timeout, replanner=replanner,
-                                  attempt_timeout=args.attempt_timeout,
-                                  tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca),
-                                  listen=args.listen)
+        try:
+            executor = RemoteExecutor(
+                args.bundle, hosts, token=load_token(args.token_file), timeout=args.timeout,
+                replanner=replanner, attempt_timeout=args.attempt_timeout,
+                tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca),
+                listen=args.listen)
+        except OSError as err:  # the --listen port is taken
+            fail(f"--listen {args.listen}: cannot listen there ({err.strerror or err})")
         if replanner is not None:
             replanner.bind(executor)
     records = []

@@ -1,9 +1,12 @@
 """Executors: run a bundle in this process, or drive workers on other hosts.
 
-:class:`LocalExecutor` chains the stages with ONNX Runtime in one process (``runtime run
---local``). :class:`RemoteExecutor` sends each request to the first stage's host with the
-route (device -> host:port) and a reply address, and waits for the last stage to push the
-result back to it; it never relays intermediate tensors.
+:class:`LocalExecutor` (:mod:`runtime.local`, re-exported here) runs the stage graph with
+ONNX Runtime in one process (``runtime run --local``), by the very rules the workers follow.
+:class:`RemoteExecutor` sends the bundle's ``input_sends`` (rows cut with
+:func:`stagebundle.graph.take_rows`) to the host of each receiving unit, with the route
+(device -> host:port) and a reply address, and gathers every message the units send to
+``"output"`` in an :class:`~stagebundle.graph.Inbox` (the row pieces of a split last
+stage are assembled there); it never relays intermediate tensors.
 
 Reliability (issue 5): every request has an id and a deadline. The executor probes the
 hosts of the requests in flight (liveness frames) every ``probe_interval`` seconds; when a
@@ -11,10 +14,10 @@ host is unreachable, reported unreachable by a peer, or an attempt times out, th
 is marked down and every request whose attempt routes through it is re-sent, with the same
 id and the next attempt number, on a plan without the device: a fallback bundle shipped
 in ``BUNDLE/fallback/`` (see :mod:`runtime.replan`) or, when a ``replanner`` is given, one
-it compiles on the spot. The first result for an id completes the request; later ones
-(a slow earlier attempt) are dropped, so a request is never answered twice, and a request
-that runs out of attempts or time fails with an error that names its id. A device that
-answers probes again (a restarted worker) is used again.
+it compiles on the spot. The first attempt whose outputs are all in completes the request;
+later messages (a slow earlier attempt) are dropped, so a request is never answered twice,
+and a request that runs out of attempts or time fails with an error that names its id. A
+device that answers probes again (a restarted worker) is used again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import logging
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +35,23 @@ from typing import Any
 
 import numpy as np
 
-from partitioner.errors import UserError, fail
+from runtime.local import (
+    LocalExecutor,
+    RequestError,
+    check_model_inputs,
+    new_request,
+    views_of,
+)
 from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
-from runtime.stages import BundleView, StageRunner, check_tensor, open_bundles
+from runtime.stages import (
+    BundleView,
+    check_message,
+    merge_timings,
+    open_bundle,
+    piece_rows,
+)
 from runtime.tls import TLSConfig
 from runtime.transport import (
     ConnectionPool,
@@ -47,6 +61,9 @@ from runtime.transport import (
     recv_frame,
     send_frame,
 )
+from stagebundle.errors import UserError, fail
+from stagebundle.graph import Inbox, Message, outgoing
+from stagebundle.manifest import INPUT, OUTPUT
 
 __all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_inputs", "probe",
            "probe_status"]
@@ -54,92 +71,6 @@ __all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_input
 log = logging.getLogger("runtime.executor")
 
 RETRYABLE = frozenset({"unreachable", "no_route", "deadline"})
-
-
-class RequestError(UserError):
-    """A request failed for good; the message names its id and why."""
-
-    exit_code = 3
-
-
-def check_model_inputs(view: BundleView, inputs: Mapping[str, np.ndarray]) -> None:
-    """``inputs`` are exactly the model inputs, with their declared dtype and shape."""
-    names = {t.name for t in view.inputs}
-    for name in inputs:
-        if name not in names:
-            fail(f"input {name!r}: not an input of the model (inputs: {', '.join(names)})")
-    for t in view.inputs:
-        if t.name not in inputs:
-            fail(f"input {t.name}: missing")
-        check_tensor(t, np.asarray(inputs[t.name]), "model input")
-
-
-def _views(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:
-    if isinstance(bundle, BundleView):
-        return {bundle.key: bundle}
-    if isinstance(bundle, Mapping):
-        return dict(bundle)
-    return open_bundles(bundle)
-
-
-class LocalExecutor:
-    """All stages in this process with ONNX Runtime; ``submit`` pipelines across stages."""
-
-    def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView], *,
-                 threads: int | None = None) -> None:
-        self.view = _views(bundle)["main"]
-        self.runners = [StageRunner(s, threads=threads) for s in self.view.stages]
-        # one thread per stage: request k+1 runs stage 0 while request k runs stage 1
-        self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"local-{s.id}")
-                       for s in self.view.stages]
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
-
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one request through every stage; returns the model outputs by name."""
-        return self.submit(inputs).result()
-
-    def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
-               ) -> cf.Future[dict[str, np.ndarray]]:
-        check_model_inputs(self.view, inputs)
-        rid = request_id or uuid.uuid4().hex
-        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
-        fut.request_id = rid  # type: ignore[attr-defined]
-        record: dict[str, Any] = {"id": rid, "plan": "main", "attempts": 1, "timings": [],
-                                  "start": time.perf_counter()}
-        self._step(0, {k: np.asarray(v) for k, v in inputs.items()}, fut, record)
-        return fut
-
-    def _step(self, i: int, tensors: dict[str, np.ndarray], fut: cf.Future[Any],
-              record: dict[str, Any]) -> None:
-        def work() -> None:
-            t0 = time.perf_counter()
-            try:
-                out = self.runners[i].advance(tensors)
-            except Exception as err:
-                fut.set_exception(RequestError(
-                    f"request {record['id']}: stage {self.view.stages[i].id}: "
-                    f"{err.__class__.__name__}: {str(err).splitlines()[0]}"))
-                return
-            record["timings"].append({"stage": self.view.stages[i].id,
-                                      "device": self.view.stages[i].device, "queue": 0.0,
-                                      "compute": time.perf_counter() - t0})
-            if i + 1 < len(self.runners):
-                self._step(i + 1, out, fut, record)
-            else:
-                record["latency"] = time.perf_counter() - record.pop("start")
-                self.records.append(record)
-                fut.set_result(out)
-        self._pools[i].submit(work)
-
-    def close(self) -> None:
-        for p in self._pools:
-            p.shutdown(wait=False)
-
-    def __enter__(self) -> LocalExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def probe_status(addr: tuple[str, int], timeout: float = 1.0,
@@ -176,6 +107,9 @@ class _Pending:
     attempt_deadline: float = 0.0
     history: list[str] = field(default_factory=list)
     retrying: bool = False  # a retry is scheduled: no second one for the same attempt
+    # per attempt: its plan, the inbox gathering its "output" messages, their timings
+    gathering: dict[int, tuple[str, Inbox, list[dict[str, Any]]]] = field(
+        default_factory=dict)
 
 
 class RemoteExecutor:
@@ -206,7 +140,7 @@ class RemoteExecutor:
                  replanner: Callable[[frozenset[str]], str | None] | None = None,
                  probe_interval: float = 0.25, probe_timeout: float = 1.0,
                  probe_strikes: int = 2, tls: TLSConfig | None = None) -> None:
-        self.views = _views(bundle)
+        self.views = views_of(bundle)
         self.view = self.views["main"]
         self.hosts: dict[str, tuple[str, int]] = {}
         for dev, text in hosts.items():
@@ -240,7 +174,7 @@ class RemoteExecutor:
         if host in ("0.0.0.0", "::"):
             fail(f"--listen {listen}: give the address the last worker can reach, not a "
                  f"wildcard")
-        max_body = sum(t.nbytes + 64 for t in self.view.outputs) + 4096
+        max_body = max(v.incoming_bytes(OUTPUT) for v in self.views.values()) + 4096
         self._server = FrameServer(bind_listener(host, port), self._on_message,
                                    max_body=max_body,
                                    tls=None if tls is None else tls.server_context()).start()
@@ -263,12 +197,8 @@ class RemoteExecutor:
     def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
                ) -> cf.Future[dict[str, np.ndarray]]:
         """Start a request; the future's ``request_id`` attribute is its id."""
-        check_model_inputs(self.view, inputs)
-        rid = request_id or uuid.uuid4().hex
-        fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
-        fut.request_id = rid  # type: ignore[attr-defined]
-        p = _Pending(rid, {k: np.asarray(v) for k, v in inputs.items()}, fut,
-                     deadline=time.monotonic() + self.timeout)
+        rid, fut, feeds = new_request(self.view, inputs, request_id)
+        p = _Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout)
         with self._lock:
             if rid in self._pending:
                 fail(f"request {rid}: id already in flight")
@@ -325,8 +255,6 @@ class RemoteExecutor:
             return False
         with self._lock:
             if new not in self.views:
-                from runtime.stages import open_bundle
-
                 self.views[new] = open_bundle(self.view.root / new, key=new)
         return True
 
@@ -363,32 +291,50 @@ class RemoteExecutor:
                 p.plan, p.devices = key, frozenset(view.devices)
                 budget = min(self.attempt_timeout, p.deadline - time.monotonic())
                 p.attempt_deadline = time.monotonic() + budget
-                first = view.stages[0]
                 route = {d: format_address(self.hosts[d]) for d in view.devices}
-                header = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
-                          "stage": first.id, "route": route, "reply": self.reply,
-                          "budget": max(budget, 0.01), "token": self.token, "timings": [],
-                          "ack": True}
-                addr = self.hosts[first.device]
-                tensors = {n: p.inputs[n] for n in first.incoming}
-            try:
-                # the first hop answers "accepted" once the request passed its checks, so
-                # a refused request (token, tensors) fails at once instead of timing out
-                reply = self._pool.request(addr, header, tensors, timeout=min(budget, 5.0))
-            except (OSError, ProtocolError) as err:
-                self._pool.drop(addr)
+                base = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
+                        "from": INPUT, "route": route, "reply": self.reply,
+                        "budget": max(budget, 0.01), "token": self.token, "timings": [],
+                        "ack": True}
+                p.gathering[p.attempt] = (key, Inbox(view.senders.get(OUTPUT, ())), [])
+                attempt = p.attempt
+                source = {n: (None, a) for n, a in p.inputs.items()}
+                messages = outgoing(view.bundle.input_sends, source, f"request {p.id}")
+            refused = None
+            for to, message in messages:
+                if to == OUTPUT:  # a model input that is also a model output
+                    self._gather(p, attempt, INPUT, message, [], "the source")
+                    continue
+                device = view.unit_map[to].device
+                addr = self.hosts[device]
+                header = {**base, "unit": to, "rows": {
+                    n: None if r is None else list(r) for n, (r, _) in message.items()}}
+                try:
+                    # each receiver answers "accepted" once the message passed its checks,
+                    # so a refused request (token, tensors) fails at once, not on time-out
+                    reply = self._pool.request(addr, header,
+                                               {n: a for n, (_, a) in message.items()},
+                                               timeout=min(budget, 5.0))
+                except (OSError, ProtocolError) as err:
+                    self._pool.drop(addr)
+                    with self._lock:
+                        self.down.add(device)
+                    reason = (f"attempt {attempt}: device {device} at "
+                              f"{format_address(addr)} unreachable ({err.__class__.__name__})")
+                    log.warning("request %s: %s", p.id, reason)
+                    break
+                if reply.header.get("type") != "accepted":
+                    refused = (device, reply.header)
+                    break
+            else:
+                return
+            if refused is not None:
+                device, h = refused
                 with self._lock:
-                    self.down.add(first.device)
-                reason = (f"attempt {p.attempt}: device {first.device} at "
-                          f"{format_address(addr)} unreachable ({err.__class__.__name__})")
-                log.warning("request %s: %s", p.id, reason)
-                continue
-            h = reply.header
-            if h.get("type") != "accepted":
-                with self._lock:
-                    self._finish_error(p, f"refused by device {first.device}: "
-                                       f"{h.get('code')}: {str(h.get('message'))[:300]}")
-            return
+                    if p.id in self._pending:
+                        self._finish_error(p, f"refused by device {device}: {h.get('code')}: "
+                                           f"{str(h.get('message'))[:300]}")
+                return
 
     def _finish_error(self, p: _Pending, why: str) -> None:
         self._pending.pop(p.id, None)
@@ -409,18 +355,7 @@ class RemoteExecutor:
                 self.duplicates += h.get("type") == "result"
                 return None
             if h.get("type") == "result":
-                try:
-                    outputs = {t.name: frame.tensors[t.name] for t in self.view.outputs}
-                    for t in self.view.outputs:
-                        check_tensor(t, outputs[t.name], f"result of request {rid}")
-                except (KeyError, UserError) as err:
-                    self._finish_error(p, f"bad result from {peer}: {err}")
-                    return None
-                self._pending.pop(p.id)
-                self.records.append({"id": rid, "plan": h.get("plan"), "attempts": p.attempt,
-                                     "latency": time.perf_counter() - p.start,
-                                     "timings": h.get("timings", []), "retries": p.history})
-                p.future.set_result(outputs)
+                self._on_result(p, frame, peer)
                 return None
             if h.get("type") != "error" or h.get("attempt") != p.attempt:
                 return None  # a stale attempt's error: the newer attempt decides
@@ -436,6 +371,53 @@ class RemoteExecutor:
             p.retrying = True
         self._retry_async(p, f"attempt {p.attempt}: {msg}")
         return None
+
+    def _on_result(self, p: _Pending, frame: Frame, peer: str) -> None:
+        """File one "output" message of ``p`` (the lock is held)."""
+        h = frame.header
+        attempt = h.get("attempt")
+        sender = h.get("from")
+        if not isinstance(attempt, int) or attempt not in p.gathering:
+            self.duplicates += 1
+            return
+        plan = p.gathering[attempt][0]
+        where = f"result of request {p.id} from {peer}"
+        try:
+            if not isinstance(sender, str):
+                fail(f"{where}: no sender ('from')")
+            rows = piece_rows(h, frame.tensors, where)
+            check_message(self.views[plan], sender, OUTPUT, frame.tensors, rows, where)
+        except UserError as err:
+            self._finish_error(p, f"bad result: {err}")
+            return
+        message = {n: (rows[n], a) for n, a in frame.tensors.items()}
+        self._gather(p, attempt, sender, message, h.get("timings"), where)
+
+    def _gather(self, p: _Pending, attempt: int, sender: str, message: Message,
+                timings: Any, where: str) -> None:
+        """Add a message for ``"output"``; the first attempt complete answers ``p``."""
+        with self._lock:
+            if p.id not in self._pending:
+                self.duplicates += 1
+                return
+            plan, inbox, merged = p.gathering[attempt]
+            try:
+                if sender in inbox.received:  # a repeat: never answered twice
+                    self.duplicates += 1
+                    return
+                inbox.add(sender, message)
+                merge_timings(merged, timings)
+                if not inbox.complete:
+                    return
+                outputs = inbox.tensors(self.views[plan].outputs, where)
+            except UserError as err:
+                self._finish_error(p, f"bad result: {err}")
+                return
+            self._pending.pop(p.id)
+            self.records.append({"id": p.id, "plan": plan, "attempts": attempt,
+                                 "latency": time.perf_counter() - p.start,
+                                 "timings": merged, "retries": p.history})
+            p.future.set_result(outputs)
 
     def _retry_async(self, p: _Pending, reason: str) -> None:
         threading.Thread(target=self._dispatch, args=(p, reason), daemon=True).start()

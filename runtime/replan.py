@@ -21,94 +21,43 @@ degraded system may not meet them and a slower answer beats none.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from partitioner import ir
-from partitioner.errors import UserError, fail
-
-__all__ = ["system_without", "fallback_name", "compile_without", "compile_fallbacks",
-           "Replanner"]
+__all__ = ["compile_without", "compile_fallbacks", "Replanner"]
 
 log = logging.getLogger("runtime.replan")
-
-
-def system_without(system: ir.System, lost: Iterable[str]) -> ir.System:
-    """``system`` minus the ``lost`` devices and their links."""
-    lost = set(lost)
-    return dataclasses.replace(
-        system, devices=tuple(d for d in system.devices if d.name not in lost),
-        links=tuple(k for k in system.links if k.a not in lost and k.b not in lost))
-
-
-def fallback_name(lost: Iterable[str]) -> str:
-    """Folder name under ``BUNDLE/fallback/`` for a set of lost devices."""
-    return "without-" + "+".join(sorted(lost))
 
 
 def compile_without(bundle_dir: str | Path, model: str | Path, system_path: str | Path,
                     lost: Iterable[str], *, profiles: Sequence[Any] = ()) -> Path | None:
     """Compile the bundle's model for the system without ``lost``; ``None`` if infeasible.
 
-    Returns the new bundle directory ``BUNDLE/fallback/without-<lost>``.
+    Returns the new bundle directory ``BUNDLE/fallback/without-<lost>``. The compiler's
+    :func:`partitioner.pipeline.replan` does the work; it is imported only here, so a
+    worker that never re-plans never imports the compiler.
     """
-    from partitioner.analysis.costs import build_cost_table
-    from partitioner.analysis.system import load_system
-    from partitioner.backend import compile_bundle
-    from partitioner.backend.manifest import load_bundle
-    from partitioner.frontend import load_model
-    from partitioner.solver import solve
+    from partitioner.pipeline import replan
 
-    bundle_dir, lost = Path(bundle_dir), frozenset(lost)
-    main = load_bundle(bundle_dir)
-    system = load_system(system_path)
-    known = {d.name for d in system.devices}
-    for d in lost:
-        if d not in known:
-            fail(f"--device {d}: not a device of {system_path}")
-    app = system.application
-    pinned = {app.source, app.destination} & lost
-    if pinned:
-        log.warning("cannot plan without %s: it is pinned as source/destination",
-                    ", ".join(sorted(x for x in pinned if x)))
-        return None
-    shapes = {t.name: tuple(t.shape) for t in main.model.inputs}
-    prepared = load_model(model, shapes=shapes, granularity=main.model.granularity)
-    if prepared.graph.sha256 != main.model.sha256:
-        fail(f"--model {model}: not the model bundle {bundle_dir} was compiled from "
-             f"(sha256 differs)")
-    reduced = system_without(system, lost)
-    table = build_cost_table(prepared.graph, reduced, profiles=profiles)
-    kind = str(main.plan.get("objective", "latency"))
-    try:
-        plan = solve(table, ir.Objective(kind=kind))  # type: ignore[arg-type]
-    except UserError as err:
-        log.warning("no plan without %s: %s", ", ".join(sorted(lost)), err)
-        return None
-    out = bundle_dir / "fallback" / fallback_name(lost)
-    out.parent.mkdir(exist_ok=True)
-    compile_bundle(prepared, plan, reduced, out, verify=True, force=True)
-    log.info("fallback without %s: %s", ", ".join(sorted(lost)),
-             " -> ".join(f"{s.device}[{s.first}..{s.last}]" for s in plan.stages))
-    return out
+    return replan(bundle_dir, model, system_path, lost, profiles=profiles)
 
 
 def compile_fallbacks(bundle_dir: str | Path, model: str | Path, system_path: str | Path,
                       *, devices: Sequence[str] | None = None,
                       profiles: Sequence[Any] = ()) -> dict[str, Path | None]:
-    """One fallback per device of ``devices`` (default: every unpinned device of the plan)."""
-    from partitioner.analysis.system import load_system
-    from partitioner.backend.manifest import load_bundle
+    """One fallback per device of ``devices`` (default: every unpinned device of the plan).
 
-    main = load_bundle(bundle_dir)
+    The bundle records the pinned source and destination of the system it was compiled
+    for, so the default needs only the bundle.
+    """
+    from stagebundle import load_bundle
+
     if devices is None:
-        app = load_system(system_path).application
-        used = dict.fromkeys(s.device for s in main.stages)
-        devices = [d for d in used if d not in (app.source, app.destination)]
+        main = load_bundle(bundle_dir)
+        devices = [d for d in main.devices if d not in (main.source, main.destination)]
     return {d: compile_without(bundle_dir, model, system_path, [d], profiles=profiles)
             for d in devices}
 

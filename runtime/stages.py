@@ -1,220 +1,242 @@
-"""The runtime's view of a compiled bundle, and one ONNX Runtime session per stage.
+"""The runtime's view of a compiled bundle, and one ONNX Runtime session per unit.
 
-The manifest is read by the back end's loader (``partitioner.backend.manifest.load_bundle``,
-which also checks every stage file's SHA-256); this module only turns the loaded bundle into
-the few things the runtime needs:
-
-* per stage, the tensors it may receive (``incoming``) and the tensors it passes on to the
-  next stage (``carry``): a tensor produced early and needed later (a residual, a model input
-  used deep in the network, a model output produced by an early stage) rides along the chain,
-  hop by hop, so each hop is a single frame to a single host (SPEC §2: the cut carries
-  every live tensor);
-* a table of every tensor's declared shape and dtype, against which received tensors are
-  checked before ONNX Runtime sees them.
+The bundle is the :mod:`stagebundle` ``Bundle`` itself, read by its validating loader
+(``stagebundle.load.load_bundle``: SHA-256 of every file, the sends of the stage graph add
+up). Nothing about routing is derived here: what a unit receives, from whom, and what it
+sends where come from the manifest (``Unit.receives``, ``Unit.sends``) through
+:func:`stagebundle.graph.expected_senders`. This module adds only what a server needs on
+top: the plan key a bundle is served under, the largest frame a unit can legitimately
+receive, the check of a received message against the send the manifest declares, and an
+ONNX Runtime session per unit (:class:`StageRunner`).
 
 A bundle may carry *fallback* bundles (``BUNDLE/fallback/<name>/manifest.json``) compiled
-for the system without one device (see :mod:`runtime.replan`); they are views too, keyed
-by ``"fallback/<name>"``; the main bundle's key is ``"main"``.
+for the system without one device (see :mod:`runtime.replan`); they are served under the
+key ``"fallback/<name>"``; the main bundle's key is ``"main"``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from partitioner.errors import fail
-
-if TYPE_CHECKING:
-    from partitioner.backend.manifest import Bundle
+from stagebundle.errors import fail
+from stagebundle.graph import HEIGHT, expected_senders
+from stagebundle.load import load_bundle, read_verified, safe_path
+from stagebundle.manifest import INPUT, MANIFEST, OUTPUT, Bundle, Send, TensorSpec, Unit
 
 __all__ = [
-    "TensorSpec",
-    "StageSpec",
+    "MAIN",
     "BundleView",
     "open_bundle",
     "open_bundles",
-    "view_of",
     "StageRunner",
     "check_tensor",
-    "check_inputs",
+    "check_message",
+    "piece_rows",
+    "merge_timings",
+    "MAX_TIMINGS",
 ]
 
 MAIN = "main"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor the manifest declares: name, static shape, numpy dtype name."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage of a bundle, with what it receives and passes on (see module doc)."""
-
-    id: str
-    device: str
-    path: Path
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    next: str | None
-    incoming: tuple[str, ...] = ()
-    carry: tuple[str, ...] = ()
+MAX_TIMINGS = 64  # timing records a request carries at most
+_SLACK = 64  # per-tensor alignment padding of a frame body (runtime.protocol.ALIGN)
 
 
 @dataclass(frozen=True)
 class BundleView:
-    """A loaded bundle as the runtime uses it."""
+    """A loaded bundle served under plan key ``key`` (``"main"``, ``"fallback/..."``)."""
 
     key: str
-    root: Path
-    stages: tuple[StageSpec, ...]
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    tensors: Mapping[str, TensorSpec]
-    plan: Mapping[str, Any] = field(default_factory=dict)
-    source: str | None = None
-    destination: str | None = None
+    bundle: Bundle
 
-    def stage(self, stage_id: str) -> StageSpec:
-        for s in self.stages:
-            if s.id == stage_id:
-                return s
-        raise KeyError(stage_id)
+    @property
+    def root(self) -> Path:
+        return self.bundle.root
+
+    @property
+    def plan(self) -> Mapping[str, Any]:
+        return self.bundle.plan
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.bundle.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.bundle.outputs
 
     @property
     def devices(self) -> tuple[str, ...]:
-        """Devices the stages run on, in chain order, without repeats."""
-        return tuple(dict.fromkeys(s.device for s in self.stages))
+        return self.bundle.devices
 
-    def incoming_bytes(self, stage: StageSpec) -> int:
-        """Largest body a frame for ``stage`` can legitimately have (plus alignment)."""
-        return sum(self.tensors[n].nbytes + 64 for n in stage.incoming)
+    def units(self) -> Iterator[Unit]:
+        return self.bundle.units()
 
+    @cached_property
+    def unit_map(self) -> dict[str, Unit]:
+        return {u.key: u for u in self.bundle.units()}
 
-def _spec(t: Any) -> TensorSpec:
-    """The runtime's tensor spec of a manifest ``TensorSpec``."""
-    return TensorSpec(t.name, tuple(int(d) for d in t.shape), t.dtype)
+    @cached_property
+    def senders(self) -> dict[str, tuple[str, ...]]:
+        """Receiver key (or ``"output"``) -> the senders it waits for."""
+        return expected_senders(self.bundle)
 
+    def send(self, sender: str, to: str) -> Send | None:
+        """The send the manifest declares from ``sender`` (a unit key, ``"input"``) to
+        ``to``, or None when there is none."""
+        sends = self.bundle.input_sends if sender == INPUT else \
+            self.unit_map[sender].sends if sender in self.unit_map else ()
+        return next((s for s in sends if s.to == to), None)
 
-def view_of(bundle: Bundle, key: str = MAIN, root: Path | None = None) -> BundleView:
-    """The runtime view of a bundle returned by ``load_bundle``.
+    def receives(self, to: str) -> dict[str, TensorSpec]:
+        """The tensors receiver ``to`` assembles (the model outputs for ``"output"``)."""
+        specs = self.outputs if to == OUTPUT else self.unit_map[to].receives
+        return {t.name: t for t in specs}
 
-    ``load_bundle`` has already checked the chain (``next``), the files and their SHA-256;
-    this only derives what each hop carries and the table of declared tensors.
-    """
-    root = Path(root) if root is not None else bundle.root
-    stages = [StageSpec(
-        id=str(s.id), device=s.device, path=bundle.stage_path(s),
-        inputs=tuple(_spec(t) for t in s.inputs), outputs=tuple(_spec(t) for t in s.outputs),
-        next=None if s.next is None else str(s.next)) for s in bundle.stages]
-    inputs = tuple(_spec(t) for t in bundle.inputs)
-    outputs = tuple(_spec(t) for t in bundle.outputs)
-    tensors: dict[str, TensorSpec] = {}
-    for t in (*inputs, *outputs, *(x for s in stages for x in (*s.inputs, *s.outputs))):
-        old = tensors.setdefault(t.name, t)
-        if old != t:
-            fail(f"bundle: tensor {t.name} declared as {old.dtype}{list(old.shape)} and "
-                 f"{t.dtype}{list(t.shape)}")
-    # carry after stage i: available so far and needed by a later stage or as an output
-    final: list[StageSpec] = []
-    available = {t.name for t in inputs}
-    incoming: tuple[str, ...] = tuple(t.name for t in inputs)
-    for i, s in enumerate(stages):
-        missing = [t.name for t in s.inputs if t.name not in available]
-        if missing:
-            fail(f"bundle: stage {s.id} needs {missing[0]}, which no earlier stage produces")
-        available |= {t.name for t in s.outputs}
-        needed = {t.name for later in stages[i + 1:] for t in later.inputs}
-        needed |= {t.name for t in outputs}
-        carry = tuple(n for n in tensors if n in available and n in needed)
-        final.append(StageSpec(s.id, s.device, s.path, s.inputs, s.outputs, s.next,
-                               incoming=incoming, carry=carry))
-        incoming = carry
-    lost = [t.name for t in outputs if t.name not in available]
-    if lost:
-        fail(f"bundle: model output {lost[0]} is produced by no stage")
-    return BundleView(key=key, root=root, stages=tuple(final), inputs=inputs,
-                      outputs=outputs, tensors=tensors, plan=dict(bundle.plan),
-                      source=bundle.source, destination=bundle.destination)
+    def incoming_bytes(self, unit: Unit | str) -> int:
+        """Largest body one message for ``unit`` can legitimately have (plus alignment)."""
+        key = unit if isinstance(unit, str) else unit.key
+        specs = self.receives(key)
+        return sum(specs[n].nbytes + _SLACK for n in specs)
 
 
 def open_bundle(path: str | Path, key: str = MAIN) -> BundleView:
-    """Load ``path`` (a bundle directory) with the back end's loader (checks SHA-256s)."""
-    from partitioner.backend.manifest import load_bundle
-
-    path = Path(path)
-    if not (path / "manifest.json").is_file():
-        fail(f"{path}: not a bundle directory (no manifest.json)")
-    return view_of(load_bundle(path), key=key, root=path)
+    """Load ``path`` (a bundle directory) with the validating loader."""
+    return BundleView(key, load_bundle(path))
 
 
 def open_bundles(path: str | Path) -> dict[str, BundleView]:
-    """The main bundle and every fallback bundle under ``path/fallback/*``."""
+    """The main bundle and every fallback bundle under ``path/fallback/*``.
+
+    A fallback directory must stay inside the bundle (a symlink leading out is refused).
+    """
     path = Path(path)
     views = {MAIN: open_bundle(path)}
     fb = path / "fallback"
     if fb.is_dir():
-        for sub in sorted(p for p in fb.iterdir()
-                          if not p.name.startswith(".") and (p / "manifest.json").is_file()):
-            key = f"fallback/{sub.name}"
-            views[key] = open_bundle(sub, key=key)
+        safe_path(path, "fallback", "fallback bundles")
+        for sub in sorted(p for p in fb.iterdir() if not p.name.startswith(".")):
+            if (sub / MANIFEST).is_file():
+                safe_path(path, f"fallback/{sub.name}", f"fallback {sub.name}")
+                key = f"fallback/{sub.name}"
+                views[key] = open_bundle(sub, key=key)
     return views
 
 
-def check_tensor(spec: TensorSpec, arr: np.ndarray, where: str) -> None:
-    """Refuse ``arr`` unless its dtype, shape and byte length match ``spec``."""
+def _shape_of(spec: TensorSpec, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    if rows is None:
+        return spec.shape
+    shape = list(spec.shape)
+    shape[HEIGHT] = rows[1] - rows[0] + 1
+    return tuple(shape)
+
+
+def check_tensor(spec: TensorSpec, arr: np.ndarray, where: str,
+                 rows: tuple[int, int] | None = None) -> None:
+    """Refuse ``arr`` unless its dtype, shape and byte length match ``spec``.
+
+    ``rows``: ``arr`` holds only these rows of the full tensor's height axis.
+    """
     if arr.dtype.name != spec.dtype:
         fail(f"{where}: tensor {spec.name} has dtype {arr.dtype.name}, expected {spec.dtype}")
-    if tuple(arr.shape) != spec.shape:
+    shape = spec.shape if rows is None or len(spec.shape) <= HEIGHT else _shape_of(spec, rows)
+    if tuple(arr.shape) != shape:
         fail(f"{where}: tensor {spec.name} has shape {list(arr.shape)}, expected "
-             f"{list(spec.shape)}")
-    if arr.nbytes != spec.nbytes:
-        fail(f"{where}: tensor {spec.name} has {arr.nbytes} B, expected {spec.nbytes}")
+             f"{list(shape)}")
+    want = spec.nbytes if shape == spec.shape else \
+        TensorSpec(spec.name, shape, spec.dtype).nbytes
+    if arr.nbytes != want:
+        fail(f"{where}: tensor {spec.name} has {arr.nbytes} B, expected {want}")
 
 
-def check_inputs(view: BundleView, stage: StageSpec, tensors: Mapping[str, np.ndarray],
-                 where: str) -> None:
-    """The tensors arriving for ``stage`` are exactly known ones with declared types."""
-    allowed = set(stage.incoming) | {t.name for t in stage.inputs}
+def piece_rows(header: Mapping[str, Any], names: Iterable[str], where: str
+               ) -> dict[str, tuple[int, int] | None]:
+    """The per-tensor ``rows`` a message header declares (absent or null: whole tensor)."""
+    doc = header.get("rows") or {}
+    if not isinstance(doc, dict):
+        fail(f"{where}: 'rows' must map tensor names to [first, last] or null")
+    out: dict[str, tuple[int, int] | None] = {}
+    for name in names:
+        r = doc.get(name)
+        if r is None:
+            out[name] = None
+            continue
+        if (not isinstance(r, list) or len(r) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or not 0 <= r[0] <= r[1]):
+            fail(f"{where}: rows of tensor {name} must be [first, last], found {r!r}")
+        out[name] = (r[0], r[1])
+    return out
+
+
+def check_message(view: BundleView, sender: str, to: str, tensors: Mapping[str, np.ndarray],
+                  rows: Mapping[str, tuple[int, int] | None], where: str) -> None:
+    """A message from ``sender`` to ``to`` is exactly the send the manifest declares:
+    the same tensors, the same rows, each with its declared dtype and (sliced) shape."""
+    send = view.send(sender, to)
+    if send is None:
+        fail(f"{where}: {sender!r} sends nothing to {to!r} in plan {view.key!r}")
+    specs = view.receives(to)
+    declared = {p.name: p.rows for p in send.tensors}
     for name, arr in tensors.items():
-        if name not in allowed:
-            fail(f"{where}: unexpected tensor {name!r} for stage {stage.id}")
-        check_tensor(view.tensors[name], arr, where)
-    for t in stage.inputs:
-        if t.name not in tensors:
-            fail(f"{where}: stage {stage.id} is missing input tensor {t.name}")
+        if name not in declared or name not in specs:
+            fail(f"{where}: unexpected tensor {name!r} for {_who(to)}")
+        if rows.get(name) != declared[name]:
+            fail(f"{where}: tensor {name} carries rows {rows.get(name)}, the plan sends "
+                 f"{declared[name]}")
+        check_tensor(specs[name], arr, where, declared[name])
+    for name in declared:
+        if name not in tensors:
+            fail(f"{where}: {_who(to)} is missing input tensor {name}")
+
+
+def _who(to: str) -> str:
+    return "the destination" if to == OUTPUT else f"stage {to}"
+
+
+def merge_timings(into: list[dict[str, Any]], more: Any) -> None:
+    """Append the timing records of ``more`` not already in ``into`` (fan-in repeats the
+    records of the units upstream of several senders)."""
+    if not isinstance(more, list):
+        return
+    seen = {(t.get("stage"), t.get("device")) for t in into}
+    for t in more[:MAX_TIMINGS]:
+        if isinstance(t, dict) and (t.get("stage"), t.get("device")) not in seen \
+                and len(into) < MAX_TIMINGS:
+            seen.add((t.get("stage"), t.get("device")))
+            into.append(t)
 
 
 class StageRunner:
-    """An ONNX Runtime session for one stage (CPU; ``threads`` intra-op threads).
+    """An ONNX Runtime session for unit ``unit`` of the bundle in ``root`` (CPU;
+    ``threads`` intra-op threads).
+
+    The unit file's bytes are read once, checked against the manifest's SHA-256 *as
+    read*, and handed to ONNX Runtime (no check-then-open race); a unit with external
+    data is opened by path, ONNX Runtime resolving the data file next to it (its digest
+    was checked by the loader).
 
     ``spin``: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off
-    here by default: a worker shares its host with its other stages (pipelining) and often
+    here by default: a worker shares its host with its other units (pipelining) and often
     with other workers, and a spinning idle thread takes their CPU
     (benchmarks/partition_sweep.py measured the difference on 2 cores).
     """
 
-    def __init__(self, stage: StageSpec, *, threads: int | None = None, spin: bool = False,
+    def __init__(self, unit: Unit, root: str | Path, *, threads: int | None = None,
+                 spin: bool = False,
                  providers: Iterable[str] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
 
-        self.stage = stage
+        self.unit = unit
+        self.path = Path(root) / unit.file
+        what = f"stage {unit.key} ({unit.device})"
+        model: bytes | str = str(self.path) if unit.external_data is not None else \
+            read_verified(Path(root), unit.file, unit.sha256, what)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -222,22 +244,20 @@ class StageRunner:
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(stage.path), opts,
-                                                providers=list(providers))
+            self.session = ort.InferenceSession(model, opts, providers=list(providers))
         except Exception as err:  # ORT raises its own exception types
-            fail(f"stage {stage.id} ({stage.path.name}): ONNX Runtime cannot load it: "
+            fail(f"stage {unit.key} ({self.path.name}): ONNX Runtime cannot load it: "
                  f"{str(err).splitlines()[0] if str(err) else err.__class__.__name__}")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    @property
+    def stage(self) -> Unit:
+        """The unit (its ``inputs`` / ``outputs`` are what the ONNX file takes and gives)."""
+        return self.unit
+
     def run(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the stage on the tensors it needs (others in ``tensors`` are ignored)."""
+        """Run the unit on the tensors it needs (others in ``tensors`` are ignored)."""
         feeds = {n: tensors[n] for n in self.input_names}
         outs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs, strict=True))
-
-    def advance(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the stage and return what goes on: the carry set (or the model outputs)."""
-        available = dict(tensors)
-        available.update(self.run(tensors))
-        return {n: available[n] for n in self.stage.carry}

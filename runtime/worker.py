@@ -1,22 +1,31 @@
-"""A worker: serves one device's stages and pushes each result straight to the next host.
+"""A worker: serves one device's units (whole stages and parts) of the stage graph.
 
-Request flow (push style, SPEC §6 "each device gets its layers and the next device"):
+Request flow (push style: the executor never relays intermediate tensors):
 
-1. A frame ``{"type": "infer", "stage": S, "plan": K, "route": {device: "host:port"},
-   "reply": "host:port", "budget": seconds, ...}`` arrives with the stage's tensors.
-2. It is authenticated (constant-time token check), its tensors are checked against the
-   manifest (name, dtype, shape, byte length), and it is queued for stage ``S``. Each
-   stage has its own thread, so several requests are in flight in different stages at
-   once (pipelining).
-3. The stage thread runs ONNX Runtime and sends the carry set to the next stage's host,
-   looked up in the route that travels with the request (workers need no static
-   configuration of each other); the last stage sends the model outputs to ``reply``
-   (the executor at the destination). The edge never relays every hop.
+1. A frame ``{"type": "infer", "unit": "3.1", "plan": K, "id": R, "attempt": A,
+   "from": SENDER, "rows": {tensor: [first, last] | null}, "route": {device: "host:port"},
+   "reply": "host:port", "budget": seconds, ...}`` arrives with the tensors that
+   ``SENDER`` (a unit key, or ``"input"`` for the executor) sends to unit ``3.1``.
+2. It is authenticated (constant-time token check) and checked against the send the
+   manifest declares from that sender to that unit (names, rows, dtype, shape, bytes),
+   then stored in the *inbox* of ``(K, R, A, unit)`` until every sender the unit waits
+   for (:func:`stagebundle.graph.expected_senders`) has sent; the row pieces are then
+   assembled (:class:`stagebundle.graph.Inbox`).
+3. The complete request is run: one thread per unit, so several requests are in flight in
+   different units at once (pipelining); an idle unit runs in the receiving connection's
+   thread. Then each message the manifest's ``sends`` name (:func:`stagebundle.graph.
+   outgoing`) goes to the receiver's host, looked up in the route that travels with the
+   request (workers need no static configuration of each other), or is handed over
+   in-process when the receiving unit is served here; messages for ``"output"`` go to
+   ``reply`` (the executor). A skip tensor thus goes straight to the units that read it.
 
-Failures are reported to ``reply`` as ``error`` frames naming the request id, stage and
-device (``code`` ``unreachable`` names the host that could not be reached, so the
-executor can re-plan without it). Nothing is ever loaded from a request: the stages are
-the verified ONNX files of the bundle directory given at start-up.
+Memory is bounded: at most ``max_inboxes`` inboxes wait for senders, an inbox whose
+deadline passed is dropped, and each unit's queue holds ``queue_depth`` requests; a full
+queue holds the sender back (back-pressure) for up to a second, then refuses with a
+typed ``busy`` error. Failures are reported to ``reply`` as ``error`` frames naming the
+request id, stage (unit) and device (``code`` ``unreachable`` names the device that could
+not be reached, so the executor can re-plan without it). Nothing is ever loaded from a
+request: the units are the verified ONNX files of the bundle directory given at start-up.
 """
 
 from __future__ import annotations
@@ -32,45 +41,61 @@ from typing import Any
 
 import numpy as np
 
-from partitioner.errors import UserError, fail
 from runtime.protocol import Frame
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
-from runtime.stages import BundleView, StageRunner, check_inputs, open_bundles
+from runtime.stages import (
+    MAX_TIMINGS,
+    BundleView,
+    StageRunner,
+    check_message,
+    open_bundles,
+    piece_rows,
+)
 from runtime.tls import TLSConfig
 from runtime.transport import ConnectionPool, format_address, parse_address
+from runtime.waiting import Busy, WaitingRoom
+from stagebundle.errors import UserError, fail
+from stagebundle.graph import Message, held_after, outgoing
+from stagebundle.manifest import OUTPUT
 
-__all__ = ["Worker", "Job"]
+__all__ = ["Worker", "Job", "Busy"]
 
 log = logging.getLogger("runtime.worker")
+
+UnitKey = tuple[str, str]  # (plan key, unit key)
 
 
 @dataclass
 class Job:
-    """A request queued for one stage."""
+    """A request whose inbox is complete, queued for one unit."""
 
     header: dict[str, Any]
     tensors: dict[str, np.ndarray]
     deadline: float  # time.monotonic() by which the request must be done
-    received: float = field(default_factory=time.monotonic)
+    received: float = field(default_factory=time.monotonic)  # its first message arrived
+    ready: float = field(default_factory=time.monotonic)  # its last message arrived
 
 
 class Worker:
-    """Serve the stages of ``device`` from the bundle at ``bundle_dir``.
+    """Serve the units of ``device`` from the bundle at ``bundle_dir``.
 
-    ``inline`` (class attribute): run an idle stage in the receiving connection's thread.
+    ``inline`` (class attribute): run an idle unit in the receiving connection's thread.
 
     Args:
         bundle_dir: the compiled bundle (plus any ``fallback/*`` bundles in it).
         device: the device name this worker plays.
         listen: ``(host, port)``; port 0 lets the OS choose (see :attr:`address`).
         token: shared secret, or ``None`` (then only loopback is allowed).
-        threads: ONNX Runtime intra-op threads per stage (``None``: ORT's default).
+        threads: ONNX Runtime intra-op threads per unit (``None``: ORT's default).
         spin: let idle ONNX Runtime threads spin-wait (off: they would take the CPU of
-            this worker's other stages and of other processes on the host).
+            this worker's other units and of other processes on the host).
         grpc_port: also serve the Open Inference Protocol (v2) over gRPC on this port
             (0: any free port), or ``None`` for none.
         tls: mutual TLS on every connection (see :mod:`runtime.tls`), or ``None``.
+        queue_depth: requests queued per unit before senders are held back.
+        max_inboxes: requests waiting for more senders at once; more are refused busy.
+        max_inbox_bytes: tensor bytes those may hold together; more are refused busy.
     """
 
     inline = True
@@ -79,40 +104,41 @@ class Worker:
                  listen: tuple[str, int] = ("127.0.0.1", 0), token: str | None = None,
                  threads: int | None = None, grpc_port: int | None = None,
                  send_timeout: float = 10.0, tls: TLSConfig | None = None,
-                 spin: bool = False) -> None:
+                 spin: bool = False, queue_depth: int = 64, max_inboxes: int = 1024,
+                 max_inbox_bytes: int = 256 << 20) -> None:
         check_bind(listen[0], token)
+        if queue_depth < 1 or max_inboxes < 1:
+            fail("queue depth and inbox cap must be at least 1")
         self.device = device
         self.token = token
         self.bundle_dir = Path(bundle_dir)
         self.threads = threads
         self.spin = spin
-        self.views: dict[str, BundleView] = open_bundles(bundle_dir)
-        self.runners: dict[tuple[str, str], StageRunner] = {}
-        for key, view in self.views.items():
-            for stage in view.stages:
-                if stage.device == device:
-                    self.runners[(key, stage.id)] = StageRunner(stage, threads=threads, spin=spin)
-        if not self.runners:
-            known = sorted({s.device for v in self.views.values() for s in v.stages})
-            fail(f"--device {device}: no stage of the bundle runs on it (devices: "
-                 f"{', '.join(known)})")
-        self.max_body = max(self.views[k[0]].incoming_bytes(r.stage)
-                            for k, r in self.runners.items()) + 4096
+        self.queue_depth = queue_depth
+        self.views: dict[str, BundleView] = {}
+        self.runners: dict[UnitKey, StageRunner] = {}
+        self.queues: dict[UnitKey, queue.Queue[Job]] = {}
+        self.locks: dict[UnitKey, threading.Lock] = {}
+        self._threads: list[threading.Thread] = []
+        self.waiting = WaitingRoom(device, max_inboxes, max_inbox_bytes)
+        self._stop = threading.Event()
+        self._reload_lock = threading.Lock()
+        self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0, "busy": 0,
+                      "expired": 0}
+        self.received: dict[str, int] = {}  # tensor name -> bytes received over the network
+        self._stats_lock = threading.Lock()
         self.tls = tls
         self.pool = ConnectionPool(timeout=send_timeout,
                                    tls=None if tls is None else tls.client_context())
-        self.queues: dict[tuple[str, str], queue.Queue[Job | None]] = {
-            k: queue.Queue() for k in self.runners}
-        self.locks = {k: threading.Lock() for k in self.runners}
-        self._reload_lock = threading.Lock()
-        self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0}
-        self._stats_lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._stage_loop, args=(k,),
-                                          name=f"stage-{k[1]}", daemon=True)
-                         for k in self.runners]
+        self._add_views(open_bundles(bundle_dir), start=False)
+        if not self.runners:
+            known = sorted({d for v in self.views.values() for d in v.devices})
+            fail(f"--device {device}: no stage of the bundle runs on it (devices: "
+                 f"{', '.join(known)})")
         self.server = FrameServer(bind_listener(*listen), self._handle,
-                                  max_body=self.max_body,
+                                  max_body=self._max_body(),
                                   tls=None if tls is None else tls.server_context())
+        self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self.grpc = None
         if grpc_port is not None:
             from runtime.oip import start_oip_server
@@ -133,60 +159,65 @@ class Worker:
     def start(self) -> Worker:
         for t in self._threads:
             t.start()
+        self._reaper.start()
         self.server.start()
         self.ready = True
-        log.info("device %s serving %d stage(s) on %s", self.device, len(self.runners),
+        log.info("device %s serving %d unit(s) on %s", self.device, len(self.runners),
                  format_address(self.address))
         return self
 
     def close(self) -> None:
         self.ready = False
+        self._stop.set()
         self.server.close()
-        for q in self.queues.values():
-            q.put(None)
         if self.grpc is not None:
             self.grpc.stop()
         self.pool.close()
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
-            self.stats[key] += 1
+            self.stats[key] += n
 
-    def reload(self) -> list[str]:
-        """Rescan the bundle directory for new fallback bundles and serve their stages.
+    def _max_body(self) -> int:
+        return max(self.views[p].incoming_bytes(u) for p, u in self.runners) + 4096
 
-        Only the directory given at start-up is read (never a path from a request), and
-        every file is checked against its manifest's SHA-256 by the loader.
-        """
-        with self._reload_lock:
-            return self._reload()
-
-    def _reload(self) -> list[str]:
-        views = open_bundles(self.bundle_dir)
+    def _add_views(self, views: Mapping[str, BundleView], start: bool) -> list[str]:
         added = []
         for key, view in views.items():
             if key in self.views:
                 continue
-            for stage in view.stages:
-                if stage.device == self.device:
-                    k = (key, stage.id)
-                    self.runners[k] = StageRunner(stage, threads=self.threads, spin=self.spin)
-                    self.queues[k] = queue.Queue()
-                    self.locks[k] = threading.Lock()
-                    self.server.max_body = max(self.server.max_body,
-                                               view.incoming_bytes(stage) + 4096)
-                    t = threading.Thread(target=self._stage_loop, args=(k,),
-                                         name=f"stage-{stage.id}", daemon=True)
-                    self._threads.append(t)
+            for unit in view.units():
+                if unit.device != self.device:
+                    continue
+                k = (key, unit.key)
+                self.runners[k] = StageRunner(unit, view.root,
+                                              threads=self.threads, spin=self.spin)
+                self.queues[k] = queue.Queue(self.queue_depth)
+                self.locks[k] = threading.Lock()
+                t = threading.Thread(target=self._unit_loop, args=(k,),
+                                     name=f"unit-{unit.key}", daemon=True)
+                self._threads.append(t)
+                if start:
                     t.start()
             self.views[key] = view
             added.append(key)
         return added
 
+    def reload(self) -> list[str]:
+        """Rescan the bundle directory for new fallback bundles and serve their units.
+
+        Only the directory given at start-up is read (never a path from a request), and
+        every file is checked against its manifest's SHA-256 by the loader.
+        """
+        with self._reload_lock:
+            added = self._add_views(open_bundles(self.bundle_dir), start=True)
+            self.server.max_body = max(self.server.max_body, self._max_body())
+            return added
+
     # ------------------------------------------------------------------ requests
     def stage_list(self) -> list[dict[str, Any]]:
-        return [{"plan": k, "stage": s, "inputs": [t.to_json() for t in r.stage.inputs],
-                 "outputs": [t.to_json() for t in r.stage.outputs]}
+        return [{"plan": k, "stage": s, "inputs": [t.to_json() for t in r.unit.inputs],
+                 "outputs": [t.to_json() for t in r.unit.outputs]}
                 for (k, s), r in list(self.runners.items())]
 
     def _handle(self, frame: Frame, peer: str) -> Any:
@@ -201,8 +232,13 @@ class Worker:
             return {"type": "error", "code": "unauthorized", "id": _id(h),
                     "message": "missing or wrong token", "close": True}
         if kind == "ready":
+            with self._stats_lock:
+                stats, received = dict(self.stats), dict(self.received)
+            waiting, held = self.waiting.usage()
             return {"type": "ready", "ready": self.ready, "device": self.device,
-                    "stages": self.stage_list(), "stats": dict(self.stats)}
+                    "stages": self.stage_list(), "stats": stats, "received": received,
+                    "waiting": waiting, "waiting_bytes": held,
+                    "queued": {f"{p}:{u}": q.qsize() for (p, u), q in self.queues.items()}}
         if kind == "reload":
             try:
                 added = self.reload()
@@ -213,53 +249,109 @@ class Worker:
             self._count("rejected")
             return {"type": "error", "code": "bad_request", "id": _id(h),
                     "message": f"unknown request type {kind!r}"}
-        try:
-            job = self._admit(frame)
-        except UserError as err:
-            self._count("rejected")
-            log.warning("rejected request %s from %s: %s", _id(h), peer, err)
-            msg = {"type": "error", "code": "bad_request", "id": _id(h),
-                   "attempt": h.get("attempt"), "stage": h.get("stage"),
-                   "device": self.device, "message": str(err)}
-            self._notify(h, msg)
-            return msg
-        self._count("accepted")
-        key = (job.header["plan"], job.header["stage"])
         ack = {"type": "accepted", "id": _id(h)} if h.get("ack") else None
+        try:
+            job = self._admit(h, frame.tensors)
+        except UserError as err:
+            return self._refuse(h, peer, "bad_request", str(err))
+        except Busy as err:
+            return self._refuse(h, peer, "busy", str(err))
+        self._count("accepted")
+        if job is None:  # waiting for more senders
+            return ack
+        key = (job.header["plan"], job.header["unit"])
         if self.inline and self.queues[key].empty() and self.locks[key].acquire(blocking=False):
-            # the stage is idle: run it in this connection's thread once the ack is out,
-            # saving a thread hand-off per hop; busy stages queue (pipelining)
+            # the unit is idle: run it in this connection's thread once the ack is out,
+            # saving a thread hand-off per hop; busy units queue (pipelining)
             return ack, lambda: self._run_locked(key, job)
-        self.queues[key].put(job)
+        try:
+            self._enqueue(key, job)
+        except Busy as err:
+            return self._refuse(h, peer, "busy", str(err))
         return ack
 
-    def _admit(self, frame: Frame) -> Job:
-        """Check a request before it is queued (never lets ORT see an unchecked tensor)."""
-        h = frame.header
-        key, stage_id = str(h.get("plan", "main")), str(h.get("stage"))
+    def _refuse(self, h: Mapping[str, Any], peer: str, code: str, message: str
+                ) -> dict[str, Any]:
+        self._count("busy" if code == "busy" else "rejected")
+        log.warning("refused request %s from %s: %s", _id(h), peer, message)
+        msg = {"type": "error", "code": code, "id": _id(h), "attempt": h.get("attempt"),
+               "stage": h.get("unit", h.get("stage")), "device": self.device,
+               "message": message}
+        self._notify(h, msg)
+        return msg
+
+    def _enqueue(self, key: UnitKey, job: Job) -> None:
+        """Queue ``job``; a full queue holds the caller back up to a second (back-pressure:
+        the sender's connection stalls), then the request is refused busy."""
+        wait = max(0.0, min(1.0, job.deadline - time.monotonic()))
+        try:
+            if wait:
+                self.queues[key].put(job, timeout=wait)
+            else:
+                self.queues[key].put_nowait(job)
+        except queue.Full:
+            raise Busy(f"request {job.header['id']}: stage {key[1]} on {self.device} has "
+                       f"{self.queue_depth} requests queued") from None
+
+    def _admit(self, h: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+               checked: bool = False) -> Job | None:
+        """Check one message and file it in its inbox; the Job once the inbox is complete.
+
+        Never lets ORT see an unchecked tensor. ``checked``: the route, reply and budget
+        were checked by this worker already (a message handed over in-process).
+        """
         where = f"request {_id(h)}"
-        if not isinstance(h.get("id"), str) or not h["id"] or len(h["id"]) > 200:
+        rid, attempt = h.get("id"), h.get("attempt", 0)
+        if not isinstance(rid, str) or not rid or len(rid) > 200:
             fail(f"{where}: missing or bad request id")
-        if (key, stage_id) not in self.runners:
-            fail(f"{where}: stage {stage_id!r} of plan {key!r} does not run on device "
+        if not isinstance(attempt, int) or isinstance(attempt, bool):
+            fail(f"{where}: attempt must be an integer")
+        plan, unit_key = str(h.get("plan", "main")), str(h.get("unit", h.get("stage")))
+        key = (plan, unit_key)
+        if key not in self.runners:
+            fail(f"{where}: stage {unit_key!r} of plan {plan!r} does not run on device "
                  f"{self.device}")
         route, reply, budget = h.get("route"), h.get("reply"), h.get("budget")
-        if not isinstance(route, dict) or not all(isinstance(v, str) for v in route.values()):
-            fail(f"{where}: missing or bad route")
-        if not isinstance(reply, str):
-            fail(f"{where}: missing reply address")
-        try:
-            parse_address(reply)
-        except ValueError as err:
-            fail(f"{where}: {err}")
-        if (not isinstance(budget, (int, float)) or isinstance(budget, bool)
-                or not 0 < budget <= 3600):
-            fail(f"{where}: deadline budget must be in (0, 3600] s")
-        view = self.views[key]
-        check_inputs(view, self.runners[(key, stage_id)].stage, frame.tensors,
-                     f"{where} (stage {stage_id}, device {self.device})")
-        h["plan"], h["stage"] = key, stage_id
-        return Job(h, frame.tensors, time.monotonic() + float(budget))
+        if not checked:
+            if not isinstance(route, dict) or not all(isinstance(v, str)
+                                                      for v in route.values()):
+                fail(f"{where}: missing or bad route")
+            if not isinstance(reply, str):
+                fail(f"{where}: missing reply address")
+            try:
+                parse_address(reply)
+            except ValueError as err:
+                fail(f"{where}: {err}")
+            if (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                    or not 0 < budget <= 3600):
+                fail(f"{where}: deadline budget must be in (0, 3600] s")
+        view = self.views[plan]
+        senders = view.senders.get(unit_key, ())
+        sender = h.get("from")
+        if not isinstance(sender, str) or sender not in senders:
+            fail(f"{where}: {sender!r} is not a sender of stage {unit_key} (expected "
+                 f"{', '.join(senders)})")
+        rows = piece_rows(h, tensors, where)
+        check_message(view, sender, unit_key, tensors, rows,
+                      f"{where} (stage {unit_key}, device {self.device})")
+        if not checked:
+            with self._stats_lock:
+                for name, arr in tensors.items():
+                    self.received[name] = self.received.get(name, 0) + arr.nbytes
+        message: Message = {n: (rows[n], a) for n, a in tensors.items()}
+        now = time.monotonic()
+        deadline = now + float(budget)  # type: ignore[arg-type]
+        box = self.waiting.file((plan, rid, attempt, unit_key), senders, sender, message,
+                                dict(h), deadline, now, where)
+        if box is None:
+            return None
+        what = f"{where} (stage {unit_key}, device {self.device})"
+        assembled = box.inbox.tensors(view.unit_map[unit_key].receives, what)
+        first = box.header
+        header = {"id": rid, "attempt": attempt, "plan": plan, "unit": unit_key,
+                  "route": first.get("route"), "reply": first.get("reply"),
+                  "timings": box.timings}
+        return Job(header, assembled, box.deadline, box.opened, now)
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
         """Send a message to the request's reply address (best effort)."""
@@ -272,24 +364,38 @@ class Worker:
         except (OSError, ValueError) as err:
             log.warning("cannot report to %s: %s", reply, err)
 
-    # ------------------------------------------------------------------ stages
-    def _stage_loop(self, key: tuple[str, str]) -> None:
+    def _reap_loop(self) -> None:
+        """Drop the inboxes whose deadline passed (their other senders never came)."""
+        while not self._stop.wait(0.5):
+            for (_, rid, attempt, unit), box in self.waiting.expired(time.monotonic()):
+                self._count("expired")
+                missing = [s for s in box.inbox.senders if s not in box.inbox.received]
+                self._notify(box.header, {
+                    "type": "error", "code": "deadline", "id": rid, "attempt": attempt,
+                    "stage": unit, "device": self.device,
+                    "message": f"request {rid}: deadline passed at stage {unit} on "
+                               f"{self.device} waiting for {', '.join(missing)}"})
+
+    # ------------------------------------------------------------------ units
+    def _unit_loop(self, key: UnitKey) -> None:
         q, lock = self.queues[key], self.locks[key]
-        while True:
-            job = q.get()
-            if job is None:
-                return
+        while not self._stop.is_set():
+            try:
+                job = q.get(timeout=0.5)
+            except queue.Empty:
+                continue
             lock.acquire()
             self._run_locked(key, job)
 
-    def _run_locked(self, key: tuple[str, str], job: Job) -> None:
-        """Run ``job`` (the stage's lock is held: one request per stage at a time)."""
+    def _run_locked(self, key: UnitKey, job: Job) -> None:
+        """Run ``job`` (the unit's lock is held: one request per unit at a time)."""
         try:
             self._process(key, self.runners[key], job)
-        except Exception as err:  # report, never let a stage thread die
+        except Exception as err:  # report, never let a unit thread die
             log.exception("stage %s failed", key[1])
-            self._fail(job, "stage_failed", f"stage {key[1]} on {self.device}: "
-                       f"{err.__class__.__name__}: {str(err).splitlines()[0]}")
+            self._fail(job, "stage_failed", f"request {job.header['id']}: stage {key[1]} on "
+                       f"{self.device}: {err.__class__.__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else ''}")
         finally:
             self.locks[key].release()
 
@@ -297,68 +403,99 @@ class Worker:
         self._count("failed")
         h = job.header
         self._notify(h, {"type": "error", "code": code, "id": h["id"],
-                         "attempt": h.get("attempt"), "stage": h.get("stage"),
+                         "attempt": h.get("attempt"), "stage": h.get("unit"),
                          "device": self.device, "message": message, **extra})
 
-    def _process(self, key: tuple[str, str], runner: StageRunner, job: Job) -> None:
+    def _process(self, key: UnitKey, runner: StageRunner, job: Job) -> None:
         h = job.header
         start = time.monotonic()
         if start > job.deadline:
             self._fail(job, "deadline", f"request {h['id']}: deadline passed before stage "
                        f"{key[1]} on {self.device}")
             return
-        out = runner.advance(job.tensors)
+        produced = runner.run(job.tensors)
         done = time.monotonic()
-        timings = list(h.get("timings") or [])[:64]
-        # "start" is wall-clock (for traces across hosts with synchronised clocks)
+        timings = list(h["timings"])[:MAX_TIMINGS - 1]
+        # "start" is wall-clock (for traces across hosts with synchronised clocks);
+        # "wait": for the other senders, "queue": behind earlier requests
         timings.append({"stage": key[1], "device": self.device,
-                        "queue": start - job.received, "compute": done - start,
-                        "start": time.time() - (done - start)})
-        view, stage = self.views[key[0]], runner.stage
-        budget = job.deadline - done
-        if budget <= 0:
+                        "wait": job.ready - job.received, "queue": start - job.ready,
+                        "compute": done - start, "start": time.time() - (done - start)})
+        if job.deadline - done <= 0:
             self._fail(job, "deadline", f"request {h['id']}: deadline passed during stage "
                        f"{key[1]} on {self.device}")
             return
-        if stage.next is None:
-            self._count("completed")
-            msg = {"type": "result", "id": h["id"], "attempt": h.get("attempt"),
-                   "plan": key[0], "timings": timings, "token": self.token}
+        unit = runner.unit
+        what = f"request {h['id']}: stage {unit.key} on {self.device}"
+        messages = outgoing(unit, held_after(unit, job.tensors, produced), what)
+        for to, message in messages:
+            if not self._send(key[0], job, to, message, timings):
+                return
+        self._count("completed")
+
+    def _send(self, plan: str, job: Job, to: str, message: Message,
+              timings: list[dict[str, Any]]) -> bool:
+        """Send one message of ``job``'s unit to unit ``to`` (or the destination)."""
+        h = job.header
+        budget = job.deadline - time.monotonic()
+        if budget <= 0:
+            self._fail(job, "deadline", f"request {h['id']}: deadline passed sending from "
+                       f"stage {h['unit']} on {self.device}")
+            return False
+        header: dict[str, Any] = {
+            "id": h["id"], "attempt": h["attempt"], "plan": plan, "from": h["unit"],
+            "rows": {n: None if r is None else list(r) for n, (r, _) in message.items()},
+            "timings": timings, "token": self.token}
+        arrays = {n: a for n, (_, a) in message.items()}
+        if to == OUTPUT:
+            header["type"] = "result"
             try:
-                self.pool.send(parse_address(h["reply"]), msg, out, timeout=budget)
+                self.pool.send(parse_address(h["reply"]), header, arrays, timeout=budget)
             except OSError as err:
                 log.warning("request %s: cannot return the result to %s: %s", h["id"],
                             h["reply"], err)
-            return
-        nxt = view.stage(stage.next)
-        fwd = {k: v for k, v in h.items() if k in ("id", "attempt", "route", "reply", "ack")}
-        fwd.update(type="infer", plan=key[0], stage=nxt.id, budget=budget, timings=timings,
-                   token=self.token)
-        fwd.pop("ack", None)
-        if nxt.device == self.device and (key[0], nxt.id) in self.runners:
-            # a later stage on this same device: no network hop
-            self.queues[(key[0], nxt.id)].put(Job(fwd, out, job.deadline))
-            self._count("completed")
-            return
-        target = h["route"].get(nxt.device)
-        if target is None:
+            return True
+        header.update(type="infer", unit=to, route=h["route"], reply=h["reply"],
+                      budget=budget)
+        target = self.views[plan].unit_map[to]
+        if target.device == self.device and (plan, to) in self.runners:
+            return self._hand_over(job, header, arrays)  # no network hop
+        host = h["route"].get(target.device)
+        if host is None:
             self._fail(job, "no_route", f"request {h['id']}: the route names no host for "
-                       f"device {nxt.device} (stage {nxt.id})", failed_device=nxt.device)
-            return
+                       f"device {target.device} (stage {to})", failed_device=target.device)
+            return False
         try:
-            addr = parse_address(target)
+            addr = parse_address(host)
         except ValueError as err:
-            self._fail(job, "no_route", f"request {h['id']}: {err}", failed_device=nxt.device)
-            return
+            self._fail(job, "no_route", f"request {h['id']}: {err}",
+                       failed_device=target.device)
+            return False
         try:
-            self.pool.send(addr, fwd, out, timeout=min(budget, 10.0))
+            self.pool.send(addr, header, arrays, timeout=min(budget, 10.0))
         except OSError as err:
             self.pool.drop(addr)
-            self._fail(job, "unreachable", f"request {h['id']}: stage {stage.id} on "
-                       f"{self.device} cannot reach device {nxt.device} at {target}: "
-                       f"{err.__class__.__name__}: {err}", failed_device=nxt.device)
-            return
-        self._count("completed")
+            self._fail(job, "unreachable", f"request {h['id']}: stage {h['unit']} on "
+                       f"{self.device} cannot reach device {target.device} at {host}: "
+                       f"{err.__class__.__name__}: {err}", failed_device=target.device)
+            return False
+        return True
+
+    def _hand_over(self, job: Job, header: dict[str, Any],
+                   arrays: Mapping[str, np.ndarray]) -> bool:
+        """Deliver a message to a unit served by this worker, without the network."""
+        try:
+            nxt = self._admit(header, arrays, checked=True)
+            if nxt is not None:
+                self._enqueue((header["plan"], header["unit"]), nxt)
+        except Busy as err:
+            self._count("busy")
+            self._fail(job, "busy", str(err))
+            return False
+        except UserError as err:
+            self._fail(job, "stage_failed", str(err))
+            return False
+        return True
 
 
 def _id(h: Mapping[str, Any]) -> str:

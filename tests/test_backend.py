@@ -185,7 +185,7 @@ def test_symlink_out_of_the_bundle_is_rejected(bundle_dir, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
     (lambda d: d.pop("model"), "missing required key 'model'"),
     (lambda d: d["stages"][1].pop("file"), "manifest stage 1: missing required key 'file'"),
     (lambda d: d["stages"][0].update(next=2), "stage 0 has next 2, expected 1"),

@@ -110,3 +110,42 @@ def test_missing_system_file(files, tmp_path, capsys):
     assert main(["compile", str(model), "--system", str(tmp_path / "nope.toml"), "-o",
                  str(tmp_path / "b")]) == 2
     assert "nope.toml" in capsys.readouterr().err
+
+
+def _unwritable(tmp_path: Path, where: str) -> tuple[Path, str]:
+    """An output path that cannot be created, and a word its error must name."""
+    if where == "under a file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        return blocker / "bundle", "a-file"
+    # /proc is not writable even for root (tests may run as root, so chmod cannot do it)
+    return Path("/proc/partitioner-test-bundle"), "/proc"
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only place"])
+def test_unwritable_output_is_one_line_and_exit_2(files, tmp_path, capsys, where):
+    model, system = files
+    out, named = _unwritable(tmp_path, where)
+    if where == "read-only place" and not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system")
+    assert main(["compile", str(model), "--system", str(system), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and named in err, err
+    assert err.startswith("partitioner compile: error:")
+    assert not out.exists()
+
+
+def test_an_output_error_during_the_write_is_one_line(files, tmp_path, capsys, monkeypatch):
+    # What passes the early check but fails while writing (a full disk, a file system
+    # that turns read-only) is still one line and exit 2, naming the file.
+    import partitioner.backend as backend
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "b" / "stage0.onnx"))
+
+    monkeypatch.setattr(backend, "compile_bundle", full_disk)
+    model, system = files
+    assert main(["compile", str(model), "--system", str(system), "-o",
+                 str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "No space left on device" in err and "stage0.onnx" in err

@@ -104,3 +104,12 @@ def test_demo_bad_input_exits_2_with_one_line(args, needle):
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_demo_unwritable_workdir_exits_2_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = _demo("--model", "tiny_cnn", "--workdir", str(blocker / "work"), "--quiet")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a-file" in lines[0] and "--workdir" in lines[0], proc.stderr

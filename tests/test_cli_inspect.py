@@ -125,3 +125,135 @@ def test_in_process_matches_subprocess(cnn_file, capsys):
     in_process = json.loads(capsys.readouterr().out)
     sub = json.loads(_cli(str(cnn_file), "--shape", "images=1,3,16,16", "--json").stdout)
     assert in_process == sub
+
+
+def _chain(names: list[str]) -> onnx.ModelProto:
+    """A chain of MatMuls with the given node names (one major layer each)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for k, name in enumerate(names):
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32),
+                                             f"W{k}"))
+        nodes.append(helper.make_node("MatMul", [x, f"W{k}"], [f"y{k}"], name=name))
+        x = f"y{k}"
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_long_layer_names_print_distinct(save_onnx, capsys):
+    """Exported names share long prefixes ("/model/decoder/layers.0/encoder_attn/") and
+    differ at the end or in the middle: the table must still tell the layers apart."""
+    names = [f"/model/decoder/layers.{i}/encoder_attn/{p}_proj/MatMul"
+             for i in (0, 1) for p in "qkv"]
+    names.append("/model/decoder/layers.1/encoder_attn/a_very_long_output_proj/MatMul")
+    assert main(["inspect", str(save_onnx(_chain(names)))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if re.match(r"\s+\d+\s{2}", line)]
+    shown = [re.split(r"\s{2,}", row.strip())[1] for row in rows]
+    assert len(shown) == len(names)
+    assert len(set(shown)) == len(shown), shown
+    assert all(len(s) <= 40 for s in shown)
+    # Shortened from the middle: both ends of each name stay readable.
+    assert all(s.startswith("/model") and s.endswith("MatMul") for s in shown)
+
+
+def _token_model() -> onnx.ModelProto:
+    """input_ids and attention_mask (batch, sequence) -> embedding * mask -> linear."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+             helper.make_node("Mul", ["emb", "m3"], ["masked"]),
+             helper.make_node("MatMul", ["masked", "W"], ["hidden"], name="proj")]
+    dims = ["batch", "sequence"]
+    graph = helper.make_graph(
+        nodes, "tokens",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dims)],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [*dims, 8])],
+        [numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dynamic_sequence_inputs_get_a_shape_hint_that_runs(save_onnx, capsys):
+    path = save_onnx(_token_model())
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--shape input_ids=1,128 --shape attention_mask=1,128" in err, err
+    # The suggestion is a command line that works as written.
+    options = re.findall(r"--shape (\S+)", err)
+    assert main(["inspect", str(path), "--json", *[a for o in options
+                                                    for a in ("--shape", o)]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"]["outputs"][0]["shape"] == [1, 128, 8]
+
+
+@pytest.mark.parametrize(("name", "elem", "dims", "hint"), [
+    ("images", TensorProto.FLOAT, ["N", 3, "H", "W"], "images=1,3,224,224"),
+    ("pixels", TensorProto.UINT8, ["N", "H", "W", 3], "pixels=1,224,224,3"),
+    ("input_values", TensorProto.FLOAT, ["batch", "samples"], "input_values=1,16000"),
+    ("features", TensorProto.FLOAT, ["batch", "frames", 80], "features=1,128,80"),
+])
+def test_shape_hint_fits_the_kind_of_input(name, elem, dims, hint):
+    from partitioner.errors import UserError
+    from partitioner.frontend import load_model
+
+    node = helper.make_node("Relu" if elem == TensorProto.FLOAT else "Cast", [name], ["out"],
+                            **({} if elem == TensorProto.FLOAT else {"to": TensorProto.FLOAT}))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(name, elem, dims)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UserError, match=re.escape(f"--shape {hint}")):
+        load_model(model)
+
+
+def test_control_flow_note_on_stderr(save_onnx):
+    """A data-dependent If holding the network: inspect says so in one line on stderr."""
+    rng = np.random.default_rng(0)
+    out = helper.make_tensor_value_info("t", TensorProto.FLOAT, None)
+    then_branch = helper.make_graph([helper.make_node("Conv", ["images", "W"], ["t"])],
+                                    "then", [], [out])
+    else_branch = helper.make_graph([helper.make_node("Conv", ["conv_in", "W2"], ["t"])],
+                                    "else", [], [out])
+    nodes = [helper.make_node("Slice", ["images", "s0", "s1", "s2"], ["conv_in"]),  # 6 x 6
+             helper.make_node("ReduceSum", ["images"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], name="gate", then_branch=then_branch,
+                              else_branch=else_branch)]
+    graph = helper.make_graph(
+        nodes, "gated", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                       [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W2"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array([0, 0, 1, 1], np.int64), "s0"),
+         numpy_helper.from_array(np.array([1, 3, 7, 7], np.int64), "s1"),
+         numpy_helper.from_array(np.array([0, 1, 2, 3], np.int64), "s2")])
+    path = save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = _cli(str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "If node 'gate'" in notes[0], result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["totals"]["flops"] >= 2 * (4 * 6 * 6) * 27  # the conv branch is counted
+    assert "note:" not in _cli(str(path), "--json", "--quiet").stderr
+
+
+def test_input_of_unknown_rank_names_itself_in_the_hint():
+    from partitioner.errors import UserError
+    from partitioner.frontend import load_model
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["token_ids"], ["out"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("token_ids", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UserError, match=r"--shape token_ids=D0,D1,\.\.\. \(e\.g\. 1,128\)"):
+        load_model(model)

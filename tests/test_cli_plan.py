@@ -128,3 +128,19 @@ def test_bad_weights_and_mbs_are_user_errors(files, capsys) -> None:
     assert rc == 2 and "--weights" in err and out == ""
     rc, out, err = _run(capsys, str(model), "--system", str(system), "--mbs", "0")
     assert rc == 2 and "--mbs" in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_an_unwritable_stdout_is_one_line_and_exit_2(files) -> None:
+    # A full disk behind the output is the user's environment: one line, exit 2.
+    import subprocess
+    import sys
+
+    model, system = files
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "partitioner", "plan", str(model),
+                               "--system", str(system), "--json"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr

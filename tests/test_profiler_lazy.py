@@ -13,6 +13,7 @@ from partitioner.analysis.profiles import Profile, ProfiledBundle
 from partitioner.analysis.system import parse_system
 from partitioner.errors import UserError
 from partitioner.ir import Cut, Layer, LayerGraph, TensorInfo
+from partitioner.pipeline import planner
 from partitioner.solver import solve
 
 N_LAYERS = 6
@@ -70,8 +71,8 @@ def run_lazy(values: dict[tuple[int, int], float], mbs: int | None = None,
         calls.append((a, b))
         return ProfiledBundle(a, b, None, values[(a, b)])
 
-    result = lazy_profile(graph, SYSTEM, "host", base_profile(graph), measure, mbs=mbs,
-                          estimate=estimate)
+    result = lazy_profile(graph, SYSTEM, "host", base_profile(graph), measure,
+                          planner=planner(), mbs=mbs, estimate=estimate)
     full = Profile(**{**base_profile(graph).__dict__, "bundles": tuple(
         ProfiledBundle(a, b, None, t) for (a, b), t in values.items()
         if b - a + 1 <= (mbs or N_LAYERS))})
@@ -126,3 +127,66 @@ def test_adaptive_estimates_find_a_plan_that_plain_sums_miss() -> None:
     assert plain.measured < adaptive.measured < adaptive.full
     with pytest.raises(UserError, match="lazy estimate 'max'"):
         run_lazy(values, estimate="max")
+
+
+def test_lazy_profiling_uses_the_planner_it_is_given() -> None:
+    # The analysis stage gets its solver as a callable: every round's table goes through it.
+    values = truth(3, synergy=1.0)
+    graph = chain()
+    tables = []
+
+    def counting(table):
+        tables.append(table)
+        return solve(table)
+
+    result = lazy_profile(graph, SYSTEM, "host", base_profile(graph),
+                          lambda a, b: ProfiledBundle(a, b, None, values[(a, b)]),
+                          planner=counting)
+    assert len(tables) == len(result.rounds) >= 1
+    assert result.table is tables[-1]
+
+
+DVFS = parse_system({
+    "device": [
+        {"name": "edge", "class": "edge", "flops": 1e8, "memory_bandwidth": 1e9,
+         "network_bandwidth": 1e7},
+        {"name": "host", "class": "hub", "flops": 1e10, "memory_bandwidth": 1e10,
+         "network_bandwidth": 1e7, "frequencies": ["low", "high"],
+         "frequency_flops": [2e9, 1e10], "frequency_power": [2.0, 6.0]}],
+    "link": [{"between": ["edge", "host"], "bandwidth": 1e7}],
+    "application": {"source": "edge", "destination": "edge"}}, "dvfs.toml")
+
+
+def test_lazy_profiling_on_a_dvfs_device_plans_at_the_measured_frequency() -> None:
+    values = truth(4, synergy=1.0)
+    graph = chain()
+    seen = []
+
+    def measure(a: int, b: int) -> ProfiledBundle:
+        seen.append((a, b))
+        return ProfiledBundle(a, b, None, values[(a, b)])
+
+    result = lazy_profile(graph, DVFS, "host", base_profile(graph), measure,
+                          planner=planner(), frequency="high")
+    assert result.plan.status == "optimal"
+    assert {b.frequency for b in result.profile.bundles} == {"high"}
+    assert result.table.frequencies["host"] == ("high",)
+    assert plan_bundles(result.table, result.plan, "host")
+    assert all(result.plan.frequencies.get(s.device) in (None, "high")
+               for s in result.plan.stages)
+    assert result.measured == len(set(seen)) < result.full
+
+
+@pytest.mark.parametrize("frequency, message", [
+    (None, r"--device host: dvfs.toml lists its frequencies \(low, high\); give --frequency"),
+    ("turbo", r"--frequency 'turbo': not a frequency of device 'host' in dvfs.toml"),
+])
+def test_lazy_profiling_on_a_dvfs_device_names_a_missing_or_unknown_frequency(
+        frequency, message) -> None:
+    graph = chain()
+    calls = []
+    with pytest.raises(UserError, match=message):
+        lazy_profile(graph, DVFS, "host", base_profile(graph),
+                     lambda a, b: calls.append((a, b)), planner=planner(),
+                     frequency=frequency)
+    assert calls == []  # refused before measuring anything

@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from partitioner.errors import UserError
 from runtime.cli import main
 from runtime.executor import LocalExecutor, RemoteExecutor, RequestError
 from runtime.protocol import MAGIC, PREFIX, VERSION
 from runtime.transport import connect, recv_frame, send_frame
+from stagebundle.errors import UserError
 from tests.test_runtime_fixtures import (  # noqa: F401  (fixtures)
     ROOT,
     TOKEN,
@@ -53,7 +53,8 @@ def _raw(cluster: Cluster, device: str, data: bytes, shut: bool = True) -> dict:
 
 
 def _infer_header(cluster: Cluster, **over: object) -> dict:
-    h = {"type": "infer", "id": "t-1", "attempt": 1, "plan": "main", "stage": "0",
+    h = {"type": "infer", "id": "t-1", "attempt": 1, "plan": "main", "unit": "0",
+         "from": "input",
          "route": cluster.hosts, "reply": "127.0.0.1:9", "budget": 5.0, "token": TOKEN,
          "ack": True}
     h.update(over)
@@ -187,7 +188,7 @@ def test_bad_tensors_are_rejected(cluster: Cluster, built, tensor, message) -> N
 
 
 def test_request_for_a_stage_elsewhere_is_rejected(cluster: Cluster) -> None:
-    reply = _ask(cluster, "edge", _infer_header(cluster, stage="1"),
+    reply = _ask(cluster, "edge", _infer_header(cluster, unit="1", **{"from": "0"}),
                  {"conv1": np.zeros(1, np.float32)})
     assert reply["code"] == "bad_request" and "does not run on device edge" in reply["message"]
 

@@ -24,9 +24,13 @@ bundles are never faster than the sum of their singles on this host; where bundl
 (fusion, cache reuse) an unmeasured bundle may be cheaper than its estimate and a better
 plan may remain unseen. ``benchmarks/lazy_profiling.py`` measures how often that happens.
 
-The host measures at one frequency label (``frequency``); the profiled device should list
-no frequencies in the system file, or that label only, else the cost table reports the
-bundles missing at its other frequencies.
+The host measures at one frequency label (``frequency``). When the profiled device lists
+DVFS frequencies in the system file, that label must be one of them, and the lazy plans
+run the device at that frequency only (the other frequencies have nothing measured; a
+profile per frequency, each measured at its own label, prices them all afterwards).
+
+The solver is not imported here: the caller passes a ``planner`` (``CostTable -> Plan``),
+normally :func:`partitioner.pipeline.planner`.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from partitioner.analysis.costs import build_cost_table, estimate_bundle
 from partitioner.analysis.profiler import bundle_count, bundle_ranges
 from partitioner.analysis.profiles import Profile, ProfiledBundle
 from partitioner.errors import fail
-from partitioner.ir import CostTable, LayerGraph, Objective, Plan, System
+from partitioner.ir import CostTable, LayerGraph, Plan, System
 
-__all__ = ["LazyRound", "LazyResult", "lazy_profile", "plan_bundles"]
+__all__ = ["LazyRound", "LazyResult", "lazy_profile", "plan_bundles", "at_frequency"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class LazyRound:
     """One plan-and-measure round: the plan's estimated objective and what it measured."""
 
     latency: float
-    stages: tuple[tuple[str, int, int], ...]
+    stages: tuple[tuple[str | None, int, int], ...]
     measured: tuple[tuple[int, int], ...]
 
 
@@ -110,9 +114,38 @@ def _complete(profile: Profile, graph: LayerGraph, mbs: int, frequency: str | No
     return replace(profile, bundles=tuple(bundles), lazy=False)
 
 
+def at_frequency(system: System, device: str, frequency: str | None) -> System:
+    """``system`` with ``device`` running only at ``frequency`` (the one measured here).
+
+    A device without DVFS frequencies is left as it is (the cost table takes its
+    frequency from the profile). One with frequencies keeps ``frequency`` and its aligned
+    ``frequency_flops`` / ``frequency_power`` entries.
+
+    Raises:
+        UserError: the device lists frequencies and ``frequency`` is None or not one of them.
+    """
+    dev = system.device(device)
+    if not dev.frequencies:
+        return system
+    listed = ", ".join(dev.frequencies)
+    where = system.path or "the system file"
+    if frequency is None:
+        fail(f"--device {device}: {where} lists its frequencies ({listed}); give "
+             f"--frequency LABEL, the one this host runs at")
+    if frequency not in dev.frequencies:
+        fail(f"--frequency {frequency!r}: not a frequency of device {device!r} in {where} "
+             f"({listed})")
+    k = dev.frequencies.index(frequency)
+    only = replace(dev, frequencies=(frequency,),
+                   frequency_flops=dev.frequency_flops[k:k + 1],
+                   frequency_power=dev.frequency_power[k:k + 1])
+    return replace(system, devices=tuple(only if d.name == device else d
+                                         for d in system.devices))
+
+
 def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
                  measure: Callable[[int, int], ProfiledBundle], *,
-                 objective: Objective | None = None, mbs: int | None = None,
+                 planner: Callable[[CostTable], Plan], mbs: int | None = None,
                  preload: bool = True, private: int = 0, frequency: str | None = None,
                  others: Sequence[Profile] = (), estimate: str = "sum",
                  on_measured: Callable[[Profile], None] | None = None) -> LazyResult:
@@ -125,10 +158,12 @@ def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
         device: the device this host stands for.
         base: the profile to extend (settings, fingerprint, bundles already measured).
         measure: measures one bundle ``(first, last)`` on this host.
-        objective: what the solver minimises (latency by default).
+        planner: solves a cost table (what it minimises is the caller's choice), e.g.
+            ``partitioner.pipeline.planner(objective)``.
         mbs: maximum bundle size (default: all layers).
         preload / private: as in :func:`build_cost_table`.
-        frequency: the frequency label the bundles are measured at.
+        frequency: the frequency label the bundles are measured at; when ``device`` lists
+            frequencies it must be one of them, and the plans use only it.
         others: profiles of other devices.
         estimate: ``"sum"`` (an unmeasured bundle costs its singles plus its internal
             cuts) or ``"adaptive"`` (that, scaled by the smallest measured/estimated
@@ -139,13 +174,14 @@ def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
         The :class:`LazyResult`.
 
     Raises:
-        UserError: ``device`` is not in the system, or the solver finds no plan.
+        UserError: ``device`` is not in the system, a frequency it does not list, or the
+            planner finds no plan.
     """
-    from partitioner.solver import solve
-
     if device not in {d.name for d in system.devices}:
         fail(f"--device {device!r} is not in {system.path or 'the system file'}")
-    objective = objective or Objective()
+    if estimate not in ("sum", "adaptive"):
+        fail(f"lazy estimate {estimate!r}: expected 'sum' or 'adaptive'")
+    system = at_frequency(system, device, frequency)
     n_layers = len(graph.layers)
     mbs = n_layers if mbs is None else min(mbs, n_layers)
     profile = replace(base, lazy=True)
@@ -160,15 +196,13 @@ def lazy_profile(graph: LayerGraph, system: System, device: str, base: Profile,
 
     for k in range(n_layers):
         take(k, k)
-    if estimate not in ("sum", "adaptive"):
-        fail(f"lazy estimate {estimate!r}: expected 'sum' or 'adaptive'")
     bandwidth = system.device(device).memory_bandwidth
     rounds: list[LazyRound] = []
     while True:
         priced = _complete(profile, graph, mbs, frequency, bandwidth, estimate == "adaptive")
         table = build_cost_table(graph, system, profiles=[priced, *others], mbs=mbs,
                                  preload=preload, private=private)
-        plan = solve(table, objective)
+        plan = planner(table)
         have = profile.bundle_map()
         missing = [r for r in plan_bundles(table, plan, device)
                    if (r[0], r[1], frequency) not in have]

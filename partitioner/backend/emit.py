@@ -26,6 +26,7 @@ import onnx
 
 from partitioner.backend.manifest import (
     MANIFEST,
+    PRODUCER,
     Bundle,
     Endpoint,
     ModelSpec,
@@ -250,10 +251,11 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
                       tuple(_spec(t) for t in graph.outputs),
                       tuple(layer.name for layer in graph.layers))
     extra: dict[str, Any] = {"timeline": timeline}
+    # schema 1 (a forwarding chain) until the back end writes stage graphs
     bundle = Bundle(path=tmp, model=model, plan=plan.to_json(), stages=tuple(stages),
                     source=app.source if app else plan.pseudo.get("source"),
                     destination=app.destination if app else plan.pseudo.get("destination"),
-                    extra=extra)
+                    transfer="forwarded", schema_version=1, producer=PRODUCER, extra=extra)
     if verify:
         bundle = _verified(prepared, bundle, tmp, seed)
     else:

@@ -52,7 +52,7 @@ def explain(bundle: Bundle) -> dict[str, Any]:
         cuts.append({
             "after_stage": s.id, "after_layer": s.last, "from": s.device,
             "to": nxt or "output",
-            "bytes": s.send_bytes, "tensors": [t.name for t in s.sends],
+            "bytes": s.send_bytes, "tensors": [t.name for t in s.sends_all],
             "forwarded": [t.name for t in s.forward],
             "forwarded_bytes": sum(t.nbytes for t in s.forward)})
         receive = s.send_bytes

@@ -2,7 +2,8 @@
 
 Each sub-command module defines ``add_arguments(parser)`` and ``run(args) -> int``. It is
 imported only when its sub-command runs, so ``partitioner inspect`` never imports mip.
-User errors become one line on stderr and a non-zero exit (see ``partitioner.errors``).
+User errors become one line on stderr and a non-zero exit (see ``partitioner.errors``);
+so do ``OSError``s (an output that cannot be written), with exit code 2.
 """
 
 from __future__ import annotations
@@ -50,10 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()  # an unwritable stdout fails here, as one line (below)
+        return status
     except UserError as err:
         print(f"partitioner {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        # An output that cannot be written (-o under a file, a read-only place, a full
+        # disk): the user's environment, not a bug, so one line and exit 2.
+        from partitioner.cli.common import os_error_line
+
+        print(f"partitioner {args.command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"partitioner {args.command}: interrupted", file=sys.stderr)
         return 130

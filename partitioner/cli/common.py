@@ -9,14 +9,18 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import fail
 
+if TYPE_CHECKING:
+    from partitioner.ir import Objective
+    from partitioner.pipeline import PlanResult
+
 __all__ = ["add_model_options", "parse_shapes", "print_json", "progress_enabled",
-           "add_plan_options", "objective_from_args", "PlanInputs", "plan_from_args",
-           "stdout_to_stderr"]
+           "add_plan_options", "objective_from_args", "plan_options", "plan_from_args",
+           "check_writable", "os_error_line", "stdout_to_stderr"]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +50,14 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def print_json(doc: Any) -> None:
-    """One JSON document on stdout, nothing else."""
+    """One JSON document on stdout, nothing else.
+
+    Flushed here, so that an unwritable stdout (a full disk) fails inside the command,
+    as one line and exit 2, not in the interpreter's exit.
+    """
     json.dump(doc, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
@@ -104,7 +113,7 @@ def parse_weights(text: str) -> tuple[float, float]:
     return w[0], w[1]
 
 
-def objective_from_args(args: argparse.Namespace) -> Any:
+def objective_from_args(args: argparse.Namespace) -> Objective:
     """The :class:`partitioner.ir.Objective` of the plan options."""
     from partitioner.ir import Objective
 
@@ -126,41 +135,57 @@ def objective_from_args(args: argparse.Namespace) -> Any:
                      solver=getattr(args, "solver", None) or "CBC")
 
 
-@dataclass(frozen=True)
-class PlanInputs:
-    """What a plan was made from, and the plan: enough to compile or report it."""
-
-    prepared: Any
-    system: Any
-    table: Any
-    objective: Any
-    plan: Any
+def plan_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`partitioner.pipeline.plan` for the plan options."""
+    if args.mbs is not None and args.mbs < 1:
+        fail(f"--mbs must be >= 1, got {args.mbs}")
+    return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
+            "granularity": args.granularity, "objective": objective_from_args(args),
+            "mbs": args.mbs, "preload": args.preload, "private": args.private}
 
 
-def plan_from_args(args: argparse.Namespace) -> PlanInputs:
-    """Load the model, system and profiles of the plan options, price and solve.
+def plan_from_args(args: argparse.Namespace) -> PlanResult:
+    """:func:`partitioner.pipeline.plan` with the plan options of ``args``.
 
     The solver's C code may log on stdout; it is sent to stderr so that ``--json`` output
     stays one document.
     """
-    from partitioner.analysis.costs import build_cost_table
-    from partitioner.analysis.profiles import load_profile
-    from partitioner.analysis.system import load_system
-    from partitioner.frontend import load_model
-    from partitioner.solver import solve
+    from partitioner import pipeline
 
-    if args.mbs is not None and args.mbs < 1:
-        fail(f"--mbs must be >= 1, got {args.mbs}")
-    objective = objective_from_args(args)
-    system = load_system(args.system)
-    prepared = load_model(args.model, shapes=parse_shapes(args.shape),
-                          granularity=args.granularity)
-    profiles = [load_profile(p, prepared.graph) for p in args.profiles]
-    table = build_cost_table(prepared.graph, system, profiles=profiles, mbs=args.mbs,
-                             preload=args.preload, private=args.private)
+    options = plan_options(args)
     with stdout_to_stderr():
-        plan = solve(table, objective)
-    return PlanInputs(prepared, system, table, objective, plan)
+        return pipeline.plan(args.model, args.system, **options)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def check_writable(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """Fail with one line unless ``path`` can be created (or replaced) by this process.
+
+    Checked before slow work, so that ``-o`` under a file or in a read-only place is
+    reported at once. The nearest existing ancestor must be a writable directory; a
+    failure to write later (a read-only file system that ``access`` does not see, a full
+    disk) is still caught as an ``OSError`` by :func:`partitioner.cli.main`.
+    """
+    out = Path(path)
+    parent = out.parent if out.parent != Path("") else Path(".")
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        fail(f"{what} {str(out)!r}: cannot be created, {str(ancestor)!r} is a file, "
+             f"not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        fail(f"{what} {str(out)!r}: cannot be created, {str(ancestor)!r} is not writable")
+    return out
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an ``OSError``: what failed on which file."""
+    names = [str(n) for n in (err.filename, err.filename2) if n]
+    reason = err.strerror or str(err)
+    return f"{' -> '.join(repr(n) for n in names)}: {reason}" if names else reason
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """``partitioner compile MODEL --system SYSTEM [plan options] -o BUNDLE_DIR``.
 
-Plans exactly like ``partitioner plan`` (same options) and writes the deployment bundle:
-one ONNX file per stage plus ``manifest.json`` (see :mod:`partitioner.backend.manifest`).
+Plans exactly like ``partitioner plan`` (same options, same :func:`partitioner.pipeline.plan`)
+and writes the deployment bundle: one ONNX file per stage plus ``manifest.json`` (see
+:mod:`partitioner.backend.manifest`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,13 @@ from __future__ import annotations
 import argparse
 
 from partitioner.cli import plan_cmd
-from partitioner.cli.common import plan_from_args, print_json, progress_enabled
+from partitioner.cli.common import (
+    check_writable,
+    plan_options,
+    print_json,
+    progress_enabled,
+    stdout_to_stderr,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -28,16 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from partitioner.backend.emit import check_output, compile_bundle
+    from partitioner import pipeline
     from partitioner.backend.explain import explain, format_text
     from partitioner.backend.manifest import load_bundle
 
-    check_output(args.output, force=args.force)  # before the (slow) load and solve
-    made = plan_from_args(args)
-    out = compile_bundle(made.prepared, made.plan, made.system, args.output,
-                         verify=args.verify, force=args.force, triton=args.triton,
-                         table=made.table, progress=progress_enabled(args))
-    doc = explain(load_bundle(out))
+    check_writable(args.output, "-o")  # before the (slow) load and solve
+    options = plan_options(args)
+    with stdout_to_stderr():
+        made = pipeline.compile(args.model, args.system, args.output, verify=args.verify,
+                                force=args.force, triton=args.triton,
+                                progress=progress_enabled(args), **options)
+    assert made.bundle is not None
+    doc = explain(load_bundle(made.bundle))
     if args.json:
         print_json(doc)
     else:

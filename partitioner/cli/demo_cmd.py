@@ -20,12 +20,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from partitioner.cli.common import print_json
+from partitioner.cli.common import check_writable, print_json
 from partitioner.errors import fail
+
+if TYPE_CHECKING:
+    from partitioner.pipeline import PlanResult
 
 __all__ = ["add_arguments", "run"]
 
@@ -105,7 +108,7 @@ def _whole_model(path: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str, n
 
 def run(args: argparse.Namespace) -> int:
     import models
-    from partitioner import api
+    from partitioner import pipeline
     from partitioner.data import example_system_path
     from partitioner.ir import Objective
     from runtime.executor import RemoteExecutor
@@ -117,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     system = Path(args.system) if args.system else example_system_path()
     tmp = None
     if args.workdir:
-        workdir = Path(args.workdir)
+        workdir = check_writable(args.workdir, "--workdir")
+        if workdir.exists() and not workdir.is_dir():
+            fail(f"--workdir {args.workdir!r} exists and is not a directory")
         workdir.mkdir(parents=True, exist_ok=True)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="partitioner-demo-")
@@ -126,15 +131,12 @@ def run(args: argparse.Namespace) -> int:
         model_path = workdir / f"{args.model}.onnx"
         _say(args, f"building {args.model} -> {model_path}")
         models.save_model(args.model, model_path)
-        _say(args, f"planning for {system.name} (objective {args.objective})")
-        result = api.plan(model_path, system, objective=Objective(kind=args.objective))
-        from partitioner.backend import compile_bundle
-
         bundle = workdir / "bundle"
-        _say(args, f"compiling and verifying the bundle -> {bundle}")
-        compile_bundle(result.prepared, result.plan, result.system, bundle, force=True,
-                       table=result.table)
-        devices = sorted({s.device for s in result.plan.stages})
+        _say(args, f"planning for {system.name} (objective {args.objective}), compiling "
+                   f"and verifying the bundle -> {bundle}")
+        result = pipeline.compile(model_path, system, bundle, force=True,
+                                  objective=Objective(kind=args.objective))
+        devices = sorted({d for s in result.plan.stages for d in s.devices})
         _say(args, f"starting {len(devices)} workers on loopback: {', '.join(devices)}")
         hosts, procs = _start_workers(bundle, devices, workdir)
         try:
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace, model_path: Path, bundle: Path, hosts: dict[str, str],
-           result: Any, executor_cls: Any) -> dict[str, Any]:
+           result: PlanResult, executor_cls: Any) -> dict[str, Any]:
     graph = result.prepared.graph
     rng = np.random.default_rng(0)
     inputs = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in graph.inputs}

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 from partitioner.cli.common import add_model_options, parse_shapes, print_json
 from partitioner.frontend import PreparedModel, load_model
 
-__all__ = ["add_arguments", "run", "inspect_document", "format_table"]
+__all__ = ["add_arguments", "run", "inspect_document", "format_table", "short_names"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,54 @@ def inspect_document(prepared: PreparedModel) -> dict[str, Any]:
     }
 
 
+NAME_WIDTH = 40
+
+
+def _middle(name: str, width: int, head: int) -> str:
+    """``name`` cut to ``width`` characters by replacing its middle with "..."."""
+    tail = width - 3 - head
+    return f"{name[:head]}...{name[len(name) - tail:]}"
+
+
+def _around(name: str, start: int, width: int) -> str:
+    """``name`` cut to ``width`` so that the part from ``start`` on is seen first."""
+    if len(name) - start <= width - 3:
+        return _middle(name, width, width - 3 - (len(name) - start))
+    head, tail = 6, 8
+    return f"{name[:head]}...{name[start:start + width - head - tail - 6]}...{name[-tail:]}"
+
+
+def _clashes(shown: list[str], names: list[str], width: int) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for k, n in enumerate(shown):
+        groups.setdefault(n, []).append(k)
+    return {n: ks for n, ks in groups.items()
+            if len(ks) > 1 and any(len(names[k]) > width for k in ks)}
+
+
+def short_names(names: list[str], width: int = NAME_WIDTH) -> list[str]:
+    """Names that fit ``width``, shortened from the middle, and still distinct.
+
+    Layer names of exported models share long prefixes and differ at the end or in the
+    middle ("model.encoder.layers.11.self_attn.q_proj"): names are shortened from the
+    middle, and names that would still print alike show the part where they first differ
+    instead. As a last resort, the layer's position ends the name.
+    """
+    out = [n if len(n) <= width else _middle(n, width, head=(width - 3) // 3) for n in names]
+    for group in _clashes(out, names, width).values():
+        members = [names[k] for k in group]
+        common = len(os.path.commonprefix(members))
+        for k in group:
+            if len(names[k]) > width:
+                out[k] = _around(names[k], max(0, common - 2), width)
+    for group in _clashes(out, names, width).values():
+        for k in group:
+            if len(names[k]) > width:
+                mark = f"~{k}"
+                out[k] = _middle(names[k], width - len(mark), (width - len(mark) - 3) // 3) + mark
+    return out
+
+
 def _ops(ops: list[str], width: int = 34) -> str:
     # Collapse runs ("Conv+Relu+MaxPool") and truncate long lists to keep the table tidy.
     text = "+".join(ops)
@@ -68,13 +116,13 @@ def format_table(doc: dict[str, Any], out: TextIO) -> None:
     out.write(f"model {model['name']}  sha256 {model['sha256'][:16]}  "
               f"granularity {model['granularity']}\n")
     out.write(f"inputs  {ins}\noutputs {outs}\n\n")
-    name_w = max([4] + [min(40, len(layer["name"])) for layer in doc["layers"]])
+    names = short_names([layer["name"] for layer in doc["layers"]])
+    name_w = max([4] + [len(n) for n in names])
     header = (f"{'#':>4}  {'name':<{name_w}}  {'ops':<34}  {'MFLOP':>10}  {'params':>11}  "
               f"{'weight MB':>9}  {'cut KB':>10}\n")
     out.write(header)
     out.write("-" * (len(header) - 1) + "\n")
-    for layer in doc["layers"]:
-        name = layer["name"] if len(layer["name"]) <= 40 else layer["name"][:37] + "..."
+    for layer, name in zip(doc["layers"], names, strict=True):
         out.write(f"{layer['index']:>4}  {name:<{name_w}}  {_ops(layer['ops']):<34}  "
                   f"{layer['flops'] / 1e6:>10.2f}  {layer['weight_count']:>11,}  "
                   f"{layer['weight_bytes'] / 1e6:>9.3f}  {layer['cut_bytes'] / 1e3:>10.1f}\n")
@@ -91,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shape)
     prepared = load_model(args.model, shapes=shapes, granularity=args.granularity)
     doc = inspect_document(prepared)
+    if not args.quiet:
+        for note in prepared.stats.notes:
+            print(f"note: {note}", file=sys.stderr)
     try:
         if args.json:
             print_json(doc)

@@ -1,8 +1,7 @@
 """``partitioner plan MODEL --system SYSTEM [options]``: choose a device for every layer.
 
-Pipeline: ``frontend.load_model`` -> ``analysis.system.load_system`` ->
-``analysis.profiles.load_profile`` -> ``analysis.costs.build_cost_table`` ->
-``solver.solve``. Prints a table of stages and the estimate, or with ``--json`` the plan
+Runs :func:`partitioner.pipeline.plan` (system file -> model -> profiles -> cost table ->
+solve). Prints a table of stages and the estimate, or with ``--json`` the plan
 document of docs/INTERFACES.md. An infeasible problem exits with 2 and the reason on
 stderr (with ``--json``, stdout still holds one document: ``{"status": "infeasible",
 "message": ...}``).

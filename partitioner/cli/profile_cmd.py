@@ -159,6 +159,7 @@ def _lazy(args: argparse.Namespace, graph: Any, system: Any, profile: Any, timer
     from partitioner.analysis.lazy import lazy_profile
     from partitioner.analysis.profiles import load_profile, save_profile
     from partitioner.ir import Objective
+    from partitioner.pipeline import planner
 
     others = [load_profile(p, graph) for p in args.profiles]
     objective = Objective(kind=args.objective, max_latency=args.max_latency)
@@ -169,7 +170,7 @@ def _lazy(args: argparse.Namespace, graph: Any, system: Any, profile: Any, timer
             bar.update()
 
         result = lazy_profile(graph, system, args.device, profile, timer.measure,
-                              objective=objective, mbs=mbs, preload=args.preload,
+                              planner=planner(objective), mbs=mbs, preload=args.preload,
                               private=args.private, frequency=args.frequency, others=others,
                               estimate=args.lazy_estimate, on_measured=saved)
     save_profile(result.profile, args.output)

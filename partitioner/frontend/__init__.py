@@ -2,7 +2,8 @@
 
 ``load_model`` accepts an ``.onnx`` path or a PyTorch module (exported with the dynamo
 exporter) and returns a :class:`PreparedModel`: the prepared ONNX model (static shapes,
-inferred ``value_info``, shape sub-graphs folded, nodes ordered layer by layer) and its
+inferred ``value_info``, shape sub-graphs folded, ``If`` nodes with a constant condition
+inlined, nodes ordered layer by layer) and its
 :class:`partitioner.ir.LayerGraph`. Weights are never loaded for this.
 """
 
@@ -41,7 +42,8 @@ class PreparedModel:
         base_dir: folder for resolving external data, or None.
         stats: MACs per layer and deduplicated weight totals.
         shapes: the input shapes that were fixed (``--shape``).
-        folded: how many nodes were folded into constants.
+        folded: how many nodes were folded into constants or aliased to an existing
+            initialiser (an ``If`` replaced by its taken branch counts as one).
     """
 
     model: onnx.ModelProto

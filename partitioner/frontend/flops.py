@@ -3,6 +3,13 @@
 Major ops are counted from their defining equations; every other (cheap) op costs one
 FLOP per output element, except pure re-labelling ops (reshapes, identities) that do no
 arithmetic at all.
+
+Control flow counts what its sub-graphs compute: a data-dependent ``If`` its heavier
+branch (the branch a device must be provisioned for; an ``If`` whose condition is a
+constant never gets here, the front end inlined its taken branch), a ``Loop`` its body
+times the trip count when that is a constant (once when it is not: the number of
+iterations is then unknown before running), a ``Scan`` its body once per scanned slice.
+Such a node is major when a sub-graph holds a major op.
 """
 
 from __future__ import annotations
@@ -10,7 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import onnx
+
+from partitioner.frontend.tensors import CONTROL_FLOW, graph_attrs, static_shape
 
 __all__ = ["MAJOR_OPS", "node_cost", "is_major"]
 
@@ -33,11 +43,69 @@ _FREE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "S
 
 Shape = tuple[int, ...]
 ShapeOf = Callable[[str], "Shape | None"]
+ValueOf = Callable[[str], "np.ndarray | None"]
 
 
 def is_major(node: onnx.NodeProto) -> bool:
-    """Whether a node opens a new major layer."""
+    """Whether a node opens a new major layer (control flow: if a sub-graph holds one)."""
+    if node.op_type in CONTROL_FLOW:
+        return any(is_major(n) for g in graph_attrs(node) for n in g.node)
     return node.op_type in MAJOR_OPS
+
+
+def _graph_cost(graph: onnx.GraphProto, shape_of: ShapeOf,
+                value_of: ValueOf | None) -> tuple[int, int]:
+    """``(flops, macs)`` of a sub-graph; its own names shadow the enclosing ones."""
+    local: dict[str, Shape | None] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        local[vi.name] = static_shape(vi.type)
+    for t in graph.initializer:
+        local[t.name] = tuple(int(d) for d in t.dims)
+
+    def scoped(name: str) -> Shape | None:
+        return local[name] if name in local else shape_of(name)
+
+    flops = macs = 0
+    for node in graph.node:
+        f, m = node_cost(node, scoped, value_of)
+        flops, macs = flops + f, macs + m
+    return flops, macs
+
+
+def _trip_count(node: onnx.NodeProto, value_of: ValueOf | None) -> int:
+    """A ``Loop``'s constant trip count ``M``, or 1 when it is absent or not constant."""
+    name = _input(node, 0)
+    value = value_of(name) if value_of is not None and name else None
+    if value is None or value.size != 1:
+        return 1
+    return max(0, int(value.reshape(-1)[0]))
+
+
+def _scan_length(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+    """Iterations of a ``Scan``: the first scanned input's length along its scan axis."""
+    count = _attr(node, "num_scan_inputs", 0)
+    axes = next((list(a.ints) for a in node.attribute if a.name == "scan_input_axes"), [])
+    if count <= 0 or len(node.input) < count:
+        return 1
+    shape = shape_of(node.input[len(node.input) - count])
+    if shape is None or not shape:
+        return 1
+    axis = axes[0] if axes else 0
+    return shape[axis % len(shape)]
+
+
+def _control_flow(node: onnx.NodeProto, shape_of: ShapeOf,
+                  value_of: ValueOf | None) -> tuple[int, int]:
+    """See the module docstring: heavier ``If`` branch, body x iterations for loops."""
+    costs = [_graph_cost(g, shape_of, value_of) for g in graph_attrs(node)]
+    if not costs:
+        return 0, 0
+    if node.op_type == "If":
+        return max(costs)
+    flops, macs = costs[0]
+    times = _trip_count(node, value_of) if node.op_type == "Loop" else \
+        _scan_length(node, shape_of)
+    return flops * times, macs * times
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
@@ -134,14 +202,19 @@ def _attention(node: onnx.NodeProto, shape_of: ShapeOf, out: Shape | None) -> tu
     return 2 * macs + 3 * q[0] * heads * seq * length, macs
 
 
-def node_cost(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
+def node_cost(node: onnx.NodeProto, shape_of: ShapeOf,
+              value_of: ValueOf | None = None) -> tuple[int, int]:
     """``(flops, macs)`` of one node; ``macs`` is 0 for cheap ops.
 
     Args:
         node: the node.
         shape_of: static shape of a tensor by name (None when unknown).
+        value_of: the value of a constant tensor by name (None when not constant); a
+            ``Loop``'s trip count is read with it.
     """
     op = node.op_type
+    if op in CONTROL_FLOW:
+        return _control_flow(node, shape_of, value_of)
     out = shape_of(node.output[0]) if node.output and node.output[0] else None
     if op in _CONV:
         # 2*Cout*Hout*Wout*(Cin/groups)*kh*kw per image: output elements times the weight's

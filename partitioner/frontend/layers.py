@@ -6,7 +6,9 @@ index among the producers of its inputs (layer 0 if none). Cheap nodes before th
 major node form its prologue (layer 0). Nodes that read only weights (constant-only
 sub-graphs that were too large or not allowed to fold, e.g. ``DequantizeLinear`` of a
 weight) go with their first consumer instead, so they do not drag a weight-sized tensor
-across every cut from layer 0.
+across every cut from layer 0; every further layer that reads them gets its own copy of
+them (``<output>__layer<k>``), so a shared weight crosses no cut and every layer that needs
+it names it in ``Layer.weights``.
 
 Cuts (SPEC §2): the cut after layer ``k`` carries every tensor produced at or before ``k``
 and consumed after ``k``; graph inputs are produced "at -1"; graph outputs are consumed
@@ -19,13 +21,18 @@ import ast
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from partitioner import ir
 from partitioner.errors import fail
-from partitioner.frontend.flops import is_major, node_cost
+from partitioner.frontend.flops import ValueOf, is_major, node_cost
+from partitioner.frontend.subgraphs import rename_reads
 from partitioner.frontend.tensors import (
+    CONTROL_FLOW,
     dtype_name,
+    graph_attrs,
+    is_external,
     is_weight_dtype,
     node_inputs,
     static_shape,
@@ -43,11 +50,14 @@ class LayerStats:
         macs: multiply-accumulates of each layer's major ops.
         total_weight_count / total_weight_bytes: weights deduplicated over the model (a
             weight shared by two layers counts in each layer but once here).
+        notes: one line per control-flow node that holds major ops: they stay together
+            in its layer (a sub-graph is never split across devices).
     """
 
     macs: tuple[int, ...]
     total_weight_count: int
     total_weight_bytes: int
+    notes: tuple[str, ...] = ()
 
 
 def _scope_name(node: onnx.NodeProto) -> str | None:
@@ -107,8 +117,10 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _assign(nodes: list[onnx.NodeProto], inits: set[str], granularity: str) -> list[int]:
-    """Layer index of every node (see the module docstring)."""
+def _assign(nodes: list[onnx.NodeProto], inits: set[str],
+            granularity: str) -> tuple[list[int], dict[int, set[int]]]:
+    """Layer index of every node (see the module docstring), and the layers that read each
+    constant-only node read by more than one layer."""
     const = set(inits)
     const_nodes: set[int] = set()
     for i, node in enumerate(nodes):
@@ -145,11 +157,59 @@ def _assign(nodes: list[onnx.NodeProto], inits: set[str], granularity: str) -> l
     for i, node in enumerate(nodes):
         for n in node_inputs(node):
             consumers.setdefault(n, []).append(i)
+    needs: dict[int, set[int]] = {}
     for i in sorted(const_nodes, reverse=True):
-        users = [layer_of[u] for o in nodes[i].output for u in consumers.get(o, ())]
-        placed = [u for u in users if u >= 0]
-        layer_of[i] = min(placed) if placed else count - 1
-    return layer_of
+        need: set[int] = set()
+        for o in nodes[i].output:
+            for u in consumers.get(o, ()):
+                need |= needs[u] if u in needs else {layer_of[u]}
+        needs[i] = need
+        layer_of[i] = min(need) if need else count - 1
+    return layer_of, {i: need for i, need in needs.items() if len(need) > 1}
+
+
+def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], layer_of: list[int],
+                        needs: Mapping[int, set[int]]) -> tuple[list[onnx.NodeProto], list[int],
+                                                                list[float]]:
+    """Copy each constant-only node into every further layer that reads it.
+
+    A weight transformed once (``DequantizeLinear``, ``Transpose`` of a shared weight) and
+    read by several layers would otherwise cross every cut in between as a weight-sized
+    activation, and those layers would not name the weight they depend on. Each copy
+    recomputes the value in its layer from the same initialiser, so the weight is shared
+    by name (``Layer.weights``), counted once in the totals. Returns the nodes with the
+    copies appended, their layers, and sort keys that put a copy just after its original.
+    """
+    keys = [float(i) for i in range(len(nodes))]
+    if not needs:
+        return nodes, layer_of, keys
+    types = {vi.name: vi for vi in graph.value_info}
+    copy_of: dict[tuple[str, int], str] = {}
+    nodes, layer_of = list(nodes), list(layer_of)
+    for i in sorted(needs):  # producers before the constant nodes that read them
+        for k in sorted(needs[i] - {layer_of[i]}):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(nodes[i])
+            rename_reads(clone, {n: copy_of[(n, k)] for n in node_inputs(clone)
+                                 if (n, k) in copy_of})
+            for j, out in enumerate(clone.output):
+                if out:
+                    copy_of[(out, k)] = clone.output[j] = f"{out}__layer{k}"
+                    if out in types:
+                        vi = graph.value_info.add()
+                        vi.CopyFrom(types[out])
+                        vi.name = clone.output[j]
+            if clone.name:
+                clone.name = f"{clone.name}__layer{k}"
+            nodes.append(clone)
+            layer_of.append(k)
+            keys.append(i + 0.5)
+    for idx in range(len(keys)):
+        node, k = nodes[idx], layer_of[idx]
+        mapping = {n: copy_of[(n, k)] for n in node_inputs(node) if (n, k) in copy_of}
+        if mapping and keys[idx] == int(keys[idx]):  # originals; copies were wired above
+            rename_reads(node, mapping)
+    return nodes, layer_of, keys
 
 
 def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
@@ -170,10 +230,10 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = [o.name for o in graph.output]
-    nodes = list(graph.node)
-    layer_of = _assign(nodes, set(inits), granularity)
+    layer_of, needs = _assign(list(graph.node), set(inits), granularity)
+    nodes, layer_of, keys = _localise_constants(graph, list(graph.node), layer_of, needs)
     count = max(layer_of) + 1
-    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], i))
+    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], keys[i]))
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
     nodes = list(graph.node)
@@ -188,6 +248,13 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
             return tuple(int(d) for d in inits[tensor].dims)
         t = types.get(tensor)
         return static_shape(t) if t is not None else None
+
+    def value_of(tensor: str) -> np.ndarray | None:
+        # Only small in-memory constants are read (a Loop's trip count), never weights.
+        t = inits.get(tensor)
+        if t is None or is_external(t) or len(t.dims) > 1 or (t.dims and t.dims[0] > 1):
+            return None
+        return onnx.numpy_helper.to_array(t)
 
     def info(tensor: str) -> ir.TensorInfo:
         shape = shape_of(tensor)
@@ -245,7 +312,7 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         consumes: dict[str, None] = {}  # ordered sets
         produces: dict[str, None] = {}
         for i in idx:
-            f, m = node_cost(nodes[i], shape_of)
+            f, m = node_cost(nodes[i], shape_of, value_of)
             flops, macs = flops + f, macs + m
             reads = node_inputs(nodes[i])
             weights.update(n for n in reads
@@ -268,9 +335,32 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         inputs=tuple(info(n) for n in input_names),
         outputs=tuple(info(n) for n in outputs if n in produced), tensors=tensors,
         initializer_bytes={n: _bytes({n}, inits) for n in sorted(all_weights)})
+    notes = tuple(_control_flow_note(nodes[i], layer_of[i], value_of) for i in range(len(nodes))
+                  if nodes[i].op_type in CONTROL_FLOW and is_major(nodes[i]))
     stats = LayerStats(macs=tuple(macs_all), total_weight_count=_count(all_weights, inits),
-                       total_weight_bytes=_bytes(all_weights, inits))
+                       total_weight_bytes=_bytes(all_weights, inits), notes=notes)
     return layer_graph, stats
+
+
+def _major_count(node: onnx.NodeProto) -> int:
+    return sum(_major_count(n) if n.op_type in CONTROL_FLOW else int(is_major(n))
+               for g in graph_attrs(node) for n in g.node)
+
+
+def _control_flow_note(node: onnx.NodeProto, layer: int, value_of: ValueOf) -> str:
+    """Why a control-flow node's major ops share one layer, and how its FLOPs count."""
+    what = f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node"
+    if node.op_type == "If":
+        how = "branch chosen by the data; FLOPs count the heavier branch"
+    elif node.op_type == "Loop":
+        trip = value_of(node.input[0]) if node.input and node.input[0] else None
+        how = (f"FLOPs count its body x {int(trip.reshape(-1)[0])} iterations" if trip is not None
+               else "trip count not constant; FLOPs count its body once")
+    else:
+        how = "FLOPs count its body once per scanned slice"
+    count = _major_count(node)
+    return (f"layer {layer}: {what} keeps its {count} major op{'s' if count != 1 else ''} "
+            f"in one layer (a sub-graph is not split across devices); {how}")
 
 
 def _layer_name(nodes: list[onnx.NodeProto], idx: list[int], granularity: str) -> str:

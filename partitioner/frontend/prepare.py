@@ -7,12 +7,19 @@ The steps (issue 2):
    unset dims all count as dynamic); an unfixed one is an error naming input and axis;
 3. run ONNX shape inference with data propagation on a *skeleton* of the model whose large
    initialisers are plain inputs (so no weight is read, and a model over 2 GB infers as a
-   small proto);
-4. fold shape-computation sub-graphs (``Shape -> Gather -> Concat -> Reshape`` and
+   small proto; :mod:`partitioner.frontend.inference`);
+4. inline every ``If`` whose condition is now a constant (its taken branch replaces it,
+   :mod:`partitioner.frontend.subgraphs`);
+5. fold shape-computation sub-graphs (``Shape -> Gather -> Concat -> Reshape`` and
    friends) and ``Constant`` nodes into initialisers, so that the prepared model has no
    node that merely computes shapes: such nodes are not partition points and must not
-   count towards cut bytes;
-5. repeat 3-4 until nothing more folds, then require a static shape for every tensor.
+   count towards cut bytes. A folded value equal to an existing initialiser, and an
+   ``Identity`` of an initialiser, reuse that initialiser instead of copying it, so a
+   weight shared by several consumers stays one weight;
+6. repeat 3-5 until nothing more folds, then require a static shape for every tensor.
+
+Sub-graphs that stay (control flow that depends on data) have their initialisers and
+``Constant`` nodes hoisted into the main graph first, so their weights count.
 """
 
 from __future__ import annotations
@@ -27,20 +34,25 @@ from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from partitioner.errors import fail
+from partitioner.frontend.inference import infer_types
+from partitioner.frontend.inputs import fix_input_shapes, model_inputs
+from partitioner.frontend.subgraphs import (
+    describe_control_flow,
+    hoist_subgraph_constants,
+    inline_constant_ifs,
+    rename_in_graph,
+)
 from partitioner.frontend.tensors import (
+    CONTROL_FLOW,
     constant_value_proto,
     is_external,
     node_inputs,
     static_shape,
-    tensor_nbytes,
 )
 
 __all__ = ["prepare_model", "topological_order", "model_inputs", "MAX_ROUNDS"]
 
-MAX_ROUNDS = 6
-# Initialisers up to this size are kept in the inference skeleton (shape inference needs
-# the *values* of Reshape targets, axes, pads...); larger ones become typed inputs.
-_SKELETON_MAX_BYTES = 64 << 10
+MAX_ROUNDS = 8
 # External initialisers up to this size are read (they are shape vectors, not weights).
 _LOAD_EXTERNAL_MAX_BYTES = 4 << 10
 # Folded results may not exceed these sizes: integer/bool results are shape arithmetic
@@ -51,12 +63,6 @@ _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
             "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear",
             "DynamicQuantizeLinear", "If", "Loop", "Scan", "SequenceConstruct",
             "SequenceEmpty", "Optional"}
-
-
-def model_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    """Real model inputs (old IR versions also list initialisers as inputs)."""
-    inits = {t.name for t in graph.initializer}
-    return [v for v in graph.input if v.name not in inits]
 
 
 def topological_order(graph: onnx.GraphProto, label: str) -> list[int]:
@@ -111,45 +117,6 @@ def topological_order(graph: onnx.GraphProto, label: str) -> list[int]:
     return order
 
 
-def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]],
-                      label: str) -> None:
-    inputs = model_inputs(graph)
-    names = [v.name for v in inputs]
-    for name in shapes:
-        if name not in names:
-            fail(f"--shape {name}: {label} has no input {name!r} (inputs: {', '.join(names)})")
-    for vi in inputs:
-        if vi.type.WhichOneof("value") != "tensor_type":
-            fail(f"{label}: input {vi.name!r} is not a tensor (only tensor inputs are supported)")
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            if vi.name not in shapes:
-                fail(f"{label}: input {vi.name!r} has no shape (unknown rank); fix it with "
-                     f"--shape {vi.name}=D0,D1,... (e.g. --shape images=1,3,640,640)")
-            for d in shapes[vi.name]:
-                tt.shape.dim.add().dim_value = d
-            continue
-        dims = tt.shape.dim
-        given = shapes.get(vi.name)
-        if given is not None and len(given) != len(dims):
-            fail(f"--shape {vi.name}: input {vi.name!r} has rank {len(dims)}, "
-                 f"got {len(given)} dimensions")
-        for axis, dim in enumerate(dims):
-            static = dim.HasField("dim_value") and dim.dim_value > 0
-            if given is not None:
-                if static and dim.dim_value != given[axis]:
-                    fail(f"--shape {vi.name}: axis {axis} of input {vi.name!r} is fixed at "
-                         f"{dim.dim_value} by the model, got {given[axis]}")
-                dim.Clear()
-                dim.dim_value = given[axis]
-            elif not static:
-                symbol = f" ({dim.dim_param!r})" if dim.dim_param else ""
-                example = ",".join(str(d.dim_value) if d.HasField("dim_value")
-                                   and d.dim_value > 0 else "1" for d in dims)
-                fail(f"{label}: input {vi.name!r} axis {axis}{symbol} is dynamic; fix it with "
-                     f"--shape {vi.name}={example}")
-
-
 def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
     """Read external initialisers that are tiny (shape vectors) when their file exists."""
     if base_dir is None:
@@ -170,93 +137,6 @@ def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
                 continue
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
-
-
-def _initializer_bytes(tensor: TensorProto) -> int:
-    # From dims and dtype: ByteSize() on a large in-memory tensor costs ~1 s per 100 MB.
-    if is_external(tensor):
-        return 1 << 62
-    return tensor_nbytes(tuple(tensor.dims), tensor.data_type)
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without large initialisers (they become inputs of the same type and shape)."""
-    graph = model.graph
-    g = onnx.GraphProto(name=graph.name)
-    g.node.extend(graph.node)
-    g.input.extend(model_inputs(graph))
-    inputs = {v.name for v in g.input}
-    for tensor in graph.initializer:
-        if _initializer_bytes(tensor) <= _SKELETON_MAX_BYTES:
-            g.initializer.append(tensor)
-        elif tensor.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(
-                tensor.name, tensor.data_type, list(tensor.dims)))
-    g.sparse_initializer.extend(graph.sparse_initializer)
-    for out in graph.output:
-        # Outputs keep only their element type: stale symbolic dims must not survive.
-        vi = g.output.add()
-        vi.name = out.name
-        if out.type.WhichOneof("value") == "tensor_type":
-            vi.type.tensor_type.elem_type = out.type.tensor_type.elem_type
-        else:
-            vi.type.CopyFrom(out.type)
-    skeleton = onnx.ModelProto()
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.graph.CopyFrom(g)
-    return skeleton
-
-
-def _infer(model: onnx.ModelProto, label: str) -> dict[str, onnx.TypeProto]:
-    """Types of every tensor ONNX shape inference can determine, by name."""
-    skeleton = _skeleton(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
-    except onnx.shape_inference.InferenceError:
-        # Strict mode stops at the first op it cannot handle (e.g. a custom domain);
-        # the lenient pass infers the rest and the caller names what stayed unknown.
-        try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-        except Exception as err:  # noqa: BLE001 - any failure here is the model's fault
-            fail(f"{label}: ONNX shape inference failed: {str(err).splitlines()[0]}")
-    types: dict[str, onnx.TypeProto] = {
-        t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
-        for t in model.graph.initializer}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        types[vi.name] = vi.type
-    if any(o and (o not in types or static_shape(types[o]) is None)
-           for node in skeleton.graph.node for o in node.output):
-        # ONNX inference does not know ONNX Runtime's contrib ops (com.microsoft FusedConv,
-        # Attention, ...); ORT's symbolic inference does. Only fill what is still unknown.
-        for name, t in _symbolic_types(skeleton).items():
-            if name not in types or static_shape(types[name]) is None:
-                types[name] = t
-    return types
-
-
-def _symbolic_types(skeleton: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Static types from onnxruntime's symbolic shape inference ({} if it cannot run)."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        return {}
-    # Its public ``infer_shapes`` saves "sym_shape_infer_temp.onnx" into the working
-    # directory when inference is incomplete and then raises; run its steps ourselves so
-    # nothing is written and the partial result is kept.
-    try:
-        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        engine._preprocess(skeleton)
-        while engine.run_:
-            engine._infer_impl()
-        engine._update_output_from_vi()
-        inferred = engine.out_mp_
-    except Exception:  # noqa: BLE001 - best effort; the caller names what stays unknown
-        return {}
-    g = inferred.graph
-    return {vi.name: vi.type for vi in list(g.value_info) + list(g.output)
-            if static_shape(vi.type) is not None}
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, TensorProto]:
@@ -310,13 +190,49 @@ def _foldable_size(values: list[np.ndarray]) -> bool:
     return True
 
 
+class _SameConstant:
+    """Finds an initialiser (or an earlier fold) holding exactly the bytes of a new value.
+
+    Candidates of one dtype and shape are read (and indexed by their bytes) only when a
+    folded value of that dtype and shape asks; folded values are small, so no weight is
+    ever loaded to compare.
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        overridable = {v.name for v in graph.input}
+        self._pending: dict[tuple[int, tuple[int, ...]], list[TensorProto]] = {}
+        for t in graph.initializer:
+            if not is_external(t) and t.name not in overridable:
+                self._pending.setdefault((t.data_type, tuple(t.dims)), []).append(t)
+        self._by_bytes: dict[tuple[int, tuple[int, ...]], dict[bytes, str]] = {}
+
+    def _index(self, key: tuple[int, tuple[int, ...]]) -> dict[bytes, str]:
+        index = self._by_bytes.setdefault(key, {})
+        for t in self._pending.pop(key, ()):
+            index.setdefault(numpy_helper.to_array(t).tobytes(), t.name)
+        return index
+
+    def find(self, tensor: TensorProto, array: np.ndarray) -> str | None:
+        # Bit equality: -0.0 and 0.0, or two NaN payloads, are different constants.
+        return self._index((tensor.data_type, tuple(tensor.dims))).get(
+            np.asarray(array).tobytes())
+
+    def add(self, tensor: TensorProto, array: np.ndarray) -> None:
+        self._index((tensor.data_type, tuple(tensor.dims))).setdefault(
+            np.asarray(array).tobytes(), tensor.name)
+
+
 def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> int:
     """Fold every node computable from constants and static shapes; returns how many."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     protos = _constant_values(graph)
+    constants = {t.name for t in graph.initializer}
     values: dict[str, np.ndarray] = {}
     outputs = {o.name for o in graph.output}
+    same = _SameConstant(graph)
+    # A folded name that reuses an existing constant: consumers read that one instead.
+    alias: dict[str, str] = {}
 
     def value(name: str) -> np.ndarray | None:
         if name in values:
@@ -332,6 +248,14 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> 
         result: list[np.ndarray] | None = None
         if node.domain not in ("", "ai.onnx") or any(o in outputs for o in node.output):
             keep.append(node)
+            continue
+        if node.op_type == "Identity" and node.input and node.input[0] in constants:
+            # An exporter's copy of a shared weight (torch writes one per re-use): read the
+            # weight itself, whatever its size, without loading it.
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+            constants.add(node.output[0])
+            if node.input[0] in values or node.input[0] in protos:
+                values[node.output[0]] = value(node.input[0])  # type: ignore[assignment]
             continue
         if node.op_type == "Constant":
             proto = constant_value_proto(node)
@@ -352,14 +276,22 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> 
             continue
         for name, array in zip([o for o in node.output if o], result, strict=False):
             values[name] = array
+            constants.add(name)
             # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
-            folded.append(numpy_helper.from_array(np.array(array, order="C"), name))
+            tensor = numpy_helper.from_array(np.array(array, order="C"), name)
+            existing = same.find(tensor, array)
+            if existing is not None:
+                alias[name] = existing
+                continue
+            same.add(tensor, array)
+            folded.append(tensor)
     if len(keep) == len(graph.node):
         return 0
     count = len(graph.node) - len(keep)
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(folded)
+    rename_in_graph(graph, alias)
     _drop_unused_initializers(graph)
     return count
 
@@ -393,11 +325,25 @@ def _check_static(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto],
                 fail(f"{label}: tensor {out!r} {where} is a {t.WhichOneof('value')}, "
                      f"only tensors are supported")
             if t is None or static_shape(t) is None or t.tensor_type.elem_type == 0:
+                if node.op_type in CONTROL_FLOW:
+                    fail(f"{label}: the shape of tensor {out!r} cannot be inferred: "
+                         f"{describe_control_flow(node)}")
                 fail(f"{label}: the shape of tensor {out!r} {where} cannot be inferred")
 
 
-def _write_types(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> None:
+def _write_types(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto],
+                 control: Mapping[str, onnx.NodeProto]) -> None:
     graph = model.graph
+    for node in graph.node:
+        inferred = control.get(node.output[0]) if node.output else None
+        if inferred is None or inferred.op_type != node.op_type:
+            continue
+        # The sub-graphs with the shapes inference found inside them (FLOPs of a branch).
+        by_name = {a.name: a for a in inferred.attribute}
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) \
+                    and attr.name in by_name:
+                attr.CopyFrom(by_name[attr.name])
     inputs = {v.name for v in graph.input}
     inits = {t.name for t in graph.initializer}
     del graph.value_info[:]
@@ -416,7 +362,9 @@ def _write_types(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) ->
 
 def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...]] | None,
             base_dir: Path | None, label: str) -> int:
-    """Prepare ``model`` in place (see the module docstring). Returns the nodes folded.
+    """Prepare ``model`` in place (see the module docstring).
+
+    Returns the nodes folded into constants (an inlined ``If`` counts as one).
 
     Args:
         model: the model; external initialisers stay references.
@@ -432,24 +380,37 @@ def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...
         # Local functions hide their nodes from shape inference and from the layer grouping.
         from onnx.inliner import inline_local_functions
 
-        inlined = inline_local_functions(model)
+        try:
+            inlined = inline_local_functions(model)
+        except Exception as err:  # noqa: BLE001 - the inliner raises several types
+            fail(f"{label}: cannot inline its local functions "
+                 f"({', '.join(f.name for f in model.functions)}): "
+                 f"{(str(err).splitlines() or [type(err).__name__])[0]}")
         model.CopyFrom(inlined)
     graph = model.graph
+    hoist_subgraph_constants(graph)
     order = topological_order(graph, label)
     if order != list(range(len(graph.node))):
         nodes = [graph.node[i] for i in order]
         del graph.node[:]
         graph.node.extend(nodes)
-    _fix_input_shapes(graph, shapes or {}, label)
+    fix_input_shapes(graph, shapes or {}, label)
     _load_small_external(graph, base_dir)
     folded = 0
     types: dict[str, onnx.TypeProto] = {}
+    control: dict[str, onnx.NodeProto] = {}
+
+    def constant(name: str) -> np.ndarray | None:
+        tensor = next((t for t in graph.initializer if t.name == name), None)
+        return None if tensor is None or is_external(tensor) else numpy_helper.to_array(tensor)
+
     for _ in range(MAX_ROUNDS):
-        types = _infer(model, label)
-        count = _fold_round(model, types)
+        types, control = infer_types(model, label)
+        count = inline_constant_ifs(graph, constant, label)
+        count += _fold_round(model, types)
         folded += count
         if count == 0:
             break
     _check_static(model, types, label)
-    _write_types(model, types)
+    _write_types(model, types, control)
     return folded

@@ -30,6 +30,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, ValueInfoP
 
 from partitioner.errors import InternalError, fail
 from partitioner.ir import LayerGraph, TensorInfo
+from stagebundle.load import iter_tensors
 
 __all__ = [
     "SubModel",
@@ -148,24 +149,6 @@ def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
         elif attr.type == AttributeProto.GRAPHS:
             for g in attr.graphs:
                 yield from _subgraph_free_names(g)
-
-
-def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every tensor that can hold weights: initialisers and tensor attributes, recursively."""
-
-    def in_graph(g: GraphProto) -> Iterator[TensorProto]:
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from in_graph(attr.g)
-                for sub in attr.graphs:
-                    yield from in_graph(sub)
-
-    yield from in_graph(model.graph)
 
 
 def _is_constant(node: onnx.NodeProto) -> bool:

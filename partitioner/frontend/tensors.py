@@ -14,15 +14,20 @@ import onnx
 from onnx import TensorProto
 
 __all__ = [
+    "CONTROL_FLOW",
     "dtype_name",
     "tensor_nbytes",
     "static_shape",
     "is_external",
     "is_weight_dtype",
     "constant_value_proto",
+    "graph_attrs",
     "subgraph_inputs",
     "node_inputs",
 ]
+
+# Ops whose attributes hold sub-graphs that run (ONNX control flow).
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 # Sub-byte element types: their byte size is ceil(n * bits / 8), not n * itemsize.
 _BITS = {
@@ -106,7 +111,8 @@ def constant_value_proto(node: onnx.NodeProto) -> TensorProto | None:
     return None
 
 
-def _graph_attrs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def graph_attrs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The sub-graphs of a control-flow node (``If`` branches, ``Loop``/``Scan`` bodies)."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -117,6 +123,7 @@ def _graph_attrs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
     """Outer-scope names a (control-flow) sub-graph reads implicitly."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
     used: set[str] = set()
     for node in graph.node:
         for name in node_inputs(node):
@@ -129,6 +136,6 @@ def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads: its inputs plus outer-scope names its sub-graphs use."""
     names = [n for n in node.input if n]
-    for g in _graph_attrs(node):
+    for g in graph_attrs(node):
         names.extend(sorted(subgraph_inputs(g) - set(names)))
     return names

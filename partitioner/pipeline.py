@@ -1,0 +1,259 @@
+"""The one compiler sequence: load -> system -> profiles -> cost table -> solve -> bundle.
+
+Every caller runs it from here, so there is one copy: the Python API
+(:mod:`partitioner.api`), the CLI (``partitioner plan`` / ``compile`` / ``demo``), lazy
+profiling (which gets :func:`planner` as a callable and never imports the solver) and the
+runtime's fail-over (:func:`replan`, behind :mod:`runtime.replan`).
+
+* :func:`plan`: the model (a path, a PyTorch module or an already
+  :class:`~partitioner.frontend.PreparedModel`), a system (a file or an :class:`ir.System`)
+  and profiles (files or loaded :class:`~partitioner.analysis.profiles.Profile`) in, a
+  :class:`PlanResult` out;
+* :func:`compile`: :func:`plan`, then the bundle directory;
+* :func:`replan`: the plan of a compiled bundle again, on the system without some lost
+  devices, written as the fallback bundle ``BUNDLE/fallback/without-<lost>``.
+
+Heavy dependencies (onnx, mip) are imported inside the functions, so importing this module
+is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from partitioner import ir
+from partitioner.errors import UserError, fail
+
+if TYPE_CHECKING:
+    from partitioner.analysis.profiles import Profile
+    from partitioner.frontend import PreparedModel
+
+__all__ = ["PlanResult", "plan", "compile", "replan", "planner", "system_without",
+           "fallback_name", "FALLBACK_DIR"]
+
+log = logging.getLogger("partitioner.pipeline")
+
+# Fallback bundles live inside the main bundle (runtime.replan says why).
+FALLBACK_DIR = "fallback"
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`plan` (and :func:`compile`) produced, stage by stage.
+
+    Attributes:
+        prepared: the front end's model (ONNX model and layer graph).
+        system: the validated system the plan was solved for.
+        table: the priced extended chain the solver saw.
+        plan: the chosen plan.
+        objective: the objective and caps it was solved with.
+        bundle: the bundle directory, once :func:`compile` wrote it.
+    """
+
+    prepared: PreparedModel
+    system: ir.System
+    table: ir.CostTable
+    plan: ir.Plan
+    objective: ir.Objective = dataclasses.field(default_factory=ir.Objective)
+    bundle: Path | None = None
+
+
+def planner(objective: ir.Objective | None = None) -> Callable[[ir.CostTable], ir.Plan]:
+    """The solver as a callable ``table -> plan`` for ``objective`` (default: latency).
+
+    Lazy profiling takes this, so that the analysis stage never imports the solver.
+    """
+    from partitioner.solver import solve
+
+    chosen = objective or ir.Objective()
+
+    def solve_table(table: ir.CostTable) -> ir.Plan:
+        return solve(table, chosen)
+
+    return solve_table
+
+
+def _load_system(system: str | Path | ir.System) -> ir.System:
+    if isinstance(system, ir.System):
+        return system
+    from partitioner.analysis.system import load_system
+
+    return load_system(system)
+
+
+def _prepare(model: Any, shapes: Mapping[str, tuple[int, ...]] | None, granularity: str,
+             example_inputs: Any) -> PreparedModel:
+    from partitioner.frontend import PreparedModel, load_model
+
+    if isinstance(model, PreparedModel):
+        return model
+    return load_model(model, shapes=shapes, granularity=granularity,
+                      example_inputs=example_inputs)
+
+
+def _profiles(profiles: Sequence[str | Path | Profile], graph: ir.LayerGraph
+              ) -> list[Profile]:
+    from partitioner.analysis.profiles import Profile, load_profile
+
+    # Loaded profiles are checked against the graph by the cost table, files here.
+    return [p if isinstance(p, Profile) else load_profile(p, graph) for p in profiles]
+
+
+def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System, *,
+         profiles: Sequence[str | Path | Profile] = (),
+         shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
+         objective: ir.Objective | None = None, mbs: int | None = None,
+         preload: bool = True, private: int = 0, example_inputs: Any = None) -> PlanResult:
+    """Load a model, price it on a system and solve for the best plan.
+
+    Args:
+        model: ``.onnx`` path, PyTorch module (give ``example_inputs``) or a
+            :class:`PreparedModel` (then ``shapes``, ``granularity`` and
+            ``example_inputs`` are not used).
+        system: system file (TOML/JSON) or a loaded :class:`ir.System`; loaded first, so
+            a bad system file fails before the (slower) model load.
+        profiles: profile files (``partitioner profile -o``) or loaded profiles; a device
+            with a profile is priced from it, the others analytically.
+        shapes: static dims for dynamic inputs.
+        granularity: ``"major"`` or ``"node"``.
+        objective: objective and caps (default: minimise latency).
+        mbs: maximum bundle size (default: chosen by the cost table).
+        preload: model weight preloading (ODIWeP).
+        private: the first ``private`` layers run only on trusted devices.
+        example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
+
+    Raises:
+        UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
+    """
+    from partitioner.analysis.costs import build_cost_table
+
+    if mbs is not None and mbs < 1:
+        fail(f"--mbs must be >= 1, got {mbs}")
+    objective = objective or ir.Objective()
+    loaded_system = _load_system(system)
+    prepared = _prepare(model, shapes, granularity, example_inputs)
+    table = build_cost_table(prepared.graph, loaded_system,
+                             profiles=_profiles(profiles, prepared.graph), mbs=mbs,
+                             preload=preload, private=private)
+    chosen = planner(objective)(table)
+    # ----------------------------------------------------------------- routing goes here
+    # The lead adds, after the solve and before anything reads the plan:
+    #     from partitioner.analysis.routing import route_plan
+    #     chosen = route_plan(prepared.graph, table, chosen)
+    # This is the one place: compile() and replan() both plan through this function.
+    # -----------------------------------------------------------------------------------
+    return PlanResult(prepared, loaded_system, table, chosen, objective)
+
+
+def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool,
+           triton: bool, progress: bool) -> PlanResult:
+    from partitioner.backend import compile_bundle
+
+    out = compile_bundle(result.prepared, result.plan, result.system, out_dir,
+                         verify=verify, force=force, triton=triton, table=result.table,
+                         progress=progress)
+    return dataclasses.replace(result, bundle=Path(out))
+
+
+def compile(model: str | Path | PreparedModel | Any,  # noqa: A001 - the API's verb
+            system: str | Path | ir.System, out_dir: str | Path, *, verify: bool = True,
+            force: bool = False, triton: bool = False, progress: bool = False,
+            **plan_options: Any) -> PlanResult:
+    """:func:`plan`, then write the deployment bundle to ``out_dir``.
+
+    Args:
+        model / system: as for :func:`plan`.
+        out_dir: bundle directory (must not exist or be empty unless ``force``); checked
+            before the model is loaded.
+        verify: run the chained stages against the whole model before finishing.
+        force: replace a non-empty ``out_dir``.
+        triton: also write a Triton model repository per device.
+        progress: a progress bar over the stages on stderr.
+        **plan_options: the keyword arguments of :func:`plan`.
+
+    Returns:
+        The :class:`PlanResult`, with ``bundle`` set.
+    """
+    from partitioner.backend.emit import check_output
+
+    check_output(out_dir, force=force)  # before the (slow) load and solve
+    result = plan(model, system, **plan_options)
+    return _write(result, out_dir, verify=verify, force=force, triton=triton,
+                  progress=progress)
+
+
+# --------------------------------------------------------------------------- re-planning
+
+
+def system_without(system: ir.System, lost: Iterable[str]) -> ir.System:
+    """``system`` minus the ``lost`` devices and their links."""
+    gone = set(lost)
+    return dataclasses.replace(
+        system, devices=tuple(d for d in system.devices if d.name not in gone),
+        links=tuple(k for k in system.links if k.a not in gone and k.b not in gone))
+
+
+def fallback_name(lost: Iterable[str]) -> str:
+    """Folder name under ``BUNDLE/fallback/`` for a set of lost devices."""
+    return "without-" + "+".join(sorted(lost))
+
+
+def replan(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
+           system: str | Path | ir.System, lost: Iterable[str], *,
+           profiles: Sequence[str | Path | Profile] = ()) -> Path | None:
+    """Compile the bundle's model for the system without ``lost``; ``None`` if infeasible.
+
+    The model must be the one the bundle was compiled from (its fingerprint is checked);
+    it is loaded with the bundle's input shapes and granularity. The plan is solved with
+    the objective *kind* of the bundle's plan, its caps dropped (a degraded system may not
+    meet them, and a slower answer beats none).
+
+    Returns:
+        The new bundle directory ``BUNDLE/fallback/without-<lost>``, or ``None`` when a
+        lost device is pinned as source or destination or no plan exists without them.
+
+    Raises:
+        UserError: a lost device not in the system, or a model other than the bundle's.
+    """
+    from stagebundle import load_bundle
+
+    bundle_dir, gone = Path(bundle_dir), frozenset(lost)
+    main = load_bundle(bundle_dir)
+    full = _load_system(system)
+    where = full.path or "the system file"
+    known = {d.name for d in full.devices}
+    for d in sorted(gone):
+        if d not in known:
+            fail(f"--device {d}: not a device of {where}")
+    app = full.application
+    pinned = {app.source, app.destination} & gone
+    if pinned:
+        log.warning("cannot plan without %s: it is pinned as source/destination",
+                    ", ".join(sorted(x for x in pinned if x)))
+        return None
+    shapes = {t.name: tuple(t.shape) for t in main.model.inputs}
+    prepared = _prepare(model, shapes, main.model.granularity, None)
+    if prepared.graph.sha256 != main.model.sha256:
+        fail(f"--model {model}: not the model bundle {bundle_dir} was compiled from "
+             f"(sha256 differs)")
+    # A lost device's profile prices nothing now (and would name a device not in the
+    # reduced system); bad profile files still fail here, before the try below.
+    kept = [p for p in _profiles(profiles, prepared.graph) if p.device not in gone]
+    kind = str(main.plan.get("objective", "latency"))
+    try:
+        result = plan(prepared, system_without(full, gone), profiles=kept,
+                      objective=ir.Objective(kind=kind))  # type: ignore[arg-type]
+    except UserError as err:
+        log.warning("no plan without %s: %s", ", ".join(sorted(gone)), err)
+        return None
+    out = bundle_dir / FALLBACK_DIR / fallback_name(gone)
+    out.parent.mkdir(exist_ok=True)
+    _write(result, out, verify=True, force=True, triton=False, progress=False)
+    log.info("fallback without %s: %s", ", ".join(sorted(gone)),
+             " -> ".join(f"{s.device}[{s.first}..{s.last}]" for s in result.plan.stages))
+    return out

@@ -1,0 +1,128 @@
+"""The in-process executor: every unit of a bundle in this process (``runtime run --local``).
+
+Each request walks the stage graph with :func:`stagebundle.graph.run_graph`, the very
+rules the workers follow (inboxes, sends, row pieces); each unit runs on its own thread,
+so request k+1 runs unit 0 while request k runs unit 1 (pipelining). Also here: what both
+executors share (the model-input check, :class:`RequestError`).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.stages import MAIN, BundleView, StageRunner, check_tensor, open_bundles
+from stagebundle.errors import UserError, fail
+from stagebundle.graph import run_graph
+from stagebundle.manifest import Unit
+
+__all__ = ["RequestError", "LocalExecutor", "check_model_inputs", "new_request",
+           "views_of"]
+
+
+class RequestError(UserError):
+    """A request failed for good; the message names its id and why."""
+
+    exit_code = 3
+
+
+def check_model_inputs(view: BundleView, inputs: Mapping[str, np.ndarray]) -> None:
+    """``inputs`` are exactly the model inputs, with their declared dtype and shape."""
+    names = {t.name for t in view.inputs}
+    for name in inputs:
+        if name not in names:
+            fail(f"input {name!r}: not an input of the model (inputs: {', '.join(names)})")
+    for t in view.inputs:
+        if t.name not in inputs:
+            fail(f"input {t.name}: missing")
+        check_tensor(t, np.asarray(inputs[t.name]), "model input")
+
+
+def new_request(view: BundleView, inputs: Mapping[str, np.ndarray],
+                request_id: str | None) -> tuple[str, cf.Future[dict[str, np.ndarray]],
+                                                 dict[str, np.ndarray]]:
+    """Check a request's inputs; its id, its future (``request_id`` attribute) and feeds."""
+    check_model_inputs(view, inputs)
+    rid = request_id or uuid.uuid4().hex
+    fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
+    fut.request_id = rid  # type: ignore[attr-defined]
+    return rid, fut, {k: np.asarray(v) for k, v in inputs.items()}
+
+
+def views_of(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:
+    if isinstance(bundle, BundleView):
+        return {bundle.key: bundle}
+    if isinstance(bundle, Mapping):
+        return dict(bundle)
+    return open_bundles(bundle)
+
+
+class LocalExecutor:
+    """Every unit in this process with ONNX Runtime; ``submit`` pipelines across units.
+
+    Each request walks the stage graph with :func:`stagebundle.graph.run_graph` (the
+    workers' rules: inboxes, sends, row pieces); each unit runs on its own thread, so
+    request k+1 runs unit 0 while request k runs unit 1.
+    """
+
+    def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView], *,
+                 threads: int | None = None) -> None:
+        self.view = views_of(bundle)[MAIN]
+        units = list(self.view.units())
+        self.runners = {u.key: StageRunner(u, self.view.root, threads=threads)
+                        for u in units}
+        self._units = {u.key: cf.ThreadPoolExecutor(1, thread_name_prefix=f"local-{u.key}")
+                       for u in units}
+        # drives the requests through the graph (each mostly waits on a unit thread)
+        self._requests = cf.ThreadPoolExecutor(len(units) + 1,
+                                               thread_name_prefix="local-request")
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request through every unit; returns the model outputs by name."""
+        return self.submit(inputs).result()
+
+    def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
+               ) -> cf.Future[dict[str, np.ndarray]]:
+        rid, fut, feeds = new_request(self.view, inputs, request_id)
+        self._requests.submit(self._request, rid, feeds, fut)
+        return fut
+
+    def _request(self, rid: str, feeds: dict[str, np.ndarray], fut: cf.Future[Any]) -> None:
+        record: dict[str, Any] = {"id": rid, "plan": MAIN, "attempts": 1, "timings": []}
+        start = time.perf_counter()
+
+        def run(unit: Unit, tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            t0 = time.perf_counter()
+            out = self._units[unit.key].submit(self.runners[unit.key].run, tensors).result()
+            record["timings"].append({"stage": unit.key, "device": unit.device,
+                                      "queue": 0.0, "compute": time.perf_counter() - t0})
+            return out
+
+        try:
+            outputs = run_graph(self.view.bundle, feeds, run)
+        except Exception as err:
+            fut.set_exception(RequestError(
+                f"request {rid}: {err.__class__.__name__}: {str(err).splitlines()[0]}"))
+            return
+        record["latency"] = time.perf_counter() - start
+        self.records.append(record)
+        fut.set_result(outputs)
+
+    def close(self) -> None:
+        self._requests.shutdown(wait=False)
+        for p in self._units.values():
+            p.shutdown(wait=False)
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

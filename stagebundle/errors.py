@@ -1,0 +1,28 @@
+"""The exception types shared by the compiler and the runtime.
+
+``UserError`` is bad input (a missing file, a tampered bundle, an unfixed dynamic
+dimension): command-line tools print its message as one line on stderr and exit with
+``exit_code``. ``InternalError`` is a bug in this project; it is never caught to be hidden.
+Raise user errors through :func:`fail` so every message has the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+__all__ = ["UserError", "InternalError", "fail"]
+
+
+class UserError(Exception):
+    """Bad input from the user. ``str(err)`` is a single line naming what is wrong."""
+
+    exit_code = 2
+
+
+class InternalError(Exception):
+    """A bug in the project (an invariant that should hold did not)."""
+
+
+def fail(message: str, *, error: type[UserError] = UserError) -> NoReturn:
+    """Raise a user error whose message is ``message`` folded onto one line."""
+    raise error(" ".join(str(message).split()))

@@ -1,0 +1,604 @@
+"""The bundle manifest (``manifest.json``): the one definition of the bundle schema.
+
+The back end writes it (``partitioner.backend``), the runtime reads it; both import only
+this package. Schema 2 describes a *stage graph*; schema-1 manifests (a chain of stages,
+each relaying what later stages need to the next one) are read too and upgraded on load.
+
+Terms:
+
+* a **stage** is a run of model layers ``first..last`` on one device, or, split by output
+  rows, a set of **parts** running in parallel on several devices (DISTREDGE);
+* a **unit** is what a worker runs: a whole stage (key ``"3"``) or one part (``"3.1"``);
+* every unit lists its **sends**: which tensors (or which rows of them) go to which unit
+  (``"output"``: the destination, i.e. the executor). The bundle's ``input_sends`` are what
+  the source (the executor) sends. Routing is decided once, by the back end, and stored
+  here; the runtime only obeys it (:mod:`stagebundle.graph` holds the shared mechanics);
+* a tensor ``TensorSpec`` may cover only ``rows = (first, last)`` of the full tensor's
+  height axis (axis 2): a part's inputs and outputs, and the pieces a sender sends.
+
+Per INTERFACES (schema 2), each input of a stage (or part) names ``from`` (the producing
+stage id, or ``"input"``) and ``transfer`` (``"direct"``: straight from the producer;
+``"forwarded"``: relayed by a stage in between); each output lists ``to``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from stagebundle.dtypes import is_known_dtype, nbytes
+from stagebundle.errors import fail
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "READABLE_VERSIONS",
+    "MANIFEST",
+    "MAX_TENSOR_BYTES",
+    "INPUT",
+    "OUTPUT",
+    "Endpoint",
+    "Rows",
+    "TensorSpec",
+    "Piece",
+    "Send",
+    "ModelSpec",
+    "PartSpec",
+    "StageSpec",
+    "Unit",
+    "Bundle",
+    "unit_key",
+    "dumps",
+]
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# A declared tensor sizes a worker's receive buffers: bound it so that a manifest cannot
+# make a worker accept (or allocate) an absurd body. 4 GiB is far above any activation of
+# the models this project targets (ViT-B/16's largest is 2.4 MB at batch 1).
+MAX_TENSOR_BYTES = 1 << 32
+MANIFEST = "manifest.json"
+INPUT, OUTPUT = "input", "output"
+
+# Where a tensor comes from / goes to: a stage id, the model input, the model output.
+Endpoint = int | Literal["input", "output"]
+Rows = tuple[int, int]
+
+
+def unit_key(stage: int, part: int | None = None) -> str:
+    """``"3"`` for a whole stage, ``"3.1"`` for part 1 of stage 3."""
+    return str(stage) if part is None else f"{stage}.{part}"
+
+
+def dumps(doc: Any, indent: int = 0) -> str:
+    """JSON with two-space indentation whose lists of scalars (shapes) stay on one line."""
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(doc, Mapping) and doc:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps(v, indent + 1)}" for k, v in doc.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(doc, (list, tuple)) and doc:
+        if all(not isinstance(x, (Mapping, list, tuple)) for x in doc):
+            return "[" + ", ".join(json.dumps(x) for x in doc) + "]"
+        return "[\n" + ",\n".join(inner + dumps(x, indent + 1) for x in doc) + "\n" + pad + "]"
+    return json.dumps(doc)
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def _obj(doc: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(doc, Mapping):
+        fail(f"{where}: expected an object, found {type(doc).__name__}")
+    return doc
+
+
+def _need(doc: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in _obj(doc, where):
+        fail(f"{where}: missing required key {key!r}")
+    return doc[key]
+
+
+def _int(value: Any, where: str, *, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        fail(f"{where}: {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _str(value: Any, where: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        fail(f"{where}: {value!r} is not a non-empty string")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        fail(f"{where}: expected a list, found {type(value).__name__}")
+    return value
+
+
+def _endpoint(value: Any, where: str) -> Endpoint:
+    if value in (INPUT, OUTPUT):
+        return value  # type: ignore[no-any-return]
+    return _int(value, f"{where}: endpoint")
+
+
+def _rows(value: Any, where: str) -> Rows | None:
+    if value is None:
+        return None
+    items = _list(value, f"{where}: rows")
+    if len(items) != 2:
+        fail(f"{where}: rows must be [first, last]")
+    a, b = (_int(x, f"{where}: rows") for x in items)
+    if a > b:
+        fail(f"{where}: rows [{a}, {b}] are empty")
+    return a, b
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor crossing a boundary: name, static shape, dtype name.
+
+    Attributes:
+        source: where it comes from (JSON ``from``): a stage id or ``"input"``; None for
+            the model's own lists and for outputs.
+        targets: where it goes (JSON ``to``): stage ids and/or ``"output"``.
+        transfer: ``"direct"`` or ``"forwarded"`` for a routed input, else None.
+        rows: the rows of the full tensor's height axis (axis 2) this spec covers (its
+            ``shape`` is then the sliced shape); None for the whole tensor.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: Endpoint | None = None
+    targets: tuple[Endpoint, ...] = ()
+    transfer: str | None = None
+    rows: Rows | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name, "shape": list(self.shape),
+                               "dtype": self.dtype}
+        if self.source is not None:
+            doc["from"] = self.source
+        if self.transfer is not None:
+            doc["transfer"] = self.transfer
+        if self.targets:
+            doc["to"] = list(self.targets)
+        if self.rows is not None:
+            doc["rows"] = list(self.rows)
+        return doc
+
+    @staticmethod
+    def from_json(doc: Any, where: str = "tensor") -> TensorSpec:
+        name = _str(_need(doc, "name", where), f"{where}: name")
+        where = f"{where} {name!r}"
+        shape = _list(_need(doc, "shape", where), f"{where}: shape")
+        shape_t = tuple(_int(d, f"{where}: shape") for d in shape)
+        dtype = _need(doc, "dtype", where)
+        if not is_known_dtype(dtype):
+            fail(f"{where}: unknown dtype {dtype!r}")
+        if len(shape_t) > 16 or nbytes(shape_t, dtype) > MAX_TENSOR_BYTES:
+            fail(f"{where}: shape {list(shape_t)} declares more than {MAX_TENSOR_BYTES} bytes "
+                 f"(or over 16 dimensions)")
+        src = doc.get("from")
+        transfer = doc.get("transfer")
+        if transfer not in (None, "direct", "forwarded"):
+            fail(f"{where}: transfer {transfer!r} is not 'direct' or 'forwarded'")
+        rows = _rows(doc.get("rows"), where)
+        if rows is not None and (len(shape_t) < 3 or shape_t[2] != rows[1] - rows[0] + 1):
+            fail(f"{where}: rows {list(rows)} do not match the height of shape "
+                 f"{list(shape_t)}")
+        return TensorSpec(str(name), shape_t, str(dtype),
+                          None if src is None else _endpoint(src, where),
+                          tuple(_endpoint(t, where) for t in _list(doc.get("to", []), where)),
+                          transfer, rows)
+
+
+def _tensors(docs: Any, where: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_json(d, where) for d in _list(docs, where))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor of a send: the whole tensor (``rows`` None) or rows of its height."""
+
+    name: str
+    rows: Rows | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": None if self.rows is None else list(self.rows)}
+
+
+@dataclass(frozen=True)
+class Send:
+    """What one unit sends to another unit (key) or to ``"output"``, as one frame."""
+
+    to: str
+    tensors: tuple[Piece, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"to": self.to, "tensors": [p.to_json() for p in self.tensors]}
+
+    @staticmethod
+    def from_json(doc: Any, where: str) -> Send:
+        to = _str(_need(doc, "to", where), f"{where}: to")
+        pieces = []
+        for p in _list(_need(doc, "tensors", where), f"{where}: tensors"):
+            name = _str(_need(p, "name", where), f"{where}: tensor name")
+            pieces.append(Piece(str(name), _rows(p.get("rows"), f"{where} {name!r}")))
+        return Send(str(to), tuple(pieces))
+
+
+def _sends(docs: Any, where: str) -> tuple[Send, ...]:
+    return tuple(Send.from_json(d, f"{where} send") for d in _list(docs, f"{where}: sends"))
+
+
+# --------------------------------------------------------------------------- model, stages
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The whole model the bundle was compiled from."""
+
+    name: str
+    sha256: str
+    granularity: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    layers: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "granularity": self.granularity,
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+                "layers": list(self.layers)}
+
+    @staticmethod
+    def from_json(doc: Any) -> ModelSpec:
+        w = "manifest model"
+        return ModelSpec(str(_str(_need(doc, "name", w), f"{w}: name")),
+                         str(_str(_need(doc, "sha256", w), f"{w}: sha256")),
+                         str(_str(_need(doc, "granularity", w), f"{w}: granularity")),
+                         _tensors(_need(doc, "inputs", w), f"{w} inputs"),
+                         _tensors(_need(doc, "outputs", w), f"{w} outputs"),
+                         tuple(str(x) for x in _list(doc.get("layers", []), f"{w}: layers")))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one worker runs: a whole stage or one part of a split stage.
+
+    ``inputs``/``outputs`` are the ONNX file's (rows-sliced for a part); ``forward`` the
+    tensors it receives and relays without running them; ``sends`` what it sends where.
+    """
+
+    key: str
+    stage: int
+    part: int | None
+    device: str
+    frequency: str | None
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    forward: tuple[TensorSpec, ...]
+    sends: tuple[Send, ...]
+    external_data: str | None = None
+    external_data_sha256: str | None = None
+    exit: Mapping[str, Any] | None = None
+
+    @property
+    def receives(self) -> tuple[TensorSpec, ...]:
+        """Every tensor that arrives for this unit (ONNX inputs, then relayed ones)."""
+        return self.inputs + self.forward
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Part ``index`` of a split stage: output ``rows`` of the stage computed on ``device``."""
+
+    index: int
+    device: str
+    frequency: str | None
+    rows: Rows
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sends: tuple[Send, ...] = ()
+    external_data: str | None = None
+    external_data_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "device": self.device, "frequency": self.frequency,
+                "rows": list(self.rows), "file": self.file, "sha256": self.sha256,
+                "external_data": self.external_data,
+                "external_data_sha256": self.external_data_sha256,
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+                "sends": [s.to_json() for s in self.sends]}
+
+    @staticmethod
+    def from_json(doc: Any, where: str) -> PartSpec:
+        index = _int(_need(doc, "index", where), f"{where}: index")
+        where = f"{where} part {index}"
+        rows = _rows(_need(doc, "rows", where), where)
+        assert rows is not None
+        return PartSpec(
+            index=index, device=str(_str(_need(doc, "device", where), f"{where}: device")),
+            frequency=_str(doc.get("frequency"), f"{where}: frequency", optional=True),
+            rows=rows, file=str(_str(_need(doc, "file", where), f"{where}: file")),
+            sha256=str(_str(_need(doc, "sha256", where), f"{where}: sha256")),
+            inputs=_tensors(_need(doc, "inputs", where), f"{where} inputs"),
+            outputs=_tensors(_need(doc, "outputs", where), f"{where} outputs"),
+            sends=_sends(doc.get("sends", []), where),
+            external_data=_str(doc.get("external_data"), f"{where}: external_data",
+                               optional=True),
+            external_data_sha256=_str(doc.get("external_data_sha256"),
+                                      f"{where}: external_data_sha256", optional=True))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: layers ``first..last``, on ``device`` from ``file``, or split in ``parts``.
+
+    For a split stage ``device``, ``file`` and ``sha256`` are None and ``inputs`` /
+    ``outputs`` describe the whole stage (unsliced), with ``from`` / ``to``.
+    ``next`` is the chain successor (schema 1 semantics; informative in schema 2).
+    """
+
+    id: int
+    device: str | None
+    frequency: str | None
+    first: int
+    last: int
+    file: str | None
+    sha256: str | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    forward: tuple[TensorSpec, ...] = ()
+    next: int | None = None
+    external_data: str | None = None
+    external_data_sha256: str | None = None
+    triton: str | None = None
+    estimate: Mapping[str, Any] | None = None
+    parts: tuple[PartSpec, ...] | None = None
+    quantized: tuple[int, ...] = ()
+    exit: Mapping[str, Any] | None = None
+    sends: tuple[Send, ...] = ()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        if self.parts:
+            return tuple(dict.fromkeys(p.device for p in self.parts))
+        return (self.device,) if self.device is not None else ()
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        """The stage itself, or its parts, as units."""
+        if self.parts:
+            return tuple(Unit(unit_key(self.id, p.index), self.id, p.index, p.device,
+                              p.frequency, p.file, p.sha256, p.inputs, p.outputs, (),
+                              p.sends, p.external_data, p.external_data_sha256, self.exit)
+                         for p in self.parts)
+        assert self.device is not None and self.file is not None and self.sha256 is not None
+        return (Unit(unit_key(self.id), self.id, None, self.device, self.frequency, self.file,
+                     self.sha256, self.inputs, self.outputs, self.forward, self.sends,
+                     self.external_data, self.external_data_sha256, self.exit),)
+
+    @property
+    def sends_all(self) -> tuple[TensorSpec, ...]:
+        """Every tensor this stage hands on (its outputs, then what it forwards)."""
+        return self.outputs + self.forward
+
+    @property
+    def send_bytes(self) -> int:
+        return sum(t.nbytes for t in self.sends_all)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "frequency": self.frequency,
+                "layers": [self.first, self.last], "file": self.file, "sha256": self.sha256,
+                "external_data": self.external_data,
+                "external_data_sha256": self.external_data_sha256,
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+                "forward": [t.to_json() for t in self.forward],
+                "sends": [s.to_json() for s in self.sends],
+                "next": self.next, "triton": self.triton, "estimate": self.estimate,
+                "parts": None if self.parts is None else [p.to_json() for p in self.parts],
+                "quantized": list(self.quantized),
+                "exit": None if self.exit is None else dict(self.exit)}
+
+    @staticmethod
+    def from_json(doc: Any, where: str = "manifest stage") -> StageSpec:
+        sid = _int(_need(doc, "id", where), f"{where}: id")
+        where = f"manifest stage {sid}"
+        layers = _list(_need(doc, "layers", where), f"{where}: layers")
+        if len(layers) != 2:
+            fail(f"{where}: layers must be [first, last] with first <= last")
+        first, last = (_int(x, f"{where}: layers") for x in layers)
+        if first > last:
+            fail(f"{where}: layers must be [first, last] with first <= last")
+        nxt = doc.get("next")
+        if nxt is not None:
+            _int(nxt, f"{where}: next")
+        parts_doc = doc.get("parts")
+        parts = None if parts_doc is None else tuple(
+            PartSpec.from_json(p, where) for p in _list(parts_doc, f"{where}: parts"))
+        if parts is not None and not parts:
+            fail(f"{where}: parts must be null or a non-empty list")
+        split = parts is not None
+        if not split:  # a whole stage names its device and file
+            for key in ("device", "file", "sha256"):
+                _need(doc, key, where)
+        ex = doc.get("exit")
+        if ex is not None:
+            _obj(ex, f"{where}: exit")
+        estimate = doc.get("estimate")
+        if estimate is not None:
+            _obj(estimate, f"{where}: estimate")
+        return StageSpec(
+            id=sid, device=_str(doc.get("device"), f"{where}: device", optional=split),
+            frequency=_str(doc.get("frequency"), f"{where}: frequency", optional=True),
+            first=first, last=last,
+            file=_str(doc.get("file"), f"{where}: file", optional=split),
+            sha256=_str(doc.get("sha256"), f"{where}: sha256", optional=split),
+            inputs=_tensors(_need(doc, "inputs", where), f"{where} inputs"),
+            outputs=_tensors(_need(doc, "outputs", where), f"{where} outputs"),
+            forward=_tensors(doc.get("forward", []), f"{where} forward"),
+            next=nxt,
+            external_data=_str(doc.get("external_data"), f"{where}: external_data",
+                               optional=True),
+            external_data_sha256=_str(doc.get("external_data_sha256"),
+                                      f"{where}: external_data_sha256", optional=True),
+            triton=_str(doc.get("triton"), f"{where}: triton", optional=True),
+            estimate=estimate, parts=parts,
+            quantized=tuple(_int(q, f"{where}: quantized")
+                            for q in _list(doc.get("quantized", []), f"{where}: quantized")),
+            exit=ex, sends=_sends(doc.get("sends", []), where))
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle. ``path`` is the bundle directory (not serialised).
+
+    ``input_sends`` are what the source sends to the units that read model inputs.
+    """
+
+    path: Path
+    model: ModelSpec
+    plan: Mapping[str, Any]
+    stages: tuple[StageSpec, ...]
+    input_sends: tuple[Send, ...] = ()
+    source: str | None = None
+    destination: str | None = None
+    verification: Mapping[str, Any] | None = None
+    transfer: str = "direct"
+    schema_version: int = SCHEMA_VERSION
+    producer: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.path
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.model.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.model.outputs
+
+    def units(self) -> Iterator[Unit]:
+        """Every unit, in stage order (a topological order of the stage graph)."""
+        for s in self.stages:
+            yield from s.units
+
+    def unit(self, key: str) -> Unit:
+        for u in self.units():
+            if u.key == key:
+                return u
+        raise KeyError(key)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every device a unit runs on, in stage order, without repeats."""
+        return tuple(dict.fromkeys(u.device for u in self.units()))
+
+    def stage_path(self, stage: StageSpec | int) -> Path:
+        s = self.stages[stage] if isinstance(stage, int) else stage
+        if s.file is None:
+            raise ValueError(f"stage {s.id} is split into parts; it has no single file")
+        return self.path / s.file
+
+    def unit_path(self, unit: Unit) -> Path:
+        return self.path / unit.file
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {"schema_version": self.schema_version, "producer": self.producer,
+               "model": self.model.to_json(), "plan": dict(self.plan),
+               "source": self.source, "destination": self.destination,
+               "transfer": self.transfer,
+               "input_sends": [s.to_json() for s in self.input_sends],
+               "stages": [s.to_json() for s in self.stages],
+               "verification": None if self.verification is None else dict(self.verification)}
+        doc.update(self.extra)
+        return doc
+
+    @staticmethod
+    def from_json(doc: Any, path: Path) -> Bundle:
+        where = str(path / MANIFEST)
+        version = _need(_obj(doc, where), "schema_version", where)
+        if version not in READABLE_VERSIONS:
+            fail(f"{where}: schema_version {version!r} is not supported (this version reads "
+                 f"{', '.join(map(str, READABLE_VERSIONS))})")
+        stages_doc = _list(_need(doc, "stages", where), f"{where}: stages")
+        if not stages_doc:
+            fail(f"{where}: 'stages' must be a non-empty list")
+        plan = _obj(_need(doc, "plan", where), f"{where}: plan")
+        verification = doc.get("verification")
+        if verification is not None:
+            _obj(verification, f"{where}: verification")
+        known = {"schema_version", "producer", "model", "plan", "source", "destination",
+                 "transfer", "stages", "verification", "input_sends"}
+        bundle = Bundle(
+            path=path, model=ModelSpec.from_json(_need(doc, "model", where)),
+            plan=dict(plan), stages=tuple(StageSpec.from_json(s) for s in stages_doc),
+            input_sends=_sends(doc.get("input_sends", []), where),
+            source=_str(doc.get("source"), f"{where}: source", optional=True),
+            destination=_str(doc.get("destination"), f"{where}: destination", optional=True),
+            verification=verification,
+            transfer=str(doc.get("transfer", "forwarded")), schema_version=version,
+            producer=str(doc.get("producer", "")),
+            extra={k: v for k, v in doc.items() if k not in known})
+        return upgrade_chain(bundle) if version == 1 else bundle
+
+
+def upgrade_chain(bundle: Bundle) -> Bundle:
+    """A schema-1 bundle with the sends its chain semantics imply.
+
+    Schema 1: the source sends the model inputs to stage 0; stage ``i`` sends every tensor
+    it has (received or produced) that a later stage reads or that is a model output to
+    stage ``i + 1``; the last stage sends the model outputs to the destination.
+    """
+    from dataclasses import replace
+
+    stages = bundle.stages
+    needed_after: list[set[str]] = []
+    need = {t.name for t in bundle.outputs}
+    for s in reversed(stages):
+        needed_after.append(set(need))
+        need |= {t.name for t in s.inputs}
+    needed_after.reverse()
+    have = {t.name for t in bundle.inputs}
+    input_sends = (Send(unit_key(0), tuple(Piece(t.name) for t in bundle.inputs
+                                           if t.name in need)),)
+    out: list[StageSpec] = []
+    for i, s in enumerate(stages):
+        have |= {t.name for t in s.outputs}
+        target = unit_key(i + 1) if i + 1 < len(stages) else OUTPUT
+        carry = [n for n in _ordered(bundle, s) if n in have and n in needed_after[i]]
+        out.append(replace(s, sends=(Send(target, tuple(Piece(n) for n in carry)),)))
+    return replace(bundle, stages=tuple(out), input_sends=input_sends)
+
+
+def _ordered(bundle: Bundle, stage: StageSpec) -> Sequence[str]:
+    """Names a stage may hold, in a deterministic order (inputs, received, produced)."""
+    names = [t.name for t in bundle.inputs] + [t.name for t in stage.inputs]
+    names += [t.name for t in stage.forward] + [t.name for t in stage.outputs]
+    return list(dict.fromkeys(names))
