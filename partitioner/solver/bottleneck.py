@@ -188,18 +188,24 @@ def least_bottleneck(arrays: RunArrays, rounds: int = 8, deadline: float | None 
         tau = min(upper, tau * _STEP)
         if deadline is not None and time.perf_counter() > deadline:
             raise OutOfTime(best)
-        found = _search(arrays, tau * (1 + _TOL) + 1e-15, bounds, deadline)
+        least_cut: list[float] = [math.inf]
+        found = _search(arrays, tau * (1 + _TOL) + 1e-15, bounds, deadline, least_cut)
         if found is None and deadline is not None and time.perf_counter() > deadline:
             raise OutOfTime(best)
         if found is not None or tau >= upper:
             return found
+        # Every plan has a prefix that was cut by a bound (or is dominated by one whose
+        # plans are no worse): no plan beats the least bound cut, so skip to it (IDA*).
+        tau = max(tau, min(least_cut[0], upper) / _STEP)
 
 
 def _search(arrays: RunArrays, limit: float, bounds: list[tuple[np.ndarray, np.ndarray]],
-            deadline: float | None = None) -> tuple[float, Chosen] | None:
+            deadline: float | None = None, least_cut: list[float] | None = None
+            ) -> tuple[float, Chosen] | None:
     """Every plan whose busy times stay within ``limit``, kept up to dominance: the best.
 
     Returns None (no plan) as soon as ``deadline`` passes; the caller checks the clock.
+    ``least_cut[0]`` is lowered to the least bound of a label the limit cut.
     """
     n, n_dev = arrays.n, len(arrays.devices)
     labels = _Labels(n_dev)
@@ -247,9 +253,12 @@ def _search(arrays: RunArrays, limit: float, bounds: list[tuple[np.ndarray, np.n
             if not cand_b:
                 continue
             b = np.concatenate(cand_b)
-            keep = b.max(axis=1) <= limit
+            bound = b.max(axis=1)
             for lam, g in bounds:
-                keep &= b @ lam + g[j, d] <= limit
+                bound = np.maximum(bound, b @ lam + g[j, d])
+            keep = bound <= limit
+            if least_cut is not None and not keep.all():
+                least_cut[0] = min(least_cut[0], float(bound[~keep].min()))
             if not keep.any():
                 continue
             lat = np.concatenate(cand_l)[keep]
