@@ -127,7 +127,10 @@ def test_unlinked_devices_are_not_connected_and_link_energy(tmp_path: Path) -> N
     assert t.receiver_energy == pytest.approx((1.10 * 6.87 + 0.13) * t.time)
     back = table.transfers[(0, "b", "a")]
     assert back.sender_energy == pytest.approx((2.27 * 2.36 + 0.13) * back.time)
-    assert table.bundles[(0, 0, "a", None)].energy == pytest.approx(2.0 * 3.62)
+    b0 = table.bundles[(0, 0, "a", None)]
+    # power times the whole bundle time: compute plus weight loading (issue 15)
+    assert b0.weight_loading > 0
+    assert b0.energy == pytest.approx(2.0 * (b0.compute + b0.weight_loading + b0.internal))
 
 
 def test_frequency_figures_and_power(tmp_path: Path) -> None:
@@ -138,7 +141,12 @@ def test_frequency_figures_and_power(tmp_path: Path) -> None:
     assert table.frequencies == {"a": ("lo", "hi")}
     lo, hi = table.bundles[(0, 0, "a", "lo")], table.bundles[(0, 0, "a", "hi")]
     assert lo.compute == pytest.approx(3.62) and hi.compute == pytest.approx(3.62 / 4)
-    assert lo.energy == pytest.approx(3.62) and hi.energy == pytest.approx(5.0 * 3.62 / 4)
+    load = 7_190_000 / 1e9  # weight loading at the memory bandwidth, at either frequency
+    assert lo.energy == pytest.approx(1.0 * (3.62 + load))
+    assert hi.energy == pytest.approx(5.0 * (3.62 / 4 + load))
+    two = table.bundles[(0, 1, "a", "lo")]  # the cut inside the bundle moves in memory too
+    assert two.internal == pytest.approx(111_000 / 1e9)
+    assert two.energy == pytest.approx(1.0 * two.time)
 
 
 def test_profiled_prices_replace_analytic_ones(system) -> None:
@@ -220,3 +228,40 @@ def test_no_application_means_only_model_layers(tmp_path: Path) -> None:
     table = build_cost_table(tiny_graph(), parse_system(doc, "s.toml"))
     assert [p.kind for p in table.positions] == ["layer"] * 3
     assert table.bundles[(0, 2, "a", None)].internal == pytest.approx(333_000 / 1e9)
+
+
+def _dvfs_system():
+    doc = {"device": [{"name": "nano", "class": "hub", "flops": 1e9, "memory_bandwidth": 1e9,
+                       "network_bandwidth": 1e6, "frequencies": ["lo", "hi"]}]}
+    return parse_system(doc, "dvfs.toml")
+
+
+ALL3 = {(0, 0): 0.5, (1, 1): 0.25, (2, 2): 0.125, (0, 1): 0.6, (1, 2): 0.3, (0, 2): 0.7}
+
+
+@pytest.mark.parametrize("labels, wrong", [(("lo", "mid"), "'mid'"), (("lo",), "'hi'"),
+                                           ((None,), "None")])
+def test_profile_frequencies_must_match_the_system(labels, wrong) -> None:
+    """An unknown or a missing frequency names the file, device and frequency (not --mbs)."""
+    profs = [replace(profile("nano", ALL3, frequency=f), path=f"nano-{f}.json")
+             for f in labels]
+    with pytest.raises(UserError) as info:
+        build_cost_table(tiny_graph(), _dvfs_system(), profiles=profs)
+    msg = str(info.value)
+    assert "nano" in msg and wrong in msg and ".json" in msg and "--mbs" not in msg
+    assert "\n" not in msg
+
+
+def test_default_mbs_is_what_every_profile_covers() -> None:
+    up_to_2 = {k: v for k, v in ALL3.items() if k != (0, 2)}
+    profs = [replace(profile("nano", up_to_2, frequency=f), path=f"nano-{f}.json")
+             for f in ("lo", "hi")]
+    table = build_cost_table(tiny_graph(), _dvfs_system(), profiles=profs)
+    assert table.mbs == 2
+    full = [replace(profile("nano", ALL3, frequency="lo"), path="a.json"), profs[1]]
+    assert build_cost_table(tiny_graph(), _dvfs_system(), profiles=full).mbs == 2
+    with pytest.raises(UserError, match=r"nano-(lo|hi)\.json.*--mbs"):
+        build_cost_table(tiny_graph(), _dvfs_system(), profiles=profs, mbs=3)
+    both = [replace(p, bundles=tuple(b for b in p.bundles if b.first == b.last))
+            for p in profs]
+    assert build_cost_table(tiny_graph(), _dvfs_system(), profiles=both).mbs == 1

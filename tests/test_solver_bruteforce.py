@@ -39,8 +39,14 @@ def enumerate_plans(table: ir.CostTable, objective: ir.Objective | None = None,
     for placement in itertools.product(*choices):
         used = sorted(set(placement))
         load = {d: 0.0 for d in used}
+        held: dict[str, set[str]] = {d: set() for d in used}
         for p, d in zip(table.positions, placement, strict=True):
-            load[d] += p.weight_bytes
+            # a weight shared by several positions is held once by the device
+            shared = [s for s in p.weights if s in table.weight_sizes]
+            load[d] += p.weight_bytes - sum(table.weight_sizes[s] for s in shared)
+            held[d].update(shared)
+        for d in used:
+            load[d] += sum(table.weight_sizes[s] for s in held[d])
         if any(load[d] > mem[d] for d in used):
             continue
         for fs in itertools.product(*(table.frequencies[d] for d in used)):
@@ -106,6 +112,7 @@ def specs(draw: st.DrawFn) -> TableSpec:
         link_prob=draw(st.sampled_from([1.0, 0.8, 0.5])),
         pin_prob=draw(st.sampled_from([0.0, 0.3])),
         memory_frac=draw(st.sampled_from([0.0, 0.0, 0.4, 0.8])),
+        shared_prob=draw(st.sampled_from([0.0, 0.0, 0.6])),
         preload=draw(st.booleans()), hidden_by_end=draw(st.booleans()),
         freq_jitter=draw(st.sampled_from([0.0, 0.05, 0.5])))
     # Keep the enumeration small: fewer layers until it is.

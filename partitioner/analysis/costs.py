@@ -12,8 +12,10 @@ layers, on every device allowed to run all of them, at every frequency of the de
 * Analytic device (DISS eq. 4.1-4.3): ``compute = sum FLOP / FLOPS_{d,f}``,
   ``weight_loading = sum w * alpha / BW_dd`` (``Layer.weight_bytes`` carries the real
   dtypes), ``internal`` = the cuts inside the bundle over ``BW_dd``, ``hidden`` = the
-  weight loading of the first layer when preloading (ODIWeP), energy ``P_{d,f} * compute``
-  when the device has a power figure.
+  weight loading of the first layer when preloading (ODIWeP), energy
+  ``P_{d,f} * (compute + weight_loading + internal)`` when the device has a power figure
+  (the device draws power while it loads weights and moves its internal cuts too, even
+  when preloading hides the loading time from the latency).
 * Profiled device (DISS §4.4, DIME): ``compute`` = the measured bundle latency, which
   already contains weight loading and the internal cuts, so the other terms are 0; energy
   is the measured energy, else ``P_{d,f} * latency`` when the device has a power figure.
@@ -43,7 +45,8 @@ from partitioner.ir import (
     TransferCost,
 )
 
-__all__ = ["build_cost_table", "build_positions", "estimate_bundle", "network_transfer"]
+__all__ = ["build_cost_table", "build_positions", "covered_mbs", "estimate_bundle",
+           "network_transfer"]
 
 _PSEUDO_BYTES_DESTINATION = 4  # SPEC §2: the destination's output is one element
 
@@ -107,13 +110,16 @@ def _analytic(device: Device, freq: str | None, flops: float, weights: float,
     bw = device.memory_bandwidth
     compute = flops / speed
     power = compute_power(device, freq)
+    loading, internal = weights / bw, internal_bytes / bw
     return BundleCost(
         compute=compute,
-        weight_loading=weights / bw,
-        internal=internal_bytes / bw,
+        weight_loading=loading,
+        internal=internal,
         # ODIWeP: the first layer's weights load while the previous device computes.
         hidden=first_weight / bw if preload else 0.0,
-        energy=None if power is None else power * compute)
+        # Energy is spent for the whole bundle time (DISS eq. 4.3 prices only compute,
+        # which left out 17 % on AlexNet); a hidden load still draws power.
+        energy=None if power is None else power * (compute + loading + internal))
 
 
 def estimate_bundle(singles: Sequence[ProfiledBundle], internal_seconds: float
@@ -162,6 +168,57 @@ def _frequencies(device: Device, measured: set[str | None] | None) -> tuple[str 
     return (None,)
 
 
+def _files(measured: _Measured) -> str:
+    return ", ".join(dict.fromkeys(p.path or f"profile of {p.device}"
+                                   for _, p in measured.values()))
+
+
+def _check_frequencies(device: Device, measured: _Measured, system: System) -> None:
+    """Profiles of a device with DVFS must carry exactly its frequency labels."""
+    if not device.frequencies:
+        return
+    where = system.path or "the system file"
+    for (_, _, freq), (_, prof) in measured.items():
+        if freq not in device.frequencies:
+            fail(f"{prof.path or f'profile of {device.name}'}: device {device.name!r}: "
+                 f"frequency {freq!r} is not one of its frequencies in {where} "
+                 f"({', '.join(device.frequencies)})")
+    have = {k[2] for k in measured}
+    for freq in device.frequencies:
+        if freq not in have:
+            fail(f"{_files(measured)}: device {device.name!r} has no measurements at "
+                 f"frequency {freq!r} (listed in {where}); profile it with "
+                 f"--frequency {freq} or remove the frequency")
+
+
+def covered_mbs(spans: Iterable[tuple[int, int]], n_layers: int) -> int:
+    """The largest MBS whose every bundle is among ``spans`` (``(first, last)`` pairs)."""
+    have = set(spans)
+    mbs = n_layers
+    for i in range(n_layers):
+        c = 0
+        while c < mbs and i + c < n_layers and (i, i + c) in have:
+            c += 1
+        if c < min(mbs, n_layers - i):
+            mbs = c
+    return mbs
+
+
+def _default_mbs(index: dict[str, _Measured], lazy: set[str], n_layers: int) -> int:
+    """The largest MBS that the (full, not lazy) profiles of every device and frequency
+    cover, so that profiles measured with ``--mbs 4`` plan without repeating it."""
+    mbs = n_layers
+    for dev, measured in index.items():
+        if dev in lazy:
+            continue  # unmeasured bundles are estimated from the single layers
+        per_freq: dict[str | None, list[tuple[int, int]]] = {}
+        for first, last, freq in measured:
+            per_freq.setdefault(freq, []).append((first, last))
+        for spans in per_freq.values():
+            mbs = min(mbs, covered_mbs(spans, n_layers))
+    return max(mbs, 1)  # a missing single layer is reported by name when it is priced
+
+
 def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Profile] = (),
                      mbs: int | None = None, preload: bool = True, private: int = 0
                      ) -> CostTable:
@@ -171,7 +228,8 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
         graph: the model.
         system: devices, links and application.
         profiles: measured profiles; a device with at least one is priced from them.
-        mbs: maximum bundle size in model layers (default: all layers; clamped to L).
+        mbs: maximum bundle size in model layers (default: the largest that every
+            profile covers, all layers without profiles; clamped to L).
         preload: model weight preloading (ODIWeP) in ``BundleCost.hidden``.
         private: model layers ``0..private-1`` only on trusted devices.
 
@@ -185,14 +243,15 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
     n_layers = len(graph.layers)
     if n_layers == 0:
         fail(f"{graph.name}: the model has no layers to place")
-    if mbs is None:
-        mbs = n_layers
-    if mbs < 1:
+    if mbs is not None and mbs < 1:
         fail(f"--mbs {mbs}: the maximum bundle size must be at least 1")
-    mbs = min(mbs, n_layers)
     positions, out_bytes, flops = build_positions(graph, system, private)
     index = _profile_index(profiles, graph, system)
     lazy = {p.device for p in profiles if p.lazy}
+    for dev in system.devices:
+        if dev.name in index:
+            _check_frequencies(dev, index[dev.name], system)
+    mbs = _default_mbs(index, lazy, n_layers) if mbs is None else min(mbs, n_layers)
     freqs = {d.name: _frequencies(d, {k[2] for k in index.get(d.name, {})})
              for d in system.devices}
     bundles: dict[tuple[int, int, str, str | None], BundleCost] = {}
@@ -247,9 +306,10 @@ def _profiled(dev: Device, freq: str | None, graph: LayerGraph, pos_i: Position,
         singles = [measured.get((k, k, freq)) for k in range(first, last + 1)]
         if not lazy or any(s is None for s in singles):
             missing = f"layers {first}..{last}" if first != last else f"layer {first}"
-            fail(f"device {dev.name!r} at frequency {freq}: the profiles lack bundle "
-                 f"{missing} ({graph.layers[first].name}..{graph.layers[last].name}); "
-                 f"profile with a --mbs at least {last - first + 1} or lower --mbs")
+            fail(f"{_files(measured)}: device {dev.name!r} at frequency {freq}: the "
+                 f"profiles lack bundle {missing} ({graph.layers[first].name}.."
+                 f"{graph.layers[last].name}); profile with a --mbs at least "
+                 f"{last - first + 1} or lower --mbs")
         latency, energy = estimate_bundle([s[0] for s in singles if s is not None],
                                           internal_bytes / dev.memory_bandwidth)
     if energy is None and power is not None:

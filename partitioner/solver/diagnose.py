@@ -9,11 +9,28 @@ fastest plan takes 0.043 s".
 
 from __future__ import annotations
 
+import time
+
 from partitioner import ir
-from partitioner.solver.milp import Formulation
+from partitioner.solver.memory import memory_of
+from partitioner.solver.milp import Formulation, SolveResult
 from partitioner.solver.network import Network, reachable
 
-__all__ = ["explain_infeasible"]
+__all__ = ["explain_infeasible", "DIAGNOSE_SECONDS"]
+
+#: Budget of a diagnosis when the objective has no time limit, s.
+DIAGNOSE_SECONDS = 30.0
+
+
+class _OutOfTime(Exception):
+    """A check did not finish before the deadline."""
+
+
+def _decided(r: SolveResult) -> SolveResult:
+    """``r`` if it is an answer (a proven optimum or infeasibility), else stop."""
+    if r.status in ("optimal", "infeasible"):
+        return r
+    raise _OutOfTime
 
 
 def _num(x: float) -> str:
@@ -72,12 +89,12 @@ def _connectivity(table: ir.CostTable, net: Network) -> str:
             f"from {_names(senders)}")
 
 
-def _memory(table: ir.CostTable, net: Network, solver: str) -> str:
+def _memory(table: ir.CostTable, net: Network, solver: str, deadline: float) -> str:
     pos = table.positions
     for dev in table.system.devices:
         pinned = [k for k, p in enumerate(pos) if p.allowed is not None
                   and tuple(p.allowed) == (dev.name,)]
-        weight = sum(pos[k].weight_bytes for k in pinned)
+        weight = memory_of(table, pinned)
         if pinned and weight > dev.memory:
             # Name model layers by their layer index (as `inspect` prints them).
             layers = [pos[k].layer for k in pinned if pos[k].layer is not None]
@@ -89,47 +106,66 @@ def _memory(table: ir.CostTable, net: Network, solver: str) -> str:
             return (f"memory of {dev.name!r} ({_num(dev.memory)} B) cannot hold the pinned "
                     f"{what} ({_num(weight)} B)")
     for dev in table.system.devices:
-        form = Formulation(net, table, integer=True, solver=solver)
+        form = Formulation(net, table, integer=True, solver=solver, deadline=deadline)
         form.add_memory(skip=dev.name)
-        r = form.optimize(form.memory_expr(dev.name))
-        if r.ok and r.value is not None:
+        r = _decided(form.optimize(form.memory_expr(dev.name)))
+        if r.ok and r.value is not None and r.value > dev.memory:
             return (f"memory of {dev.name!r} ({_num(dev.memory)} B) cannot be met: every "
                     f"plan puts at least {_num(r.value)} B of weights on it")
-    total = sum(p.weight_bytes for p in pos)
+    total = memory_of(table, range(len(pos)))
     return (f"the devices' memories cannot hold the model's weights ({_num(total)} B) "
             "in any placement")
 
 
-def explain_infeasible(table: ir.CostTable, objective: ir.Objective, net: Network) -> str:
-    """A one-line reason why no plan of ``table`` meets ``objective``'s constraints."""
+def explain_infeasible(table: ir.CostTable, objective: ir.Objective, net: Network,
+                       deadline: float | None = None) -> str:
+    """A one-line reason why no plan of ``table`` meets ``objective``'s constraints.
+
+    Args:
+        deadline: ``time.perf_counter()`` value by which to give up (default: now plus
+            the objective's time limit, else :data:`DIAGNOSE_SECONDS`).
+    """
     fwd, _ = reachable(net)
     if not fwd[net.sink]:
         return _connectivity(table, net)
+    if deadline is None:
+        deadline = time.perf_counter() + (objective.time_limit or DIAGNOSE_SECONDS)
+    try:
+        return _caps(table, objective, net, deadline)
+    except _OutOfTime:
+        limit = objective.time_limit or DIAGNOSE_SECONDS
+        return (f"no plan meets the constraints, and the solver could not diagnose within "
+                f"the limit of {_num(limit)} s which constraint is to blame (raise "
+                "--time-limit to find out)")
+
+
+def _caps(table: ir.CostTable, objective: ir.Objective, net: Network,
+          deadline: float) -> str:
     solver = objective.solver
 
     def base() -> Formulation:
-        form = Formulation(net, table, integer=True, solver=solver)
+        form = Formulation(net, table, integer=True, solver=solver, deadline=deadline)
         form.add_memory()
         return form
 
     form = base()
-    fastest = form.optimize(form.latency)
+    fastest = _decided(form.optimize(form.latency))
     if not fastest.ok:
-        return _memory(table, net, solver)
+        return _memory(table, net, solver, deadline)
     cap = objective.max_latency
     if cap is not None and fastest.value is not None and fastest.value > cap:
         return (f"latency cap {_num(cap)} s cannot be met: the fastest plan takes "
                 f"{_num(fastest.value)} s")
     for dev, ecap in objective.max_energy.items():
         form = base()
-        least = form.optimize(form.energy[dev])
+        least = _decided(form.optimize(form.energy[dev]))
         if least.ok and least.value is not None and least.value > ecap:
             return (f"energy cap of {dev!r} ({_num(ecap)} J) cannot be met: its least "
                     f"energy is {_num(least.value)} J")
     if objective.max_energy:
         form = base()
         form.add_caps(objective, latency=False)
-        within = form.optimize(form.latency)
+        within = _decided(form.optimize(form.latency))
         caps = _names(list(objective.max_energy))
         if not within.ok:
             return f"the energy caps of {caps} cannot be met together"

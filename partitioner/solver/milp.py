@@ -7,7 +7,9 @@ per device (FreDDI), and the extra variables an objective needs (``B`` for the
 bottleneck, ``s[d]`` / ``w[d]`` for the exact carbon ratio).
 
 Constraints: ``flow[...]`` conservation (one unit from the source to the sink),
-``freq[...]``/``onefreq[d]`` linking, ``mem[d]`` (SPEC §4 memory), ``latcap`` and
+``freq[...]``/``onefreq[d]`` linking, ``mem[d]`` (SPEC §4 memory: a shared initialiser
+``s`` is held once on ``d``, through ``h(s,d) >= `` the flow of every bundle on ``d`` that
+covers a position reading ``s``, rows ``hold(s,d,k)``), ``latcap`` and
 ``ecap[d]`` caps. Every row is divided by its largest coefficient so CBC's absolute
 tolerances mean the same thing for micro- and kilo-second models.
 """
@@ -22,6 +24,7 @@ import mip
 
 from partitioner import ir
 from partitioner.errors import InternalError, fail
+from partitioner.solver.memory import memory_of, shared_weights
 from partitioner.solver.network import Network, arc_name
 
 __all__ = ["Formulation", "SolveResult"]
@@ -115,6 +118,8 @@ class Formulation:
         self.energy = {d: _expr(p) for d, p in energy.items()}
         self.busy = {d: _expr(p) for d, p in busy.items()}
         self._memory_terms = memory
+        self._shared = shared_weights(table)
+        self._h: dict[tuple[str, str], mip.Var] = {}
         self.used = {d for (_, d, _) in starts}
         # phi[d,f]: one frequency per device (FreDDI); u_d = sum_f phi[d,f] is "d is used".
         self.phi: dict[tuple[str, str | None], mip.Var] = {}
@@ -143,20 +148,47 @@ class Formulation:
         scale = max(coefs)
         return self.model.add_constr(expr * (1.0 / scale) <= rhs / scale, name=name)
 
+    def _held(self, device: str) -> list[tuple[mip.Var, float]]:
+        """``size_s * h(s,d)`` for every shared initialiser ``s`` (variables made once)."""
+        if not self._shared:
+            return []
+        readers = {k: s for s, ks in self._shared.items() for k in ks}
+        cover: dict[tuple[str, int], list[mip.Var]] = {}
+        for a, arc in enumerate(self.net.arcs):
+            if arc.bundle is None or arc.bundle[2] != device:
+                continue
+            i, j, _, _ = arc.bundle
+            for k in range(i, j + 1):
+                if k in readers:
+                    cover.setdefault((device, k), []).append(self.x[a])
+        terms = []
+        for s, ks in self._shared.items():
+            flows = [(k, cover[(device, k)]) for k in ks if (device, k) in cover]
+            if not flows:
+                continue
+            key = (s, device)
+            if key not in self._h:
+                # Continuous is enough: h only eases mem[d], so h = max(flows) in {0, 1}.
+                h = self.model.add_var(name=f"h({s},{device})", lb=0.0, ub=1.0)
+                self._h[key] = h
+                for k, xs in flows:
+                    self.model.add_constr(mip.xsum(xs) <= h, name=f"hold({s},{device},{k})")
+            terms.append((self._h[key], float(self.table.weight_sizes[s])))
+        return terms
+
     def add_memory(self, skip: str | None = None) -> None:
         """``mem[d]``: weights placed on ``d`` fit its memory (all devices but ``skip``)."""
         for dev in self.table.system.devices:
             terms = self._memory_terms.get(dev.name, [])
             if dev.name == skip or math.isinf(dev.memory) or not terms:
                 continue
-            # Redundant when even the heaviest path fits: every position once at most.
-            heaviest = sum(p.weight_bytes for p in self.table.positions)
-            if heaviest <= dev.memory:
+            # Redundant when even the heaviest placement fits: every position on d.
+            if memory_of(self.table, range(len(self.table.positions))) <= dev.memory:
                 continue
-            self.add_le(_expr(terms), dev.memory, f"mem[{dev.name}]")
+            self.add_le(_expr(terms + self._held(dev.name)), dev.memory, f"mem[{dev.name}]")
 
     def memory_expr(self, device: str) -> mip.LinExpr:
-        return _expr(self._memory_terms.get(device, []))
+        return _expr(self._memory_terms.get(device, []) + self._held(device))
 
     def add_caps(self, objective: ir.Objective, *, latency: bool = True,
                  energy: bool = True) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from partitioner import ir
 from partitioner.errors import fail
+from partitioner.solver.memory import own_bytes
 
 __all__ = ["Arc", "Network", "arc_name", "build_network", "rebuild", "reachable"]
 
@@ -45,7 +46,8 @@ class Arc:
         busy: ``(device, seconds)`` contributions to device busy times.
         energy: ``(device, joules)`` contributions to device energies.
         bundle: ``(first, last, device, frequency)`` for bundle arcs, else None.
-        weight: bytes of weights the bundle places on its device.
+        weight: bytes of weights the bundle places on its device, shared initialisers
+            left out (the MIP holds those once per device, ``h(s,d)``).
     """
 
     tail: int
@@ -134,10 +136,11 @@ def build_network(table: ir.CostTable) -> Network:
     legal: list[tuple[tuple[int, int, str, str | None], ir.BundleCost]] = []
     # Prefix counts make every legality test O(1) per bundle (there are O(L * MBS) of them).
     n_layers = [0] * (n + 1)
-    weights = [0.0] * (n + 1)
+    weights = [0.0] * (n + 1)  # own bytes: a shared initialiser is priced once per device
+    own = own_bytes(table)
     for k, p in enumerate(pos):
         n_layers[k + 1] = n_layers[k] + (p.kind == "layer")
-        weights[k + 1] = weights[k] + p.weight_bytes
+        weights[k + 1] = weights[k] + own[k]
     n_allowed = {}
     for d in devices:
         acc = [0] * (n + 1)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from partitioner import ir
 from partitioner.analysis.estimate import evaluate
+from partitioner.solver.memory import placement_memory
 from partitioner.solver.network import Arc, Network, rebuild
 
 __all__ = ["costs_of", "busy_costs", "energy_costs", "time_costs", "distances", "prune_by",
@@ -138,9 +139,7 @@ def shortest_plan(net: Network, table: ir.CostTable, objective: ir.Objective,
 
 def _check(table: ir.CostTable, objective: ir.Objective, chosen: Chosen) -> Chosen | None:
     placement, freqs = chosen
-    load: dict[str, float] = {}
-    for pos, d in zip(table.positions, placement, strict=True):
-        load[d] = load.get(d, 0.0) + pos.weight_bytes
+    load = placement_memory(table, placement)
     if any(load[d.name] > d.memory for d in table.system.devices if d.name in load):
         return None
     est = evaluate(table, placement, freqs)

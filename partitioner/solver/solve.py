@@ -9,6 +9,13 @@
   per device, so the ratio's denominator cannot be inflated;
 * ``weighted``: ``w_T * T_norm + w_E * E_norm`` with T and E normalised by their min and
   max over the feasible set (QUANT), four extra solves.
+
+Without latency or energy caps, and when every device's memory holds any placement, the
+only coupling left is one frequency per device: ``latency``, ``energy`` and ``weighted``
+are then solved by the exact dynamic program of :mod:`.dp` and ``throughput`` by the
+exact label search of :mod:`.bottleneck`, both over the run arrays of :mod:`.runs`
+(numpy, no network, no MIP). Everything else (caps, binding memories, ``carbon``) is the
+integer program over the pruned state network.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import mip
 from partitioner import ir
 from partitioner.analysis.estimate import carbon_duration, edge_energy, evaluate
 from partitioner.errors import InfeasibleError, fail
+from partitioner.solver import fast
 from partitioner.solver.diagnose import explain_infeasible
 from partitioner.solver.milp import Formulation
 from partitioner.solver.network import Network, build_network, reachable
@@ -342,13 +350,19 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     t0 = time.perf_counter()
     _validate(table, objective)
     deadline = t0 + objective.time_limit if objective.time_limit else None
+    if fast.applies(table, objective):
+        status, chosen = fast.solve_fast(table, objective, deadline)
+        if chosen is not None:
+            return build_plan(table, objective, chosen[0], chosen[1], status,
+                              time.perf_counter() - t0)
+        # no plan at all: the network below says why
     net = build_network(table)
     if not _has_path(net):
-        fail(explain_infeasible(table, objective, net), error=InfeasibleError)
+        fail(explain_infeasible(table, objective, net, deadline), error=InfeasibleError)
     full = net
     net = _pruned(net, table, objective)
     if not _has_path(net):
-        fail(explain_infeasible(table, objective, full), error=InfeasibleError)
+        fail(explain_infeasible(table, objective, full, deadline), error=InfeasibleError)
     # Bundle arcs are always binary: a pure LP would be solved by Clp, which logs on
     # stdout whatever ``verbose`` says; after pruning the integral LP costs nothing extra.
     integer = True
@@ -373,7 +387,7 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     else:
         status, chosen = _weighted(make, objective)
     if status == "infeasible":
-        fail(explain_infeasible(table, objective, full), error=InfeasibleError)
+        fail(explain_infeasible(table, objective, full, deadline), error=InfeasibleError)
     if chosen is None:
         fail(f"the time limit of {objective.time_limit} s ran out before any plan was "
              "found; raise --time-limit", error=InfeasibleError)

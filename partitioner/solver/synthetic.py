@@ -40,6 +40,9 @@ class TableSpec:
         freq_jitter: independent noise of each frequency's price of a bundle (measurement
             noise); a layer's work and a bundle's factor are shared by all frequencies,
             and a higher frequency runs faster and draws more power.
+        shared_prob: probability that a model layer also reads the one shared initialiser
+            ``"shared.weight"`` (as big as the model's other weights together; it counts in
+            each reader's ``weight_bytes`` and is held once per device).
     """
 
     layers: int = 4
@@ -57,6 +60,7 @@ class TableSpec:
     preload: bool = True
     hidden_by_end: bool = False
     freq_jitter: float = 0.05
+    shared_prob: float = 0.0
 
 
 def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
@@ -65,7 +69,11 @@ def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
     names = [f"d{k}" for k in range(spec.devices)]
     speed = [rnd.uniform(0.2, 5.0) * (1 + k) for k in range(spec.devices)]
     weights = [rnd.randint(0, 1000) for _ in range(spec.layers)]
-    total_w = sum(weights) or 1
+    shared_size = max(sum(weights), 1)
+    readers = {k for k in range(spec.layers)
+               if spec.shared_prob and rnd.random() < spec.shared_prob}
+    weights = [w + (shared_size if k in readers else 0) for k, w in enumerate(weights)]
+    total_w = (sum(weights) - shared_size * max(len(readers) - 1, 0)) or 1
     devices = []
     for k, name in enumerate(names):
         mem = total_w * spec.memory_frac * rnd.uniform(0.5, 1.5) if spec.memory_frac else ir.INF
@@ -87,7 +95,7 @@ def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
         if spec.pin_prob and rnd.random() < spec.pin_prob:
             allowed = tuple(sorted(rnd.sample(names, min(len(names), rnd.randint(1, 2)))))
         pos.append(ir.Position(len(pos), f"layer{layer}", "layer", layer, weights[layer],
-                               allowed))
+                               allowed, ("shared.weight",) if layer in readers else ()))
     if spec.destination:
         pos.append(ir.Position(len(pos), "<destination>", "destination", None, 0,
                                (names[0],)))
@@ -137,4 +145,5 @@ def random_table(spec: TableSpec, seed: int) -> ir.CostTable:
             transfers[k, a, b] = ir.TransferCost(
                 t, None if a in no_energy else t * 1.5, None if b in no_energy else t * 0.5)
     return ir.CostTable("synthetic", f"seed{seed}", tuple(pos), system, freq_of, bundles,
-                        transfers, mbs, spec.preload, {d: "profile" for d in names})
+                        transfers, mbs, spec.preload, {d: "profile" for d in names},
+                        {"shared.weight": shared_size} if readers else {})
