@@ -49,9 +49,9 @@ def session(path: str | os.PathLike[str] | bytes, what: str, *, threads: int | N
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # verification runs each session once: pre-packed copies of the weights would only
-    # add memory (-335 MB verifying vgg16, benchmarks/compile_memory.py)
-    opts.add_session_config_entry("session.disable_prepacking", "1")
+    # Pre-packing stays on although it costs memory (+335 MB verifying vgg16,
+    # benchmarks/compile_memory.py): without it ORT picks other GEMM kernels, and the
+    # verification would no longer compute bit for bit what the runtime's sessions compute.
     if threads:
         opts.intra_op_num_threads = threads
     try:
