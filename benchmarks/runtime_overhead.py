@@ -41,27 +41,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hops import SIZES, bench_hops, median_time, spawn  # noqa: E402  (after the path)
+from benchmarks.common import split_by_flops  # noqa: E402  (after the path)
+from benchmarks.hops import SIZES, bench_hops, median_time, spawn  # noqa: E402
 
 # --------------------------------------------------------------------------- models
-
-
-def _split(prepared: Any, parts: int = 3) -> list[tuple[int, int]]:
-    """Cut the layers into ``parts`` contiguous runs of about equal FLOPs."""
-    flops = [max(1, layer.flops) for layer in prepared.graph.layers]
-    total, cum, cuts = sum(flops), 0, []
-    for i, f in enumerate(flops[:-1]):
-        cum += f
-        if len(cuts) < parts - 1 and cum >= total * (len(cuts) + 1) / parts:
-            cuts.append(i)
-    bounds, first = [], 0
-    for c in cuts:
-        bounds.append((first, c))
-        first = c + 1
-    bounds.append((first, len(flops) - 1))
-    return bounds
 
 
 def _interleaved(fns: list[Any], n: int) -> list[float]:
@@ -113,7 +97,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     onnx.save(models.build_model(name), str(path))
     prepared = load_model(path)
     devices = ("edge", "hub", "cloud")
-    bounds = _split(prepared)
+    bounds = split_by_flops([layer.flops for layer in prepared.graph.layers], 3)
     plan = ir.Plan("optimal", "latency",
                    tuple(ir.Stage(d, None, a, b) for d, (a, b) in zip(devices, bounds,
                                                                        strict=True)),
