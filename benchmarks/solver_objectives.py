@@ -22,12 +22,14 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from partitioner import ir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import save_figure  # noqa: E402
+from partitioner import ir  # noqa: E402
 from partitioner.analysis.estimate import edge_energy
 from partitioner.analysis.profiles import write_json_atomic
 from partitioner.errors import InfeasibleError
@@ -138,10 +140,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                  "(loaded 2-core host)")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,10 @@ from typing import Any
 
 import mip
 
-from partitioner import ir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import save_figure  # noqa: E402
+from partitioner import ir  # noqa: E402
 from partitioner.solver import evaluate, solve
 from partitioner.solver.milp import Formulation
 from partitioner.solver.network import build_network
@@ -195,10 +198,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("latency-optimal plan: solve time")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
