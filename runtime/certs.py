@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.files import write_atomic
 from stagebundle.errors import fail
 
 __all__ = ["add_arguments", "run", "make_certificates", "device_hosts"]
@@ -65,19 +65,6 @@ def _san_kind(host: str) -> str:
         return "DNS"
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
-    """Write atomically; keys readable by the owner only."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- cryptography
 
 
@@ -109,8 +96,8 @@ def _with_cryptography(out: Path, subjects: dict[str, list[str]], days: int) -> 
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
                          critical=False)
           .sign(ca_key, hashes.SHA256()))
-    _write(out / "ca.key", key_pem(ca_key), True)
-    _write(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), False)
+    write_atomic(out / "ca.key", key_pem(ca_key), True)
+    write_atomic(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), False)
     for stem, hosts in subjects.items():
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [
@@ -129,8 +116,8 @@ def _with_cryptography(out: Path, subjects: dict[str, list[str]], days: int) -> 
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        _write(out / f"{stem}.key", key_pem(key), True)
-        _write(out / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), False)
+        write_atomic(out / f"{stem}.key", key_pem(key), True)
+        write_atomic(out / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), False)
 
 
 # --------------------------------------------------------------------------- openssl
@@ -164,8 +151,8 @@ def _with_openssl(out: Path, subjects: dict[str, list[str]], days: int) -> None:
                 "-CAcreateserial", "-days", str(days), "-extfile", f"{stem}.cnf", "-out",
                 f"{stem}.pem")
         for stem in ("ca", *subjects):
-            _write(out / f"{stem}.key", (work / f"{stem}.key").read_bytes(), True)
-            _write(out / f"{stem}.pem", (work / f"{stem}.pem").read_bytes(), False)
+            write_atomic(out / f"{stem}.key", (work / f"{stem}.key").read_bytes(), True)
+            write_atomic(out / f"{stem}.pem", (work / f"{stem}.pem").read_bytes(), False)
 
 
 def _backend() -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.files import write_atomic
 from stagebundle.errors import UserError, fail
 
 __all__ = ["main", "parse_hosts", "load_inputs", "save_outputs"]
@@ -95,18 +96,6 @@ def save_outputs(path: str | Path, outputs: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, allow_pickle=False, **outputs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -187,7 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
             "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
             "pid": os.getpid()}
     if args.port_file:
-        _write_atomic(args.port_file, json.dumps(info))
+        write_atomic(args.port_file, json.dumps(info).encode())
     print(f"runtime serve: device {args.device} listening on {addr}"
           + (f", gRPC on port {info['grpc_port']}" if info["grpc_port"] else ""), flush=True)
     stop = threading.Event()

@@ -397,15 +397,6 @@ class StageSpec:
                      self.sha256, self.inputs, self.outputs, self.forward, self.sends,
                      self.external_data, self.external_data_sha256, self.exit),)
 
-    @property
-    def sends_all(self) -> tuple[TensorSpec, ...]:
-        """Every tensor this stage hands on (its outputs, then what it forwards)."""
-        return self.outputs + self.forward
-
-    @property
-    def send_bytes(self) -> int:
-        return sum(t.nbytes for t in self.sends_all)
-
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "device": self.device, "frequency": self.frequency,
                 "layers": [self.first, self.last], "file": self.file, "sha256": self.sha256,
