@@ -30,7 +30,7 @@ import numpy as np
 from partitioner.solver.dp import Chosen, linear_dp, plan_of_runs
 from partitioner.solver.runs import RunArrays
 
-__all__ = ["least_bottleneck", "busy_of_plan", "OutOfTime"]
+__all__ = ["least_bottleneck", "busy_of_plan", "OutOfTime", "pareto"]
 
 _TOL = 1e-9
 _STEP = 1.04
@@ -108,7 +108,7 @@ def _completion(arrays: RunArrays, lam: np.ndarray) -> np.ndarray:
     return g
 
 
-def _pareto(b: np.ndarray, lat: np.ndarray, fc: np.ndarray) -> np.ndarray:
+def pareto(b: np.ndarray, lat: np.ndarray, fc: np.ndarray) -> np.ndarray:
     """Indices of the labels no other label dominates (see the module docstring)."""
     m = len(lat)
     if m <= 1:
@@ -266,7 +266,7 @@ def _search(arrays: RunArrays, limit: float, bounds: list[tuple[np.ndarray, np.n
             par = np.concatenate(cand_p)[keep]
             st = np.concatenate(cand_s)[keep]
             b = b[keep]
-            front = _pareto(b, lat, fc)
+            front = pareto(b, lat, fc)
             labels.add(b[front], lat[front], fc[front], j, d, par[front], st[front])
     done = np.nonzero(labels.end == n - 1)[0]
     if not len(done):
