@@ -30,7 +30,7 @@ import numpy as np
 from partitioner.solver.dp import Chosen, linear_dp, plan_of_runs
 from partitioner.solver.runs import RunArrays
 
-__all__ = ["least_bottleneck", "busy_of_plan", "OutOfTime", "pareto"]
+__all__ = ["least_bottleneck", "busy_of_plan", "OutOfTime", "pareto", "fastest_only"]
 
 _TOL = 1e-9
 _STEP = 1.04
@@ -109,25 +109,43 @@ def _completion(arrays: RunArrays, lam: np.ndarray) -> np.ndarray:
 
 
 def pareto(b: np.ndarray, lat: np.ndarray, fc: np.ndarray) -> np.ndarray:
-    """Indices of the labels no other label dominates (see the module docstring)."""
+    """Indices of labels that together dominate every label (see the module docstring).
+
+    Labels are taken in order of (total busy, latency): a dominator never comes later,
+    up to equal labels, of which the first is kept. Each chunk is compared with the
+    front kept so far and with its own earlier rows (a dominated dominator's own
+    dominator comes earlier still, so the removal stays sound).
+    """
     m = len(lat)
     if m <= 1:
         return np.arange(m)
     order = np.lexsort((lat, b.sum(axis=1)))
     b, lat, fc = b[order], lat[order], fc[order]
-    keep = np.ones(m, dtype=bool)
-    idx = np.arange(m)
-    for start in range(0, m, 256):
-        rows = slice(start, min(start + 256, m))
-        le = np.all(b[None, :, :] <= b[rows, None, :], axis=2) & (lat[None, :] <= lat[rows, None])
-        compat = np.all((fc[None, :, :] == -1) | (fc[None, :, :] == fc[rows, None, :]), axis=2)
-        strict = (np.any(b[None, :, :] < b[rows, None, :], axis=2)
-                  | (lat[None, :] < lat[rows, None])
-                  | np.any(fc[None, :, :] != fc[rows, None, :], axis=2)
-                  | (idx[None, :] < idx[rows, None]))
-        dom = le & compat & strict & keep[None, :]
-        keep[rows] &= ~np.any(dom, axis=1)
-    return order[keep]
+    kept: list[np.ndarray] = []
+    fb = np.zeros((0, b.shape[1]))
+    fl = np.zeros(0)
+    ff = np.zeros((0, fc.shape[1]), dtype=fc.dtype)
+    step = 128
+    for start in range(0, m, step):
+        rows = slice(start, min(start + step, m))
+        cb, cl, cf = b[rows], lat[rows], fc[rows]
+        out = np.zeros(len(cl), dtype=bool)
+        if len(fl):
+            out = np.any(np.all(fb[None, :, :] <= cb[:, None, :], axis=2)
+                         & (fl[None, :] <= cl[:, None])
+                         & np.all((ff[None, :, :] == -1) | (ff[None, :, :] == cf[:, None, :]),
+                                  axis=2), axis=1)
+        inner = (np.all(cb[None, :, :] <= cb[:, None, :], axis=2)
+                 & (cl[None, :] <= cl[:, None])
+                 & np.all((cf[None, :, :] == -1) | (cf[None, :, :] == cf[:, None, :]), axis=2))
+        inner &= np.tri(len(cl), k=-1, dtype=bool)  # only earlier rows dominate
+        out |= inner.any(axis=1)
+        keep = np.nonzero(~out)[0]
+        kept.append(keep + start)
+        fb = np.concatenate([fb, cb[keep]])
+        fl = np.concatenate([fl, cl[keep]])
+        ff = np.concatenate([ff, cf[keep]])
+    return order[np.concatenate(kept)]
 
 
 class _Labels:
@@ -162,6 +180,46 @@ class OutOfTime(Exception):
         self.best = best
 
 
+def fastest_only(arrays: RunArrays) -> RunArrays:
+    """The same arrays without the frequencies another one beats on every run.
+
+    Busy times and latency depend on a device's frequency only through its runs' times
+    (transfers do not): if ``f'`` is no slower than ``f`` on every run ``f`` can price,
+    moving a plan's device from ``f`` to ``f'`` raises no busy time and no latency, so a
+    throughput optimum exists without ``f``. Labels that differ only in such a frequency
+    would otherwise all survive the dominance test (incompatible frequencies).
+    """
+    n_dev, n_f = arrays.time.shape[:2]
+    keep: list[list[int]] = []
+    for d in range(n_dev):
+        mine = []
+        for f in range(len(arrays.freqs[d])):
+            finite = np.isfinite(arrays.time[d, f])
+            beaten = False
+            for g in range(len(arrays.freqs[d])):
+                if g == f:
+                    continue
+                le = np.all(arrays.time[d, g][finite] <= arrays.time[d, f][finite])
+                # equal everywhere: keep the first of them only
+                if le and (g < f or np.any(arrays.time[d, g][finite] < arrays.time[d, f][finite])):
+                    beaten = True
+                    break
+            if not beaten:
+                mine.append(f)
+        keep.append(mine)
+    if all(len(k) == len(arrays.freqs[d]) for d, k in enumerate(keep)):
+        return arrays
+    width = max(len(k) for k in keep)
+    time_ = np.full((n_dev, width) + arrays.time.shape[2:], math.inf)
+    energy = np.full_like(time_, math.inf)
+    for d, k in enumerate(keep):
+        time_[d, :len(k)] = arrays.time[d, k]
+        energy[d, :len(k)] = arrays.energy[d, k]
+    freqs = tuple(tuple(arrays.freqs[d][f] for f in k) for d, k in enumerate(keep))
+    return RunArrays(arrays.devices, freqs, time_, energy, arrays.cut_time, arrays.cut_send,
+                     arrays.cut_recv)
+
+
 def least_bottleneck(arrays: RunArrays, rounds: int = 8, deadline: float | None = None
                      ) -> tuple[float, Chosen] | None:
     """The plan with the least bottleneck, then the least latency; None if none exists.
@@ -175,6 +233,7 @@ def least_bottleneck(arrays: RunArrays, rounds: int = 8, deadline: float | None 
     optimal (a tight cap keeps the search small; the last cap, the upper bound, always
     succeeds).
     """
+    arrays = fastest_only(arrays)
     lower, upper, best, lams = _bounds(arrays, rounds)
     if not math.isfinite(upper):
         return None
