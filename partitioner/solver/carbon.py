@@ -189,6 +189,18 @@ def least_carbon(table: ir.CostTable, arrays: RunArrays) -> tuple[str, Chosen | 
     active = np.arange(len(model.phi))
     lam_dual = np.full((len(model.phi), n_dev), 1.0 / n_dev)
     uniform = np.full(n_dev, 1.0 / n_dev)
+    # A cheap first pass (one weight vector, every phi) for a good starting q: the fewer
+    # vectors the first exact pass leaves undecided, the cheaper the rest.
+    c0 = (model.k_phi - q)[None, :, None] * uniform[None, None, :]
+    _, num, busy, best_i, best_from, end = model.dp(c0, active)
+    ratios = _ratio(model, num, busy)
+    p0 = int(np.argmin(ratios[0]))
+    if ratios[0, p0] < q:
+        runs = model.runs(best_i, best_from, int(end[0, p0]), 0, p0)
+        cand = plan_of_runs(arrays, runs, model.phi[p0])
+        cand_q = _plan_ratio(table, cand)
+        if cand_q < q:
+            best, q = cand, cand_q
     stalls = 0
     onehot = np.eye(n_dev)
     for _ in range(_ROUNDS):
