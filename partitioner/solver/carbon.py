@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 
@@ -176,8 +177,10 @@ def _ratio(model: _Model, num: np.ndarray, busy: np.ndarray) -> np.ndarray:
     return r
 
 
-def least_carbon(table: ir.CostTable, arrays: RunArrays) -> tuple[str, Chosen | None]:
-    """``("optimal", plan)``, ``("optimal", None)`` when no plan exists, or
+def least_carbon(table: ir.CostTable, arrays: RunArrays, deadline: float | None = None
+                 ) -> tuple[str, Chosen | None]:
+    """``("optimal", plan)``, ``("optimal", None)`` when no plan exists,
+    ``("feasible", plan)`` when ``deadline`` (``time.perf_counter()``) passed first, or
     ``("undecided", None)`` when the lower bounds could not close (run the MIP)."""
     model = _Model(table, arrays)
     n_dev = model.n_dev
@@ -204,6 +207,8 @@ def least_carbon(table: ir.CostTable, arrays: RunArrays) -> tuple[str, Chosen | 
     stalls = 0
     onehot = np.eye(n_dev)
     for _ in range(_ROUNDS):
+        if deadline is not None and time.perf_counter() > deadline:
+            return "feasible", best
         if not len(active):
             return "optimal", best
         c = model.k_phi[active] - q  # (P,)
@@ -248,6 +253,8 @@ def least_carbon(table: ir.CostTable, arrays: RunArrays) -> tuple[str, Chosen | 
             found = None
             for p in active:
                 lams = [lam_dual[p], uniform]
+                if deadline is not None and time.perf_counter() > deadline:
+                    return "feasible", best
                 out = _label_min(model, int(p), float(model.k_phi[p] - q), q, lams)
                 if out is not None and (found is None or out[0] < found[0]):
                     found = (out[0], out[1], int(p))
