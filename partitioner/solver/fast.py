@@ -104,9 +104,9 @@ def solve_fast(table: ir.CostTable, objective: ir.Objective, deadline: float | N
             return "feasible", late.best
         return "optimal", None if found is None else found[1]
     if kind == "carbon":
-        _, chosen = least_carbon(table, arrays)
+        status, chosen = least_carbon(table, arrays, deadline)
         # "undecided": None here, so the caller runs the integer program (exact, slow)
-        return "optimal", chosen
+        return ("feasible" if status == "feasible" else "optimal"), chosen
     return "optimal", _linear(table, arrays, objective)
 
 
