@@ -56,7 +56,7 @@ def canonical_bundles(table: ir.CostTable, placement: Sequence[str]) -> list[Bun
     k = 0
     n = len(positions)
     # an early-exit head ends its bundle: the exit decision is taken there (docs/EXITS.md)
-    breaks = {pos for pos, _ in table.exits}
+    breaks = {pos for pos, *_ in table.exits}
     while k < n:
         dev = placement[k]
         starts = k > 0 and placement[k - 1] != dev
