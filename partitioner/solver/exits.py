@@ -127,28 +127,40 @@ def _run_cost(table: ir.CostTable, bundles: list[Bundle], i: int, j: int, dev: s
             worst += tr.time
             if dev in edge:
                 energy += c * ((tr.sender_energy or 0.0) + (tr.receiver_energy or 0.0))
-    mem = memory_of(table, range(i, j + 1)) if not math.isinf(
-        table.system.device(dev).memory) else 0.0
-    return _Run(lat, energy, worst, tuple(outcomes), mem)
+    return _Run(lat, energy, worst, tuple(outcomes), memory_of(table, range(i, j + 1)))
 
 
-def _dominated(a: _Label, b: _Label) -> bool:
-    """Whether ``b`` is at least as good as ``a`` in every component."""
-    return (b.key <= a.key and b.worst <= a.worst + _TOL
+def _dominated(a: _Label, b: _Label, capped: bool) -> bool:
+    """Whether ``b`` is at least as good as ``a`` in every component that matters (the
+    running worst case only under a cap)."""
+    return (b.key <= a.key and (not capped or b.worst <= a.worst + _TOL)
             and all(y <= x + _TOL for x, y in zip(a.memory, b.memory, strict=True)))
 
 
-def _insert(front: list[_Label], new: _Label, pareto: bool) -> None:
+def _insert(front: list[_Label], new: _Label, pareto: bool, capped: bool) -> None:
     if not pareto:
         if not front:
             front.append(new)
         elif new.key < front[0].key:
             front[0] = new
         return
-    if any(_dominated(new, old) for old in front):
+    if any(_dominated(new, old, capped) for old in front):
         return
-    front[:] = [old for old in front if not _dominated(old, new)]
+    front[:] = [old for old in front if not _dominated(old, new, capped)]
     front.append(new)
+
+
+def _binding_memories(table: ir.CostTable) -> list[str]:
+    """Devices whose memory cannot hold every position that may run on them."""
+    out = []
+    for dev in table.system.devices:
+        if math.isinf(dev.memory):
+            continue
+        anywhere = [k for k, p in enumerate(table.positions)
+                    if p.allowed is None or dev.name in p.allowed]
+        if memory_of(table, anywhere) > dev.memory:
+            out.append(dev.name)
+    return out
 
 
 def _solve_phi(table: ir.CostTable, objective: ir.Objective, freqs: Mapping[str, str | None],
@@ -158,7 +170,7 @@ def _solve_phi(table: ir.CostTable, objective: ir.Objective, freqs: Mapping[str,
     cont = continuation(table)
     edge = _edge(table)
     cap = objective.max_latency
-    limited = [d for d in devices if not math.isinf(table.system.device(d).memory)]
+    limited = _binding_memories(table)
     pareto = cap is not None or bool(limited)
     energy_first = objective.kind == "energy"
     runs: dict[tuple[int, int, str], _Run | None] = {}
@@ -191,7 +203,7 @@ def _solve_phi(table: ir.CostTable, objective: ir.Objective, freqs: Mapping[str,
         energy = key0[0] + add_energy + run.energy if energy_first else 0.0
         key = (energy, lat) if energy_first else (lat, 0.0)
         label = _Label(key, worst, tuple(memory), (prev, i, j, devices.index(d)))
-        _insert(fronts.setdefault((j, d), []), label, pareto)
+        _insert(fronts.setdefault((j, d), []), label, pareto, cap is not None)
 
     for j in range(n):
         for d in devices:
