@@ -11,7 +11,8 @@ head without computing any of the continuation first (see docs/EXITS.md).
   one fully connected layer (``exit1.conv1``, ``exit1.conv2``, ``exit1.fc``), about 46
   MFLOPs against AlexNet's 1.43 GFLOPs;
 * :func:`resnet18_exit`: torchvision ResNet-18 plus an exit after ``layer2`` (a strided
-  3x3 convolution with batch norm, global average pooling and a fully connected layer).
+  3x3 convolution with batch norm, global average pooling and a fully connected layer);
+* :func:`tiny_branchy`: ``tiny_cnn`` with an exit after conv1, for fast tests.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from models.builder import Dim, GraphBuilder
 from models.cnn import _basic_block, _conv_bn
 
-__all__ = ["branchy_alexnet", "resnet18_exit", "EXIT_PROBABILITY"]
+__all__ = ["branchy_alexnet", "resnet18_exit", "tiny_branchy", "EXIT_PROBABILITY"]
 
 #: DISS §6.4: the share of inputs that leave BranchyNet AlexNet at its first exit.
 EXIT_PROBABILITY = 0.656
@@ -74,3 +75,20 @@ def resnet18_exit(batch: Dim = 1, image_size: int = 224, *, seed: int = 0,
     assert exit_out is not None
     g.output(exit_out, "exit1")
     return g.build(doc="ResNet-18 with an exit after layer2, random weights")
+
+
+def tiny_branchy(batch: Dim = 1, image_size: int = 32, *, seed: int = 0, num_classes: int = 10):
+    """``tiny_cnn`` with one exit after conv1 (a 3x3 convolution, global average pooling and
+    a fully connected layer): three trunk stages' worth of layers, tiny tensors."""
+    g = GraphBuilder("tiny_branchy", seed=seed)
+    x = g.input("input", (batch, 3, image_size, image_size))
+    x = g.maxpool(g.relu(g.conv(x, 16, 3, name="conv1"), name="relu1"), 2, 2, name="pool1")
+    b = g.relu(g.conv(x, 8, 3, name="exit1.conv"), name="exit1.relu")
+    b = g.flatten(g.global_avgpool(b, name="exit1.avgpool"), name="exit1.flatten")
+    exit_out = g.gemm(b, num_classes, name="exit1.fc")
+    x = g.maxpool(g.relu(g.conv(x, 32, 3, name="conv2"), name="relu2"), 2, 2, name="pool2")
+    x = g.relu(g.conv(x, 64, 3, name="conv3"), name="relu3")
+    x = g.flatten(g.global_avgpool(x, name="avgpool"), name="flatten")
+    g.output(g.gemm(x, num_classes, name="fc"), "logits")
+    g.output(exit_out, "exit1")
+    return g.build(doc="tiny chain CNN with an exit after conv1, random weights")

@@ -38,6 +38,7 @@ EXPECTED_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {
     # early-exit models: the main output, then the exit head's (models/exits.py)
     "branchy_alexnet": {"logits": (1, 1000), "exit1": (1, 1000)},
     "resnet18_exit": {"logits": (1, 1000), "exit1": (1, 1000)},
+    "tiny_branchy": {"logits": (1, 10), "exit1": (1, 10)},
 }
 
 
