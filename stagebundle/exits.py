@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["confidence", "exit_taken", "draw"]
+__all__ = ["confidence", "exit_taken", "draw", "exit_after"]
 
 
 def confidence(logits: np.ndarray) -> float:
@@ -53,3 +53,12 @@ def exit_taken(rule: Mapping[str, Any] | None, produced: Mapping[str, np.ndarray
         arr = produced.get(output)
         return arr is not None and confidence(arr) >= float(threshold)
     return draw(request_id, output) < float(rule.get("probability") or 0.0)
+
+
+def exit_after(unit: Any, produced: Mapping[str, np.ndarray], request_id: str) -> str | None:
+    """The exit output a request leaves by after ``unit`` ran (a
+    :class:`stagebundle.manifest.Unit`), or None when it goes on."""
+    rule = getattr(unit, "exit", None)
+    if rule and exit_taken(rule, produced, request_id):
+        return str(rule.get("output"))
+    return None
