@@ -185,3 +185,34 @@ def test_confidence_is_the_largest_softmax_probability() -> None:
     assert confidence(logits) == pytest.approx(0.5)
     batch = np.array([[0.0, 0.0, np.log(2.0)], [0.0, 10.0, 0.0]])
     assert confidence(batch) == pytest.approx(0.5)  # the least confident sample decides
+
+
+def test_fail_over_keeps_the_exit_rule(setup, tmp_path: Path) -> None:
+    """The hub is down: requests that continue are re-sent on the fallback without it,
+    which carries the same head and rule; the ones that leave at the edge never needed it."""
+    import shutil
+
+    from runtime.replan import compile_fallbacks
+
+    built, threshold, xs = setup
+    copy = tmp_path / "bundle"
+    shutil.copytree(built.bundle, copy)
+    made = compile_fallbacks(copy, built.model, built.system, devices=["hub"])
+    assert made["hub"] is not None
+    fallback = load_bundle(made["hub"])
+    assert [s.exit["output"] for s in fallback.stages if s.exit] == ["exit1"]
+    assert next(s.exit for s in fallback.stages if s.exit)["threshold"] == threshold
+    cluster = Cluster(replace(built, bundle=copy), tmp_path)
+    try:
+        for d in ("edge", "cloud"):
+            cluster.start(d)
+        hosts = dict(cluster.hosts, hub="127.0.0.1:1")  # nothing listens there
+        with RemoteExecutor(copy, hosts, token=TOKEN, timeout=30) as ex:
+            outs = [ex.infer({"input": x}) for x in xs]
+            records = list(ex.records)
+    finally:
+        cluster.stop()
+    for out, rec, x in zip(outs, records, xs, strict=True):
+        leaves = _check(out, rec["exit"], _reference(built.model, x), threshold)
+        if not leaves:  # only the fallback could finish it
+            assert rec["plan"] == "fallback/without-hub"
