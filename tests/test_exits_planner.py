@@ -62,6 +62,18 @@ def _brute(table: ir.CostTable, objective: ir.Objective) -> tuple[float, float] 
     return best
 
 
+def _solve_as_brute(table: ir.CostTable, objective: ir.Objective) -> ir.Plan | None:
+    """The solver's plan, checked against brute force (None: both find no plan)."""
+    best = _brute(table, objective)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve(table, objective)
+        return None
+    plan = solve(table, objective)
+    assert plan.estimate.expected_latency == pytest.approx(best[0], rel=1e-9, abs=1e-12)
+    return plan
+
+
 CASES = [
     # (spec, exit layers, probabilities)
     (TableSpec(layers=5, devices=3), [1], [0.6]),
@@ -78,14 +90,9 @@ CASES = [
 def test_expected_latency_equals_brute_force(case: int, seed: int) -> None:
     spec, layers, probs = CASES[case]
     table = _with_exits(random_table(spec, seed), layers, probs)
-    objective = ir.Objective()
-    best = _brute(table, objective)
-    if best is None:
-        with pytest.raises(InfeasibleError):
-            solve(table, objective)
+    plan = _solve_as_brute(table, ir.Objective())
+    if plan is None:
         return
-    plan = solve(table, objective)
-    assert plan.estimate.expected_latency == pytest.approx(best[0], rel=1e-9, abs=1e-12)
     # the plan's own price agrees, and the worst case is reported as latency
     price = price_chain(table, plan.placement, plan.frequencies)
     assert plan.estimate.latency == pytest.approx(price.worst_latency)
@@ -99,15 +106,9 @@ def test_worst_case_cap_equals_brute_force(seed: int) -> None:
     free = solve(table, ir.Objective())
     # a cap just under the unconstrained optimum's worst case binds
     cap = free.estimate.latency * 0.97
-    objective = ir.Objective(max_latency=cap)
-    best = _brute(table, objective)
-    if best is None:
-        with pytest.raises(InfeasibleError):
-            solve(table, objective)
-        return
-    plan = solve(table, objective)
-    assert plan.estimate.latency <= cap * (1 + 1e-9)
-    assert plan.estimate.expected_latency == pytest.approx(best[0], rel=1e-9, abs=1e-12)
+    plan = _solve_as_brute(table, ir.Objective(max_latency=cap))
+    if plan is not None:
+        assert plan.estimate.latency <= cap * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -147,35 +148,6 @@ def test_objectives_not_supported_with_exits_are_one_line_errors() -> None:
 
 # --------------------------------------------------------------------------- DISS C2
 
-C2 = """
-# DISS configuration C2: a Raspberry Pi 3B source/destination and a 1080 Ti cloud GPU,
-# the figures of partitioner/data/edge-hub-cloud.toml (published device specifications)
-[[device]]
-name = "pi3"
-class = "edge"
-flops = 3.62e9
-memory_bandwidth = 719e6
-network_bandwidth = 1e10
-memory = 1.0e9
-power = 3.7
-
-[[device]]
-name = "gpu1080ti"
-class = "cloud"
-flops = 11300e9
-memory_bandwidth = 484.4e9
-network_bandwidth = 1e10
-memory = 11.0e9
-power = 250.0
-
-[[link]]
-between = ["pi3", "gpu1080ti"]
-bandwidth = {bw}
-
-[application]
-source = "pi3"
-destination = "pi3"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +157,11 @@ def branchy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _c2(tmp: Path, bw: float) -> Path:
+    """DISS configuration C2 (benchmarks/exits.py) with the Pi-cloud link at ``bw``."""
+    from benchmarks.exits import C2
+
     path = tmp / f"c2-{bw:g}.toml"
-    path.write_text(C2.replace("{bw}", repr(bw)))
+    path.write_text(C2.replace("bandwidth = 1e6", f"bandwidth = {bw!r}"))
     return path
 
 

@@ -25,7 +25,6 @@ with shared weights held once.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ from partitioner.analysis.exits import (
     price_chain,
 )
 from partitioner.errors import InfeasibleError, fail
+from partitioner.solver.fast import binding_memories
 from partitioner.solver.memory import memory_of, placement_memory
 
 __all__ = ["solve_exits", "split_at_exits", "KINDS"]
@@ -150,19 +150,6 @@ def _insert(front: list[_Label], new: _Label, pareto: bool, capped: bool) -> Non
     front.append(new)
 
 
-def _binding_memories(table: ir.CostTable) -> list[str]:
-    """Devices whose memory cannot hold every position that may run on them."""
-    out = []
-    for dev in table.system.devices:
-        if math.isinf(dev.memory):
-            continue
-        anywhere = [k for k, p in enumerate(table.positions)
-                    if p.allowed is None or dev.name in p.allowed]
-        if memory_of(table, anywhere) > dev.memory:
-            out.append(dev.name)
-    return out
-
-
 def _solve_phi(table: ir.CostTable, objective: ir.Objective, freqs: Mapping[str, str | None],
                bundles: list[list[Bundle]]) -> _Label | None:
     n = len(table.positions)
@@ -170,7 +157,7 @@ def _solve_phi(table: ir.CostTable, objective: ir.Objective, freqs: Mapping[str,
     cont = continuation(table)
     edge = _edge(table)
     cap = objective.max_latency
-    limited = _binding_memories(table)
+    limited = binding_memories(table)
     pareto = cap is not None or bool(limited)
     energy_first = objective.kind == "energy"
     runs: dict[tuple[int, int, str], _Run | None] = {}
