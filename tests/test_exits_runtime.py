@@ -216,3 +216,54 @@ def test_fail_over_keeps_the_exit_rule(setup, tmp_path: Path) -> None:
         leaves = _check(out, rec["exit"], _reference(built.model, x), threshold)
         if not leaves:  # only the fallback could finish it
             assert rec["plan"] == "fallback/without-hub"
+
+
+def _two_exits(path: Path) -> Path:
+    """conv1 -> exit1 | conv2 -> exit2 | conv3 -> logits (random weights)."""
+    from models.builder import GraphBuilder
+
+    g = GraphBuilder("two_exits", seed=5)
+    x = g.input("input", (1, 3, 16, 16))
+    heads = []
+    for k in (1, 2):
+        x = g.relu(g.conv(x, 8 * k, 3, name=f"conv{k}"), name=f"relu{k}")
+        b = g.flatten(g.global_avgpool(x, name=f"exit{k}.avgpool"), name=f"exit{k}.flatten")
+        heads.append(g.gemm(b, 5, name=f"exit{k}.fc"))
+    x = g.relu(g.conv(x, 16, 3, name="conv3"), name="relu3")
+    x = g.flatten(g.global_avgpool(x, name="avgpool"), name="flatten")
+    g.output(g.gemm(x, 5, name="fc"), "logits")
+    for k, h in enumerate(heads, start=1):
+        g.output(h, f"exit{k}")
+    import onnx
+
+    onnx.save(g.build(), str(path))
+    return path
+
+
+def test_two_exits_in_probability_mode(tmp_path: Path) -> None:
+    """Each head draws from the request id; a request leaves at the first head whose draw
+    is below its probability, and returns that head's output (ONNX Runtime's)."""
+    model = _two_exits(tmp_path / "two.onnx")
+    system = tmp_path / "system.toml"
+    system.write_text(SYSTEM_TOML)
+    made = pipeline.compile(model, system, tmp_path / "bundle",
+                            exits=["exit2=0.5", "exit1=0.4"])
+    heads = [h for _, h in made.plan.exits]
+    assert [(h.output, h.probability) for h in heads] == [("exit1", 0.4), ("exit2", 0.5)]
+    # expected latency: the product of continuation probabilities weighs the tail
+    assert made.plan.estimate.expected_latency < made.plan.estimate.latency
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ref = _reference(model, x)
+    seen = set()
+    with LocalExecutor(made.bundle) as ex:
+        for k in range(24):
+            rid = f"req-{k}"
+            out = ex.submit({"input": x}, request_id=rid).result(60)
+            want = next((h.output for h in heads if draw(rid, h.output) < h.probability),
+                        None)
+            assert ex.records[-1]["exit"] == want
+            assert set(out) == ({want} if want else {"logits", "exit1", "exit2"})
+            for name, arr in out.items():
+                np.testing.assert_allclose(arr, ref[name], rtol=1e-5, atol=1e-6)
+            seen.add(want)
+    assert seen == {"exit1", "exit2", None}
