@@ -192,18 +192,25 @@ def least_carbon(table: ir.CostTable, arrays: RunArrays, deadline: float | None 
     active = np.arange(len(model.phi))
     lam_dual = np.full((len(model.phi), n_dev), 1.0 / n_dev)
     uniform = np.full(n_dev, 1.0 / n_dev)
-    # A cheap first pass (one weight vector, every phi) for a good starting q: the fewer
-    # vectors the first exact pass leaves undecided, the cheaper the rest.
-    c0 = (model.k_phi - q)[None, :, None] * uniform[None, None, :]
-    _, num, busy, best_i, best_from, end = model.dp(c0, active)
-    ratios = _ratio(model, num, busy)
-    p0 = int(np.argmin(ratios[0]))
-    if ratios[0, p0] < q:
-        runs = model.runs(best_i, best_from, int(end[0, p0]), 0, p0)
-        cand = plan_of_runs(arrays, runs, model.phi[p0])
-        cand_q = _plan_ratio(table, cand)
-        if cand_q < q:
-            best, q = cand, cand_q
+    # Cheap passes (one weight vector per phi) before the exact ones: each gives every
+    # vector a lower bound on F (c B >= c sum_d busy_d where c <= 0, >= c mean busy
+    # where c > 0), which drops it for good when >= 0, and a plan that may lower q.
+    for _ in range(2):
+        c0 = model.k_phi[active] - q
+        w0 = np.where(c0 <= 0, c0, c0 / n_dev)[None, :, None] * np.ones((1, 1, n_dev))
+        value, num, busy, best_i, best_from, end = model.dp(w0, active)
+        ratios = _ratio(model, num, busy)
+        p0 = int(np.argmin(ratios[0]))
+        if ratios[0, p0] < q:
+            runs = model.runs(best_i, best_from, int(end[0, p0]), 0, p0)
+            cand = plan_of_runs(arrays, runs, model.phi[active[p0]])
+            cand_q = _plan_ratio(table, cand)
+            if cand_q < q:
+                best, q = cand, cand_q
+                continue  # the bounds were for the old q: the next pass prunes
+        scale = 1e-9 * (abs(q) * np.maximum(busy.max(axis=-1), 1e-300) + np.abs(num))
+        active = active[~(value[0] >= -scale[0])]
+        break
     stalls = 0
     onehot = np.eye(n_dev)
     for _ in range(_ROUNDS):
