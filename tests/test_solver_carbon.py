@@ -130,11 +130,3 @@ def test_label_search_finds_the_least_linear_plus_bottleneck(
     assert out is not None
     assert math.isclose(out[0], min(below), rel_tol=1e-9, abs_tol=1e-12), (out[0], below)
 
-
-def test_carbon_stops_at_the_time_limit_with_a_valid_plan() -> None:
-    table = random_table(TableSpec(layers=30, devices=4, frequencies=3, mbs=30,
-                                   source=False, destination=False), 0)
-    plan = solve(table, ir.Objective(kind="carbon", time_limit=1e-6))
-    assert plan.status == "feasible"
-    assert plan.estimate == evaluate(table, plan.placement, plan.frequencies)
-    assert plan.estimate.carbon is not None and plan.estimate.carbon > 0
