@@ -7,14 +7,23 @@ result into the *same* layers, so that the existing slicer
 (:func:`partitioner.frontend.slicing.extract_layers`) cuts it into stages unchanged:
 
 * every node of the prepared model keeps its name and its layer;
-* a ``QuantizeLinear`` of a tensor produced by a quantised layer joins that layer, so the
-  int8 tensor between it and its ``DequantizeLinear`` is what crosses a cut after that
-  layer (QUANT's cheaper ``g'``: a quarter of the float32 bytes);
-* every other new node (the ``DequantizeLinear`` of an activation, the ``QuantizeLinear``
-  of a float tensor that a quantised layer reads, the ``DequantizeLinear`` of a weight)
-  joins the layers that read its output; a layer beyond the first gets its own copy
-  (outputs ``<name>__layer<k>``, as :mod:`partitioner.frontend.layers` copies constant
-  nodes), so a cut never carries a dequantised float tensor that the int8 one could carry.
+* a ``QuantizeLinear`` of an activation joins the layer that produces the tensor (a model
+  input's: its first reader), so the 8-bit tensor between it and its
+  ``DequantizeLinear`` is what crosses a cut after that layer (QUANT's cheaper ``g'``: a
+  quarter of the float32 bytes). That holds for the output of a quantised layer, and also
+  for a float layer's output that a quantised layer reads (ORT quantises a tensor for
+  every reader once one reader is quantised);
+* every other new node (the ``DequantizeLinear`` of an activation or of a weight) joins
+  the layers that read its output; a layer beyond the first gets its own copy (outputs
+  ``<name>__layer<k>``, as :mod:`partitioner.frontend.layers` copies constant nodes), so
+  a cut never carries a dequantised float tensor that the 8-bit one could carry.
+
+So every ORT *node unit* (the DQs into an op, the op, the Qs out of it) lies inside one
+layer, and ORT's CPU optimiser fuses the same units in a stage file as in the whole model.
+Putting a float layer's output Q in the reading layer instead made the chain differ from
+the whole model: between a DQ and a Q, ORT quantises a float Conv's weights itself and
+runs it as ``QLinearConv`` (resnet18: up to 0.16 at 3 of 20 cuts), which a cut between
+the Conv and the Q prevents.
 
 The quantiser's pre-processing (``quant_pre_process``: symbolic shape inference and ORT's
 graph optimiser) is *not* run: the prepared model already has static inferred shapes and
@@ -240,10 +249,11 @@ class QuantizedModel:
             ``LayerGraph.name`` and ``sha256``), ``layers[k].nodes`` indexing the
             quantised model's nodes; what the slicer, routing and the back end take.
         layers: the quantised layers, sorted.
-        int8_outputs: per quantised layer, ``(float tensor, 8-bit tensor)`` for each of its
-            outputs that another layer (or the destination) reads and that it hands on
-            quantised (uint8 activations): when that tensor crosses a cut after the layer,
-            the 8-bit one is sent.
+        int8_outputs: per layer, ``(float tensor, 8-bit tensor)`` for each of its outputs
+            that another layer (or the destination) reads and that it hands on quantised
+            (uint8 activations): when that tensor crosses a cut after the layer, the 8-bit
+            one is sent. Quantised layers, and float layers whose output a quantised layer
+            reads, have entries.
         key: the cache key (model fingerprint, layer set, calibration digest, format).
     """
 
@@ -451,7 +461,6 @@ def _regroup(prepared: PreparedModel, qmodel: onnx.ModelProto, layers: tuple[int
         for i in layer.nodes:
             for o in fmodel.graph.node[i].output:
                 float_producer[o] = layer.index
-    quantised = set(layers)
     g = qmodel.graph
     _write_types(qmodel, f"quantised model {graph.name!r}")
     order = topological_order(g, f"quantised model {graph.name!r}")
@@ -477,9 +486,8 @@ def _regroup(prepared: PreparedModel, qmodel: onnx.ModelProto, layers: tuple[int
         if original[i]:
             continue
         src = producing_layer(n.input[0]) if n.input else None
-        if n.op_type == "QuantizeLinear" and src in quantised:
-            assert src is not None
-            needs[i] = {src}
+        if n.op_type == "QuantizeLinear" and src is not None:
+            needs[i] = {src}  # a Q stays with the op it quantises (one ORT node unit)
             continue
         need: set[int] = set()
         for o in n.output:
@@ -489,16 +497,18 @@ def _regroup(prepared: PreparedModel, qmodel: onnx.ModelProto, layers: tuple[int
                 need.add(float_producer[o])
         if not need:  # read by nothing: stays with what it reads (or the first layer)
             need = {src if src is not None else 0}
+        if n.op_type == "QuantizeLinear":  # of a model input: in its first reader only
+            need = {min(need)}
         needs[i] = need
-    # int8 tensors handed on by a quantised layer: its Q's output, where the float tensor
-    # it quantises leaves the layer (read by a later layer or the destination)
+    # 8-bit tensors a layer hands on: its Q's output, where the float tensor it quantises
+    # leaves the layer (read by a later layer or the destination)
     for i, need in needs.items():
         n = nodes[i]
         if n.op_type != "QuantizeLinear" or need != {producing_layer(n.input[0])}:
             continue
         (k,) = need
         float_name = _float_name(n.input[0], outputs)
-        if k in quantised and float_name in graph.layers[k].produces:
+        if float_name in graph.layers[k].produces:
             int8.setdefault(k, []).append((float_name, n.output[0]))
     new_nodes, layer_of = _localise(g, nodes, original, needs, layer_of_name)
     del g.node[:]
