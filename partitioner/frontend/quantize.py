@@ -147,6 +147,8 @@ def load_calibration(path: str | os.PathLike[str], prepared: PreparedModel
                  f"[samples, {', '.join(str(d) for d in t.shape)}]")
         if arr.dtype.name != t.dtype:
             fail(f"{where}: input {name!r} has dtype {arr.dtype.name}, expected {t.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            fail(f"{where}: input {name!r} holds non-finite values (NaN or inf)")
         counts.add(int(arr.shape[0]))
     if len(counts) > 1:
         fail(f"{where}: the inputs have different sample counts ({sorted(counts)})")
