@@ -73,7 +73,8 @@ def build_model(name: str, *, batch: int = 1, image_size: int | None = None,
         name: One of :func:`list_models`.
         batch: Static batch size (ignored when ``dynamic_batch``).
         image_size: Input height = width (sequence length for ``lstm_small``); ``None``
-            for the model's default (224, 640 for ``yolo_small`` and ``yolo11_small``, 32 for the small ones).
+            for the model's default (224, 640 for ``yolo_small`` and ``yolo11_small``, 32
+            for the small ones).
         dynamic_batch: Make the batch dimension the symbolic ``"batch"`` (inputs and
             outputs), so callers must fix it (``--shape``).
         seed: Seed of the weight generator; the same seed gives the same bytes.
