@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.builder import Dim, GraphBuilder
+from models.yolo import sppf
 from partitioner.errors import fail
 
 __all__ = ["yolo11_small"]
@@ -69,15 +70,6 @@ def _c3k2(g: GraphBuilder, x: str, cout: int, n: int, p: str, c3k: bool,
         last = _c3k(g, last, c, b) if c3k else _bottleneck(g, last, c, b, shortcut)
         parts.append(last)
     return _conv(g, g.concat(parts, axis=1, name=f"{p}.concat"), cout, 1, f"{p}.cv2")
-
-
-def _sppf(g: GraphBuilder, x: str, cout: int, p: str) -> str:
-    c = int(g.shape(x)[1]) // 2
-    y = _conv(g, x, c, 1, f"{p}.cv1")
-    pools = [y]
-    for i in range(3):
-        pools.append(g.maxpool(pools[-1], 5, 1, padding=2, name=f"{p}.m.{i}"))
-    return _conv(g, g.concat(pools, axis=1, name=f"{p}.concat"), cout, 1, f"{p}.cv2")
 
 
 def _attention(g: GraphBuilder, x: str, p: str, heads: int, attn_ratio: float = 0.5) -> str:
@@ -159,7 +151,7 @@ def yolo11_small(batch: Dim = 1, image_size: int = 640, *, seed: int = 0,
     p4 = _c3k2(g, x, 128, 1, "model.6", c3k=True)
     x = _conv(g, p4, 256, 3, "model.7", stride=2)
     x = _c3k2(g, x, 256, 1, "model.8", c3k=True)
-    x = _sppf(g, x, 256, "model.9")
+    x = sppf(g, x, 256, "model.9", _conv)
     p5 = _c2psa(g, x, "model.10")
     # Neck: FPN top-down, then PAN bottom-up.
     x = g.concat([g.resize(p5, 2, name="model.11"), p4], axis=1, name="model.12")

@@ -65,7 +65,7 @@ import onnx
 from partitioner import ir
 from partitioner.errors import fail
 from partitioner.frontend.inference import infer_types
-from partitioner.frontend.layers import build_layer_graph
+from partitioner.frontend.layers import build_layer_graph, copy_for_layer
 from partitioner.frontend.prepare import topological_order
 from partitioner.frontend.stagefile import save_model
 from partitioner.frontend.tensors import node_inputs
@@ -570,26 +570,11 @@ def _localise(g: onnx.GraphProto, nodes: list[onnx.NodeProto], original: list[bo
         need = sorted(needs[i])
         home = need[0]  # keeps the names (a model output's DQ: its producer's layer)
         for k in need:
-            node = n if k == home else _clone(n, k, copy_of, types, g)
+            node = n if k == home else copy_for_layer(n, k, copy_of, g, types)
             _rewire(node, copy_of, k)
             out.append((k, i + (0.0 if k == home else 0.5), node))
     out.sort(key=lambda t: (t[0], t[1]))
     return [n for _, _, n in out], [k for k, _, _ in out]
-
-
-def _clone(n: onnx.NodeProto, k: int, copy_of: dict[tuple[str, int], str],
-           types: Mapping[str, onnx.ValueInfoProto], g: onnx.GraphProto) -> onnx.NodeProto:
-    clone = onnx.NodeProto()
-    clone.CopyFrom(n)
-    for j, o in enumerate(clone.output):
-        if o:
-            copy_of[(o, k)] = clone.output[j] = f"{o}__layer{k}"
-            if o in types:
-                vi = g.value_info.add()
-                vi.CopyFrom(types[o])
-                vi.name = clone.output[j]
-    clone.name = f"{n.name}__layer{k}"
-    return clone
 
 
 def _rewire(n: onnx.NodeProto, copy_of: Mapping[tuple[str, int], str], k: int) -> None:
