@@ -211,6 +211,13 @@ def test_variants_are_cached_per_model_layers_and_calibration(tmp_path, monkeypa
     b = Q.quantize_model(tiny, [0, 1], cal)
     assert b is not a
     assert b.prepared.model.SerializeToString() == a.prepared.model.SerializeToString()
+    # one calibration serves every layer set: its ranges are kept with the variants, and
+    # a set quantised with them is the set quantised after a calibration of its own
+    assert len([f for f in files if f.endswith(".ranges.json")]) == 2  # two calibrations
+    from_ranges = Q.quantize_model(tiny, [1, 2], cal)
+    fresh = Q.quantize_model(tiny, [1, 2], cal, use_cache=False)
+    assert from_ranges.prepared.model.SerializeToString() == \
+        fresh.prepared.model.SerializeToString()
 
 
 # --------------------------------------------------------------------------- noise

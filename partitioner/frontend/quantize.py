@@ -48,6 +48,7 @@ model outputs taken together; for a set of inputs, its mean (:func:`measure_nois
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import logging
@@ -322,10 +323,12 @@ def quantize_model(prepared: PreparedModel, layers: Sequence[int],
         if not _quantizable(graph.layers[k]):
             fail(f"quantize: layer {k} {graph.layers[k].name!r} holds no op ONNX Runtime's "
                  f"quantiser quantises ({', '.join(QUANTIZABLE_OPS)})")
-    key = _key(prepared, chosen, calibration_digest(calibration))
+    digest = calibration_digest(calibration)
+    key = _key(prepared, chosen, digest)
     if use_cache and key in _MEMO:
         return _MEMO[key]
-    qmodel = _cached_or_quantized(prepared, chosen, calibration, key, use_cache)
+    ranges = _ranges_file(prepared, digest) if use_cache else None
+    qmodel = _cached_or_quantized(prepared, chosen, calibration, key, use_cache, ranges)
     variant = _regroup(prepared, qmodel, chosen, key)
     if use_cache:
         if len(_MEMO) >= _MEMO_MAX:
@@ -358,8 +361,32 @@ def _named_copy(prepared: PreparedModel, work: Path) -> tuple[Path, list[str]]:
     return path, names
 
 
+def _process_dir() -> Path:
+    """A folder for this process's calibration ranges when there is no disk cache."""
+    global _RANGES_DIR
+    if _RANGES_DIR is None:
+        _RANGES_DIR = Path(tempfile.mkdtemp(prefix="partitioner-ranges-"))
+        atexit.register(shutil.rmtree, _RANGES_DIR, True)
+    return _RANGES_DIR
+
+
+_RANGES_DIR: Path | None = None
+
+
+def _ranges_file(prepared: PreparedModel, digest: str) -> Path:
+    """Where the calibration ranges of the model on these inputs are kept. ORT's
+    calibrator measures every tensor of every quantisable op, whichever nodes are then
+    quantised, so one calibration serves every layer set (the noise model's many)."""
+    import onnxruntime
+
+    text = f"{_fingerprint(prepared)}|{digest}|{_FORMAT}|ort{onnxruntime.__version__}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return (cache_dir() or _process_dir()) / f"{key}.ranges.json"
+
+
 def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
-              calibration: Mapping[str, np.ndarray], out: Path) -> None:
+              calibration: Mapping[str, np.ndarray], out: Path, ranges: Path | None
+              ) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -384,6 +411,8 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
                 return next(self._it, None)
 
         reader = Reader()
+        # a cached calibration is read; a new one is written aside and moved into place
+        target = ranges if ranges is not None and ranges.is_file() else work / "ranges.json"
         big = sum(prepared.graph.initializer_bytes.values()) > _EXTERNAL_BYTES
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing" advice
@@ -393,7 +422,8 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=nodes, use_external_data_format=big,
                             extra_options={"ActivationSymmetric": False,
-                                           "WeightSymmetric": True})
+                                           "WeightSymmetric": True},
+                            calibration_cache_path=str(target))
         except Exception as err:  # noqa: BLE001 - the quantiser raises many types
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             what = ", ".join(prepared.graph.layers[k].name for k in layers)
@@ -401,13 +431,15 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
                  f"{prepared.graph.name!r}: {first}")
         finally:
             logging.getLogger().setLevel(level)
+        if ranges is not None and target != ranges and target.is_file():
+            _store(target.rename(target.with_name(ranges.name)), ranges.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _cached_or_quantized(prepared: PreparedModel, layers: tuple[int, ...],
-                         calibration: Mapping[str, np.ndarray], key: str, use_cache: bool
-                         ) -> onnx.ModelProto:
+                         calibration: Mapping[str, np.ndarray], key: str, use_cache: bool,
+                         ranges: Path | None) -> onnx.ModelProto:
     root = cache_dir() if use_cache else None
     if root is not None:
         hit = root / f"{key}.onnx"
@@ -419,7 +451,7 @@ def _cached_or_quantized(prepared: PreparedModel, layers: tuple[int, ...],
     tmp = Path(tempfile.mkdtemp(prefix="partitioner-quantize-"))
     try:
         out = tmp / f"{key}.onnx"
-        _quantize(prepared, layers, calibration, out)
+        _quantize(prepared, layers, calibration, out, ranges)
         model = onnx.load(str(out))
         if root is not None:
             _store(out, root)
@@ -429,12 +461,14 @@ def _cached_or_quantized(prepared: PreparedModel, layers: tuple[int, ...],
 
 
 def _store(file: Path, root: Path) -> None:
-    """Copy a quantised file (and its data file) into the cache atomically; best effort."""
+    """Copy a file (and its ``.data`` file) into the cache atomically; best effort."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         data = file.with_name(file.name + ".data")
         for src in ([data] if data.exists() else []) + [file]:  # the data before the model
-            staged = Path(tempfile.mkstemp(prefix=f".{src.name}.", dir=root)[1])
+            fd, name = tempfile.mkstemp(prefix=f".{src.name}.", dir=root)
+            os.close(fd)
+            staged = Path(name)
             shutil.copyfile(src, staged)
             os.replace(staged, root / src.name)
     except OSError as err:
