@@ -171,3 +171,45 @@ def test_uint8_travels_between_real_workers(compiled, yolo11, tmp_path):
     cloud_in = {s.name: s for s in bundle.stages[2].inputs}
     assert received["cloud"] == {n: len(xs) * s.nbytes for n, s in cloud_in.items()}
     assert any(s.dtype == "uint8" for s in cloud_in.values())
+
+
+def _every_cut_matches(prepared, variant, feeds) -> list[tuple[int, float]]:
+    """(cut, max |chain - whole|) for every two-stage split that differs."""
+    from partitioner.frontend.slicing import extract_layers
+
+    vp, n = variant.prepared, len(variant.prepared.graph.layers)
+    want = _whole(variant, feeds)
+    bad = []
+    for cut in range(n - 1):
+        held = dict(feeds)
+        for first, last in ((0, cut), (cut + 1, n - 1)):
+            sub = extract_layers(vp, first, last)
+            sess = ort.InferenceSession(sub.to_bytes(), providers=["CPUExecutionProvider"])
+            names = [o.name for o in sess.get_outputs()]
+            held.update(zip(names, sess.run(names, {t.name: held[t.name] for t in sub.inputs}),
+                            strict=True))
+        diff = max(float(np.abs(want[k] - held[k]).max()) for k in want)
+        if diff:
+            bad.append((cut, diff))
+    return bad
+
+
+@pytest.mark.parametrize("name", ["crnn", "resnet18"])
+def test_every_single_cut_is_bit_identical_to_the_whole_variant(name):
+    """The model cut in two after each layer: the halves chained give exactly what the
+    whole variant gives. resnet18 (its 12 heaviest layers int8) has float convs between a
+    DQ and a Q, which ORT fuses into int8 kernels in the whole model; crnn (every
+    quantisable layer int8) has nameless nodes, weights shared by two layers and an int8
+    model output (its Gemm head)."""
+    if name == "crnn":
+        from tests.test_frontend_shared_weights import crnn
+
+        prepared = load_model(crnn())
+        layers = [x.index for x in prepared.graph.layers
+                  if any(op in Q.QUANTIZABLE_OPS for op in x.ops)]
+    else:
+        prepared = load_model(models.build_model("resnet18", image_size=64))
+        layers = list(Q.candidate_layers(prepared.graph, 12))
+    variant = Q.quantize_model(prepared, layers, Q.random_calibration(prepared, 3, seed=1))
+    feeds = sample_inputs(prepared.graph.inputs, 4)
+    assert _every_cut_matches(prepared, variant, feeds) == []
