@@ -241,3 +241,16 @@ def test_noise_is_quants_rho(yolo11):
     np.testing.assert_allclose(rho, np.mean(per_input), rtol=1e-6)
     assert Q.measure_noise(yolo11, v, inputs) == pytest.approx(rho, rel=1e-12)
     assert Q.measure_noise(yolo11, layers, inputs, cal) == pytest.approx(rho, rel=1e-12)
+
+
+def test_top1_agreement_of_a_classifier(tiny):
+    cal = Q.random_calibration(tiny, 4, seed=1)
+    inputs = Q.random_calibration(tiny, 6, seed=2)
+    meter = Q.NoiseMeter(tiny, inputs, cal)
+    assert meter.top1_agreement([]) == 1.0
+    v = Q.quantize_model(tiny, [0, 1, 2, 3], cal)
+    got = meter.outputs(v)
+    want = np.mean([int(np.argmax(r[0]) == np.argmax(g[0]))
+                    for r, g in zip(meter.reference, got, strict=True)])
+    assert meter.top1_agreement(v) == pytest.approx(want)
+    assert 0.0 <= want <= 1.0

@@ -442,13 +442,30 @@ class NoiseMeter:
                         f"quantised model {self.prepared.graph.name!r}")
         return [sess.run(self.names, s) for s in self.samples]
 
+    def _variant(self, layers: Sequence[int] | QuantizedModel) -> QuantizedModel | None:
+        if isinstance(layers, QuantizedModel):
+            return layers if layers.layers else None
+        return quantize_model(self.prepared, layers, self.calibration) if layers else None
+
     def noise(self, layers: Sequence[int] | QuantizedModel) -> float:
         """rho of the variant with ``layers`` quantised (no layer: 0.0 without running)."""
-        variant = layers if isinstance(layers, QuantizedModel) else (
-            quantize_model(self.prepared, layers, self.calibration) if layers else None)
-        if variant is None or not variant.layers:
-            return 0.0
-        return noise_of(self.reference, self.outputs(variant))
+        variant = self._variant(layers)
+        return 0.0 if variant is None else noise_of(self.reference, self.outputs(variant))
+
+    def top1_agreement(self, layers: Sequence[int] | QuantizedModel, output: int = 0
+                       ) -> float:
+        """For a classifier: the share of inputs whose arg-max of model output ``output``
+        (per row of its first axis) is the float model's (QUANT's accuracy proxy)."""
+        variant = self._variant(layers)
+        if variant is None:
+            return 1.0
+        same = total = 0
+        for ref, got in zip(self.reference, self.outputs(variant), strict=True):
+            a, b = ref[output], got[output]
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            same += int(np.sum(a.argmax(axis=1) == b.argmax(axis=1)))
+            total += a.shape[0]
+        return same / max(total, 1)
 
 
 def measure_noise(prepared: PreparedModel, layers: Sequence[int] | QuantizedModel,
