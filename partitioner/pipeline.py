@@ -54,9 +54,6 @@ class PlanResult:
         plan: the chosen plan.
         objective: the objective and caps it was solved with.
         bundle: the bundle directory, once :func:`compile` wrote it.
-        calibration: the inputs (``--calibration`` format) the int8 variants of the
-            plan's ``quantized`` layers were measured with; the back end calibrates the
-            variant it slices on the same ones (None: seeded random, with a warning).
     """
 
     prepared: PreparedModel
@@ -65,7 +62,6 @@ class PlanResult:
     plan: ir.Plan
     objective: ir.Objective = dataclasses.field(default_factory=ir.Objective)
     bundle: Path | None = None
-    calibration: Mapping[str, Any] | None = None
 
 
 def planner(objective: ir.Objective | None = None) -> Callable[[ir.CostTable], ir.Plan]:
@@ -158,7 +154,7 @@ def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool
 
     out = compile_bundle(result.prepared, result.plan, result.system, out_dir,
                          verify=verify, force=force, triton=triton, table=result.table,
-                         progress=progress, calibration=result.calibration)
+                         progress=progress)
     return dataclasses.replace(result, bundle=Path(out))
 
 
