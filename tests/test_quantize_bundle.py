@@ -12,7 +12,7 @@ import pytest
 
 import models
 from partitioner.backend import compile_bundle, load_bundle
-from partitioner.backend.explain import explain, format_text
+from partitioner.backend.explain import explain
 from partitioner.backend.verify import run_bundle, sample_inputs
 from partitioner.errors import UserError
 from partitioner.frontend import load_model
@@ -85,14 +85,8 @@ def test_stage_files_come_from_the_variant_with_uint8_cuts(compiled, yolo11):
     assert doc["plan"]["estimate"]["noise"] == 0.01
     quantised_inputs = [x for s in bundle.stages for x in s.inputs if x.dtype == "uint8"]
     assert len(quantised_inputs) >= 2  # not just the one cut
-    # explain names the int8 layers per stage and the measured noise
-    doc = explain(bundle)
-    names = prepared.graph.layers
-    assert [s["quantized_names"] for s in doc["stages"]] == [
-        [names[k].name for k in s.quantized] for s in bundle.stages]
-    text = format_text(doc)
-    assert f"int8 layers: {names[6].name}" in text or f", {names[6].name}" in text
-    assert "noise vs the float model" in text and "model (quantized)|" in text
+    # explain --json carries the verification, the measured noise with it
+    assert explain(bundle)["verification"]["noise"] == bundle.verification["noise"]
 
 
 def test_chained_stages_are_bit_identical_to_the_quantised_model(compiled, yolo11):

@@ -124,8 +124,6 @@ def explain(bundle: Bundle) -> dict[str, Any]:
             "layers": [s.first, s.last],
             "layer_names": list(names[s.first:s.last + 1]) if names else [],
             "units": units, "split": bool(s.parts),
-            "quantized": list(s.quantized),
-            "quantized_names": [names[k] for k in s.quantized] if names else [],
             "file": s.file, "file_bytes": sum(u["file_bytes"] for u in units),
             "inputs": [t.name for t in s.inputs], "outputs": [t.name for t in s.outputs],
             "forwarded": [n for u in units for n in u["forwarded"]],
@@ -196,9 +194,6 @@ def format_text(doc: dict[str, Any]) -> str:
         else:
             where = s["device"] + (f" @ {s['frequency']}" if s["frequency"] else "")
         lines.append(f"stage {s['id']}  {where}  layers {first}..{last}  {label}")
-        if s.get("quantized"):
-            int8 = s["quantized_names"] or [str(k) for k in s["quantized"]]
-            lines.append(f"    int8 layers: {', '.join(int8)}")
         est = s["estimate"]
         if est:
             lines.append(f"    compute {_seconds(est.get('compute'))} + weight loading "
@@ -229,11 +224,8 @@ def format_text(doc: dict[str, Any]) -> str:
             lines.append(f"carbon {est['carbon']:.4g} mgCO2-eq")
     ver = doc.get("verification")
     if ver:
-        against = " (quantized)" if ver.get("reference") == "quantized model" else ""
-        lines.append(f"verified: max |bundle - model{against}| = {ver['max_abs_diff']:.3g} on "
+        lines.append(f"verified: max |bundle - model| = {ver['max_abs_diff']:.3g} on "
                      f"{ver['inputs']} inputs")
-        if ver.get("noise") is not None:
-            lines.append(f"noise vs the float model (mean |o - o_q|): {ver['noise']:.4g}")
     else:
         lines.append("not verified (compiled with --no-verify)")
     return "\n".join(lines)
