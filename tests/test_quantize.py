@@ -51,18 +51,24 @@ def test_calibration_file_round_trip(tmp_path, tiny):
     np.savez(tmp_path / "cal.npz", **arrays)
     loaded = Q.load_calibration(tmp_path / "cal.npz", tiny)
     np.testing.assert_array_equal(loaded["input"], arrays["input"])
+    # other arrays (labels) are left out; float64 is converted to the input's float32
+    np.savez(tmp_path / "more.npz", input=arrays["input"].astype(np.float64),
+             labels=np.arange(3))
+    more = Q.load_calibration(tmp_path / "more.npz", tiny.graph)
+    assert set(more) == {"input"} and more["input"].dtype == np.float32
+    np.testing.assert_array_equal(more["input"], arrays["input"])
     assert Q.calibration_digest(loaded) == Q.calibration_digest(arrays)
     assert Q.calibration_digest(Q.random_calibration(tiny, 3, seed=5)) != \
         Q.calibration_digest(arrays)
 
 
 @pytest.mark.parametrize("content, message", [
-    ({"images": np.zeros((2, 1, 3, 32, 32), np.float32)}, "array 'images' is not an input"),
-    ({}, "model input 'input' is missing"),
+    ({"images": np.zeros((2, 1, 3, 32, 32), np.float32)}, "no array for model input 'input'"),
+    ({}, "no array for model input 'input'"),
     ({"input": np.zeros((2, 3, 32, 32), np.float32)}, r"shape \[2, 3, 32, 32\], expected "
-                                                      r"\[samples, 1, 3, 32, 32\]"),
+                                                      r"\(samples, 1, 3, 32, 32\)"),
     ({"input": np.zeros((2, 1, 3, 16, 16), np.float32)}, "input 'input' has shape"),
-    ({"input": np.zeros((2, 1, 3, 32, 32), np.float64)}, "dtype float64, expected float32"),
+    ({"input": np.zeros((2, 1, 3, 32, 32), np.int32)}, "dtype int32, expected float32"),
     ({"input": np.zeros((0, 1, 3, 32, 32), np.float32)}, "no samples"),
     ({"input": np.full((1, 1, 3, 32, 32), np.nan, np.float32)}, "non-finite"),
 ])
@@ -77,12 +83,12 @@ def test_bad_calibration_files_give_one_line_errors(tmp_path, tiny, content, mes
 def test_calibration_that_is_not_an_npz_or_holds_objects(tmp_path, tiny):
     text = tmp_path / "cal.npz"
     text.write_text("not an archive\n")
-    with pytest.raises(UserError, match="not a readable .npz") as err:
+    with pytest.raises(UserError, match="cannot read it as .npz") as err:
         Q.load_calibration(text, tiny)
     _one_line(err)
     pickled = tmp_path / "obj.npz"
     np.savez(pickled, input=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(UserError, match="not a readable .npz"):  # no pickle, ever
+    with pytest.raises(UserError, match="cannot read it as .npz"):  # no pickle, ever
         Q.load_calibration(pickled, tiny)
     with pytest.raises(UserError, match="no such file"):
         Q.load_calibration(tmp_path / "missing.npz", tiny)

@@ -22,19 +22,22 @@ __all__ = ["load_calibration", "random_calibration", "calibration_samples",
            "calibration_digest"]
 
 
-def _inputs(prepared: PreparedModel) -> tuple[ir.TensorInfo, ...]:
-    return prepared.graph.inputs
+def _inputs(model: PreparedModel | ir.LayerGraph) -> tuple[ir.TensorInfo, ...]:
+    graph = model if isinstance(model, ir.LayerGraph) else model.graph
+    return graph.inputs
 
 
-def load_calibration(path: str | os.PathLike[str], prepared: PreparedModel
+def load_calibration(path: str | os.PathLike[str], model: PreparedModel | ir.LayerGraph
                      ) -> dict[str, np.ndarray]:
-    """The ``--calibration FILE.npz`` arrays: one per model input, keyed by input name,
-    with a leading sample axis (``images`` of shape ``(16, 1, 3, 320, 320)``).
+    """The ``--calibration FILE.npz`` arrays (the one loader: int8 variants and early-exit
+    probabilities alike): one per model input, keyed by input name, with a leading sample
+    axis (``images`` of shape ``(16, 1, 3, 320, 320)``). Other arrays (labels, say) are
+    left out; a float array of another float width is converted.
 
     Raises:
         UserError: not a readable npz file (pickled objects are refused), a model input
-            missing, an array that is no model input, a wrong shape or dtype, inputs with
-            different sample counts, no sample.
+            missing, a wrong shape or dtype, non-finite values, inputs with different
+            sample counts, no sample.
     """
     file = Path(path)
     where = f"--calibration {file}"
@@ -43,34 +46,33 @@ def load_calibration(path: str | os.PathLike[str], prepared: PreparedModel
     try:
         with np.load(file, allow_pickle=False) as data:
             if not hasattr(data, "files"):
-                fail(f"{where}: not an .npz archive (one array per model input expected)")
+                fail(f"{where}: cannot read it as .npz (one array per model input expected)")
             arrays = {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError, EOFError) as err:
         why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        fail(f"{where}: not a readable .npz archive ({why})")
-    specs = {t.name: t for t in _inputs(prepared)}
-    for name in arrays:
-        if name not in specs:
-            fail(f"{where}: array {name!r} is not an input of model {prepared.graph.name!r} "
-                 f"(inputs: {', '.join(specs)})")
-    counts = set()
-    for name, t in specs.items():
-        if name not in arrays:
-            fail(f"{where}: model input {name!r} is missing")
-        arr = arrays[name]
+        fail(f"{where}: cannot read it as .npz: {why}")
+    out: dict[str, np.ndarray] = {}
+    for t in _inputs(model):
+        arr = arrays.get(t.name)
+        if arr is None:
+            fail(f"{where}: no array for model input {t.name!r}")
         if arr.ndim != len(t.shape) + 1 or tuple(arr.shape[1:]) != tuple(t.shape):
-            fail(f"{where}: input {name!r} has shape {list(arr.shape)}, expected "
-                 f"[samples, {', '.join(str(d) for d in t.shape)}]")
+            fail(f"{where}: input {t.name!r} has shape {list(arr.shape)}, expected "
+                 f"(samples, {', '.join(str(d) for d in t.shape)})")
         if arr.dtype.name != t.dtype:
-            fail(f"{where}: input {name!r} has dtype {arr.dtype.name}, expected {t.dtype}")
+            if not (arr.dtype.kind == "f" and np.dtype(t.dtype).kind == "f"):
+                fail(f"{where}: input {t.name!r} has dtype {arr.dtype.name}, expected "
+                     f"{t.dtype}")
+            arr = arr.astype(t.dtype)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            fail(f"{where}: input {name!r} holds non-finite values (NaN or inf)")
-        counts.add(int(arr.shape[0]))
+            fail(f"{where}: input {t.name!r} holds non-finite values (NaN or inf)")
+        out[t.name] = arr
+    counts = {int(a.shape[0]) for a in out.values()}
     if len(counts) > 1:
-        fail(f"{where}: the inputs have different sample counts ({sorted(counts)})")
+        fail(f"{where}: the inputs have different sample counts {sorted(counts)}")
     if counts == {0}:
         fail(f"{where}: no samples (the leading axis is 0)")
-    return arrays
+    return out
 
 
 def random_calibration(prepared: PreparedModel, n: int = 8, seed: int = 0
