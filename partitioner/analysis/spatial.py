@@ -1,0 +1,449 @@
+"""What a row part of a layer-volume costs (DISTREDGE), and the estimate of a plan with parts.
+
+A *volume* is a run of row-splittable model layers ``first..last`` (``Layer.rows`` set).
+A part computes output rows ``[a, b]`` of the volume's last output (its *main* output).
+Its cost follows from the row geometry of :mod:`partitioner.frontend.rows`, applied
+backwards layer by layer through the volume (the halo included):
+
+* **rows per layer**: the band of every layer's output that the part computes; for an op
+  with kernel F, stride S, top padding P and dilation d, output rows ``[a, b]`` need
+  input rows ``[a*S - P, b*S - P + d(F-1)]``, clipped. The lower end depends on ``a``
+  only and the upper on ``b`` only, so every band is two vectors over the rows and all
+  ``H^2`` parts of a volume are priced at once (numpy outer operations);
+* **compute** (halo recompute included): each layer's single-layer price on the device
+  (the cost table's bundle ``k..k``: analytic FLOPs / FLOPS, or the profiled latency)
+  times the share of its output rows the part computes (the largest share over the ops
+  of the layer, so a Conv + pool layer is priced by its Conv's wider band), plus the
+  volume's weights loaded in full and its internal cuts scaled like the compute, minus
+  the first layer's preloaded weights (ODIWeP) as for a layer-wise run. One part over
+  every row costs exactly what the layer-wise run of the volume costs (analytic device,
+  ``mbs`` at least the volume's length);
+* **scatter**: the rows (halo included) of every tensor the volume reads from outside,
+  sent by the previous stage's device, or the pieces the previous split stage's parts
+  hold (a part on the same device sends nothing);
+* **gather**: the part's rows of every volume output read later (the main output's
+  ``[a, b]``; others at the same relative heights, as :mod:`partitioner.backend.parts`
+  cuts them), sent to the next stage's device.
+
+Every transfer is priced with the project's one link rule,
+:func:`partitioner.analysis.costs.network_transfer`.
+
+**The timing model of a split stage** (one image in flight): the parts run in parallel;
+a part starts when its input messages have arrived (the messages *into one unit* are
+received one after the other, as for a layer-wise stage) and its gather messages leave
+when it finishes; the stage ends when the last part's gather has arrived (a barrier).
+So a split stage costs ``max_p (in_p + compute_p + out_p)``, where ``out_p`` counts the
+messages to non-split receivers (a message into a later split stage counts at its
+receiver). A layer-wise stage costs the sum of its incoming messages plus its bundles,
+exactly as :func:`partitioner.analysis.estimate.evaluate` prices it, so
+:func:`estimate_plan` of a plan without parts equals that function's figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from partitioner import ir
+from partitioner.analysis.costs import network_transfer
+from partitioner.analysis.energy import compute_power
+from partitioner.errors import InfeasibleError, fail
+
+__all__ = ["Volume", "volume", "unit_rows", "PartCosts", "part_costs", "message_time",
+           "estimate_plan", "part_rows_detail"]
+
+HEIGHT = 2
+Band = tuple[np.ndarray, np.ndarray]  # lower end per first row a, upper end per last row b
+
+
+@dataclass(frozen=True)
+class Volume:
+    """Row geometry of model layers ``first..last`` split by the rows of ``main``.
+
+    ``bands[k]`` are, per layer of the volume and per op of it, ``(lo[a], hi[b],
+    out_height)``; ``inputs`` the tensors read from outside with their needed rows;
+    ``outputs`` the tensors read after the volume with ``(height, row bytes)``.
+    """
+
+    first: int
+    last: int
+    main: str
+    height: int
+    bands: tuple[tuple[tuple[np.ndarray, np.ndarray, int], ...], ...]
+    inputs: tuple[tuple[str, np.ndarray, np.ndarray, int, int], ...]  # name, lo, hi, rowbytes, whole
+    outputs: tuple[tuple[str, int, int], ...]  # name, height, row bytes
+
+    def layer_share(self) -> np.ndarray:
+        """``(L, H, H)``: per layer, the largest share of its ops' output rows a part
+        ``[a, b]`` computes (0 where ``b < a``)."""
+        h = self.height
+        out = np.zeros((len(self.bands), h, h))
+        for k, ops in enumerate(self.bands):
+            for lo, hi, height in ops:
+                rows = np.maximum(hi[None, :] - lo[:, None] + 1, 0) / height
+                np.maximum(out[k], rows, out=out[k])
+        return out * np.triu(np.ones((h, h)))[None]
+
+    def input_bytes(self) -> np.ndarray:
+        """``(H, H)``: bytes part ``[a, b]`` reads from outside (halo included)."""
+        total = np.zeros((self.height, self.height))
+        for _, lo, hi, rowbytes, whole in self.inputs:
+            total += whole if whole else np.maximum(hi[None, :] - lo[:, None] + 1, 0) * rowbytes
+        return total
+
+    def output_rows(self, a: int, b: int) -> dict[str, tuple[int, int]]:
+        """Rows of every volume output part ``[a, b]`` holds (the relative-height rule of
+        :mod:`partitioner.backend.parts` for outputs other than the main one)."""
+        h = self.height
+        return {name: (a * oh // h, (b + 1) * oh // h - 1) if name != self.main else (a, b)
+                for name, oh, _ in self.outputs}
+
+    def output_bytes(self) -> np.ndarray:
+        """``(H, H)``: bytes part ``[a, b]`` sends to the next stage."""
+        a = np.arange(self.height)
+        total = np.zeros((self.height, self.height))
+        for name, oh, rowbytes in self.outputs:
+            if name == self.main:
+                rows = a[None, :] - a[:, None] + 1
+            else:
+                rows = (a[None, :] + 1) * oh // self.height - a[:, None] * oh // self.height
+            total += np.maximum(rows, 0) * rowbytes
+        return total
+
+
+def _clip_back(op: ir.RowOp, lo: np.ndarray, hi: np.ndarray) -> Band:
+    """:func:`partitioner.frontend.rows.op_input_rows` on vectors of band ends."""
+    new_lo = np.maximum(lo * op.stride - op.pad_top, 0)
+    new_hi = np.minimum(hi * op.stride - op.pad_top + op.dilation * (op.kernel - 1),
+                        op.in_height - 1)
+    return new_lo, new_hi
+
+
+def _height(t: ir.TensorInfo | None) -> int | None:
+    return t.shape[HEIGHT] if t is not None and len(t.shape) == 4 else None
+
+
+def volume(graph: ir.LayerGraph, first: int, last: int) -> Volume | str:
+    """The geometry of layers ``first..last`` split by rows, or why they cannot be."""
+    layers = graph.layers[first:last + 1]
+    for layer in layers:
+        if layer.rows is None:
+            return f"layer {layer.index} ({layer.name}) cannot be split by rows"
+    tensors = {**graph.tensors, **{t.name: t for t in (*graph.inputs, *graph.outputs)}}
+    produced = [n for layer in layers for n in layer.produces]
+    live = set(graph.cut_after(last).tensors) | {t.name for t in graph.outputs}
+    outs = [n for n in dict.fromkeys(produced) if n in live]
+    if not outs:
+        return "the layers produce nothing read later"
+    for n in outs:
+        if _height(tensors.get(n)) is None:
+            return f"output {n!r} is not 4-D"
+    main = outs[-1]
+    h_main = tensors[main].shape[HEIGHT]
+    rows = np.arange(h_main)
+    need: dict[str, Band] = {main: (rows, rows)}
+    for n in outs[:-1]:
+        oh = tensors[n].shape[HEIGHT]
+        need[n] = (rows * oh // h_main, (rows + 1) * oh // h_main - 1)
+    bands: list[tuple[tuple[np.ndarray, np.ndarray, int], ...]] = []
+    for layer in reversed(layers):
+        assert layer.rows is not None
+        mine = [need[n] for n in layer.produces if n in need]
+        if not mine:
+            bands.append(())
+            continue
+        lo = np.minimum.reduce([m[0] for m in mine])
+        hi = np.maximum.reduce([m[1] for m in mine])
+        band_out = (lo, hi)
+        ops = []
+        for op in reversed(layer.rows):
+            ops.append((lo, hi, op.out_height))
+            lo, hi = _clip_back(op, lo, hi)
+        bands.append(tuple(ops))
+        in_h, out_h = layer.rows[0].in_height, layer.rows[-1].out_height
+        main_in = next((n for n in layer.consumes if _height(tensors.get(n)) == in_h), None)
+        for n in layer.consumes:
+            t = tensors.get(n)
+            th = _height(t)
+            if n == main_in:
+                want = (lo, hi)
+            elif th == out_h:
+                want = band_out
+            elif th is None:
+                return f"layer {layer.index} reads {n!r}, which is not 4-D"
+            else:
+                want = (np.zeros(h_main, int), np.full(h_main, th - 1))
+            old = need.get(n)
+            need[n] = want if old is None else (np.minimum(old[0], want[0]),
+                                                np.maximum(old[1], want[1]))
+    inside = set(produced)
+    inputs = []
+    for n, (lo, hi) in need.items():
+        if n in inside:
+            continue
+        t = tensors[n]
+        th = _height(t)
+        assert th is not None
+        inputs.append((n, lo, hi, t.nbytes // th, 0))
+    outputs = tuple((n, tensors[n].shape[HEIGHT],
+                     tensors[n].nbytes // tensors[n].shape[HEIGHT]) for n in outs)
+    return Volume(first, last, main, h_main, tuple(reversed(bands)), tuple(inputs), outputs)
+
+
+def unit_rows(graph: ir.LayerGraph, plan: ir.Plan):  # type: ignore[no-untyped-def]
+    """Routing's ``UnitRows`` from the analytic geometry: the rows each part of a split
+    stage receives (halo included) and holds (the back end's part models agree on
+    chains; see :mod:`partitioner.backend.parts`)."""
+    cache: dict[int, Volume] = {}
+
+    def rows(stage: int, part: int) -> tuple[dict[str, tuple[int, int] | None],
+                                             dict[str, tuple[int, int] | None]]:
+        s = plan.stages[stage]
+        assert s.parts is not None
+        vol = cache.get(stage)
+        if vol is None:
+            got = volume(graph, s.first, s.last)
+            if isinstance(got, str):
+                fail(f"stage {stage} (layers {s.first}..{s.last}): {got}")
+            cache[stage] = vol = got
+        a, b = s.parts[part].rows
+        ins: dict[str, tuple[int, int] | None] = {
+            n: (int(lo[a]), int(hi[b])) for n, lo, hi, _, _ in vol.inputs}
+        held: dict[str, tuple[int, int] | None] = dict(vol.output_rows(a, b))
+        return ins, held
+    return rows
+
+
+def part_rows_detail(graph: ir.LayerGraph, stage: ir.Stage) -> list[dict[str, object]]:
+    """Per part: output rows, input rows of each tensor read (halo included), halo rows
+    (input rows read beyond the part's share), for ``explain``."""
+    vol = volume(graph, stage.first, stage.last)
+    if isinstance(vol, str) or not stage.parts:
+        return []
+    out = []
+    for p in stage.parts:
+        a, b = p.rows
+        reads = {n: [int(lo[a]), int(hi[b])] for n, lo, hi, _, _ in vol.inputs}
+        halo = 0
+        for n, lo, hi, _, _ in vol.inputs:
+            h_in = graph.tensors[n].shape[HEIGHT] if n in graph.tensors else vol.height
+            share = (b - a + 1) * h_in / vol.height
+            halo = max(halo, int(round(int(hi[b]) - int(lo[a]) + 1 - share)))
+        out.append({"device": p.device, "rows": [a, b], "reads": reads, "halo_rows": halo})
+    return out
+
+
+# --------------------------------------------------------------------------- prices
+
+
+def message_time(system: ir.System, src: str, dst: str, nbytes: float) -> float:
+    """Seconds to send ``nbytes`` from ``src`` to ``dst`` (0 on one device or for 0 B)."""
+    if src == dst or nbytes <= 0:
+        return 0.0
+    cost = network_transfer(system, system.device(src), system.device(dst), nbytes)
+    return math.inf if cost is None else cost.time
+
+
+def _bw_lat(system: ir.System, src: str, dst: str) -> tuple[float, float]:
+    link = system.link(src, dst)
+    if link is None:
+        return 0.0, math.inf
+    s, d = system.device(src), system.device(dst)
+    return min(s.network_bandwidth, d.network_bandwidth, link.bandwidth), link.latency
+
+
+def transfer_array(system: ir.System, src: str, dst: str, nbytes: np.ndarray) -> np.ndarray:
+    """:func:`message_time` over an array of byte counts (the same formula)."""
+    if src == dst:
+        return np.zeros_like(nbytes)
+    bw, lat = _bw_lat(system, src, dst)
+    if not bw:
+        return np.where(nbytes > 0, math.inf, 0.0)
+    return np.where(nbytes > 0, nbytes / bw + lat, 0.0)
+
+
+@dataclass(frozen=True)
+class PartCosts:
+    """Compute seconds (and joules) of every part ``[a, b]`` of a volume on a device."""
+
+    device: str
+    frequency: str | None
+    compute: np.ndarray  # (H, H), inf where b < a or no price
+    energy: np.ndarray | None
+
+
+def _position_of(table: ir.CostTable) -> dict[int, int]:
+    return {p.layer: p.index for p in table.positions if p.layer is not None}
+
+
+def part_costs(table: ir.CostTable, vol: Volume, device: str, frequency: str | None,
+               share: np.ndarray | None = None) -> PartCosts | None:
+    """Compute time of every part of ``vol`` on ``device`` (module docstring), or None
+    when a layer of the volume may not run there (pins) or has no price."""
+    share = vol.layer_share() if share is None else share
+    where = _position_of(table)
+    h = vol.height
+    total = np.zeros((h, h))
+    fixed = hidden = 0.0
+    for i, k in enumerate(range(vol.first, vol.last + 1)):
+        pos = where[k]
+        b = table.bundles.get((pos, pos, device, frequency))
+        if b is None:
+            return None
+        total += b.compute * share[i]
+        fixed += b.weight_loading
+        if i == 0 and table.preload:
+            hidden = b.hidden
+            fixed -= hidden
+        if k < vol.last:
+            internal = table.transfers.get((pos, device, device))
+            if internal is not None:
+                total += internal.time * share[i]
+    compute = np.where(np.triu(np.ones((h, h), bool)), total + fixed, math.inf)
+    power = compute_power(table.system.device(device), frequency)
+    # the device draws power while it loads weights, hidden by preloading or not
+    energy = None if power is None else power * (compute + hidden)
+    return PartCosts(device, frequency, compute, energy)
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def _bundle(table: ir.CostTable, pos: int, last: int, dev: str, freq: str | None
+            ) -> ir.BundleCost:
+    cost = table.bundles.get((pos, last, dev, freq))
+    if cost is None:
+        fail(f"no price for positions {pos}..{last} on {dev!r} at frequency {freq!r}",
+             error=InfeasibleError)
+    return cost
+
+
+def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
+                  msgs: Sequence[object], placement: Sequence[str],
+                  freqs: Mapping[str, str | None]) -> ir.Estimate:
+    """The estimate of a plan with split stages (the timing model of the module
+    docstring), from routing's messages (:func:`partitioner.analysis.routing.messages`).
+
+    ``placement`` gives the pseudo positions' devices (the split stages' entries are not
+    read). Latency = pseudo bundles and their transfers + per stage its time + messages
+    into ``"output"`` from layer-wise stages.
+    """
+    system = table.system
+    split = {s.id: s for s in plan.stages if s.parts}
+    t_in: dict[str, float] = {}
+    t_out: dict[str, float] = {}
+    busy: dict[str, float] = {}
+    energy: dict[str, float] = {}
+    known: set[str] = set()
+    comm = 0.0
+    unit_is_part = {f"{i}.{k}" for i, s in split.items() for k in range(len(s.parts or ()))}
+    to_output = 0.0
+    for m in msgs:
+        src, dst = m.sender_device, m.receiver_device  # type: ignore[attr-defined]
+        if src is None or dst is None or src == dst:
+            continue
+        cost = network_transfer(system, system.device(src), system.device(dst),
+                                m.nbytes)  # type: ignore[attr-defined]
+        if cost is None:
+            fail(f"no link from {src!r} to {dst!r} for a routed tensor",
+                 error=InfeasibleError)
+        comm += cost.time
+        busy[src] = busy.get(src, 0.0) + cost.time
+        for end, e in ((src, cost.sender_energy), (dst, cost.receiver_energy)):
+            if e is not None:
+                energy[end] = energy.get(end, 0.0) + e
+                known.add(end)
+        sender, receiver = m.sender, m.receiver  # type: ignore[attr-defined]
+        if sender in unit_is_part and receiver not in unit_is_part:
+            t_out[sender] = t_out.get(sender, 0.0) + cost.time
+        elif receiver == "output":
+            to_output += cost.time
+        else:
+            t_in[receiver] = t_in.get(receiver, 0.0) + cost.time
+    latency = compute = weight = 0.0
+    # pseudo positions and the transfers between them (not routed)
+    positions = table.positions
+    layer_pos = [p.index for p in positions if p.kind == "layer"]
+    pseudo_runs = [k for k in range(len(positions)) if positions[k].kind != "layer"]
+    for k in pseudo_runs:
+        c = _bundle(table, k, k, placement[k], freqs.get(placement[k]))
+        latency += c.time
+        compute += c.compute
+        weight += c.weight_loading
+        busy[placement[k]] = busy.get(placement[k], 0.0) + c.time
+        if c.energy is not None:
+            energy[placement[k]] = energy.get(placement[k], 0.0) + c.energy
+            known.add(placement[k])
+        nxt = k + 1
+        if nxt < len(positions) and positions[nxt].kind != "layer" \
+                and placement[nxt] != placement[k]:
+            tr = table.transfers.get((k, placement[k], placement[nxt]))
+            if tr is None:
+                fail(f"no path from {placement[k]!r} to {placement[nxt]!r}",
+                     error=InfeasibleError)
+            latency += tr.time
+            comm += tr.time
+    first_layer = layer_pos[0]
+    prev_dev = placement[first_layer - 1] if first_layer > 0 else None
+    prev_split = False
+    for s in plan.stages:
+        if s.parts:
+            vol = volume(graph, s.first, s.last)
+            if isinstance(vol, str):
+                fail(f"stage {s.id} (layers {s.first}..{s.last}): {vol}")
+            share = vol.layer_share()
+            worst, worst_compute = 0.0, 0.0
+            for k, p in enumerate(s.parts):
+                pc = part_costs(table, vol, p.device, p.frequency or freqs.get(p.device), share)
+                if pc is None:
+                    fail(f"stage {s.id} part {k}: no price on {p.device!r}",
+                         error=InfeasibleError)
+                a, b = p.rows
+                c = float(pc.compute[a, b])
+                key = f"{s.id}.{k}"
+                busy[p.device] = busy.get(p.device, 0.0) + c
+                if pc.energy is not None:
+                    energy[p.device] = energy.get(p.device, 0.0) + float(pc.energy[a, b])
+                    known.add(p.device)
+                total = t_in.get(key, 0.0) + c + t_out.get(key, 0.0)
+                if total >= worst:
+                    worst, worst_compute = total, c
+            latency += worst
+            compute += worst_compute
+            prev_split = True
+            continue
+        dev = s.device
+        assert dev is not None
+        freq = s.frequency if s.frequency is not None else freqs.get(dev)
+        lo = layer_pos[s.first]
+        hi = layer_pos[s.last]
+        starts = lo > 0 and (prev_split or prev_dev != dev)
+        # the canonical split of a run: chunks of mbs layers from its start
+        bundles = [(b, min(b + table.mbs - 1, hi)) for b in range(lo, hi + 1, table.mbs)]
+        latency += t_in.get(str(s.id), 0.0)
+        for idx, (b_first, b_last) in enumerate(bundles):
+            c = _bundle(table, b_first, b_last, dev, freq)
+            hidden = c.hidden if (table.preload and idx == 0 and starts) else 0.0
+            latency += c.time - hidden
+            compute += c.compute
+            weight += c.weight_loading - hidden
+            comm += c.internal
+            busy[dev] = busy.get(dev, 0.0) + c.time - hidden
+            if c.energy is not None:
+                energy[dev] = energy.get(dev, 0.0) + c.energy
+                known.add(dev)
+            if idx + 1 < len(bundles):
+                tr = table.transfers.get((b_last, dev, dev))
+                if tr is not None:
+                    latency += tr.time
+                    comm += tr.time
+                    busy[dev] += tr.time
+        prev_dev, prev_split = dev, False
+    latency += to_output
+    bottleneck = max(busy.values()) if busy else 0.0
+    return ir.Estimate(latency=latency, compute=compute, communication=comm,
+                       weight_loading=weight, bottleneck=bottleneck,
+                       energy={d: e for d, e in energy.items() if d in known})
