@@ -109,7 +109,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          profiles: Sequence[str | Path | Profile] = (),
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
-         preload: bool = True, private: int = 0, example_inputs: Any = None) -> PlanResult:
+         preload: bool = True, private: int = 0, example_inputs: Any = None,
+         spatial: bool = False, max_parts: int | None = None,
+         spatial_baseline: str | None = None) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -127,6 +129,11 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         preload: model weight preloading (ODIWeP).
         private: the first ``private`` layers run only on trusted devices.
         example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
+        spatial: runs of row-splittable layers may be split by rows across devices
+            (DISTREDGE; :mod:`partitioner.solver.spatial`).
+        max_parts: the most parts of one split stage (default: every device).
+        spatial_baseline: plan by one of DISTREDGE's baselines instead
+            (:mod:`partitioner.solver.spatial_baselines`).
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -141,7 +148,13 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     table = build_cost_table(prepared.graph, loaded_system,
                              profiles=_profiles(profiles, prepared.graph), mbs=mbs,
                              preload=preload, private=private)
-    chosen = planner(objective)(table)
+    if spatial or spatial_baseline or max_parts is not None:
+        from partitioner.solver.spatial_entry import spatial_plan
+
+        chosen = spatial_plan(prepared.graph, table, objective, max_parts=max_parts,
+                              baseline=spatial_baseline, spatial=spatial)
+    else:
+        chosen = planner(objective)(table)
     # Routing, once, before anything reads the plan (compile() and replan() both plan
     # through here): direct sends where they are cheaper, the estimate re-priced.
     chosen = route_plan(prepared.graph, table, chosen)

@@ -99,6 +99,15 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="model weight preloading (ODIWeP; default on)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="solver time limit, seconds")
+    parser.add_argument("--spatial", action="store_true",
+                        help="a run of row-splittable layers may be split by output rows "
+                             "across devices running in parallel (DISTREDGE)")
+    parser.add_argument("--max-parts", type=int, default=None, metavar="N",
+                        help="the most parts of one split stage (with --spatial; default: "
+                             "every device)")
+    parser.add_argument("--spatial-baseline", default=None, metavar="NAME",
+                        help="plan by a DISTREDGE baseline: offload, equal, proportional, "
+                             "coedge or aofl (same cost model)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -141,7 +150,25 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
         fail(f"--mbs must be >= 1, got {args.mbs}")
     return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
             "granularity": args.granularity, "objective": objective_from_args(args),
-            "mbs": args.mbs, "preload": args.preload, "private": args.private}
+            "mbs": args.mbs, "preload": args.preload, "private": args.private,
+            **spatial_options(args)}
+
+
+def spatial_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--spatial`` / ``--max-parts`` / ``--spatial-baseline`` as keyword arguments."""
+    out: dict[str, Any] = {}
+    spatial = getattr(args, "spatial", False)
+    parts = getattr(args, "max_parts", None)
+    baseline = getattr(args, "spatial_baseline", None)
+    if parts is not None and not spatial and baseline is None:
+        fail(f"--max-parts {parts}: only with --spatial or --spatial-baseline")
+    if spatial:
+        out["spatial"] = True
+    if parts is not None:
+        out["max_parts"] = parts
+    if baseline is not None:
+        out["spatial_baseline"] = baseline
+    return out
 
 
 def plan_from_args(args: argparse.Namespace) -> PlanResult:
