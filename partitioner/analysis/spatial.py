@@ -350,7 +350,6 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         if cost is None:
             fail(f"no link from {src!r} to {dst!r} for a routed tensor",
                  error=InfeasibleError)
-        comm += cost.time
         busy[src] = busy.get(src, 0.0) + cost.time
         for end, e in ((src, cost.sender_energy), (dst, cost.receiver_energy)):
             if e is not None:
@@ -361,6 +360,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
             t_out[sender] = t_out.get(sender, 0.0) + cost.time
         elif receiver == "output":
             to_output += cost.time
+            comm += cost.time
         else:
             t_in[receiver] = t_in.get(receiver, 0.0) + cost.time
     latency = compute = weight = 0.0
@@ -373,6 +373,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         latency += c.time
         compute += c.compute
         weight += c.weight_loading
+        comm += c.internal
         busy[placement[k]] = busy.get(placement[k], 0.0) + c.time
         if c.energy is not None:
             energy[placement[k]] = energy.get(placement[k], 0.0) + c.energy
@@ -395,7 +396,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
             if isinstance(vol, str):
                 fail(f"stage {s.id} (layers {s.first}..{s.last}): {vol}")
             share = vol.layer_share()
-            worst, worst_compute = 0.0, 0.0
+            worst, worst_compute, worst_comm = 0.0, 0.0, 0.0
             for k, p in enumerate(s.parts):
                 pc = part_costs(table, vol, p.device, p.frequency or freqs.get(p.device), share)
                 if pc is None:
@@ -408,11 +409,13 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                 if pc.energy is not None:
                     energy[p.device] = energy.get(p.device, 0.0) + float(pc.energy[a, b])
                     known.add(p.device)
-                total = t_in.get(key, 0.0) + c + t_out.get(key, 0.0)
-                if total >= worst:
-                    worst, worst_compute = total, c
+                moved = t_in.get(key, 0.0) + t_out.get(key, 0.0)
+                if moved + c >= worst:
+                    worst, worst_compute, worst_comm = moved + c, c, moved
+            # the critical part's compute and transfers (the parts overlap in time)
             latency += worst
             compute += worst_compute
+            comm += worst_comm
             prev_split = True
             continue
         dev = s.device
@@ -424,6 +427,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         # the canonical split of a run: chunks of mbs layers from its start
         bundles = [(b, min(b + table.mbs - 1, hi)) for b in range(lo, hi + 1, table.mbs)]
         latency += t_in.get(str(s.id), 0.0)
+        comm += t_in.get(str(s.id), 0.0)
         for idx, (b_first, b_last) in enumerate(bundles):
             c = _bundle(table, b_first, b_last, dev, freq)
             hidden = c.hidden if (table.preload and idx == 0 and starts) else 0.0
