@@ -41,6 +41,7 @@ exactly as :func:`partitioner.analysis.estimate.evaluate` prices it, so
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,11 +53,19 @@ from partitioner.analysis.costs import network_transfer
 from partitioner.analysis.energy import compute_power
 from partitioner.errors import InfeasibleError, fail
 
-__all__ = ["Volume", "volume", "unit_rows", "PartCosts", "part_costs", "message_time",
+__all__ = ["upper_mask", "Volume", "volume", "unit_rows", "PartCosts", "part_costs", "message_time",
            "estimate_plan", "part_rows_detail"]
 
 HEIGHT = 2
 Band = tuple[np.ndarray, np.ndarray]  # lower end per first row a, upper end per last row b
+
+
+@functools.lru_cache(maxsize=64)
+def upper_mask(h: int) -> np.ndarray:
+    """``(h, h)`` booleans: True where ``b >= a`` (a part's rows are non-empty)."""
+    mask = np.triu(np.ones((h, h), bool))
+    mask.flags.writeable = False
+    return mask
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class Volume:
             for lo, hi, height in ops:
                 rows = np.maximum(hi[None, :] - lo[:, None] + 1, 0) / height
                 np.maximum(out[k], rows, out=out[k])
-        return out * np.triu(np.ones((h, h)))[None]
+        return out * upper_mask(h)[None]
 
     def input_bytes(self) -> np.ndarray:
         """``(H, H)``: bytes part ``[a, b]`` reads from outside (halo included)."""
@@ -247,12 +256,28 @@ def message_time(system: ir.System, src: str, dst: str, nbytes: float) -> float:
     return math.inf if cost is None else cost.time
 
 
+_LINKS: dict[int, tuple[ir.System, dict[tuple[str, str], tuple[float, float]]]] = {}
+
+
 def _bw_lat(system: ir.System, src: str, dst: str) -> tuple[float, float]:
-    link = system.link(src, dst)
-    if link is None:
-        return 0.0, math.inf
-    s, d = system.device(src), system.device(dst)
-    return min(s.network_bandwidth, d.network_bandwidth, link.bandwidth), link.latency
+    """Bandwidth and latency of the pair (bandwidth 0: not linked), cached per system
+    object (hashing a frozen system on every call costs more than the lookup)."""
+    held = _LINKS.get(id(system))
+    if held is None or held[0] is not system:
+        if len(_LINKS) > 16:
+            _LINKS.clear()
+        held = _LINKS[id(system)] = (system, {})
+    pairs = held[1]
+    key = (src, dst)
+    if key not in pairs:
+        link = system.link(src, dst)
+        if link is None:
+            pairs[key] = (0.0, math.inf)
+        else:
+            s, d = system.device(src), system.device(dst)
+            pairs[key] = (min(s.network_bandwidth, d.network_bandwidth, link.bandwidth),
+                          link.latency)
+    return pairs[key]
 
 
 def transfer_array(system: ir.System, src: str, dst: str, nbytes: np.ndarray) -> np.ndarray:
@@ -302,7 +327,7 @@ def part_costs(table: ir.CostTable, vol: Volume, device: str, frequency: str | N
             internal = table.transfers.get((pos, device, device))
             if internal is not None:
                 total += internal.time * share[i]
-    compute = np.where(np.triu(np.ones((h, h), bool)), total + fixed, math.inf)
+    compute = np.where(upper_mask(h), total + fixed, math.inf)
     power = compute_power(table.system.device(device), frequency)
     # the device draws power while it loads weights, hidden by preloading or not
     energy = None if power is None else power * (compute + hidden)

@@ -22,7 +22,7 @@ with ``c_k(a, b) <= T`` plus one: by the monotonicity, a larger prefix is never 
 this recursion decides exactly whether ``T`` is feasible with at most ``N`` parts (the
 subset of devices falls out: a device that cannot finish one row takes none).
 Feasibility is monotone in ``T``, so bisection on ``T`` finds the optimum to a relative
-1e-9. **Exact** over row cuts, device subsets and parts counts; **bounded**: the order of
+1e-7. **Exact** over row cuts, device subsets and parts counts; **bounded**: the order of
 the devices along the height is the system file's (the order only decides which device
 gets a border band, whose halo is one-sided); a split stage after a split stage is cut
 optimally *given* the previous stage's cuts (the DP keeps one configuration per boundary),
@@ -47,6 +47,7 @@ from partitioner.analysis.spatial import (
     Volume,
     part_costs,
     transfer_array,
+    upper_mask,
     volume,
 )
 from partitioner.errors import InfeasibleError, fail
@@ -57,7 +58,7 @@ __all__ = ["solve_spatial", "min_max_split", "SplitArc", "arc_costs", "MAX_SPATI
 
 #: The most frequency vectors the spatial planner enumerates.
 MAX_SPATIAL_PHI = 16
-_REL = 1e-9
+_REL = 1e-7
 
 
 @dataclass(frozen=True)
@@ -70,30 +71,29 @@ class SplitArc:
     parts: tuple[tuple[str, str | None, int, int], ...]
 
 
-def min_max_split(costs: Sequence[np.ndarray], max_parts: int
+def min_max_split(costs: Sequence[np.ndarray], max_parts: int, floor: float = 0.0
                   ) -> tuple[float, list[tuple[int, int, int]]] | None:
     """The least ``T`` and the parts ``(device index, a, b)`` (in the given order) that
     cover every row with at most ``max_parts`` parts, each costing at most ``T``.
 
     ``costs[q][a, b]`` is the cost of part ``[a, b]`` on device ``q``, non-decreasing in
-    ``b`` and non-increasing in ``a`` (see the module docstring for why this is exact).
+    ``b`` and non-increasing in ``a`` (see the module docstring for why this is exact);
+    ``floor`` is a known lower bound on ``T`` (it only saves bisection steps).
     """
     if not costs:
         return None
     h = costs[0].shape[0]
     n_parts = max(1, min(max_parts, len(costs)))
-    singles = [float(c[0, h - 1]) for c in costs]
-    hi = min(singles)
+    hi = min(float(c[0, h - 1]) for c in costs)
+    found = _feasible(costs, n_parts, hi) if math.isfinite(hi) else None
+    if found is None:
+        found = _feasible(costs, n_parts, math.inf)
+        if found is None:
+            return None
+    hi = max(float(costs[q][a, b]) for q, a, b in found)
     if not math.isfinite(hi):
-        best = _feasible(costs, n_parts, math.inf)
-        if best is None:
-            return None
-        hi = max(float(costs[q][a, b]) for q, a, b in best)
-        if not math.isfinite(hi):
-            return None
-    found = _feasible(costs, n_parts, hi)
-    assert found is not None
-    lo = 0.0
+        return None
+    lo = min(max(floor, 0.0), hi)
     for _ in range(200):
         if hi - lo <= _REL * hi:
             break
@@ -107,9 +107,27 @@ def min_max_split(costs: Sequence[np.ndarray], max_parts: int
     return hi, found
 
 
+def _greedy(costs: Sequence[np.ndarray], limit: float) -> list[tuple[int, int, int]] | None:
+    """:func:`_feasible` when every device may take a part: each takes the most rows it
+    finishes within ``limit``, top to bottom."""
+    h = costs[0].shape[0]
+    a = 0
+    parts = []
+    for q, c in enumerate(costs):
+        r = int(c[a, a:].searchsorted(limit, side="right"))
+        if r:
+            parts.append((q, a, a + r - 1))
+            a += r
+            if a == h:
+                return parts
+    return None
+
+
 def _feasible(costs: Sequence[np.ndarray], n_parts: int, limit: float
               ) -> list[tuple[int, int, int]] | None:
     """Parts covering every row within ``limit``, or None (the frontier recursion)."""
+    if n_parts >= len(costs):
+        return _greedy(costs, limit)
     h = costs[0].shape[0]
     frontier = [-1] * (n_parts + 1)
     frontier[0] = 0
@@ -120,7 +138,7 @@ def _feasible(costs: Sequence[np.ndarray], n_parts: int, limit: float
             a = frontier[m - 1]
             if a < 0 or a >= h:
                 continue
-            r = int(np.searchsorted(c[a, a:], limit, side="right"))
+            r = int(c[a, a:].searchsorted(limit, side="right"))
             if r and a + r > nxt[m]:
                 nxt[m] = a + r
         history.append(frontier)
@@ -191,7 +209,7 @@ def arc_costs(system: ir.System, vol: Volume, compute: Sequence[PartCosts],
         if target is not None:
             assert out_bytes is not None
             c += transfer_array(system, pc.device, target, out_bytes)
-        out.append(np.where(np.triu(np.ones(c.shape, bool)), c, math.inf))
+        out.append(np.where(upper_mask(c.shape[0]), c, math.inf))
     return out
 
 
@@ -210,9 +228,55 @@ class _Best:
     back: tuple | None = None  # type: ignore[type-arg]
 
 
+def _suffix_bounds_layers(table: ir.CostTable, freq: dict[str, str | None],
+                          graph: ir.LayerGraph, max_parts: int) -> list[float]:
+    """``lb[j]``: a lower bound on the latency after position ``j``.
+
+    A position no split stage can hold (pseudo layers, layers without row geometry)
+    takes at least its least compute time. For a splittable layer ``k`` with compute
+    ``t_kq`` on device ``q``, the parts of any stage that holds it compute shares
+    ``s_q`` of its rows with ``sum_q s_q >= 1``, so for any weights ``w_q > 0`` the stage
+    takes at least ``min_q(w_q t_kq) / sum_{N largest} w_q`` per such layer, and these
+    bounds add up over the layers of the stage (also a whole stage on one device obeys
+    it). ``w_q = 1 / sum_k t_kq`` makes it the ideal parallel time for analytic devices.
+    """
+    pos = table.positions
+    rows_none = [layer.rows is None for layer in graph.layers]
+    singles = []
+    for k in range(len(pos)):
+        got = {d: table.bundles.get((k, k, d, f)) for d, f in freq.items()}
+        singles.append({d: c.compute for d, c in got.items() if c is not None})
+    totals: dict[str, float] = {}
+    for k, p in enumerate(pos):
+        if p.layer is not None and not rows_none[p.layer]:
+            for d, t in singles[k].items():
+                totals[d] = totals.get(d, 0.0) + t
+    weights = {d: 1.0 / t for d, t in totals.items() if t > 0}
+    top = sum(sorted(weights.values(), reverse=True)[:max_parts])
+    out = [0.0] * (len(pos) + 1)
+    for k in range(len(pos) - 1, -1, -1):
+        times = singles[k]
+        layer = pos[k].layer
+        if not times:
+            add = 0.0
+        elif layer is None or rows_none[layer] or not top:
+            add = min(times.values())
+        else:
+            add = min(weights.get(d, 0.0) * t for d, t in times.items()) / top
+            add = min(add, min(times.values()))
+        out[k] = out[k + 1] + add
+    return out[1:] + [0.0]
+
+
 def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: int,
-        bound: float) -> tuple[float, list[tuple]] | None:  # type: ignore[type-arg]
-    """The least-latency path (runs and split arcs) for one frequency vector."""
+        bound: float, max_len: int | None = None
+        ) -> tuple[float, list[tuple]] | None:  # type: ignore[type-arg]
+    """The least-latency path (runs and split arcs) for one frequency vector.
+
+    Split arcs whose source value plus the volume's compute-only min-max plus
+    :func:`_suffix_bounds_layers` reach ``bound`` (the latency of a known plan) cannot lead to a
+    better plan and are skipped; ``max_len`` caps the volume length (a first, cheap pass
+    that finds such a plan)."""
     arrays = run_arrays(table)
     devices = arrays.devices
     n = arrays.n
@@ -257,6 +321,7 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
         return math.inf if got is None else got[0]
 
     lbs: dict[tuple[int, int], float] = {}
+    rest = _suffix_bounds_layers(table, freq, graph, max_parts)
     for j in range(n):
         # runs ending at j
         for d in range(nd):
@@ -282,7 +347,9 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
             continue
         last_pos = j == n - 1
         for i in range(j, -1, -1):
-            if layer_of[i] is None or i == 0:
+            if layer_of[i] is None or i == 0 or graph.layers[layer_of[i]].rows is None:
+                break
+            if max_len is not None and j - i + 1 > max_len:
                 break
             vol = vol_at(i, j)
             if vol is None:
@@ -292,7 +359,7 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
                 continue
             if (i, j) not in lbs:
                 lbs[(i, j)] = lower(i, j, vol, comp)
-            lb = lbs[(i, j)]
+            lb = lbs[(i, j)] + rest[j]
             sources: list[tuple[float, object, tuple]] = []  # type: ignore[type-arg]
             for s in range(nd):
                 v = min(V[s][i - 1].value, G[s][i - 1].value)
@@ -312,7 +379,7 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
                                       devices[t])  # type: ignore[arg-type]
                     if costs is None:
                         continue
-                    got = min_max_split(costs, max_parts)
+                    got = min_max_split(costs, max_parts, lbs[(i, j)])
                     if got is None:
                         continue
                     cost, chosen = got
@@ -438,7 +505,13 @@ def solve_spatial(graph: ir.LayerGraph, table: ir.CostTable,
     bound = layerwise.estimate.latency * (1 + 1e-12) + 1e-15
     best = layerwise
     for phi in phis:
-        found = _dp(graph, table, phi, max_parts, bound)
+        # a cheap first pass (one-layer volumes) gives a plan whose latency bounds the
+        # full search, which then skips every split arc that cannot beat it
+        quick = _dp(graph, table, phi, max_parts, bound, max_len=1)
+        limit = bound if quick is None else min(bound, quick[0] * (1 + 1e-9) + 1e-15)
+        found = _dp(graph, table, phi, max_parts, limit)
+        if found is None:
+            found = quick
         if found is None:
             continue
         value, segments = found
