@@ -85,6 +85,7 @@ class Volume:
     inputs: tuple[tuple[str, np.ndarray, np.ndarray, int, int], ...]  # name, lo, hi, rowbytes, whole
     outputs: tuple[tuple[str, int, int], ...]  # name, height, row bytes
 
+    @functools.cached_property
     def layer_share(self) -> np.ndarray:
         """``(L, H, H)``: per layer, the largest share of its ops' output rows a part
         ``[a, b]`` computes (0 where ``b < a``)."""
@@ -96,6 +97,7 @@ class Volume:
                 np.maximum(out[k], rows, out=out[k])
         return out * upper_mask(h)[None]
 
+    @functools.cached_property
     def input_bytes(self) -> np.ndarray:
         """``(H, H)``: bytes part ``[a, b]`` reads from outside (halo included)."""
         total = np.zeros((self.height, self.height))
@@ -110,6 +112,7 @@ class Volume:
         return {name: (a * oh // h, (b + 1) * oh // h - 1) if name != self.main else (a, b)
                 for name, oh, _ in self.outputs}
 
+    @functools.cached_property
     def output_bytes(self) -> np.ndarray:
         """``(H, H)``: bytes part ``[a, b]`` sends to the next stage."""
         a = np.arange(self.height)
@@ -308,7 +311,7 @@ def part_costs(table: ir.CostTable, vol: Volume, device: str, frequency: str | N
                share: np.ndarray | None = None) -> PartCosts | None:
     """Compute time of every part of ``vol`` on ``device`` (module docstring), or None
     when a layer of the volume may not run there (pins) or has no price."""
-    share = vol.layer_share() if share is None else share
+    share = vol.layer_share if share is None else share
     where = _position_of(table)
     h = vol.height
     total = np.zeros((h, h))
@@ -420,7 +423,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
             vol = volume(graph, s.first, s.last)
             if isinstance(vol, str):
                 fail(f"stage {s.id} (layers {s.first}..{s.last}): {vol}")
-            share = vol.layer_share()
+            share = vol.layer_share
             worst, worst_compute, worst_comm = 0.0, 0.0, 0.0
             for k, p in enumerate(s.parts):
                 pc = part_costs(table, vol, p.device, p.frequency or freqs.get(p.device), share)

@@ -193,23 +193,36 @@ def arc_costs(system: ir.System, vol: Volume, compute: Sequence[PartCosts],
               target: str | None) -> list[np.ndarray] | None:
     """Per candidate device, ``c_q(a, b)``: incoming + compute + gather to ``target``
     (None: the next stage is split too, its parts count the transfer)."""
-    in_bytes = vol.input_bytes() if isinstance(source, str) else None
-    out_bytes = vol.output_bytes() if target is not None else None
+    base = arc_base(system, vol, compute, source)
+    return None if base is None else with_gather(system, vol, compute, base, target)
+
+
+def arc_base(system: ir.System, vol: Volume, compute: Sequence[PartCosts],
+             source: str | tuple[Volume, Sequence[tuple[str, str | None, int, int]]]
+             ) -> list[np.ndarray] | None:
+    """Per candidate device: incoming + compute (None: the source lacks an input)."""
     out = []
     for pc in compute:
-        c = pc.compute.copy()
         if isinstance(source, str):
-            assert in_bytes is not None
-            c += transfer_array(system, source, pc.device, in_bytes)
+            wait = transfer_array(system, source, pc.device, vol.input_bytes)
         else:
-            wait = _provider_time(system, vol, source[0], source[1], pc.device)
-            if wait is None:
+            got = _provider_time(system, vol, source[0], source[1], pc.device)
+            if got is None:
                 return None
-            c += wait
+            wait = got
+        out.append(pc.compute + wait)
+    return out
+
+
+def with_gather(system: ir.System, vol: Volume, compute: Sequence[PartCosts],
+                base: Sequence[np.ndarray], target: str | None) -> list[np.ndarray]:
+    """``base`` plus each part's gather to ``target`` (the empty parts stay infinite)."""
+    mask = upper_mask(vol.height)
+    out = []
+    for pc, c in zip(compute, base, strict=True):
         if target is not None:
-            assert out_bytes is not None
-            c += transfer_array(system, pc.device, target, out_bytes)
-        out.append(np.where(upper_mask(c.shape[0]), c, math.inf))
+            c = c + transfer_array(system, pc.device, target, vol.output_bytes)
+        out.append(np.where(mask, c, math.inf))
     return out
 
 
@@ -301,7 +314,7 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
 
     def computes(i: int, j: int, vol: Volume) -> list[PartCosts]:
         if (i, j) not in comp_cache:
-            share = vol.layer_share()
+            share = vol.layer_share
             weights = _volume_weights(graph, vol.first, vol.last)
             out = []
             for d in devices:
@@ -374,10 +387,15 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
             if not last_pos and layer_of[j + 1] is not None:
                 targets.append(None)
             for v, src, back in sources:
+                base = arc_base(system, vol, comp, src)  # type: ignore[arg-type]
+                if base is None:
+                    continue
                 for t in targets:
-                    costs = arc_costs(system, vol, comp, src, None if t is None else
-                                      devices[t])  # type: ignore[arg-type]
-                    if costs is None:
+                    costs = with_gather(system, vol, comp, base,
+                                        None if t is None else devices[t])
+                    # no split within what is left of the bound: the arc cannot help
+                    if _feasible(costs, min(max_parts, len(costs)), bound - v - rest[j]) \
+                            is None:
                         continue
                     got = min_max_split(costs, max_parts, lbs[(i, j)])
                     if got is None:

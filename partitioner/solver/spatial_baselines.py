@@ -148,7 +148,7 @@ def _linear_weights(graph: ir.LayerGraph, table: ir.CostTable, first: int, last:
             continue
         per_row = (pc.compute[0, h - 1]) / h
         if network:
-            nbytes = np.array([[vol.input_bytes()[0, h - 1] + vol.output_bytes()[0, h - 1]]])
+            nbytes = np.array([[vol.input_bytes[0, h - 1] + vol.output_bytes[0, h - 1]]])
             per_row += float(transfer_array(table.system, source, d, nbytes)[0, 0]) / h
         out.append(0.0 if not math.isfinite(per_row) or per_row <= 0 else 1.0 / per_row)
     return out
