@@ -19,11 +19,11 @@ from partitioner.solver.spatial import min_max_split
 from tests.test_spatial_fixtures import conv_chain, mesh
 
 
-def _brute_min_max(costs: list[np.ndarray], max_parts: int) -> float:
+def _brute_min_max(costs: list[np.ndarray], max_parts: int, min_parts: int = 1) -> float:
     """Every ordered choice of devices (in the given order) and every set of cuts."""
     h = costs[0].shape[0]
     best = math.inf
-    for m in range(1, min(max_parts, len(costs)) + 1):
+    for m in range(min_parts, min(max_parts, len(costs)) + 1):
         for devs in itertools.combinations(range(len(costs)), m):
             for cuts in itertools.combinations(range(1, h), m - 1):
                 bounds = (0, *cuts, h)
@@ -53,15 +53,15 @@ def test_min_max_split_equals_brute_force(seed: int) -> None:
     rng = np.random.default_rng(seed)
     h, n = int(rng.integers(3, 9)), int(rng.integers(2, 5))
     costs = _monotone_costs(rng, h, n)
-    for max_parts in range(1, n + 1):
-        got = min_max_split(costs, max_parts)
+    for max_parts, min_parts in ((m, k) for m in range(1, n + 1) for k in (1, 2) if k <= m):
+        got = min_max_split(costs, max_parts, min_parts=min_parts)
         assert got is not None
         value, parts = got
-        assert len(parts) <= max_parts
+        assert min_parts <= len(parts) <= max_parts
         rows = [r for _, a, b in parts for r in range(a, b + 1)]
         assert rows == list(range(h))
         assert value == pytest.approx(max(costs[q][a, b] for q, a, b in parts))
-        assert value <= _brute_min_max(costs, max_parts) * (1 + 1e-9)
+        assert value <= _brute_min_max(costs, max_parts, min_parts) * (1 + 1e-7)
 
 
 def test_chain_plan_compiles_and_reproduces(tmp_path: Path) -> None:
@@ -169,3 +169,21 @@ def test_cli_max_parts_without_spatial(tmp_path: Path) -> None:
                         str(sysfile), "--max-parts", "3"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--max-parts 3" in r.stderr
+
+
+@pytest.mark.parametrize("destination", [False, True])
+def test_estimate_of_a_layerwise_plan_is_evaluate(tmp_path: Path, destination: bool) -> None:
+    """The split-stage estimate, given a plan without parts, prices it as evaluate does."""
+    from partitioner.analysis.routing import messages, placement_of
+    from partitioner.analysis.spatial import estimate_plan
+
+    path = conv_chain(tmp_path)
+    system = mesh([3e9, 6e9], bandwidth=1e8, latency=1e-4, destination=destination)
+    result = _plan(path, system)
+    plan, table, graph = result.plan, result.table, result.prepared.graph
+    msgs = messages(graph, plan, plan.routes, table)
+    placement = placement_of(plan, table)
+    assert placement is not None
+    est = estimate_plan(graph, table, plan, msgs, placement, dict(plan.frequencies))
+    assert est.latency == pytest.approx(plan.estimate.latency, rel=1e-12)
+    assert est.compute + est.communication + est.weight_loading == pytest.approx(est.latency)

@@ -13,7 +13,8 @@ from partitioner.ir import Application, Device, Link, System
 
 
 def mesh(flops: Sequence[float], *, bandwidth: float = 1.25e9, latency: float = 0.0,
-         source_flops: float | None = 1e9, nic: float | None = None) -> System:
+         source_flops: float | None = 1e9, nic: float | None = None,
+         destination: bool = False) -> System:
     """Devices ``d0, d1, ...`` with ``flops``, every pair linked, and (unless
     ``source_flops`` is None) a slow camera device ``src`` pinned as the source."""
     devices = [Device(f"d{k}", "edge", f, 25e9, nic or bandwidth) for k, f in enumerate(flops)]
@@ -21,7 +22,8 @@ def mesh(flops: Sequence[float], *, bandwidth: float = 1.25e9, latency: float = 
         devices.insert(0, Device("src", "edge", source_flops, 10e9, nic or bandwidth))
     links = tuple(Link(a.name, b.name, bandwidth, latency)
                   for i, a in enumerate(devices) for b in devices[i + 1:])
-    app = Application(source="src") if source_flops is not None else Application()
+    app = Application(source="src", destination="src" if destination else None) \
+        if source_flops is not None else Application()
     return System(tuple(devices), links, app)
 
 
@@ -67,5 +69,24 @@ def conv_chain(path: Path, *, height: int = 37, width: int = 11, seed: int = 0) 
     model.graph.node.append(helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], name="fc",
                                              transB=1))
     out = path / "chain.onnx"
+    onnx.save(model, out)
+    return out
+
+
+def one_conv(path: Path, *, height: int = 9, width: int = 7, seed: int = 1) -> Path:
+    """One layer: conv(3x3, pad 1) + Relu with a 4-D output (the only splittable layer,
+    so no chain of split stages exists)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((6, 3, 3, 3)) * 0.2).astype(
+        np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    model = helper.make_model(helper.make_graph(
+        nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                      [1, 3, height, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, height, width])],
+        initializer=inits), opset_imports=[helper.make_opsetid("", 17)])
+    out = path / "one.onnx"
     onnx.save(model, out)
     return out

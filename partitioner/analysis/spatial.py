@@ -452,6 +452,11 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         lo = layer_pos[s.first]
         hi = layer_pos[s.last]
         starts = lo > 0 and (prev_split or prev_dev != dev)
+        if lo > 0 and not prev_split and prev_dev == dev and positions[lo - 1].kind != "layer":
+            # a pseudo layer on the same device hands over in memory (as evaluate prices it)
+            tr = table.transfers.get((lo - 1, dev, dev))
+            latency += tr.time if tr is not None else 0.0
+            comm += tr.time if tr is not None else 0.0
         # the canonical split of a run: chunks of mbs layers from its start
         bundles = [(b, min(b + table.mbs - 1, hi)) for b in range(lo, hi + 1, table.mbs)]
         latency += t_in.get(str(s.id), 0.0)
@@ -473,6 +478,12 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                     latency += tr.time
                     comm += tr.time
                     busy[dev] += tr.time
+        nxt_pos = hi + 1
+        if nxt_pos < len(positions) and positions[nxt_pos].kind != "layer" \
+                and placement[nxt_pos] == dev:
+            tr = table.transfers.get((hi, dev, dev))
+            latency += tr.time if tr is not None else 0.0
+            comm += tr.time if tr is not None else 0.0
         prev_dev, prev_split = dev, False
     latency += to_output
     bottleneck = max(busy.values()) if busy else 0.0

@@ -71,23 +71,26 @@ class SplitArc:
     parts: tuple[tuple[str, str | None, int, int], ...]
 
 
-def min_max_split(costs: Sequence[np.ndarray], max_parts: int, floor: float = 0.0
-                  ) -> tuple[float, list[tuple[int, int, int]]] | None:
+def min_max_split(costs: Sequence[np.ndarray], max_parts: int, floor: float = 0.0,
+                  min_parts: int = 1) -> tuple[float, list[tuple[int, int, int]]] | None:
     """The least ``T`` and the parts ``(device index, a, b)`` (in the given order) that
     cover every row with at most ``max_parts`` parts, each costing at most ``T``.
 
     ``costs[q][a, b]`` is the cost of part ``[a, b]`` on device ``q``, non-decreasing in
     ``b`` and non-increasing in ``a`` (see the module docstring for why this is exact);
-    ``floor`` is a known lower bound on ``T`` (it only saves bisection steps).
+    ``floor`` is a known lower bound on ``T`` (it only saves bisection steps); at least
+    ``min_parts`` parts are used (a split stage has two or more).
     """
     if not costs:
         return None
     h = costs[0].shape[0]
     n_parts = max(1, min(max_parts, len(costs)))
+    if n_parts < min_parts:
+        return None
     hi = min(float(c[0, h - 1]) for c in costs)
-    found = _feasible(costs, n_parts, hi) if math.isfinite(hi) else None
+    found = _feasible(costs, n_parts, hi, min_parts) if math.isfinite(hi) else None
     if found is None:
-        found = _feasible(costs, n_parts, math.inf)
+        found = _feasible(costs, n_parts, math.inf, min_parts)
         if found is None:
             return None
     hi = max(float(costs[q][a, b]) for q, a, b in found)
@@ -98,7 +101,7 @@ def min_max_split(costs: Sequence[np.ndarray], max_parts: int, floor: float = 0.
         if hi - lo <= _REL * hi:
             break
         mid = 0.5 * (lo + hi)
-        got = _feasible(costs, n_parts, mid)
+        got = _feasible(costs, n_parts, mid, min_parts)
         if got is None:
             lo = mid
         else:
@@ -123,11 +126,15 @@ def _greedy(costs: Sequence[np.ndarray], limit: float) -> list[tuple[int, int, i
     return None
 
 
-def _feasible(costs: Sequence[np.ndarray], n_parts: int, limit: float
+def _feasible(costs: Sequence[np.ndarray], n_parts: int, limit: float, min_parts: int = 1
               ) -> list[tuple[int, int, int]] | None:
-    """Parts covering every row within ``limit``, or None (the frontier recursion)."""
+    """Parts (at least ``min_parts``) covering every row within ``limit``, or None (the
+    frontier recursion; ``F[k][m]`` is the furthest row exactly ``m`` parts reach)."""
     if n_parts >= len(costs):
-        return _greedy(costs, limit)
+        got = _greedy(costs, limit)
+        if got is None or len(got) >= min_parts:
+            return got
+        # the greedy used fewer parts than required: the exact recursion decides
     h = costs[0].shape[0]
     frontier = [-1] * (n_parts + 1)
     frontier[0] = 0
@@ -139,11 +146,14 @@ def _feasible(costs: Sequence[np.ndarray], n_parts: int, limit: float
             if a < 0 or a >= h:
                 continue
             r = int(c[a, a:].searchsorted(limit, side="right"))
-            if r and a + r > nxt[m]:
-                nxt[m] = a + r
+            # leave a row for every further part that min_parts still requires
+            end = min(a + r, h - max(0, min_parts - m))
+            if end > a and end > nxt[m]:
+                nxt[m] = end
         history.append(frontier)
         frontier = nxt
-    best_m = next((m for m in range(1, n_parts + 1) if frontier[m] == h), None)
+    best_m = next((m for m in range(max(1, min_parts), n_parts + 1) if frontier[m] == h),
+                  None)
     if best_m is None:
         return None
     parts: list[tuple[int, int, int]] = []
@@ -394,10 +404,10 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
                     costs = with_gather(system, vol, comp, base,
                                         None if t is None else devices[t])
                     # no split within what is left of the bound: the arc cannot help
-                    if _feasible(costs, min(max_parts, len(costs)), bound - v - rest[j]) \
-                            is None:
+                    if _feasible(costs, min(max_parts, len(costs)), bound - v - rest[j],
+                                 2) is None:
                         continue
-                    got = min_max_split(costs, max_parts, lbs[(i, j)])
+                    got = min_max_split(costs, max_parts, lbs[(i, j)], min_parts=2)
                     if got is None:
                         continue
                     cost, chosen = got
