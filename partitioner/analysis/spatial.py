@@ -82,7 +82,8 @@ class Volume:
     main: str
     height: int
     bands: tuple[tuple[tuple[np.ndarray, np.ndarray, int], ...], ...]
-    inputs: tuple[tuple[str, np.ndarray, np.ndarray, int, int], ...]  # name, lo, hi, rowbytes, whole
+    # name, lo, hi, row bytes, whole bytes (0: sliced by rows)
+    inputs: tuple[tuple[str, np.ndarray, np.ndarray, int, int], ...]
     outputs: tuple[tuple[str, int, int], ...]  # name, height, row bytes
 
     @functools.cached_property
@@ -431,15 +432,15 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                     fail(f"stage {s.id} part {k}: no price on {p.device!r}",
                          error=InfeasibleError)
                 a, b = p.rows
-                c = float(pc.compute[a, b])
+                part_time = float(pc.compute[a, b])
                 key = f"{s.id}.{k}"
-                busy[p.device] = busy.get(p.device, 0.0) + c
+                busy[p.device] = busy.get(p.device, 0.0) + part_time
                 if pc.energy is not None:
                     energy[p.device] = energy.get(p.device, 0.0) + float(pc.energy[a, b])
                     known.add(p.device)
                 moved = t_in.get(key, 0.0) + t_out.get(key, 0.0)
-                if moved + c >= worst:
-                    worst, worst_compute, worst_comm = moved + c, c, moved
+                if moved + part_time >= worst:
+                    worst, worst_compute, worst_comm = moved + part_time, part_time, moved
             # the critical part's compute and transfers (the parts overlap in time)
             latency += worst
             compute += worst_compute

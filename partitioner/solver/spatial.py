@@ -330,8 +330,7 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
             for d in devices:
                 if system.device(d).memory < weights:
                     continue
-                if any(pos[k].allowed is not None and d not in pos[k].allowed
-                       for k in range(i, j + 1)):
+                if any(d not in (pos[k].allowed or (d,)) for k in range(i, j + 1)):
                     continue
                 pc = part_costs(table, vol, d, freq[d], share)
                 if pc is not None:
@@ -353,6 +352,7 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
                 t = row[i]
                 if not math.isfinite(t):
                     continue
+                back: tuple  # type: ignore[type-arg]
                 if i == 0:
                     start, back = 0.0, ("start",)
                 else:
@@ -370,7 +370,8 @@ def _dp(graph: ir.LayerGraph, table: ir.CostTable, phi: np.ndarray, max_parts: i
             continue
         last_pos = j == n - 1
         for i in range(j, -1, -1):
-            if layer_of[i] is None or i == 0 or graph.layers[layer_of[i]].rows is None:
+            layer_i = layer_of[i]
+            if layer_i is None or i == 0 or graph.layers[layer_i].rows is None:
                 break
             if max_len is not None and j - i + 1 > max_len:
                 break
@@ -455,11 +456,12 @@ def _plan_of(table: ir.CostTable, segments: list[tuple], freq: dict[str, str | N
         if seg[0] == "run":
             _, d, i, j, _ = seg
             dev = table.device_names[d]
-            layers = []
+            layers: list[int] = []
             for k in range(i, j + 1):
                 placement[k] = dev
-                if pos[k].kind == "layer":
-                    layers.append(pos[k].layer)
+                layer = pos[k].layer
+                if pos[k].kind == "layer" and layer is not None:
+                    layers.append(layer)
                 else:
                     pseudo[pos[k].kind] = dev
             if layers:
