@@ -80,14 +80,14 @@ def test_chain_plan_compiles_and_reproduces(tmp_path: Path) -> None:
     assert doc["verification"]["max_rel_diff"] <= doc["verification"]["tolerance"]
 
 
-@pytest.mark.parametrize("name,size", [("tiny_cnn", 33), ("resnet18", 65), ("vgg11", 63),
-                                       ("mobilenet_v2", 65), ("yolo_small", 96)])
+@pytest.mark.parametrize("name,size", [("tiny_cnn", 33), ("resnet18", 33), ("vgg11", 33),
+                                       ("mobilenet_v2", 33), ("yolo_small", 64)])
 def test_zoo_spatial_plans_compile(tmp_path: Path, name: str, size: int) -> None:
+    """Odd input heights; compile verifies the chained parts against the whole model."""
+    import onnx
+
     path = tmp_path / f"{name}.onnx"
-    models.save_model(name, path) if name != "yolo_small" else None
-    if name == "yolo_small" or True:
-        import onnx
-        onnx.save(models.build_model(name, image_size=size), path)
+    onnx.save(models.build_model(name, image_size=size), path)
     system = mesh([80e9, 80e9, 80e9, 80e9], bandwidth=1.25e10)
     result = pipeline.compile(path, system, tmp_path / "b", spatial=True)
     assert any(s.parts for s in result.plan.stages), f"{name}: no split stage"
