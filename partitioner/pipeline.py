@@ -110,6 +110,7 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
          preload: bool = True, private: int = 0, example_inputs: Any = None,
+         exits: Sequence[Any] = (), calibration: str | Path | None = None,
          spatial: bool = False, max_parts: int | None = None,
          spatial_baseline: str | None = None) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
@@ -129,6 +130,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         preload: model weight preloading (ODIWeP).
         private: the first ``private`` layers run only on trusted devices.
         example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
+        exits: early-exit heads, ``"OUTPUT=P"`` / ``"OUTPUT@T"`` strings or
+            :class:`~partitioner.frontend.exits.ExitSpec` (docs/EXITS.md).
+        calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads.
         spatial: runs of row-splittable layers may be split by rows across devices
             (DISTREDGE; :mod:`partitioner.solver.spatial`).
         max_parts: the most parts of one split stage (default: every device).
@@ -145,11 +149,24 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     objective = objective or ir.Objective()
     loaded_system = _load_system(system)
     prepared = _prepare(model, shapes, granularity, example_inputs)
+    heads: tuple[Any, ...] = ()
+    if exits:
+        from partitioner.frontend.exits import resolve_exits
+
+        prepared, heads = resolve_exits(prepared, exits, calibration)
     table = build_cost_table(prepared.graph, loaded_system,
                              profiles=_profiles(profiles, prepared.graph), mbs=mbs,
                              preload=preload, private=private)
+    if heads:
+        from partitioner.analysis.exits import with_exits
+
+        table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
     if spatial or spatial_baseline or max_parts is not None:
         from partitioner.solver.spatial_entry import spatial_plan
+
+        if heads:
+            fail("--spatial and --exit cannot be combined (the spatial planner prices no "
+                 "exit heads)")
 
         chosen = spatial_plan(prepared.graph, table, objective, max_parts=max_parts,
                               baseline=spatial_baseline, spatial=spatial)
@@ -158,6 +175,10 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     # Routing, once, before anything reads the plan (compile() and replan() both plan
     # through here): direct sends where they are cheaper, the estimate re-priced.
     chosen = route_plan(prepared.graph, table, chosen)
+    if heads:  # nothing may skip an exit stage; expected and worst case re-priced
+        from partitioner.analysis.exits import route_exits
+
+        chosen = route_exits(prepared.graph, table, chosen)
     return PlanResult(prepared, loaded_system, table, chosen, objective)
 
 
@@ -256,9 +277,15 @@ def replan(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
     # reduced system); bad profile files still fail here, before the try below.
     kept = [p for p in _profiles(profiles, prepared.graph) if p.device not in gone]
     kind = str(main.plan.get("objective", "latency"))
+    # the bundle's exit heads again, with the probabilities it was planned with
+    from partitioner.frontend.exits import ExitSpec
+
+    heads = [ExitSpec(str(e["output"]), float(e["probability"]), e.get("threshold"))
+             for e in main.plan.get("exits") or ()]
     try:
         result = plan(prepared, system_without(full, gone), profiles=kept,
-                      objective=ir.Objective(kind=kind))  # type: ignore[arg-type]
+                      objective=ir.Objective(kind=kind),  # type: ignore[arg-type]
+                      exits=heads)
     except UserError as err:
         log.warning("no plan without %s: %s", ", ".join(sorted(gone)), err)
         return None

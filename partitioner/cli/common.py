@@ -99,6 +99,14 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="model weight preloading (ODIWeP; default on)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="solver time limit, seconds")
+    parser.add_argument("--exit", action="append", default=[], dest="exits",
+                        metavar="OUTPUT=P|OUTPUT@T",
+                        help="an early-exit head: a model output with its exit probability, "
+                             "or with a softmax confidence threshold (repeatable; "
+                             "docs/EXITS.md)")
+    parser.add_argument("--calibration", default=None, metavar="FILE.npz",
+                        help="inputs (one array per model input, leading sample axis) that "
+                             "measure the probability of --exit OUTPUT@T")
     parser.add_argument("--spatial", action="store_true",
                         help="a run of row-splittable layers may be split by output rows "
                              "across devices running in parallel (DISTREDGE)")
@@ -151,6 +159,8 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
             "granularity": args.granularity, "objective": objective_from_args(args),
             "mbs": args.mbs, "preload": args.preload, "private": args.private,
+            "exits": list(getattr(args, "exits", [])),
+            "calibration": getattr(args, "calibration", None),
             **spatial_options(args)}
 
 
