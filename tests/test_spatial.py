@@ -187,3 +187,18 @@ def test_estimate_of_a_layerwise_plan_is_evaluate(tmp_path: Path, destination: b
     est = estimate_plan(graph, table, plan, msgs, placement, dict(plan.frequencies))
     assert est.latency == pytest.approx(plan.estimate.latency, rel=1e-12)
     assert est.compute + est.communication + est.weight_loading == pytest.approx(est.latency)
+
+
+def test_throughput_objective_and_memory_caps(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    path = conv_chain(tmp_path, height=61, width=41)
+    system = mesh([20e9, 40e9, 40e9], bandwidth=5e9, latency=1e-6)
+    lw = _plan(path, system, objective=ir.Objective(kind="throughput")).plan
+    sp = _plan(path, system, spatial=True, objective=ir.Objective(kind="throughput")).plan
+    assert sp.estimate.bottleneck <= lw.estimate.bottleneck * (1 + 1e-12)
+    # d1 cannot hold a conv layer's weights: it takes no part
+    small = replace(system, devices=tuple(replace(d, memory=64.0) if d.name == "d1" else d
+                                          for d in system.devices))
+    capped = _plan(path, small, spatial=True).plan
+    assert all(p.device != "d1" for s in capped.stages for p in s.parts or ())
