@@ -227,7 +227,23 @@ def unit_rows(graph: ir.LayerGraph, plan: ir.Plan):  # type: ignore[no-untyped-d
             n: (int(lo[a]), int(hi[b])) for n, lo, hi, _, _ in vol.inputs}
         held: dict[str, tuple[int, int] | None] = dict(vol.output_rows(a, b))
         return ins, held
-    return rows
+
+    def rows_or_whole(stage: int, part: int) -> tuple[dict[str, tuple[int, int] | None],
+                                                      dict[str, tuple[int, int] | None]]:
+        s = plan.stages[stage]
+        if stage not in cache and isinstance(volume(graph, s.first, s.last), str):
+            # no row geometry (a hand-built graph): whole inputs, own rows of 4-D outputs
+            assert s.parts is not None
+            a, b = s.parts[part].rows
+            held: dict[str, tuple[int, int] | None] = {}
+            for k in range(s.first, s.last + 1):
+                for n in graph.layers[k].produces:
+                    t = graph.tensors.get(n)
+                    fits = t is not None and len(t.shape) == 4 and b < t.shape[HEIGHT]
+                    held[n] = (a, b) if fits else None
+            return {}, held
+        return rows(stage, part)
+    return rows_or_whole
 
 
 def part_rows_detail(graph: ir.LayerGraph, stage: ir.Stage) -> list[dict[str, object]]:
@@ -341,6 +357,19 @@ def part_costs(table: ir.CostTable, vol: Volume, device: str, frequency: str | N
 # --------------------------------------------------------------------------- estimate
 
 
+def _flat_volume(graph: ir.LayerGraph, stage: ir.Stage, why: str) -> Volume:
+    """A stand-in for a split stage without row geometry (a hand-built graph): every
+    layer's share is the part's share of the rows, no halo (an estimate, not a bound)."""
+    if not stage.parts:
+        fail(f"stage {stage.id}: {why}")
+    h = stage.parts[-1].rows[1] + 1
+    rows = np.arange(h)
+    ops = ((rows, rows, h),)
+    return Volume(stage.first, stage.last, "", h, tuple(ops for _ in range(
+        stage.first, stage.last + 1)), (), ())
+
+
+
 def _bundle(table: ir.CostTable, pos: int, last: int, dev: str, freq: str | None
             ) -> ir.BundleCost:
     cost = table.bundles.get((pos, last, dev, freq))
@@ -423,7 +452,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         if s.parts:
             vol = volume(graph, s.first, s.last)
             if isinstance(vol, str):
-                fail(f"stage {s.id} (layers {s.first}..{s.last}): {vol}")
+                vol = _flat_volume(graph, s, vol)
             share = vol.layer_share
             worst, worst_compute, worst_comm = 0.0, 0.0, 0.0
             for k, p in enumerate(s.parts):
