@@ -28,8 +28,16 @@ gets a border band, whose halo is one-sided); a split stage after a split stage 
 optimally *given* the previous stage's cuts (the DP keeps one configuration per boundary),
 which is not a global optimum over chains of volumes.
 
+A split stage has at least two parts (one part is a run, which the run arcs offer); the
+recursion then caps each part's reach so a row is left for every part still required.
+Pruning (never removes a better plan): a first pass over one-layer volumes finds a plan;
+the full pass skips a split arc whose source value, plus the volume's compute-only
+min-max, plus :func:`_suffix_bounds_layers` reaches that plan's latency, and an arc with
+no split finishing within what is left of it.
+
 Throughput: the latency-optimal spatial plan is offered against the layer-wise
 throughput optimum and the lower bottleneck wins (bounded, not proven optimal).
+See docs/SPATIAL.md.
 """
 
 from __future__ import annotations
