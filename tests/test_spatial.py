@@ -175,7 +175,7 @@ def test_cli_max_parts_without_spatial(tmp_path: Path) -> None:
 def test_estimate_of_a_layerwise_plan_is_evaluate(tmp_path: Path, destination: bool) -> None:
     """The split-stage estimate, given a plan without parts, prices it as evaluate does."""
     from partitioner.analysis.routing import messages, placement_of
-    from partitioner.analysis.spatial import estimate_plan
+    from partitioner.analysis.spatial_estimate import estimate_plan
 
     path = conv_chain(tmp_path)
     system = mesh([3e9, 6e9], bandwidth=1e8, latency=1e-4, destination=destination)

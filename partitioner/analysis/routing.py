@@ -30,7 +30,8 @@ that part needs (with its halo); a split stage's outputs leave as row pieces fro
 part. The rows come from the caller (:data:`UnitRows`; the back end passes its part
 models); without them they follow from the analytic row geometry (halo included) and its
 relative-height rule for other outputs. A plan with split stages is priced by
-:func:`partitioner.analysis.spatial.estimate_plan` (parts in parallel).
+:func:`partitioner.analysis.spatial_estimate.estimate_plan` (parts in
+parallel).
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ def reprice(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
             if chosen is not None:
                 freqs[dev] = chosen
     if any(s.parts for s in plan.stages):
-        from partitioner.analysis.spatial import estimate_plan
+        from partitioner.analysis.spatial_estimate import estimate_plan
 
         est = estimate_plan(graph, table, plan, msgs, placement, freqs)
     else:

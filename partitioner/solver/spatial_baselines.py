@@ -1,8 +1,8 @@
 """DISTREDGE's baselines as planner modes, priced by the same cost model as our planner.
 
 Each baseline builds a plan (stages, parts) by its published rule; the plan is then
-routed and priced by :func:`partitioner.analysis.spatial.estimate_plan` exactly as ours,
-so every comparison is like for like. The layers a baseline does not split run on the one
+routed and priced by :func:`partitioner.analysis.spatial_estimate.estimate_plan` exactly
+as ours, so every comparison is like for like. The layers a baseline does not split run on the one
 device that finishes them soonest (the layer-wise optimum restricted to one device).
 
 * ``offload``: the whole model on the best single device (DISTREDGE §VI baseline "offload
