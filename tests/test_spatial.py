@@ -202,3 +202,31 @@ def test_throughput_objective_and_memory_caps(tmp_path: Path) -> None:
                                           for d in system.devices))
     capped = _plan(path, small, spatial=True).plan
     assert all(p.device != "d1" for s in capped.stages for p in s.parts or ())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "yolo_small"])
+def test_analytic_part_rows_are_the_back_ends(tmp_path: Path, name: str) -> None:
+    """The rows the estimate prices (halo included, residuals, other outputs) are exactly
+    the rows the back end's part models read and produce."""
+    import onnx
+
+    from partitioner.analysis.spatial import unit_rows
+    from partitioner.backend.parts import build_parts
+
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(models.build_model(name, image_size=33 if name == "resnet18" else 64), path)
+    result = _plan(path, mesh([80e9] * 4, bandwidth=1.25e10), spatial=True)
+    rows = unit_rows(result.prepared.graph, result.plan)
+    checked = 0
+    for s in result.plan.stages:
+        if not s.parts:
+            continue
+        for k, pm in enumerate(build_parts(result.prepared, s)):
+            ins, outs = rows(s.id, k)
+            for t, r in pm.inputs:
+                assert ins.get(t.name) == (None if r is None else tuple(r)), (s.id, k, t.name)
+                checked += 1
+            for t, r in pm.outputs:
+                assert outs.get(t.name) == (None if r is None else tuple(r)), (s.id, k, t.name)
+                checked += 1
+    assert checked > 20
