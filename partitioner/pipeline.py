@@ -110,7 +110,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
          preload: bool = True, private: int = 0, example_inputs: Any = None,
-         exits: Sequence[Any] = (), calibration: str | Path | None = None) -> PlanResult:
+         exits: Sequence[Any] = (), calibration: str | Path | None = None,
+         spatial: bool = False, max_parts: int | None = None,
+         spatial_baseline: str | None = None) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -131,6 +133,11 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         exits: early-exit heads, ``"OUTPUT=P"`` / ``"OUTPUT@T"`` strings or
             :class:`~partitioner.frontend.exits.ExitSpec` (docs/EXITS.md).
         calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads.
+        spatial: runs of row-splittable layers may be split by rows across devices
+            (DISTREDGE; :mod:`partitioner.solver.spatial`).
+        max_parts: the most parts of one split stage (default: every device).
+        spatial_baseline: plan by one of DISTREDGE's baselines instead
+            (:mod:`partitioner.solver.spatial_baselines`).
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -154,7 +161,17 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         from partitioner.analysis.exits import with_exits
 
         table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
-    chosen = planner(objective)(table)
+    if spatial or spatial_baseline or max_parts is not None:
+        from partitioner.solver.spatial_entry import spatial_plan
+
+        if heads:
+            fail("--spatial and --exit cannot be combined (the spatial planner prices no "
+                 "exit heads)")
+
+        chosen = spatial_plan(prepared.graph, table, objective, max_parts=max_parts,
+                              baseline=spatial_baseline, spatial=spatial)
+    else:
+        chosen = planner(objective)(table)
     # Routing, once, before anything reads the plan (compile() and replan() both plan
     # through here): direct sends where they are cheaper, the estimate re-priced.
     chosen = route_plan(prepared.graph, table, chosen)
