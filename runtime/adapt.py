@@ -190,7 +190,9 @@ class Adapter:
         self.executor = executor
         self.options = (options or AdaptOptions()).check()
         self.bundle_dir = Path(executor.view.root)
-        self.context = bundle_context(self.bundle_dir, model, system, profiles=profiles)
+        self.context = bundle_context(self.bundle_dir, model,
+                                      _served_system(system, executor.hosts),
+                                      profiles=profiles)
         self.calibration = Calibration(self.context.table, alpha=self.options.alpha,
                                        baseline=self.options.baseline)
         self.rule = DriftRule(self.options.margin, self.options.windows,
@@ -408,6 +410,19 @@ class Adapter:
         """The switches as INTERFACES' ``switches`` entries."""
         return [{"at_request": s.at_request, "from": s.from_plan, "to": s.to_plan,
                  "reason": s.reason} for s in self.switches]
+
+
+def _served_system(system: str | Path, hosts: Any) -> Any:
+    """The system without the devices that have no worker (``--hosts``): a re-plan may
+    only use devices something serves; the pinned source and destination stay."""
+    from partitioner.analysis.system import load_system
+    from partitioner.pipeline import system_without
+
+    full = load_system(system)
+    app = full.application
+    idle = [d.name for d in full.devices
+            if d.name not in hosts and d.name not in (app.source, app.destination)]
+    return system_without(full, idle) if idle else full
 
 
 def _manifest_sha(root: Path) -> str:
