@@ -216,12 +216,12 @@ def prometheus_text(snap: Mapping[str, Any]) -> str:
                [("", {"plan": u["plan"], "unit": u["unit"]}, u[f"{what}_ewma"])
                 for u in units])
     links = snap.get("links", [])
-    family("runtime_link_sent_bytes", "counter", "bytes sent to a peer",
-           [("_total", {"peer": k["peer"]}, k["bytes"]) for k in links])
-    family("runtime_link_send_seconds", "counter", "seconds spent sending to a peer",
-           [("_total", {"peer": k["peer"]}, k["seconds"]) for k in links])
-    family("runtime_link_transfers", "counter", "messages sent to a peer",
-           [("_total", {"peer": k["peer"]}, k["count"]) for k in links])
+    family("runtime_link_sent_bytes_total", "counter", "bytes sent to a peer",
+           [("", {"peer": k["peer"]}, k["bytes"]) for k in links])
+    family("runtime_link_send_seconds_total", "counter", "seconds spent sending to a peer",
+           [("", {"peer": k["peer"]}, k["seconds"]) for k in links])
+    family("runtime_link_transfers_total", "counter", "messages sent to a peer",
+           [("", {"peer": k["peer"]}, k["count"]) for k in links])
     family("runtime_link_throughput_bytes_per_second", "gauge",
            f"smoothed bytes/s of sends of at least {MIN_LINK_BYTES} B",
            [("", {"peer": k["peer"]}, k["throughput"]) for k in links])
@@ -235,8 +235,8 @@ def prometheus_text(snap: Mapping[str, Any]) -> str:
     family("runtime_host_cpus", "gauge", "cores of the host", [("", {}, host.get("cpus"))])
     family("runtime_host_memory_available_bytes", "gauge", "MemAvailable of the host",
            [("", {}, host.get("mem_available"))])
-    family("runtime_requests", "counter", "frames handled, by outcome",
-           [("_total", {"outcome": k}, v) for k, v in sorted(snap.get("stats", {}).items())])
+    family("runtime_requests_total", "counter", "frames handled, by outcome",
+           [("", {"outcome": k}, v) for k, v in sorted(snap.get("stats", {}).items())])
     return "\n".join(lines) + "\n"
 
 
