@@ -70,7 +70,7 @@ class AdaptOptions:
         window: seconds per calibration window.
         margin: switch when current > (1 + margin) * optimum (re-estimated, relative).
         windows: consecutive windows the same better plan must win by the margin.
-        min_interval: seconds between two switches (and from the start).
+        min_interval: seconds between two switches.
         alpha: EWMA weight of the newest window in the calibration.
         baseline: ``"first"`` (drift from the first windows) or ``"file"`` (absolute
             measured / estimated), see :mod:`runtime.calibrate`.
@@ -78,8 +78,8 @@ class AdaptOptions:
     """
 
     window: float = 1.0
-    margin: float = 0.25
-    windows: int = 3
+    margin: float = 0.5
+    windows: int = 5
     min_interval: float = 10.0
     alpha: float = 0.5
     baseline: str = "first"
@@ -115,7 +115,9 @@ class DriftRule:
     def __init__(self, margin: float, windows: int, min_interval: float,
                  start: float | None = None) -> None:
         self.margin, self.windows, self.min_interval = margin, windows, min_interval
-        self.last_switch = time.monotonic() if start is None else start
+        # the interval runs between switches; the first may come as soon as the windows
+        # agree (the calibration's reference windows already hold the start back)
+        self.last_switch = float("-inf") if start is None else start
         self.candidate: Any = None
         self.count = 0
 
@@ -301,6 +303,7 @@ class Adapter:
                 not self.calibration.calibrated(view.devices):
             entry["state"] = "calibrating"
             return None
+        t0 = time.perf_counter()
         table = self.calibration.table()
         current_plan = self._plan(key)
         current = _metric(self.context.objective.kind,
@@ -308,7 +311,8 @@ class Adapter:
         best = solve_on(self.context, table)
         best_cost = _metric(self.context.objective.kind, best.plan.estimate)
         sig = _signature(best.plan)
-        entry.update(current=current, best=best_cost, state="steady")
+        entry.update(current=current, best=best_cost, state="steady",
+                     solve_seconds=time.perf_counter() - t0)
         now = time.monotonic()
         if not self.rule.step(now, current, best_cost, sig, _signature(current_plan)):
             if self.rule.count:

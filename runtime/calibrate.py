@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from partitioner import ir
+if TYPE_CHECKING:  # the compiler is imported by the functions that price (lazily)
+    from partitioner import ir
 
 __all__ = ["Calibration", "unit_estimates", "BASELINE_WINDOWS", "BASELINES"]
 

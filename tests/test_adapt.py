@@ -12,8 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,23 +21,15 @@ import pytest
 from runtime.adapt import Adapter, AdaptOptions, DriftRule
 from runtime.executor import RemoteExecutor
 from runtime.stream import stream
-from tests.test_adapt_fixtures import Workers, build_solved, start_workers
+from tests.test_adapt_fixtures import (  # noqa: F401  (fixtures)
+    Workers,
+    built,
+    workers,
+)
 from tests.test_runtime_fixtures import TOKEN, Built, reference, sample
 
-FAST = AdaptOptions(window=0.3, windows=2, min_interval=0.0, margin=0.25)
+FAST = AdaptOptions(window=0.3, windows=2, min_interval=0.0)
 SLOW = 100.0
-
-
-@pytest.fixture
-def built(tmp_path: Path) -> Built:
-    return build_solved(tmp_path / "b")
-
-
-@pytest.fixture
-def workers(built: Built, tmp_path: Path) -> Iterator[Workers]:
-    w = start_workers(built, tmp_path)
-    yield w
-    w.stop()
 
 
 def _wait(cond: Callable[[], bool], seconds: float = 60.0) -> bool:

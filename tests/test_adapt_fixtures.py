@@ -15,11 +15,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
+import pytest
 
 from tests.test_runtime_fixtures import ROOT, SYSTEM_TOML, TOKEN, Built
 
@@ -117,3 +119,16 @@ def start_workers(built: Built, work: Path) -> Workers:
         workers.stop()
         raise
     return workers
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Built:
+    """A fresh solver-made bundle per test (switches write ``BUNDLE/adapt/``)."""
+    return build_solved(tmp_path / "b")
+
+
+@pytest.fixture
+def workers(built: Built, tmp_path: Path) -> Iterator[Workers]:
+    w = start_workers(built, tmp_path)
+    yield w
+    w.stop()

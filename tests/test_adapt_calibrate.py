@@ -1,0 +1,113 @@
+"""Calibration: factors from measurements, and the one cost model on the scaled table."""
+
+from __future__ import annotations
+
+import pytest
+
+from partitioner import ir, pipeline
+from partitioner.analysis.routing import reprice
+from runtime.calibrate import Calibration, unit_estimates
+from tests.test_adapt_fixtures import build_solved
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> pipeline.PlanResult:
+    built = build_solved(tmp_path_factory.mktemp("calibrate"), fallbacks=False)
+    return pipeline.bundle_context(built.bundle, built.model, built.system)
+
+
+def _hand_plan(context: pipeline.PlanResult) -> ir.Plan:
+    """edge: conv1, hub: conv2..fc - a plan with a cross-device cut, routed."""
+    est = ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0)
+    plan = ir.Plan("optimal", "latency", (ir.Stage("edge", None, 0, 0, id=0),
+                                          ir.Stage("hub", None, 1, 3, id=1)), est, 0.0)
+    from partitioner.analysis.routing import route_plan
+
+    return route_plan(context.prepared.graph, context.table, plan)
+
+
+def test_unit_estimates_add_up_to_the_plans_compute(context) -> None:
+    plan = _hand_plan(context)
+    units = unit_estimates(context.table, plan)
+    assert set(units) == {"0", "1"} and units["0"][0] == "edge" and units["1"][0] == "hub"
+    assert sum(c for _, c in units.values()) == pytest.approx(
+        reprice(context.prepared.graph, context.table, plan).compute)
+
+
+def test_relative_factors_start_at_one_and_follow_the_drift(context) -> None:
+    cal = Calibration(context.table, alpha=1.0)
+    cal.observe_unit("hub", 2.0, 1.0)  # the file is off by 2x from the start
+    cal.end_window()
+    assert cal.compute_factors() == {}  # no reference yet
+    cal.observe_unit("hub", 2.0, 1.0)
+    cal.end_window()
+    assert cal.compute_factors() == {"hub": pytest.approx(1.0)}
+    assert cal.calibrated(["hub"]) and not cal.calibrated(["hub", "edge"])
+    cal.observe_unit("hub", 6.0, 1.0)  # now 3x slower than at the start
+    cal.end_window()
+    assert cal.compute_factors() == {"hub": pytest.approx(3.0)}
+    cal.observe_unit("hub", 1.0, 1.0)  # too few runs in a window: the factor holds
+    cal.end_window(min_samples=2)
+    assert cal.compute_factors() == {"hub": pytest.approx(3.0)}
+
+
+def test_absolute_factors_against_the_file(context) -> None:
+    cal = Calibration(context.table, alpha=0.5, baseline="file")
+    cal.observe_unit("edge", 4.0, 1.0)
+    cal.end_window()
+    assert cal.compute_factors() == {"edge": pytest.approx(4.0)}
+    cal.observe_unit("edge", 2.0, 1.0)
+    cal.end_window()  # EWMA: 0.5 * 2 + 0.5 * 4
+    assert cal.compute_factors() == {"edge": pytest.approx(3.0)}
+
+
+def test_scaled_table_reprices_compute_and_links_by_the_one_cost_model(context) -> None:
+    graph, table = context.prepared.graph, context.table
+    plan = _hand_plan(context)
+    before = reprice(graph, table, plan)
+    cal = Calibration(table, alpha=1.0)
+    sys = table.system
+    eff = min(sys.device("edge").network_bandwidth, sys.device("hub").network_bandwidth,
+              sys.link("edge", "hub").bandwidth)  # type: ignore[union-attr]
+    for _ in range(2):  # reference windows: compute as estimated, link at eff
+        cal.observe_unit("hub", 1.0, 1.0)
+        cal.observe_link("edge", "hub", eff)
+        cal.end_window()
+    cal.observe_unit("hub", 5.0, 1.0)
+    cal.observe_link("edge", "hub", eff / 10)
+    cal.end_window()
+    assert cal.compute_factors() == {"hub": pytest.approx(5.0)}
+    assert cal.link_factors() == {("edge", "hub"): pytest.approx(0.1)}
+    after = reprice(graph, cal.table(), plan)
+    hub_compute = unit_estimates(table, plan)["1"][1]
+    assert after.compute - before.compute == pytest.approx(4.0 * hub_compute)
+    # every message between edge and hub now takes 10x its byte time (latency as filed)
+    from partitioner.analysis.routing import messages
+
+    crossing = [m for m in messages(graph, plan, plan.routes, table, None)
+                if m.sender_device and m.receiver_device
+                and m.sender_device != m.receiver_device]
+    assert crossing
+    grown = after.communication - before.communication
+    assert grown == pytest.approx(sum(9 * m.nbytes / eff for m in crossing), rel=1e-6)
+    # the base table is untouched
+    assert reprice(graph, table, plan).latency == pytest.approx(before.latency)
+
+
+def test_a_drifted_device_is_planned_away_from(context) -> None:
+    cal = Calibration(context.table, alpha=1.0)
+    for ratio in (1.0, 1.0, 300.0):
+        cal.observe_unit("hub", ratio, 1.0)
+        cal.end_window()
+    best = pipeline.solve_on(context, cal.table())
+    assert {s.device for s in context.plan.stages} == {"hub"}
+    assert "hub" not in {s.device for s in best.plan.stages}
+    assert best.plan.estimate.latency < reprice(context.prepared.graph, cal.table(),
+                                                context.plan).latency
+
+
+def test_bad_options_are_refused(context) -> None:
+    with pytest.raises(ValueError, match="baseline"):
+        Calibration(context.table, baseline="guess")
+    with pytest.raises(ValueError, match="alpha"):
+        Calibration(context.table, alpha=0.0)
