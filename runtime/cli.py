@@ -3,10 +3,11 @@
 ::
 
     runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
-                  [--grpc-port P] [--port-file F] [--queue-depth N]
+                  [--grpc-port P] [--port-file F] [--queue-depth N] [--metrics-port P]
     runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
-                  ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
-                  [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
+                  ... [--token-file F] [--timeout S] [--repeat N] [--concurrency C]
+                  -o OUT.npz [--json] [--listen HOST:PORT]
+                  [--model M --system S [--adapt]]  (--model: re-plan on failure, on drift)
     runtime fallback BUNDLE --model M --system S [--device NAME ...]
     runtime certs SYSTEM -o DIR [--host H ...] [--days N] [--force]
 
@@ -237,10 +238,10 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="calibrate the cost table while serving and switch plans on drift")
     g.add_argument("--adapt-window", type=float, default=1.0, metavar="S",
                    help="seconds per calibration window")
-    g.add_argument("--adapt-margin", type=float, default=0.25, metavar="M",
+    g.add_argument("--adapt-margin", type=float, default=0.5, metavar="M",
                    help="switch when the current plan's re-estimate exceeds the new "
                         "optimum by this fraction ...")
-    g.add_argument("--adapt-windows", type=int, default=3, metavar="K",
+    g.add_argument("--adapt-windows", type=int, default=5, metavar="K",
                    help="... in K consecutive windows ...")
     g.add_argument("--adapt-min-interval", type=float, default=10.0, metavar="S",
                    help="... and S seconds after the previous switch")

@@ -505,8 +505,8 @@ class RemoteExecutor:
                     if now >= p.deadline:
                         self._finish_error(p, f"no result within {self.timeout} s "
                                            f"(attempt {p.attempt}, plan {p.plan})")
-                    elif p.retrying:
-                        continue
+                    elif p.retrying or p.attempt == 0:
+                        continue  # a retry is on its way, or the first send is (submit)
                     elif p.devices & self.down:
                         dead = ", ".join(sorted(p.devices & self.down))
                         retry.append((p, f"attempt {p.attempt}: device {dead} down"))
