@@ -7,7 +7,8 @@ fail-over). Every ``window`` seconds it
 1. folds the window's measurements into the :class:`~runtime.calibrate.Calibration`:
    each completed request's per-unit compute times (the ``timings`` every result
    carries) against the cost model's estimate of that unit, and each worker's per-link
-   send throughput (its authenticated ``metrics`` reply);
+   acknowledged transfer times (its authenticated ``metrics`` reply; the executor's own
+   for the input sends from the source device);
 2. prices the current plan on the calibrated cost table and re-solves the model on it
    (:func:`partitioner.pipeline.solve_on`: the solver takes milliseconds on models of the
    zoo's size, so it runs every window);
@@ -207,6 +208,7 @@ class Adapter:
         self._records: deque[dict[str, Any]] = deque(maxlen=100_000)
         self._estimates: dict[str, dict[str, tuple[str, float]]] = {}
         self._plans: dict[str, Any] = {}
+        self._acked: dict[tuple[str, Any], int] = {}  # timed transfers already observed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapt", daemon=True)
         executor.observers.append(self._records.append)
@@ -261,11 +263,18 @@ class Adapter:
                 if unit is not None and unit[0] == t.get("device"):
                     self.calibration.observe_unit(unit[0], float(t.get("compute", 0.0)),
                                                   unit[1])
-        for device, snap in self._poll(self.executor.views[self.executor.current].devices):
+        view = self.executor.views[self.executor.current]
+        snaps = self._poll(view.devices)
+        if view.bundle.source is not None:  # the executor sends the inputs from there
+            snaps.append((view.bundle.source, self.executor.links.snapshot()))
+        for device, snap in snaps:
             for link in snap.get("links") or ():
-                if link.get("throughput") and link.get("peer") in self.executor.hosts:
-                    self.calibration.observe_link(device, link["peer"],
-                                                  float(link["throughput"]))
+                peer, acked = link.get("peer"), int(link.get("acked") or 0)
+                if acked <= self._acked.get((device, peer), 0) or not link.get("acked_bytes"):
+                    continue  # no new timed transfer since the last window
+                self._acked[(device, peer)] = acked
+                self.calibration.observe_link(device, str(peer), float(link["acked_seconds"]),
+                                              float(link["acked_bytes"]))
 
     def _poll(self, devices: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """Each device's worker metrics (a worker that does not answer is skipped)."""
@@ -299,8 +308,10 @@ class Adapter:
         entry: dict[str, Any] = {"time": time.time(), "plan": self.names(key),
                                  **self.calibration.summary()}
         self.history.append(entry)
+        # the devices that compute something in this plan must all be calibrated
+        computing = {dev for dev, est in self._unit_estimates(key).values() if est > 0}
         if any(d in self.executor.down for d in view.devices) or \
-                not self.calibration.calibrated(view.devices):
+                not self.calibration.calibrated(computing):
             entry["state"] = "calibrating"
             return None
         t0 = time.perf_counter()

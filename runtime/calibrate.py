@@ -3,10 +3,13 @@
 The compiler prices a plan on a cost table built from the system file (and profiles).
 While serving, :class:`Calibration` keeps, per device, a **compute scale factor**
 (measured compute / estimated compute of the units it ran, summed over a window, then
-smoothed over windows with an EWMA) and, per directed link, a **bandwidth factor**
-(measured send throughput over a reference, likewise smoothed). :meth:`Calibration.table`
-is the original cost table with every bundle's compute multiplied by its device's factor
-and every transfer's byte time divided by its link's factor; the current plan and any
+smoothed over windows with an EWMA) and, per link, a **transfer time factor** (measured
+acknowledged transfer time / the cost model's ``bytes / bandwidth + latency`` for the
+same bytes, likewise; see :mod:`runtime.metrics`). :meth:`Calibration.table` is the
+original cost table with every bundle's compute multiplied by its device's factor and
+every transfer between devices multiplied by its link's factor (the link's bandwidth
+divided and its latency multiplied by it, for the routed messages that the cost model
+prices on the table's system); the current plan and any
 alternative are then priced on it by the one cost model
 (:func:`partitioner.analysis.routing.reprice` -> :mod:`partitioner.analysis.estimate`)
 and re-solved by the one solver (:func:`partitioner.pipeline.solve_on`). No second cost
@@ -23,9 +26,8 @@ Two references (``baseline``):
 * ``"file"``: the absolute ratio measured / estimated (right when the system file or the
   profiles describe the real devices).
 
-A device or link with no measurement keeps the factor 1 (its file figures). Link
-latencies stay the system file's: a send's duration on a pooled connection measures
-throughput, not one-way delay (that needs synchronised clocks).
+A device or link with no measurement keeps the factor 1 (its file figures). A link is
+undirected in the system file: the slower direction's factor counts for both.
 
 Imported by the executor side only (it needs the compiler); a worker never imports it.
 """
@@ -152,7 +154,7 @@ class Calibration:
         self._compute: dict[str, _Factor] = {}
         self._links: dict[tuple[str, str], _Factor] = {}
         self._window: dict[str, list[float]] = {}  # device -> [measured, estimated, n]
-        self._window_links: dict[tuple[str, str], float] = {}
+        self._window_links: dict[tuple[str, str], list[float]] = {}  # [measured, est.]
 
     # ------------------------------------------------------------------ observations
     def observe_unit(self, device: str, measured: float, estimated: float) -> None:
@@ -164,10 +166,20 @@ class Calibration:
         acc[1] += estimated
         acc[2] += 1
 
-    def observe_link(self, src: str, dst: str, throughput: float) -> None:
-        """The (smoothed) bytes/s a worker on ``src`` measured sending to ``dst``."""
-        if throughput > 0:
-            self._window_links[(src, dst)] = throughput
+    def observe_link(self, src: str, dst: str, seconds: float, nbytes: float) -> None:
+        """A transfer of ``nbytes`` from ``src`` to ``dst`` took ``seconds`` until the
+        receiver's answer; ignored for a pair the system does not link."""
+        from partitioner.analysis.costs import network_transfer
+
+        sys = self.base_table.system
+        if src == dst or seconds <= 0 or sys.link(src, dst) is None:
+            return
+        est = network_transfer(sys, sys.device(src), sys.device(dst), nbytes)
+        if est is None or est.time <= 0:
+            return
+        acc = self._window_links.setdefault((src, dst), [0.0, 0.0])
+        acc[0] += seconds
+        acc[1] += est.time
 
     def end_window(self, min_samples: int = 1) -> None:
         """Fold the window's observations into the factors (a device with fewer than
@@ -176,11 +188,10 @@ class Calibration:
             if n >= min_samples and estimated > 0:
                 self._compute.setdefault(device, _Factor()).update(
                     measured / estimated, self.alpha, 1.0 if self.baseline == "file" else None)
-        for (src, dst), thr in self._window_links.items():
-            ref = self._file_bandwidth(src, dst) if self.baseline == "file" else None
-            if ref is not None or self.baseline == "first":
-                self._links.setdefault((src, dst), _Factor()).update(
-                    thr, self.alpha, ref)
+        fixed = 1.0 if self.baseline == "file" else None
+        for key, (measured, estimated) in self._window_links.items():
+            self._links.setdefault(key, _Factor()).update(measured / estimated, self.alpha,
+                                                          fixed)
         self._window.clear()
         self._window_links.clear()
 
@@ -223,28 +234,26 @@ class Calibration:
             for (after, src, dst), tr in t.transfers.items():
                 g = self._link_factor(links, src, dst)
                 if src != dst and g != 1.0:
-                    link = t.system.link(src, dst)
-                    lat = link.latency if link is not None else 0.0
-                    transfers[(after, src, dst)] = dataclasses.replace(
-                        tr, time=(tr.time - lat) / g + lat)
+                    transfers[(after, src, dst)] = dataclasses.replace(tr, time=tr.time * g)
         return dataclasses.replace(t, bundles=bundles, transfers=transfers, system=system)
 
     @staticmethod
     def _link_factor(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
         # a link named by `between` carries both directions: the slower one counts
-        return min(links.get((a, b), 1.0), links.get((b, a), 1.0))
+        return max(links.get((a, b), 1.0), links.get((b, a), 1.0))
 
     def _scaled_system(self, links: Mapping[tuple[str, str], float]) -> ir.System:
         """The system with each link's effective bandwidth (``min(NIC, NIC, link)``, SPEC
-        §1) on the link itself, scaled by its factor, and the NIC caps lifted (they are in
-        the link figure now): the routed messages are priced on ``table.system`` by the
-        cost model's one link rule."""
+        §1) on the link itself divided by its factor, its latency multiplied by it, and
+        the NIC caps lifted (they are in the link figure now): the routed messages are
+        priced on ``table.system`` by the cost model's one link rule, ``bytes / bandwidth
+        + latency``, which the factor thus scales as a whole."""
         sys = self.base_table.system
         out = []
         for link in sys.links:
             g = self._link_factor(links, link.a, link.b)
             eff = self._file_bandwidth(link.a, link.b) or link.bandwidth
-            out.append(dataclasses.replace(link, bandwidth=eff * g))
+            out.append(dataclasses.replace(link, bandwidth=eff / g, latency=link.latency * g))
         devices = tuple(dataclasses.replace(d, network_bandwidth=float("inf"))
                         for d in sys.devices)
         return dataclasses.replace(sys, devices=devices, links=tuple(out))

@@ -62,34 +62,44 @@ def test_absolute_factors_against_the_file(context) -> None:
 
 
 def test_scaled_table_reprices_compute_and_links_by_the_one_cost_model(context) -> None:
+    from partitioner.analysis.costs import network_transfer
+    from partitioner.analysis.routing import messages
+
     graph, table = context.prepared.graph, context.table
+    sys = table.system
     plan = _hand_plan(context)
     before = reprice(graph, table, plan)
     cal = Calibration(table, alpha=1.0)
-    sys = table.system
-    eff = min(sys.device("edge").network_bandwidth, sys.device("hub").network_bandwidth,
-              sys.link("edge", "hub").bandwidth)  # type: ignore[union-attr]
-    for _ in range(2):  # reference windows: compute as estimated, link at eff
+    n = 50_000
+    filed = network_transfer(sys, sys.device("edge"), sys.device("hub"), n)
+    assert filed is not None
+    for _ in range(2):  # reference windows: as the file says (absolute times differ)
         cal.observe_unit("hub", 1.0, 1.0)
-        cal.observe_link("edge", "hub", eff)
+        cal.observe_link("edge", "hub", 0.3 * filed.time, n)
         cal.end_window()
     cal.observe_unit("hub", 5.0, 1.0)
-    cal.observe_link("edge", "hub", eff / 10)
+    cal.observe_link("edge", "hub", 0.3 * filed.time * 4, n)  # 4x slower than at first
+    cal.observe_link("edge", "cloud", 1.0, n)  # a first window: no reference yet
+    cal.observe_link("edge", "edge", 1.0, n)  # no link: in-device, not priced as one
     cal.end_window()
     assert cal.compute_factors() == {"hub": pytest.approx(5.0)}
-    assert cal.link_factors() == {("edge", "hub"): pytest.approx(0.1)}
+    factors = cal.link_factors()
+    assert factors == {("edge", "hub"): pytest.approx(4.0)}
     after = reprice(graph, cal.table(), plan)
     hub_compute = unit_estimates(table, plan)["1"][1]
     assert after.compute - before.compute == pytest.approx(4.0 * hub_compute)
-    # every message between edge and hub now takes 10x its byte time (latency as filed)
-    from partitioner.analysis.routing import messages
-
+    # every message between edge and hub (both ways: one undirected link, the slower
+    # direction counts) now takes g times its filed time, g the link's factor
+    g = 4.0
     crossing = [m for m in messages(graph, plan, plan.routes, table, None)
                 if m.sender_device and m.receiver_device
                 and m.sender_device != m.receiver_device]
     assert crossing
-    grown = after.communication - before.communication
-    assert grown == pytest.approx(sum(9 * m.nbytes / eff for m in crossing), rel=1e-6)
+    filed_times = [network_transfer(sys, sys.device(m.sender_device),  # type: ignore[arg-type]
+                                    sys.device(m.receiver_device), m.nbytes).time  # type: ignore[arg-type, union-attr]
+                   for m in crossing]
+    assert after.communication - before.communication == pytest.approx(
+        (g - 1) * sum(filed_times), rel=1e-6)
     # the base table is untouched
     assert reprice(graph, table, plan).latency == pytest.approx(before.latency)
 
