@@ -28,10 +28,11 @@ failure on the way leaves the old plan serving. Plans are named by epoch (``p0``
 bundle's own plan, then ``p1``, ``p2``... in the order requests first ran on them).
 
 Loading a new plan's units is one small interface, :data:`EnsureUnits` ("make sure the
-worker on this device serves these units of plan K, whose manifest has this sha256"):
-the default asks the worker to rescan its bundle directory (shared storage, as on-demand
-fail-over assumes); a worker that builds stages from its own model copy can answer the
-same question.
+worker on this device serves these units of plan K, whose manifest has this sha256").
+The default sends the worker an ``ensure`` frame with the manifest (a worker that builds
+stages from its own model copy answers it), and one that does not know the frame is
+asked to ``reload``, i.e. rescan its bundle directory (shared storage, as on-demand
+fail-over assumes); then ``ready`` must list every unit.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ class Adapter:
                                        baseline=self.options.baseline)
         self.rule = DriftRule(self.options.margin, self.options.windows,
                               self.options.min_interval)
-        self.ensure = ensure or self._reload_units
+        self.ensure = ensure or self._load_units
         self.names = PlanNames()
         self.switches: list[Switch] = []
         self.failed_switches: list[str] = []
@@ -399,26 +400,37 @@ class Adapter:
         except Exception as err:
             raise RuntimeError(f"trial request on the new plan failed: {err}") from None
 
-    def _reload_units(self, device: str, addr: tuple[str, int], key: str,
-                      units: Sequence[str], sha256: str) -> None:
-        """Default :data:`EnsureUnits`: ``reload`` (rescan the bundle directory), then
-        ``ready`` must list every unit of ``key`` on ``device``."""
+    def _load_units(self, device: str, addr: tuple[str, int], key: str,
+                    units: Sequence[str], sha256: str) -> None:
+        """Default :data:`EnsureUnits`. First an ``ensure`` frame (``{"type": "ensure",
+        "plan": K, "units": [...], "manifest": TEXT, "sha256": X}``, for a worker that
+        builds stages from its own model copy and checks them against the manifest);
+        a worker that does not know it is asked to ``reload`` (rescan its bundle
+        directory). Either way ``ready`` must then list every unit of ``K`` on it."""
+        manifest = (self.bundle_dir / key / "manifest.json").read_text()
+        reply = self._ask(addr, {"type": "ensure", "plan": key, "units": list(units),
+                                 "manifest": manifest, "sha256": sha256})
+        unknown = reply.get("type") == "error" and "unknown request type" in str(
+            reply.get("message"))
+        if unknown:
+            reply = self._ask(addr, {"type": "reload"})
+        if reply.get("type") == "error":
+            raise RuntimeError(f"device {device} cannot load plan {key}: "
+                               f"{reply.get('message')}")
+        reply = self._ask(addr, {"type": "ready"})
+        served = {s.get("stage") for s in reply.get("stages") or () if s.get("plan") == key}
+        missing = [u for u in units if u not in served]
+        if missing or not reply.get("ready", False):
+            raise RuntimeError(f"device {device} does not serve unit(s) "
+                               f"{', '.join(missing) or '(not ready)'} of plan {key}")
+
+    def _ask(self, addr: tuple[str, int], header: dict[str, Any]) -> dict[str, Any]:
+        """One authenticated frame to a worker, its one-frame answer."""
         from runtime.transport import connect, recv_frame, send_frame
 
-        ex = self.executor
-        for kind in ("reload", "ready"):
-            with connect(addr, 30.0, ex.tls) as sock:
-                send_frame(sock, {"type": kind, "token": ex.token})
-                reply = recv_frame(sock, max_body=0, frame_timeout=60.0)
-            if reply.header.get("type") == "error":
-                raise RuntimeError(f"device {device} refused {kind}: "
-                                   f"{reply.header.get('message')}")
-        served = {s.get("stage") for s in reply.header.get("stages") or ()
-                  if s.get("plan") == key}
-        missing = [u for u in units if u not in served]
-        if missing:
-            raise RuntimeError(f"device {device} does not serve unit(s) "
-                               f"{', '.join(missing)} of plan {key} after reload")
+        with connect(addr, 30.0, self.executor.tls) as sock:
+            send_frame(sock, {**header, "token": self.executor.token})
+            return dict(recv_frame(sock, max_body=0, frame_timeout=120.0).header)
 
     # ------------------------------------------------------------------ report
     def report(self) -> list[dict[str, Any]]:
