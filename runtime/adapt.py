@@ -77,6 +77,8 @@ class AdaptOptions:
         baseline: ``"first"`` (drift from the first windows) or ``"file"`` (absolute
             measured / estimated), see :mod:`runtime.calibrate`.
         min_samples: unit runs a device needs in a window for it to count.
+        forget: half-life in windows of a factor no longer measured (0: never), so a
+            host the plan left is tried again once it may have recovered.
     """
 
     window: float = 1.0
@@ -86,6 +88,7 @@ class AdaptOptions:
     alpha: float = 0.5
     baseline: str = "first"
     min_samples: int = 3
+    forget: float = 30.0
 
     def check(self) -> AdaptOptions:
         if self.window <= 0 or self.min_interval < 0 or self.margin < 0:
@@ -93,6 +96,8 @@ class AdaptOptions:
                  "--adapt-min-interval not negative")
         if self.windows < 1 or self.min_samples < 1:
             fail("--adapt-windows and --adapt-min-samples must be at least 1")
+        if self.forget < 0:
+            fail("--adapt-forget must not be negative")
         if not 0 < self.alpha <= 1:
             fail("--adapt-alpha must be in (0, 1]")
         if self.baseline not in BASELINES:
@@ -198,7 +203,8 @@ class Adapter:
                                       _served_system(system, executor.hosts),
                                       profiles=profiles)
         self.calibration = Calibration(self.context.table, alpha=self.options.alpha,
-                                       baseline=self.options.baseline)
+                                       baseline=self.options.baseline,
+                                       forget=self.options.forget or None)
         self.rule = DriftRule(self.options.margin, self.options.windows,
                               self.options.min_interval)
         self.ensure = ensure or self._load_units
@@ -252,7 +258,12 @@ class Adapter:
             self._estimates[key] = unit_estimates(self.context.table, self._plan(key))
         return self._estimates[key]
 
-    def _observe(self) -> None:
+    def _observe_units(self) -> None:
+        """The per-unit compute of the requests answered since the last call.
+
+        A trial request (a switch's) counts only for devices already calibrated: it is
+        the first run of sessions that may be cold, a poor reference."""
+        known = self.calibration.compute_factors()
         while self._records:
             rec = self._records.popleft()
             key = rec.get("plan")
@@ -261,9 +272,14 @@ class Adapter:
             estimates = self._unit_estimates(key)
             for t in rec.get("timings") or ():
                 unit = estimates.get(str(t.get("stage")))
-                if unit is not None and unit[0] == t.get("device"):
-                    self.calibration.observe_unit(unit[0], float(t.get("compute", 0.0)),
-                                                  unit[1])
+                if unit is None or unit[0] != t.get("device"):
+                    continue
+                if rec.get("trial") and unit[0] not in known:
+                    continue
+                self.calibration.observe_unit(unit[0], float(t.get("compute", 0.0)), unit[1])
+
+    def _observe(self) -> None:
+        self._observe_units()
         view = self.executor.views[self.executor.current]
         snaps = self._poll(view.devices)
         if view.bundle.source is not None:  # the executor sends the inputs from there
@@ -350,7 +366,7 @@ class Adapter:
         serving) when any step fails."""
         old = self.executor.current
         try:
-            key = self._compile(result)
+            key = self._key_for(result.plan) or self._compile(result)
             self.executor.open_plan(key)
             view = self.executor.views[key]
             for dev in view.devices:
@@ -358,6 +374,7 @@ class Adapter:
                 self.ensure(dev, self.executor.hosts[dev], key, units,
                             _manifest_sha(view.root))
             self._trial(key)
+            self._still_better(old, key)
         except (UserError, OSError, RuntimeError, KeyError) as err:
             why = f"switch from {self.names(old)} failed, {self.names(old)} keeps serving: {err}"
             log.warning("%s", why)
@@ -370,6 +387,31 @@ class Adapter:
         log.warning("plan switch %s -> %s at request %d: %s", switch.from_plan,
                     switch.to_plan, at, reason)
         return switch
+
+    def _key_for(self, plan: Any) -> str | None:
+        """A loaded plan with the same stages (going back to ``main``, say), if any."""
+        sig = _signature(plan)
+        for key in list(self.executor.views):
+            if _signature(self._plan(key)) == sig:
+                return key
+        return None
+
+    def _still_better(self, old: str, new: str) -> None:
+        """After the trial request: with its measurements folded in (a device that was
+        left and may have recovered is measured again by it), the new plan must still
+        beat the old one by the margin."""
+        from partitioner.analysis.routing import reprice
+
+        self._observe_units()
+        self.calibration.end_window(min_samples=1)
+        table = self.calibration.table()
+        kind, graph = self.context.objective.kind, self.context.prepared.graph
+        before = _metric(kind, reprice(graph, table, self._plan(old)))
+        after = _metric(kind, reprice(graph, table, self._plan(new)))
+        if not before > (1.0 + self.options.margin) * after:
+            raise RuntimeError(f"the trial request measured {self.names(new)} at "
+                               f"{after * 1e3:.3g} ms against {before * 1e3:.3g} ms: not "
+                               f"better by the margin")
 
     def _compile(self, result: Any) -> str:
         """``BUNDLE/adapt/<name>`` for ``result.plan`` (compiled and verified once)."""
@@ -407,7 +449,7 @@ class Adapter:
         builds stages from its own model copy and checks them against the manifest);
         a worker that does not know it is asked to ``reload`` (rescan its bundle
         directory). Either way ``ready`` must then list every unit of ``K`` on it."""
-        manifest = (self.bundle_dir / key / "manifest.json").read_text()
+        manifest = (self.executor.views[key].root / "manifest.json").read_text()
         reply = self._ask(addr, {"type": "ensure", "plan": key, "units": list(units),
                                  "manifest": manifest, "sha256": sha256})
         unknown = reply.get("type") == "error" and "unknown request type" in str(

@@ -115,9 +115,11 @@ class _Factor:
     reference: float | None = None
     firsts: list[float] = dataclasses.field(default_factory=list)
     windows: int = 0
+    last: int = 0  # the calibration window that updated it last
 
-    def update(self, ratio: float, alpha: float, fixed: float | None) -> None:
+    def update(self, ratio: float, alpha: float, fixed: float | None, window: int) -> None:
         self.windows += 1
+        self.last = window
         self.value = ratio if self.value is None else alpha * ratio + (1 - alpha) * self.value
         if fixed is not None:
             self.reference = fixed
@@ -126,11 +128,16 @@ class _Factor:
             if len(self.firsts) >= BASELINE_WINDOWS:
                 self.reference = sum(self.firsts) / len(self.firsts)
 
-    @property
-    def factor(self) -> float | None:
+    def factor(self, now: int, forget: float | None) -> float | None:
+        """The factor; one not measured for ``w`` windows moves back towards 1 with a
+        half-life of ``forget`` windows (see :class:`Calibration`)."""
         if self.value is None or self.reference is None or self.reference <= 0:
             return None
-        return _clamp(self.value / self.reference)
+        f = _clamp(self.value / self.reference)
+        stale = now - self.last
+        if forget and stale > 1:
+            f = 1.0 + (f - 1.0) * 0.5 ** ((stale - 1) / forget)
+        return f
 
 
 class Calibration:
@@ -140,16 +147,22 @@ class Calibration:
         table: the cost table the plans were priced with (from the system file).
         alpha: EWMA weight of the newest window.
         baseline: ``"first"`` or ``"file"`` (see the module doc).
+        forget: half-life, in windows, of a factor that is no longer measured (a device
+            the plan left): it moves back towards 1, so a host that recovered is tried
+            again (the switch's trial request measures it before any other request goes
+            there); ``None``: never.
     """
 
     def __init__(self, table: ir.CostTable, *, alpha: float = 0.5,
-                 baseline: str = "first") -> None:
+                 baseline: str = "first", forget: float | None = None) -> None:
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}")
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
         self.base_table = table
         self.alpha = alpha
+        self.forget = forget
+        self.window = 0  # windows ended so far
         self.baseline = baseline
         self._compute: dict[str, _Factor] = {}
         self._links: dict[tuple[str, str], _Factor] = {}
@@ -184,14 +197,15 @@ class Calibration:
     def end_window(self, min_samples: int = 1) -> None:
         """Fold the window's observations into the factors (a device with fewer than
         ``min_samples`` runs in the window keeps its factor)."""
+        self.window += 1
+        fixed = 1.0 if self.baseline == "file" else None
         for device, (measured, estimated, n) in self._window.items():
             if n >= min_samples and estimated > 0:
                 self._compute.setdefault(device, _Factor()).update(
-                    measured / estimated, self.alpha, 1.0 if self.baseline == "file" else None)
-        fixed = 1.0 if self.baseline == "file" else None
+                    measured / estimated, self.alpha, fixed, self.window)
         for key, (measured, estimated) in self._window_links.items():
             self._links.setdefault(key, _Factor()).update(measured / estimated, self.alpha,
-                                                          fixed)
+                                                          fixed, self.window)
         self._window.clear()
         self._window_links.clear()
 
@@ -206,14 +220,17 @@ class Calibration:
     # ------------------------------------------------------------------ results
     def calibrated(self, devices: Iterable[str]) -> bool:
         """Whether every device of ``devices`` has a compute factor."""
-        return all(d in self._compute and self._compute[d].factor is not None
+        return all(d in self._compute
+                   and self._compute[d].factor(self.window, self.forget) is not None
                    for d in devices)
 
     def compute_factors(self) -> dict[str, float]:
-        return {d: f.factor for d, f in self._compute.items() if f.factor is not None}
+        out = {d: f.factor(self.window, self.forget) for d, f in self._compute.items()}
+        return {d: v for d, v in out.items() if v is not None}
 
     def link_factors(self) -> dict[tuple[str, str], float]:
-        return {k: f.factor for k, f in self._links.items() if f.factor is not None}
+        out = {k: f.factor(self.window, self.forget) for k, f in self._links.items()}
+        return {k: v for k, v in out.items() if v is not None}
 
     def summary(self) -> dict[str, Any]:
         return {"compute": self.compute_factors(),

@@ -220,3 +220,32 @@ def test_drift_rule_needs_consecutive_windows_and_the_interval() -> None:
     assert rule.step(34.5, 2.0, 1.0, "C", cur)
     # the best plan being the current one is never a reason
     assert not any(rule.step(t, 5.0, 1.0, cur, cur) for t in range(50, 60))
+
+
+def test_a_recovered_host_is_tried_again_and_taken_back(built, workers) -> None:
+    """The factor of a host the plan left fades (--adapt-forget); the switch back is
+    tried with one request first: refused while the host is still slow, taken once it
+    recovered."""
+    options = AdaptOptions(window=0.3, windows=2, min_interval=0.0, margin=0.25, forget=2)
+    with RemoteExecutor(built.bundle, workers.hosts, token=TOKEN, timeout=30,
+                        probe_interval=0.1) as ex, Adapter(ex, built.model, built.system,
+                                                           options=options) as adapter:
+        with Streamer(ex) as s:
+            assert _wait(lambda: _steady(adapter)), adapter.history
+            workers.slow_down("hub", SLOW)
+            assert _wait(lambda: bool(adapter.switches)), adapter.history[-5:]
+            # still slow: the trial request on the way back measures it, no switch
+            assert _wait(lambda: any("not better by the margin" in f
+                                     for f in adapter.failed_switches), 120), (
+                adapter.failed_switches, adapter.history[-5:])
+            assert len(adapter.switches) == 1 and ex.current != "main"
+            workers.slow_down("hub", 1.0)
+            assert _wait(lambda: len(adapter.switches) >= 2, 120), (
+                adapter.failed_switches[-3:], adapter.history[-5:])
+            n = len(s.futures)
+            assert _wait(lambda: len(s.futures) > n + 20)
+        results = s.results()
+    _check_answers(built, results)
+    hops = [(w["from"], w["to"]) for w in adapter.report()]
+    assert hops[:2] == [("p0", "p1"), ("p1", "p0")], hops
+    assert ex.current == "main" or len(hops) > 2
