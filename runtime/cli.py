@@ -252,6 +252,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                         "absolute against the system file's figures")
     g.add_argument("--adapt-min-samples", type=int, default=3, metavar="N",
                    help="unit runs a device needs in a window to be calibrated")
+    g.add_argument("--adapt-forget", type=float, default=30.0, metavar="W",
+                   help="half-life in windows of the factor of a device the plan left, so "
+                        "a recovered host is tried again (0: never)")
     p.add_argument("--system", help="the system file: device addresses (when --hosts is "
                                     "not given) and, with --model, re-planning")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
@@ -319,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
                 window=args.adapt_window, margin=args.adapt_margin,
                 windows=args.adapt_windows, min_interval=args.adapt_min_interval,
                 alpha=args.adapt_alpha, baseline=args.adapt_baseline,
-                min_samples=args.adapt_min_samples)).start()
+                min_samples=args.adapt_min_samples, forget=args.adapt_forget)).start()
         doc, outputs, error = stream(executor, inputs, args.repeat,
                                      concurrency=args.concurrency, adapter=adapter)
     finally:
