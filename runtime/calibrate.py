@@ -19,7 +19,9 @@ Two references (``baseline``):
 
 * ``"first"`` (default): a factor is measured relative to the device's (link's) own first
   :data:`BASELINE_WINDOWS` windows, i.e. the plan's figures are taken as right when
-  serving starts and only their *drift* is applied. A system file whose figures are off
+  serving starts and only their *drift* is applied, in seconds: with ``r`` the window's
+  measured / estimated ratio and ``r0`` the reference's, the factor is ``1 + r - r0``
+  (the estimate plus what the measurement gained since). A system file whose figures are off
   by a constant per device (loopback test hosts, a file written from data sheets) then
   does not trigger a re-plan onto devices that have not been measured yet, whose figures
   are just as far off - and back again once they are measured (flapping);
@@ -45,7 +47,7 @@ __all__ = ["Calibration", "unit_estimates", "BASELINE_WINDOWS", "BASELINES"]
 
 BASELINE_WINDOWS = 2  # windows averaged into a device's reference ("first")
 BASELINES = ("first", "file")
-_CLAMP = (1e-3, 1e3)  # a factor outside this is a measurement glitch, not a device
+_CLAMP = (1e-3, 1e6)  # a factor outside this is a measurement glitch, not a device
 
 
 def _clamp(x: float) -> float:
@@ -128,12 +130,15 @@ class _Factor:
             if len(self.firsts) >= BASELINE_WINDOWS:
                 self.reference = sum(self.firsts) / len(self.firsts)
 
-    def factor(self, now: int, forget: float | None) -> float | None:
+    def factor(self, now: int, forget: float | None, relative: bool) -> float | None:
         """The factor; one not measured for ``w`` windows moves back towards 1 with a
         half-life of ``forget`` windows (see :class:`Calibration`)."""
         if self.value is None or self.reference is None or self.reference <= 0:
             return None
-        f = _clamp(self.value / self.reference)
+        # relative: the estimate plus the change measured since the reference windows, in
+        # units of the estimate (seconds added, not a ratio of ratios: a figure the file
+        # gets 8x too low would otherwise scale a real slowdown, or the noise, 8x down)
+        f = _clamp(1.0 + self.value - self.reference if relative else self.value)
         stale = now - self.last
         if forget and stale > 1:
             f = 1.0 + (f - 1.0) * 0.5 ** ((stale - 1) / forget)
@@ -162,6 +167,7 @@ class Calibration:
         self.base_table = table
         self.alpha = alpha
         self.forget = forget
+        self._relative = baseline == "first"
         self.window = 0  # windows ended so far
         self.baseline = baseline
         self._compute: dict[str, _Factor] = {}
@@ -221,15 +227,18 @@ class Calibration:
     def calibrated(self, devices: Iterable[str]) -> bool:
         """Whether every device of ``devices`` has a compute factor."""
         return all(d in self._compute
-                   and self._compute[d].factor(self.window, self.forget) is not None
+                   and self._compute[d].factor(self.window, self.forget, self._relative) is not None
                    for d in devices)
 
     def compute_factors(self) -> dict[str, float]:
-        out = {d: f.factor(self.window, self.forget) for d, f in self._compute.items()}
-        return {d: v for d, v in out.items() if v is not None}
+        return self._factors(self._compute)
 
     def link_factors(self) -> dict[tuple[str, str], float]:
-        out = {k: f.factor(self.window, self.forget) for k, f in self._links.items()}
+        return self._factors(self._links)
+
+    def _factors(self, factors: Mapping[Any, _Factor]) -> dict[Any, float]:
+        out = {k: f.factor(self.window, self.forget, self._relative)
+               for k, f in factors.items()}
         return {k: v for k, v in out.items() if v is not None}
 
     def summary(self) -> dict[str, Any]:

@@ -105,7 +105,9 @@ def test_slow_host_is_replanned_away_from_without_loss(built, workers) -> None:
             assert _wait(lambda: len(s.futures) > at + 20)
         results = s.results()
         new_plan = ex.current
-        assert new_plan.startswith("adapt/") and "hub" not in ex.views[new_plan].devices
+        assert new_plan != "main" and "hub" not in ex.views[new_plan].devices
+        # compiled into BUNDLE/adapt/, or a loaded plan with the same stages (the bundle
+        # carries the fail-over plan without the hub: all on the edge)
         assert (built.bundle / new_plan / "manifest.json").is_file()
         assert ex.duplicates == 0
     _check_answers(built, results)

@@ -43,12 +43,16 @@ def test_relative_factors_start_at_one_and_follow_the_drift(context) -> None:
     cal.end_window()
     assert cal.compute_factors() == {"hub": pytest.approx(1.0)}
     assert cal.calibrated(["hub"]) and not cal.calibrated(["hub", "edge"])
-    cal.observe_unit("hub", 6.0, 1.0)  # now 3x slower than at the start
+    cal.observe_unit("hub", 6.0, 1.0)  # now 4 s slower than at the start
     cal.end_window()
-    assert cal.compute_factors() == {"hub": pytest.approx(3.0)}
+    # the drift in seconds is added to the estimate: 1 + 4 (not the ratio 6 / 2)
+    assert cal.compute_factors() == {"hub": pytest.approx(5.0)}
     cal.observe_unit("hub", 1.0, 1.0)  # too few runs in a window: the factor holds
     cal.end_window(min_samples=2)
-    assert cal.compute_factors() == {"hub": pytest.approx(3.0)}
+    assert cal.compute_factors() == {"hub": pytest.approx(5.0)}
+    for _ in range(3):  # no longer measured: without forget, it stays
+        cal.end_window()
+    assert cal.compute_factors() == {"hub": pytest.approx(5.0)}
 
 
 def test_absolute_factors_against_the_file(context) -> None:
@@ -78,19 +82,19 @@ def test_scaled_table_reprices_compute_and_links_by_the_one_cost_model(context) 
         cal.observe_link("edge", "hub", 0.3 * filed.time, n)
         cal.end_window()
     cal.observe_unit("hub", 5.0, 1.0)
-    cal.observe_link("edge", "hub", 0.3 * filed.time * 4, n)  # 4x slower than at first
+    cal.observe_link("edge", "hub", 0.3 * filed.time * 4, n)  # 0.9 x filed slower
     cal.observe_link("edge", "cloud", 1.0, n)  # a first window: no reference yet
     cal.observe_link("edge", "edge", 1.0, n)  # no link: in-device, not priced as one
     cal.end_window()
     assert cal.compute_factors() == {"hub": pytest.approx(5.0)}
     factors = cal.link_factors()
-    assert factors == {("edge", "hub"): pytest.approx(4.0)}
+    assert factors == {("edge", "hub"): pytest.approx(1.9)}
     after = reprice(graph, cal.table(), plan)
     hub_compute = unit_estimates(table, plan)["1"][1]
     assert after.compute - before.compute == pytest.approx(4.0 * hub_compute)
     # every message between edge and hub (both ways: one undirected link, the slower
     # direction counts) now takes g times its filed time, g the link's factor
-    g = 4.0
+    g = 1.9
     crossing = [m for m in messages(graph, plan, plan.routes, table, None)
                 if m.sender_device and m.receiver_device
                 and m.sender_device != m.receiver_device]
@@ -121,3 +125,19 @@ def test_bad_options_are_refused(context) -> None:
         Calibration(context.table, baseline="guess")
     with pytest.raises(ValueError, match="alpha"):
         Calibration(context.table, alpha=0.0)
+
+
+def test_a_factor_no_longer_measured_fades_back(context) -> None:
+    cal = Calibration(context.table, alpha=1.0, forget=2)
+    for ratio in (1.0, 1.0, 9.0):
+        cal.observe_unit("hub", ratio, 1.0)
+        cal.end_window()
+    assert cal.compute_factors()["hub"] == pytest.approx(9.0)
+    cal.end_window()  # one window without a measurement: held
+    assert cal.compute_factors()["hub"] == pytest.approx(9.0)
+    cal.end_window()
+    cal.end_window()  # two more: one half-life
+    assert cal.compute_factors()["hub"] == pytest.approx(5.0)
+    cal.observe_unit("hub", 9.0, 1.0)  # measured again: back at once
+    cal.end_window()
+    assert cal.compute_factors()["hub"] == pytest.approx(9.0)
