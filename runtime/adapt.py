@@ -215,6 +215,7 @@ class Adapter:
         self._records: deque[dict[str, Any]] = deque(maxlen=100_000)
         self._estimates: dict[str, dict[str, tuple[str, float]]] = {}
         self._plans: dict[str, Any] = {}
+        self._filed_costs: dict[str, float] = {}
         self._acked: dict[tuple[str, Any], int] = {}  # timed transfers already observed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapt", daemon=True)
@@ -252,6 +253,15 @@ class Adapter:
 
             self._plans[key] = ir.Plan.from_json(self.executor.views[key].plan)
         return self._plans[key]
+
+    def _filed(self, key: str) -> float:
+        """Plan ``key``'s cost on the uncalibrated table (the file's figures)."""
+        if key not in self._filed_costs:
+            from partitioner.analysis.routing import reprice
+
+            self._filed_costs[key] = _metric(self.context.objective.kind, reprice(
+                self.context.prepared.graph, self.context.table, self._plan(key)))
+        return self._filed_costs[key]
 
     def _unit_estimates(self, key: str) -> dict[str, tuple[str, float]]:
         if key not in self._estimates:
@@ -340,7 +350,7 @@ class Adapter:
         best_cost = _metric(self.context.objective.kind, best.plan.estimate)
         sig = _signature(best.plan)
         entry.update(current=current, best=best_cost, state="steady",
-                     solve_seconds=time.perf_counter() - t0)
+                     filed=self._filed(key), solve_seconds=time.perf_counter() - t0)
         now = time.monotonic()
         if not self.rule.step(now, current, best_cost, sig, _signature(current_plan)):
             if self.rule.count:
