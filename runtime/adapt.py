@@ -220,6 +220,7 @@ class Adapter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapt", daemon=True)
         executor.observers.append(self._records.append)
+        executor.time_links = True  # the workers time some of their sends (metrics)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Adapter:

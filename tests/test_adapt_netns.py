@@ -93,7 +93,7 @@ def test_shaped_link_to_the_hub_is_replanned_away_from(namespace, built, tmp_pat
         workers.start("hub", host="127.0.0.2")
         np.save(tmp_path / "x.npy", sample(3))
         hosts = ",".join(f"{d}={a}" for d, a in workers.hosts.items())
-        n = 1500
+        n = 4000
         proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "runtime.cli", "run", str(built.bundle),
              "--hosts", hosts, "--input", f"input={tmp_path / 'x.npy'}", "--token-file",
@@ -108,7 +108,7 @@ def test_shaped_link_to_the_hub_is_replanned_away_from(namespace, built, tmp_pat
             while proc.poll() is None and _hub_requests(namespace, workers) == 0:
                 time.sleep(0.1)
             start = time.monotonic()
-            while proc.poll() is None and time.monotonic() - start < 1.5:
+            while proc.poll() is None and time.monotonic() - start < 1.2:
                 time.sleep(0.05)
             if proc.poll() is None:
                 _shape_hub(namespace, "2mbit")
@@ -126,7 +126,8 @@ def test_shaped_link_to_the_hub_is_replanned_away_from(namespace, built, tmp_pat
     assert doc["summary"] == {"ok": n, "failed": 0, "lost": 0, "duplicated": 0}
     assert len(doc["switches"]) == 1, doc["switches"]
     sw = doc["switches"][0]
-    assert (sw["from"], sw["to"]) == ("p0", "p1") and "links edge->hub" in sw["reason"]
+    assert (sw["from"], sw["to"]) == ("p0", "p1"), sw
+    assert "links edge->hub" in sw["reason"], sw  # the executor's timed sends to the hub
     at = sw["at_request"]
     assert all("hub" not in {t["device"] for t in r["stages"]} for r in doc["runs"][at:])
     with np.load(tmp_path / "out.npz") as z:

@@ -56,6 +56,7 @@ def _probe(addr: tuple[str, int], header: dict[str, object]) -> dict[str, object
 def test_metrics_endpoint_parses_and_counts_what_ran(chain, workers) -> None:
     n = 12
     with RemoteExecutor(chain.bundle, workers.hosts, token=TOKEN, timeout=30) as ex:
+        ex.time_links = True  # as live adaptation does: workers time some sends
         for i in range(n):
             ex.infer({"input": sample(i)})
         records = list(ex.records)
