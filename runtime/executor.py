@@ -176,8 +176,11 @@ class RemoteExecutor:
         self.submitted = 0
         self.observers: list[Callable[[dict[str, Any]], None]] = []
         self.last_inputs: dict[str, np.ndarray] | None = None
-        # the input sends, each timed until its "accepted": the source's links
+        # the input sends, each timed until its "accepted": the source's links; with
+        # time_links, requests ask the workers to time some of their sends too (the
+        # executor then answers those results with "accepted")
         self.links = WorkerMetrics("executor")
+        self.time_links = False
         self.tls = None if tls is None else tls.client_context()
         self._pool = ConnectionPool(timeout=5.0, tls=self.tls)
         host, port = parse_address(listen, what="--listen")
@@ -343,7 +346,7 @@ class RemoteExecutor:
                 base = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
                         "from": INPUT, "route": route, "reply": self.reply,
                         "budget": max(budget, 0.01), "token": self.token, "timings": [],
-                        "ack": True}
+                        "ack": True, "timed": self.time_links}
                 p.gathering[p.attempt] = (key, Inbox(view.senders.get(OUTPUT, ())), [])
                 attempt = p.attempt
                 source = {n: (None, a) for n, a in p.inputs.items()}

@@ -389,7 +389,7 @@ class Worker:
         first = box.header
         header = {"id": rid, "attempt": attempt, "plan": plan, "unit": unit_key,
                   "route": first.get("route"), "reply": first.get("reply"),
-                  "timings": box.timings}
+                  "timings": box.timings, "timed": first.get("timed") is True}
         return Job(header, assembled, box.deadline, box.opened, now)
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
@@ -489,7 +489,7 @@ class Worker:
         header: dict[str, Any] = {
             "id": h["id"], "attempt": h["attempt"], "plan": plan, "from": h["unit"],
             "rows": {n: None if r is None else list(r) for n, (r, _) in message.items()},
-            "timings": timings, "token": self.token}
+            "timings": timings, "token": self.token, "timed": h.get("timed", False)}
         arrays = {n: a for n, (_, a) in message.items()}
         if to == OUTPUT:
             header["type"] = "result"
@@ -528,11 +528,12 @@ class Worker:
 
     def _timed_send(self, peer: str, addr: tuple[str, int], header: dict[str, Any],
                     arrays: Mapping[str, np.ndarray], timeout: float) -> None:
-        """Send and measure (:mod:`runtime.metrics`): one transfer in
+        """Send and measure (:mod:`runtime.metrics`): for a request the executor marked
+        ``timed`` (live adaptation: it answers results too), one transfer in
         ``LINK_SAMPLE`` per peer waits for the receiver's ``accepted``."""
         nbytes = sum(a.nbytes for a in arrays.values())
         t0 = time.monotonic()
-        if not self.metrics.sample(peer):
+        if not header.get("timed") or not self.metrics.sample(peer):
             self.pool.send(addr, header, arrays, timeout=timeout)
             self.metrics.record_send(peer, nbytes, time.monotonic() - t0)
             return
