@@ -216,7 +216,8 @@ class Adapter:
         self._estimates: dict[str, dict[str, tuple[str, float]]] = {}
         self._plans: dict[str, Any] = {}
         self._filed_costs: dict[str, float] = {}
-        self._acked: dict[tuple[str, Any], int] = {}  # timed transfers already observed
+        # per (device, peer): timed transfers, their seconds and bytes seen so far
+        self._acked: dict[tuple[str, Any], tuple[int, float, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapt", daemon=True)
         executor.observers.append(self._records.append)
@@ -297,12 +298,17 @@ class Adapter:
             snaps.append((view.bundle.source, self.executor.links.snapshot()))
         for device, snap in snaps:
             for link in snap.get("links") or ():
-                peer, acked = link.get("peer"), int(link.get("acked") or 0)
-                if acked <= self._acked.get((device, peer), 0) or not link.get("acked_bytes"):
-                    continue  # no new timed transfer since the last window
-                self._acked[(device, peer)] = acked
-                self.calibration.observe_link(device, str(peer), float(link["acked_seconds"]),
-                                              float(link["acked_bytes"]))
+                # the timed transfers since the last window: their mean time and size
+                peer = link.get("peer")
+                now = (int(link.get("acked") or 0), float(link.get("acked_seconds_sum") or 0),
+                       float(link.get("acked_bytes_sum") or 0))
+                last = self._acked.get((device, peer), (0, 0.0, 0.0))
+                self._acked[(device, peer)] = now
+                n = now[0] - last[0]
+                if n <= 0 or now[2] <= last[2]:
+                    continue  # none since (or the worker restarted: counters anew)
+                self.calibration.observe_link(device, str(peer), (now[1] - last[1]) / n,
+                                              (now[2] - last[2]) / n)
 
     def _poll(self, devices: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """Each device's worker metrics (a worker that does not answer is skipped)."""

@@ -29,7 +29,8 @@ Two references (``baseline``):
   profiles describe the real devices).
 
 A device or link with no measurement keeps the factor 1 (its file figures). A link is
-undirected in the system file: the slower direction's factor counts for both.
+undirected in the system file: its factor is over the transfers of both directions,
+each weighted by its estimated time.
 
 Imported by the executor side only (it needs the compiler); a worker never imports it.
 """
@@ -48,6 +49,11 @@ __all__ = ["Calibration", "unit_estimates", "BASELINE_WINDOWS", "BASELINES"]
 BASELINE_WINDOWS = 2  # windows averaged into a device's reference ("first")
 BASELINES = ("first", "file")
 _CLAMP = (1e-3, 1e6)  # a factor outside this is a measurement glitch, not a device
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    """The key of the undirected link between ``a`` and ``b``."""
+    return (a, b) if a <= b else (b, a)
 
 
 def _clamp(x: float) -> float:
@@ -196,7 +202,10 @@ class Calibration:
         est = network_transfer(sys, sys.device(src), sys.device(dst), nbytes)
         if est is None or est.time <= 0:
             return
-        acc = self._window_links.setdefault((src, dst), [0.0, 0.0])
+        # both directions of the (undirected) link together, weighted by their estimated
+        # times: a small message's fixed overhead is noise next to a large one's transfer
+        # and must not scale it (it would, as a factor of its own)
+        acc = self._window_links.setdefault(_pair(src, dst), [0.0, 0.0])
         acc[0] += seconds
         acc[1] += est.time
 
@@ -243,7 +252,7 @@ class Calibration:
 
     def summary(self) -> dict[str, Any]:
         return {"compute": self.compute_factors(),
-                "links": {f"{a}->{b}": g for (a, b), g in self.link_factors().items()}}
+                "links": {f"{a}-{b}": g for (a, b), g in self.link_factors().items()}}
 
     def table(self) -> ir.CostTable:
         """The base table with the current factors applied (see the module doc)."""
@@ -265,8 +274,7 @@ class Calibration:
 
     @staticmethod
     def _link_factor(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
-        # a link named by `between` carries both directions: the slower one counts
-        return max(links.get((a, b), 1.0), links.get((b, a), 1.0))
+        return links.get(_pair(a, b), 1.0)
 
     def _scaled_system(self, links: Mapping[tuple[str, str], float]) -> ir.System:
         """The system with each link's effective bandwidth (``min(NIC, NIC, link)``, SPEC

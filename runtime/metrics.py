@@ -69,6 +69,8 @@ class _Link:
     acked: int = 0  # transfers timed until the receiver's answer
     acked_seconds: float | None = None  # EWMA of their times
     acked_bytes: float | None = None  # EWMA of their sizes
+    acked_seconds_sum: float = 0.0  # totals (a reader's window: differences)
+    acked_bytes_sum: int = 0
 
 
 def _read(path: str) -> str:
@@ -178,6 +180,8 @@ class WorkerMetrics:
             link.acked += 1
             link.acked_seconds = _ewma(link.acked_seconds, seconds)
             link.acked_bytes = _ewma(link.acked_bytes, float(nbytes))
+            link.acked_seconds_sum += seconds
+            link.acked_bytes_sum += nbytes
 
     def snapshot(self, stats: Mapping[str, int] | None = None) -> dict[str, Any]:
         """A JSON-safe copy of everything measured (what ``health``/``metrics`` return)."""
@@ -188,7 +192,9 @@ class WorkerMetrics:
                      for (p, k), u in sorted(self._units.items())]
             links = [{"peer": peer, "count": k.count, "bytes": k.bytes,
                       "seconds": k.seconds, "throughput": k.throughput, "acked": k.acked,
-                      "acked_seconds": k.acked_seconds, "acked_bytes": k.acked_bytes}
+                      "acked_seconds": k.acked_seconds, "acked_bytes": k.acked_bytes,
+                      "acked_seconds_sum": k.acked_seconds_sum,
+                      "acked_bytes_sum": k.acked_bytes_sum}
                      for peer, k in sorted(self._links.items())]
         return {"device": self.device, "time": time.time(), "units": units,
                 "links": links, "process": process_figures(self._cpu),

@@ -92,8 +92,8 @@ def test_scaled_table_reprices_compute_and_links_by_the_one_cost_model(context) 
     after = reprice(graph, cal.table(), plan)
     hub_compute = unit_estimates(table, plan)["1"][1]
     assert after.compute - before.compute == pytest.approx(4.0 * hub_compute)
-    # every message between edge and hub (both ways: one undirected link, the slower
-    # direction counts) now takes g times its filed time, g the link's factor
+    # every message between edge and hub (both ways: one undirected link) now takes g
+    # times its filed time, g the link's factor
     g = 1.9
     crossing = [m for m in messages(graph, plan, plan.routes, table, None)
                 if m.sender_device and m.receiver_device
@@ -141,3 +141,24 @@ def test_a_factor_no_longer_measured_fades_back(context) -> None:
     cal.observe_unit("hub", 9.0, 1.0)  # measured again: back at once
     cal.end_window()
     assert cal.compute_factors()["hub"] == pytest.approx(9.0)
+
+
+def test_a_small_messages_overhead_does_not_scale_a_large_one(context) -> None:
+    """Both directions of a link form one factor, weighted by their estimated times: the
+    fixed cost of a 40-byte result (tens of its estimate) is noise next to the input."""
+    from partitioner.analysis.costs import network_transfer
+
+    sys = context.table.system
+    big = network_transfer(sys, sys.device("edge"), sys.device("hub"), 12_288)
+    small = network_transfer(sys, sys.device("hub"), sys.device("edge"), 40)
+    assert big is not None and small is not None
+    cal = Calibration(context.table, alpha=1.0)
+    for extra in (0.0, 0.0, 200e-6):  # the small message got 0.2 ms slower (noise)
+        cal.observe_link("edge", "hub", big.time, 12_288)
+        cal.observe_link("hub", "edge", small.time * 50 + extra, 40)
+        cal.end_window()
+    g = cal.link_factors()[("edge", "hub")]
+    # 0.2 ms more on one transfer of each direction: the link's time grows by exactly
+    # that, not by 0.2 ms / 4 us = 50x
+    assert g == pytest.approx(1 + 200e-6 / (big.time + small.time))
+    assert g < 1.2
