@@ -1,0 +1,243 @@
+"""Per-layer int8 variants in the cost table (QUANT, SPEC §5), and what they change in a
+plan's price.
+
+A candidate layer ``k`` may run as its int8 variant (``q_k = 1``). Three things change:
+
+* **compute** ``f(k,1)`` instead of ``f(k,0)``: the table stores the *saving*
+  ``f(k,0) - f(k,1)`` per (layer, device, frequency). Analytic: the layer's fp32 compute
+  (its single-layer bundle of the table) times ``1 - 1/s`` with ``s`` the int8 speed-up
+  of the device's class (:data:`INT8_SPEEDUP`, documented below) or a given speed-up per
+  device; measured: the saving the profiler measured for that layer on that device
+  (:mod:`partitioner.analysis.profiler`, ``measure_int8_savings``). A bundle with several
+  int8 layers is priced as its measured fp32 price minus the sum of its layers' savings
+  (additive: the profiler measures the error of that assumption on mixed bundles).
+  The joules saved are the device's compute power times the seconds saved (None without
+  a power figure: the energy then stays the fp32 one).
+* **transfer** ``g'`` instead of ``g``: when the cut after a model layer crosses devices
+  and a float32 tensor in it was produced by an int8 layer, it travels as 8-bit integers
+  (the stage file cuts between its QuantizeLinear and DequantizeLinear), 1/4 of the
+  bytes. Saved bytes per (cut, layer) are in the table; their time and energy follow the
+  link model (:func:`wire_saving`, linear in the bytes). Cuts next to pseudo positions
+  (source, destination) and model outputs stay float32.
+* **noise**: the fitted polynomial ``eta(q)`` (:mod:`partitioner.analysis.noise`).
+
+:func:`variant_delta` is the one definition of these savings for a placement; the cost
+model (:func:`partitioner.analysis.estimate.evaluate`) subtracts it and the MIP
+(:mod:`partitioner.solver.quant`) represents exactly the same terms.
+
+Int8 speed-ups by device class (:data:`INT8_SPEEDUP`), an assumption for analytic
+devices only: ``edge`` and ``hub`` CPUs 2.0 (int8 GEMM kernels with 4x narrower operands;
+QUANT reports quantised layers faster on its CPU device and edge containers), ``cloud``
+1.0 (a GPU running ONNX Runtime's QDQ graph gains nothing from int8 without TensorRT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from partitioner import ir
+from partitioner.analysis.energy import compute_power
+from partitioner.errors import fail
+
+if TYPE_CHECKING:
+    from partitioner.analysis.estimate import Bundle
+
+__all__ = ["INT8_SPEEDUP", "VariantDelta", "build_variants", "wire_saving", "int8_tensors",
+           "variant_delta", "predict_noise", "quantized_layers", "wire_bytes"]
+
+INT8_SPEEDUP: Mapping[str, float] = {"edge": 2.0, "hub": 2.0, "cloud": 1.0}
+
+
+def int8_tensors(graph: ir.LayerGraph, layer: int) -> tuple[str, ...]:
+    """The tensors of ``layer`` that travel as int8 when it is quantised: its float32
+    outputs that another layer reads (model outputs are delivered as float32)."""
+    outputs = {t.name for t in graph.outputs}
+    return tuple(t for t in graph.layers[layer].produces
+                 if t not in outputs and t in graph.tensors
+                 and graph.tensors[t].dtype == "float32")
+
+
+def _int8_saving(t: ir.TensorInfo) -> int:
+    """Bytes saved by sending float32 ``t`` as one byte per element."""
+    return t.nbytes - t.nbytes // 4
+
+
+def _layer_position(table: ir.CostTable) -> dict[int, int]:
+    return {p.layer: p.index for p in table.positions if p.layer is not None}
+
+
+def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterable[int], *,
+                   speedup: Mapping[str, float] | None = None,
+                   measured: Mapping[tuple[int, str, str | None], float] | None = None,
+                   int8_outputs: Mapping[int, Collection[str]] | None = None,
+                   noise: Sequence[ir.NoiseTerm] = (), noise_error: float | None = None
+                   ) -> ir.VariantCosts:
+    """The variant figures of ``candidates`` on ``table`` (see the module docstring).
+
+    Args:
+        table: the fp32 cost table.
+        graph: its model.
+        candidates: model layer indices that may run as int8.
+        speedup: int8 speed-up per device *name* (overrides :data:`INT8_SPEEDUP` of its
+            class), for analytic figures.
+        measured: seconds saved per ``(layer, device, frequency)`` measured by the
+            profiler; they replace the analytic figure where given.
+        int8_outputs: per layer the tensors that really travel as int8 (the quantiser's
+            output); default :func:`int8_tensors`.
+        noise / noise_error: the fitted noise polynomial and its held-out error.
+
+    Raises:
+        UserError: a candidate that is not a model layer, a speed-up that is not positive.
+    """
+    cands = tuple(sorted(set(candidates)))
+    where = _layer_position(table)
+    for k in cands:
+        if k not in where:
+            fail(f"quantisation candidate {k} is not a layer of {graph.name} "
+                 f"(0..{len(graph.layers) - 1})")
+    speedup = dict(speedup or {})
+    for name, s in speedup.items():
+        if not s > 0:
+            fail(f"int8 speed-up of device {name!r} must be > 0, got {s}")
+    compute: dict[tuple[int, str, str | None], tuple[float, float | None]] = {}
+    for dev in table.system.devices:
+        s = speedup.get(dev.name, INT8_SPEEDUP.get(dev.device_class, 1.0))
+        for f in table.frequencies.get(dev.name, (None,)):
+            power = compute_power(dev, f)
+            for k in cands:
+                single = table.bundles.get((where[k], where[k], dev.name, f))
+                if single is None:
+                    continue  # the layer may not run there (pins)
+                if measured is not None and (k, dev.name, f) in measured:
+                    dt = measured[(k, dev.name, f)]
+                else:
+                    dt = single.compute * (1.0 - 1.0 / s)
+                compute[(k, dev.name, f)] = (dt, None if power is None else power * dt)
+    travels = {k: set(int8_outputs[k]) if int8_outputs is not None and k in int8_outputs
+               else set(int8_tensors(graph, k)) for k in cands}
+    producer = {t: layer.index for layer in graph.layers for t in layer.produces}
+    wire: dict[tuple[int, int], int] = {}
+    pos = table.positions
+    for j in range(len(pos) - 1):
+        after = pos[j].layer
+        if after is None or pos[j + 1].kind != "layer":
+            continue
+        for t in graph.cut_after(after).tensors:
+            made_by = producer.get(t)
+            if made_by is not None and made_by in travels and t in travels[made_by]:
+                wire[(j, made_by)] = wire.get((j, made_by), 0) + _int8_saving(graph.tensors[t])
+    source = "measured" if measured else "analytic"
+    return ir.VariantCosts(candidates=cands, compute=compute, wire=wire,
+                           int8_outputs={k: tuple(sorted(travels[k])) for k in cands},
+                           noise=tuple(noise),
+                           noise_error=noise_error, source=source)
+
+
+def wire_saving(system: ir.System, src: str, dst: str, nbytes: int) -> ir.TransferCost:
+    """Time and energy saved by sending ``nbytes`` fewer from ``src`` to ``dst``: the link
+    model is linear in the bytes (its per-transfer latency is paid either way)."""
+    from partitioner.analysis.costs import network_transfer
+
+    a, b = system.device(src), system.device(dst)
+    full, empty = network_transfer(system, a, b, nbytes), network_transfer(system, a, b, 0)
+    if full is None or empty is None:
+        return ir.TransferCost(time=0.0)
+
+    def less(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else x - y
+
+    return ir.TransferCost(time=full.time - empty.time,
+                           sender_energy=less(full.sender_energy, empty.sender_energy),
+                           receiver_energy=less(full.receiver_energy, empty.receiver_energy))
+
+
+def predict_noise(terms: Iterable[ir.NoiseTerm], quantized: Collection[int]) -> float:
+    """``eta(q)``: the sum of the monomials whose layers are all int8."""
+    q = set(quantized)
+    return float(sum(t.coef for t in terms if set(t.layers) <= q))
+
+
+@dataclass
+class VariantDelta:
+    """What the int8 layers of a placement save (subtract from the fp32 estimate)."""
+
+    compute: float = 0.0
+    communication: float = 0.0
+    busy: dict[str, float] = field(default_factory=dict)
+    energy: dict[str, float] = field(default_factory=dict)
+    noise: float | None = None
+
+
+def _check(variants: ir.VariantCosts | None, quantized: Collection[int]) -> None:
+    cands = set(variants.candidates) if variants is not None else set()
+    extra = sorted(set(quantized) - cands)
+    if extra:
+        fail(f"layer {extra[0]} is marked int8 but is not a quantisation candidate "
+             f"({', '.join(map(str, sorted(cands))) or 'none'})")
+
+
+def variant_delta(table: ir.CostTable, bundles: Sequence[Bundle],
+                  frequencies: Mapping[str, str | None], quantized: Collection[int], *,
+                  chain: bool = True) -> VariantDelta:
+    """The savings of the int8 ``quantized`` layers for a canonically split placement.
+
+    ``chain``: price the cuts between devices as the chain's transfers (False when routed
+    messages price them; their bytes already count int8 tensors, :func:`wire_bytes`).
+    """
+    v = table.variants
+    _check(v, quantized)
+    out = VariantDelta()
+    if v is None:
+        return out
+    out.noise = predict_noise(v.noise, quantized) if v.noise else 0.0
+    q = set(quantized)
+    if not q:
+        return out
+    where = _layer_position(table)
+    pos = table.positions
+    for idx, b in enumerate(bundles):
+        f = frequencies.get(b.device)
+        for k in q:
+            if b.first <= where[k] <= b.last:
+                dt, de = v.compute.get((k, b.device, f), (0.0, None))
+                out.compute += dt
+                out.busy[b.device] = out.busy.get(b.device, 0.0) + dt
+                if de is not None:
+                    out.energy[b.device] = out.energy.get(b.device, 0.0) + de
+        if not chain or idx + 1 >= len(bundles):
+            continue
+        nxt = bundles[idx + 1]
+        if nxt.device == b.device or pos[b.last].kind != "layer" \
+                or pos[nxt.first].kind != "layer":
+            continue
+        for k in q:
+            nbytes = v.wire.get((b.last, k), 0)
+            if not nbytes:
+                continue
+            tr = wire_saving(table.system, b.device, nxt.device, nbytes)
+            out.communication += tr.time
+            out.busy[b.device] = out.busy.get(b.device, 0.0) + tr.time
+            for end, e in ((b.device, tr.sender_energy), (nxt.device, tr.receiver_energy)):
+                if e is not None:
+                    out.energy[end] = out.energy.get(end, 0.0) + e
+    return out
+
+
+def quantized_layers(plan: ir.Plan) -> tuple[int, ...]:
+    """Every layer a plan runs as int8."""
+    return tuple(sorted(k for s in plan.stages for k in s.quantized))
+
+
+def wire_bytes(graph: ir.LayerGraph, plan: ir.Plan, table: ir.CostTable | None = None
+               ) -> dict[str, ir.TensorInfo]:
+    """The graph's tensors as they travel under ``plan``: int8 outputs of its int8 layers
+    are one byte per element (routing prices messages with these)."""
+    tensors = dict(graph.tensors)
+    known = table.variants.int8_outputs if table is not None and table.variants else {}
+    for k in quantized_layers(plan):
+        for name in known.get(k, int8_tensors(graph, k)):
+            t = tensors[name]
+            tensors[name] = ir.TensorInfo(t.name, t.shape, "uint8", t.nbytes // 4)
+    return tensors
