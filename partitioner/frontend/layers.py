@@ -18,7 +18,7 @@ and consumed after ``k``; graph inputs are produced "at -1"; graph outputs are c
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,7 +213,8 @@ def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], lay
 
 
 def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
-                      granularity: str) -> tuple[ir.LayerGraph, LayerStats]:
+                      granularity: str, layer_of: Sequence[int] | None = None
+                      ) -> tuple[ir.LayerGraph, LayerStats]:
     """Group ``model``'s nodes into layers and compute cuts; reorders ``model`` in place.
 
     The model's nodes are rewritten layer by layer (each layer's nodes in their previous
@@ -224,20 +225,28 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         model: a prepared model (static shapes in ``value_info``, nothing left to fold).
         name / sha256: the model's name and file fingerprint.
         granularity: ``"major"`` or ``"node"``.
+        layer_of: the layer of every node of ``model`` when the caller groups them itself
+            (a variant of an already grouped model, e.g. its quantised form,
+            :mod:`partitioner.frontend.quantize`); the grouping rule above is then not
+            applied and no constant node is copied.
     """
     if granularity not in ("major", "node"):
         fail(f"--granularity {granularity!r}: expected 'major' or 'node'")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = [o.name for o in graph.output]
-    layer_of, needs = _assign(list(graph.node), set(inits), granularity)
-    nodes, layer_of, keys = _localise_constants(graph, list(graph.node), layer_of, needs)
-    count = max(layer_of) + 1
-    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], keys[i]))
+    if layer_of is None:
+        assigned, needs = _assign(list(graph.node), set(inits), granularity)
+        nodes, assigned, keys = _localise_constants(graph, list(graph.node), assigned, needs)
+    else:
+        nodes, assigned, keys = list(graph.node), list(layer_of), [
+            float(i) for i in range(len(graph.node))]
+    count = max(assigned) + 1
+    order = sorted(range(len(nodes)), key=lambda i: (assigned[i], keys[i]))
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
     nodes = list(graph.node)
-    layer_of = [layer_of[i] for i in order]
+    layer_of = [assigned[i] for i in order]
 
     types: dict[str, onnx.TypeProto] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
