@@ -16,7 +16,7 @@ measures a design and fits a polynomial over the binary ``q``:
 The measurements and the fit are cached in a JSON file keyed by the model's fingerprint
 (SHA-256 of the ONNX bytes), the calibration digest, the candidates, degree and design
 seed (like profiles, a second plan/compile of the same model reads them back). The cache
-directory is ``$PARTITIONER_CACHE_DIR`` or ``~/.cache/partitioner``, under ``noise/``.
+directory is :func:`cache_dir`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from partitioner import ir
 from partitioner.errors import fail
 
 __all__ = ["NoiseFit", "design", "monomials", "fit_terms", "fit_noise", "cache_dir",
-           "calibration_digest", "cached_fit", "FORMAT"]
+           "cached_fit", "FORMAT"]
 
 log = logging.getLogger("partitioner.noise")
 
@@ -187,20 +187,14 @@ def fit_noise(measure: Callable[[Config], float], candidates: Sequence[int], *,
 # --------------------------------------------------------------------------- cache
 
 
-def cache_dir() -> Path:
-    """``$PARTITIONER_CACHE_DIR`` or ``~/.cache/partitioner``."""
-    env = os.environ.get("PARTITIONER_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "partitioner"
-
-
-def calibration_digest(inputs: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the calibration arrays (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(inputs):
-        arr = np.ascontiguousarray(inputs[name])
-        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
+def cache_dir() -> Path | None:
+    """``$PARTITIONER_CACHE/noise`` (unset: ``~/.cache/partitioner/noise``; the empty
+    string: no disk cache), next to the quantised variants of
+    :mod:`partitioner.frontend.quantize`."""
+    root = os.environ.get("PARTITIONER_CACHE")
+    if root == "":
+        return None
+    return (Path(root) if root else Path.home() / ".cache" / "partitioner") / "noise"
 
 
 def _write_atomic(path: Path, doc: Mapping[str, Any]) -> None:
@@ -220,7 +214,10 @@ def cached_fit(key: Mapping[str, Any], compute: Callable[[], NoiseFit],
     """
     ident = json.dumps({"format": FORMAT, **key}, sort_keys=True)
     name = hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json"
-    path = (directory or cache_dir()) / "noise" / name
+    where = directory if directory is not None else cache_dir()
+    if where is None:
+        return compute(), False
+    path = where / name
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("key") == json.loads(ident):

@@ -33,19 +33,29 @@ QUANT reports quantised layers faster on its CPU device and edge containers), ``
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from partitioner import ir
 from partitioner.analysis.energy import compute_power
 from partitioner.errors import fail
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from partitioner.analysis.estimate import Bundle
+    from partitioner.analysis.noise import NoiseFit
+    from partitioner.frontend import PreparedModel
 
 __all__ = ["INT8_SPEEDUP", "VariantDelta", "build_variants", "wire_saving", "int8_tensors",
-           "variant_delta", "predict_noise", "quantized_layers", "wire_bytes"]
+           "variant_delta", "predict_noise", "quantized_layers", "wire_bytes",
+           "QuantSetup", "attach_variants", "stage_savings", "report_lines"]
+
+log = logging.getLogger("partitioner.variants")
 
 INT8_SPEEDUP: Mapping[str, float] = {"edge": 2.0, "hub": 2.0, "cloud": 1.0}
 
@@ -115,8 +125,10 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
                 else:
                     dt = single.compute * (1.0 - 1.0 / s)
                 compute[(k, dev.name, f)] = (dt, None if power is None else power * dt)
-    travels = {k: set(int8_outputs[k]) if int8_outputs is not None and k in int8_outputs
-               else set(int8_tensors(graph, k)) for k in cands}
+    # model outputs are priced as float32 wherever they go (an upper bound on their bytes)
+    own = {k: set(int8_tensors(graph, k)) for k in cands}
+    travels = {k: own[k] & set(int8_outputs[k]) if int8_outputs is not None
+               and k in int8_outputs else own[k] for k in cands}
     producer = {t: layer.index for layer in graph.layers for t in layer.produces}
     wire: dict[tuple[int, int], int] = {}
     pos = table.positions
@@ -241,3 +253,102 @@ def wire_bytes(graph: ir.LayerGraph, plan: ir.Plan, table: ir.CostTable | None =
             t = tensors[name]
             tensors[name] = ir.TensorInfo(t.name, t.shape, "uint8", t.nbytes // 4)
     return tensors
+
+
+def stage_savings(table: ir.CostTable, plan: ir.Plan) -> list[float]:
+    """Compute seconds each stage saves by its int8 layers (the plan report's times)."""
+    v = table.variants
+    out = [0.0] * len(plan.stages)
+    if v is None:
+        return out
+    for i, st in enumerate(plan.stages):
+        for k in st.quantized:
+            for dev in st.devices:
+                out[i] += v.compute.get((k, dev, plan.frequencies.get(dev)), (0.0, None))[0]
+    return out
+
+
+def report_lines(table: ir.CostTable, plan: ir.Plan, names: Sequence[str]) -> list[str]:
+    """The plan report's lines on int8 layers and predicted noise (none without variants)."""
+    v = table.variants
+    if v is None:
+        return []
+    q = quantized_layers(plan)
+    shown = ", ".join(f"{k} {names[k]}" for k in q) or "none"
+    lines = [f"int8 layers ({len(q)} of {len(v.candidates)} candidates): {shown}"]
+    noise = plan.estimate.noise
+    if noise is not None:
+        err = "" if v.noise_error is None else f", fit error {v.noise_error:.3g} held out"
+        lines.append(f"noise (predicted mean |o - o_q|) {noise:.4g}{err}")
+    return lines
+
+
+# --------------------------------------------------------------------------- pipeline hook
+
+
+@dataclass(frozen=True)
+class QuantSetup:
+    """What ``--quantize`` measured: the candidates, the calibration it used, the fit."""
+
+    candidates: tuple[int, ...]
+    calibration: Mapping[str, np.ndarray]
+    calibration_file: str | None
+    fit: NoiseFit | None
+    from_cache: bool
+
+
+def attach_variants(prepared: PreparedModel, table: ir.CostTable, *,
+                    layers: int | str | Sequence[str] = 12,
+                    calibration: str | Path | Mapping[str, np.ndarray] | None = None,
+                    fit_noise_model: bool = True, degree: int = 2, seed: int = 0,
+                    speedup: Mapping[str, float] | None = None,
+                    measured: Mapping[tuple[int, str, str | None], float] | None = None
+                    ) -> tuple[ir.CostTable, QuantSetup]:
+    """``table`` with the int8 variants of the candidate layers, and the noise fit.
+
+    Args:
+        prepared: the front end's model.
+        table: its fp32 cost table.
+        layers: ``--quantize-layers`` (K heaviest, or names).
+        calibration: ``--calibration`` file (or loaded arrays); None: seeded random
+            data, with a warning that the noise figures are then meaningless.
+        fit_noise_model: measure and fit the noise (False with ``--max-noise 0``, which
+            quantises nothing anyway).
+        degree / seed: of the noise polynomial and its design.
+        speedup / measured: int8 compute figures (see :func:`build_variants`).
+    """
+    from partitioner.analysis import noise
+    from partitioner.frontend import quantize as quant
+
+    graph = prepared.graph
+    cands = quant.candidate_layers(graph, layers)
+    if calibration is None:
+        log.warning("--quantize without --calibration: calibrating and measuring noise on "
+                    "seeded random inputs; the noise figures are meaningless for real data")
+        arrays: Mapping[str, Any] = quant.random_calibration(prepared)
+        file = None
+    elif isinstance(calibration, (str, Path)):
+        arrays, file = quant.load_calibration(calibration, prepared), str(calibration)
+    else:
+        arrays, file = calibration, None
+    variant = quant.quantize_model(prepared, cands, arrays)
+    int8 = {k: tuple(f for f, _ in pairs) for k, pairs in variant.int8_outputs.items()}
+    fit = None
+    hit = False
+    if fit_noise_model:
+        key = {"model": graph.sha256, "granularity": graph.granularity,
+               "shapes": sorted([k, list(v)] for k, v in prepared.shapes.items()),
+               "calibration": quant.calibration_digest(arrays), "candidates": list(cands),
+               "degree": degree, "seed": seed}
+
+        def measure() -> NoiseFit:
+            meter = quant.NoiseMeter(prepared, arrays, arrays)
+            log.info("measuring the noise of int8 variants of %d layers", len(cands))
+            return noise.fit_noise(meter.noise, cands, degree=degree, seed=seed)
+
+        fit, hit = noise.cached_fit(key, measure)
+    variants = build_variants(table, graph, cands, speedup=speedup, measured=measured,
+                              int8_outputs=int8, noise=fit.terms if fit else (),
+                              noise_error=fit.heldout_error if fit else None)
+    return (dataclasses.replace(table, variants=variants),
+            QuantSetup(cands, arrays, file, fit, hit))
