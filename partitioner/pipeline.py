@@ -32,6 +32,7 @@ from partitioner.errors import UserError, fail
 
 if TYPE_CHECKING:
     from partitioner.analysis.profiles import Profile
+    from partitioner.analysis.variants import QuantSetup
     from partitioner.frontend import PreparedModel
 
 __all__ = ["PlanResult", "plan", "compile", "replan", "planner", "system_without",
@@ -54,6 +55,7 @@ class PlanResult:
         plan: the chosen plan.
         objective: the objective and caps it was solved with.
         bundle: the bundle directory, once :func:`compile` wrote it.
+        quant: what ``quantize=True`` measured (candidates, calibration, noise fit).
     """
 
     prepared: PreparedModel
@@ -62,6 +64,7 @@ class PlanResult:
     plan: ir.Plan
     objective: ir.Objective = dataclasses.field(default_factory=ir.Objective)
     bundle: Path | None = None
+    quant: QuantSetup | None = None
 
 
 def planner(objective: ir.Objective | None = None) -> Callable[[ir.CostTable], ir.Plan]:
@@ -109,7 +112,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          profiles: Sequence[str | Path | Profile] = (),
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
-         preload: bool = True, private: int = 0, example_inputs: Any = None) -> PlanResult:
+         preload: bool = True, private: int = 0, example_inputs: Any = None,
+         quantize: bool = False, quantize_layers: int | str | Sequence[str] | None = None,
+         max_noise: float | None = None, calibration: Any = None) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -127,6 +132,12 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         preload: model weight preloading (ODIWeP).
         private: the first ``private`` layers run only on trusted devices.
         example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
+        quantize: the solver may run candidate layers as int8 variants (QUANT).
+        quantize_layers: the candidates: K heaviest layers, or names (default 12).
+        max_noise: cap on the fitted output noise (0: nothing int8); overrides the
+            objective's ``max_noise``.
+        calibration: ``.npz`` file (or loaded arrays) to calibrate and measure noise on;
+            None: seeded random data (the noise figures are then meaningless).
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -136,25 +147,44 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     if mbs is not None and mbs < 1:
         fail(f"--mbs must be >= 1, got {mbs}")
     objective = objective or ir.Objective()
+    if not quantize:
+        for given, flag in ((max_noise, "--max-noise"), (quantize_layers, "--quantize-layers")):
+            if given is not None:
+                fail(f"{flag} needs --quantize")
+    if max_noise is not None:
+        objective = dataclasses.replace(objective, max_noise=max_noise)
+    if objective.max_noise is not None and not objective.max_noise >= 0:
+        fail(f"--max-noise {objective.max_noise}: must be >= 0")
     loaded_system = _load_system(system)
     prepared = _prepare(model, shapes, granularity, example_inputs)
     table = build_cost_table(prepared.graph, loaded_system,
                              profiles=_profiles(profiles, prepared.graph), mbs=mbs,
                              preload=preload, private=private)
+    setup = None
+    if quantize:
+        from partitioner.analysis.variants import attach_variants
+
+        table, setup = attach_variants(
+            prepared, table, layers=12 if quantize_layers is None else quantize_layers,
+            calibration=calibration, fit_noise_model=objective.max_noise != 0)
     chosen = planner(objective)(table)
     # Routing, once, before anything reads the plan (compile() and replan() both plan
     # through here): direct sends where they are cheaper, the estimate re-priced.
     chosen = route_plan(prepared.graph, table, chosen)
-    return PlanResult(prepared, loaded_system, table, chosen, objective)
+    return PlanResult(prepared, loaded_system, table, chosen, objective, quant=setup)
 
 
 def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool,
            triton: bool, progress: bool) -> PlanResult:
     from partitioner.backend import compile_bundle
 
+    extra: dict[str, Any] = {}
+    if result.quant is not None and any(s.quantized for s in result.plan.stages):
+        # the back end builds the same int8 variant the planner measured (quantvar)
+        extra["calibration"] = result.quant.calibration
     out = compile_bundle(result.prepared, result.plan, result.system, out_dir,
                          verify=verify, force=force, triton=triton, table=result.table,
-                         progress=progress)
+                         progress=progress, **extra)
     return dataclasses.replace(result, bundle=Path(out))
 
 

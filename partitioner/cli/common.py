@@ -100,6 +100,18 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="solver time limit, seconds")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    quant = parser.add_argument_group("per-layer quantisation (QUANT)")
+    quant.add_argument("--quantize", action="store_true",
+                       help="the solver may run candidate layers as int8 variants")
+    quant.add_argument("--quantize-layers", default=None, metavar="K|NAME,...",
+                       help="candidates: the K heaviest layers by FLOPs, or layer names "
+                            "(default 12)")
+    quant.add_argument("--max-noise", type=float, default=None, metavar="ETA",
+                       help="cap on the predicted output noise (mean |o - o_q|); 0: "
+                            "nothing int8")
+    quant.add_argument("--calibration", default=None, metavar="FILE.npz",
+                       help="inputs to calibrate the quantiser and measure noise on "
+                            "(default: seeded random data, noise figures meaningless)")
 
 
 def parse_weights(text: str) -> tuple[float, float]:
@@ -141,7 +153,22 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
         fail(f"--mbs must be >= 1, got {args.mbs}")
     return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
             "granularity": args.granularity, "objective": objective_from_args(args),
-            "mbs": args.mbs, "preload": args.preload, "private": args.private}
+            "mbs": args.mbs, "preload": args.preload, "private": args.private,
+            **quantize_options(args)}
+
+
+def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantisation keywords of :func:`partitioner.pipeline.plan` (QUANT)."""
+    if args.max_noise is not None and not args.max_noise >= 0:
+        fail(f"--max-noise {args.max_noise}: must be >= 0")
+    if not args.quantize:
+        for value, flag in ((args.max_noise, "--max-noise"),
+                            (args.quantize_layers, "--quantize-layers")):
+            if value is not None:
+                fail(f"{flag} needs --quantize")
+        return {"calibration": args.calibration} if args.calibration else {}
+    return {"quantize": True, "quantize_layers": args.quantize_layers,
+            "max_noise": args.max_noise, "calibration": args.calibration}
 
 
 def plan_from_args(args: argparse.Namespace) -> PlanResult:
