@@ -1,7 +1,7 @@
 """Per-layer int8 variants of a prepared model (QUANT), made by ONNX Runtime's quantiser.
 
 :func:`quantize_model` quantises exactly the nodes of some layers with
-``onnxruntime.quantization.quantize_static`` (QDQ format, int8 activations, per-channel
+``onnxruntime.quantization.quantize_static`` (QDQ format, uint8 activations, per-channel
 int8 weights, MinMax calibration over the ``--calibration`` arrays) and regroups the
 result into the *same* layers, so that the existing slicer
 (:func:`partitioner.frontend.slicing.extract_layers`) cuts it into stages unchanged:
@@ -24,6 +24,13 @@ layers and changing the float model the variant is compared with. ``BatchNormali
 is left in float: ORT quantises its rank-1 scale per channel on axis 1, which does not
 exist (it warns and falls back to one scale for all channels); exported detectors fold
 BN into the conv anyway.
+
+Activations are uint8 (ORT's advice for x86 CPUs, U8S8), not int8: with int8 activations
+ORT's CPU optimiser rewrites a QuantizeLinear/DequantizeLinear pair to uint8 only when the
+Q feeds a single DQ, and whether it does differs between a stage file and the whole model
+(a stage holds only some of a tensor's DQ copies), so the chained stages were not
+bit-identical to the whole quantised model (up to 0.19 on yolo_small's outputs, measured
+on every single cut); with uint8 they are, at every cut.
 
 Noise (QUANT's rho): for one input, the mean of ``|o - o_q|`` over all elements of all
 model outputs taken together; for a set of inputs, its mean (:func:`measure_noise`,
@@ -84,7 +91,7 @@ _KEEP_FLOAT = frozenset({"BatchNormalization"})
 # Above this many weight bytes the quantiser writes external data (protobuf's 2 GB).
 _EXTERNAL_BYTES = 1 << 30
 _CACHE_ENV = "PARTITIONER_CACHE"
-_FORMAT = "qdq-s8s8-perchannel-minmax-v1"  # part of the cache key: what the file holds
+_FORMAT = "qdq-u8s8-perchannel-minmax-v1"  # part of the cache key: what the file holds
 
 
 # --------------------------------------------------------------------------- calibration
@@ -233,9 +240,10 @@ class QuantizedModel:
             ``LayerGraph.name`` and ``sha256``), ``layers[k].nodes`` indexing the
             quantised model's nodes; what the slicer, routing and the back end take.
         layers: the quantised layers, sorted.
-        int8_outputs: per quantised layer, ``(float tensor, int8 tensor)`` for each of its
-            outputs that another layer (or the destination) reads and that it hands on as
-            int8: when that tensor crosses a cut after the layer, the int8 one is sent.
+        int8_outputs: per quantised layer, ``(float tensor, 8-bit tensor)`` for each of its
+            outputs that another layer (or the destination) reads and that it hands on
+            quantised (uint8 activations): when that tensor crosses a cut after the layer,
+            the 8-bit one is sent.
         key: the cache key (model fingerprint, layer set, calibration digest, format).
     """
 
@@ -370,7 +378,7 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
         try:
             quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=ops, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=nodes, use_external_data_format=big,
                             extra_options={"ActivationSymmetric": False,
                                            "WeightSymmetric": True})
