@@ -141,3 +141,23 @@ def test_cli_errors_are_one_line(tmp_path, extra, message) -> None:
     done = _cli(str(model), "--system", str(system), *extra)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_compiled_bundle_explains_its_int8_layers(tmp_path, prepared, calibration) -> None:
+    from partitioner.backend.explain import explain, format_text
+    from stagebundle import load_bundle
+
+    result = pipeline.compile(prepared, parse_system(SYSTEM, "sys.toml"), tmp_path / "b",
+                              quantize=True, quantize_layers=4, calibration=calibration,
+                              max_noise=10.0)
+    quantized = [k for s in result.plan.stages for k in s.quantized]
+    assert quantized
+    doc = explain(load_bundle(tmp_path / "b"))
+    assert sorted(k for s in doc["stages"] for k in s["quantized"]) == quantized
+    text = format_text(doc)
+    assert "int8 layers: " in text and "noise (predicted" in text
+    names = [layer.name for layer in prepared.graph.layers]
+    assert f"{quantized[0]} {names[quantized[0]]}" in text
+    # the manifest's per-stage compute is the int8 price (timeline), adding up to the plan
+    total = sum(s["estimate"]["compute"] for s in doc["stages"])
+    assert total == pytest.approx(result.plan.estimate.compute, rel=1e-9)

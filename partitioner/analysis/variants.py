@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["INT8_SPEEDUP", "VariantDelta", "build_variants", "wire_saving", "int8_tensors",
            "variant_delta", "predict_noise", "quantized_layers", "wire_bytes",
-           "QuantSetup", "attach_variants", "stage_savings", "report_lines"]
+           "QuantSetup", "attach_variants", "stage_savings", "report_lines", "bundle_saving"]
 
 log = logging.getLogger("partitioner.variants")
 
@@ -207,17 +207,13 @@ def variant_delta(table: ir.CostTable, bundles: Sequence[Bundle],
     q = set(quantized)
     if not q:
         return out
-    where = _layer_position(table)
     pos = table.positions
     for idx, b in enumerate(bundles):
-        f = frequencies.get(b.device)
-        for k in q:
-            if b.first <= where[k] <= b.last:
-                dt, de = v.compute.get((k, b.device, f), (0.0, None))
-                out.compute += dt
-                out.busy[b.device] = out.busy.get(b.device, 0.0) + dt
-                if de is not None:
-                    out.energy[b.device] = out.energy.get(b.device, 0.0) + de
+        dt, de = bundle_saving(table, b.first, b.last, b.device, frequencies.get(b.device), q)
+        out.compute += dt
+        out.busy[b.device] = out.busy.get(b.device, 0.0) + dt
+        if de is not None:
+            out.energy[b.device] = out.energy.get(b.device, 0.0) + de
         if not chain or idx + 1 >= len(bundles):
             continue
         nxt = bundles[idx + 1]
@@ -237,6 +233,24 @@ def variant_delta(table: ir.CostTable, bundles: Sequence[Bundle],
     return out
 
 
+def bundle_saving(table: ir.CostTable, first: int, last: int, device: str, freq: str | None,
+                  quantized: Collection[int]) -> tuple[float, float | None]:
+    """Seconds (and joules, None if unknown) the int8 layers save in the bundle of
+    positions ``first..last`` on ``device``: the sum of their savings (additive)."""
+    v = table.variants
+    if v is None or not quantized:
+        return 0.0, None
+    where = _layer_position(table)
+    seconds, joules = 0.0, None
+    for k in quantized:
+        if first <= where[k] <= last:
+            dt, de = v.compute.get((k, device, freq), (0.0, None))
+            seconds += dt
+            if de is not None:
+                joules = (joules or 0.0) + de
+    return seconds, joules
+
+
 def quantized_layers(plan: ir.Plan) -> tuple[int, ...]:
     """Every layer a plan runs as int8."""
     return tuple(sorted(k for s in plan.stages for k in s.quantized))
@@ -250,7 +264,9 @@ def wire_bytes(graph: ir.LayerGraph, plan: ir.Plan, table: ir.CostTable | None =
     known = table.variants.int8_outputs if table is not None and table.variants else {}
     for k in quantized_layers(plan):
         for name in known.get(k, int8_tensors(graph, k)):
-            t = tensors[name]
+            t = tensors.get(name)
+            if t is None or t.dtype != "float32":
+                continue  # the variant's own graph already names its int8 tensors
             tensors[name] = ir.TensorInfo(t.name, t.shape, "uint8", t.nbytes // 4)
     return tensors
 
