@@ -114,7 +114,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          objective: ir.Objective | None = None, mbs: int | None = None,
          preload: bool = True, private: int = 0, example_inputs: Any = None,
          quantize: bool = False, quantize_layers: int | str | Sequence[str] | None = None,
-         max_noise: float | None = None, calibration: Any = None) -> PlanResult:
+         max_noise: float | None = None, calibration: Any = None,
+         int8_savings: Mapping[tuple[int, str, str | None], float] | None = None
+         ) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -138,6 +140,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
             objective's ``max_noise``.
         calibration: ``.npz`` file (or loaded arrays) to calibrate and measure noise on;
             None: seeded random data (the noise figures are then meaningless).
+        int8_savings: measured seconds an int8 layer saves per ``(layer, device,
+            frequency)`` (:func:`partitioner.analysis.profiler.measure_int8`); without
+            one a device's saving is analytic (its class's int8 speed-up).
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -166,7 +171,8 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
 
         table, setup = attach_variants(
             prepared, table, layers=12 if quantize_layers is None else quantize_layers,
-            calibration=calibration, fit_noise_model=objective.max_noise != 0)
+            calibration=calibration, fit_noise_model=objective.max_noise != 0,
+            measured=int8_savings)
     chosen = planner(objective)(table)
     # Routing, once, before anything reads the plan (compile() and replan() both plan
     # through here): direct sends where they are cheaper, the estimate re-priced.
