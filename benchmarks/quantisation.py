@@ -257,7 +257,9 @@ def plot(doc: dict[str, Any], png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, few caps")
-    parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="run only these models (their entries in the results are "
+                             "replaced, the others kept)")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
@@ -272,10 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_model(n, s, k, cfg, work) for n, s, k in chosen]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.models is not None and js.exists():
+        # a run of some models updates their entries and keeps the others'
+        done = {r["model"] for r in runs}
+        old = json.loads(js.read_text())
+        runs = [r for r in old.get("models", []) if r["model"] not in done] + runs
     doc = {"benchmark": "quantisation", "quick": args.quick, "host": host_info(None),
            "loaded": "shared host, 2 cores, about 8 agents: times are noisy",
            "tolerance": TOLERANCE, "threads": THREADS, "links": LINKS,
-           "devices": DEVICES, "missing_models": missing, "models": runs}
+           "devices": DEVICES, "missing_models": [m for m in missing
+                                                  if m not in {r["model"] for r in runs}],
+           "models": runs}
     checks = [r for run in runs for rows in run["curves"].values() for r in rows]
     doc["summary"] = {
         "plans": len(checks),
