@@ -73,6 +73,8 @@ def _validate(table: ir.CostTable, objective: ir.Objective) -> None:
         if not energy_known(table, d):
             fail(f"energy cap of {d!r}: no energy figure is known for it "
                  "(give it a power or profile its energy)")
+    if objective.max_noise is not None and not objective.max_noise >= 0:
+        fail(f"noise cap must be >= 0, got {objective.max_noise}")
     if objective.max_latency is not None and not objective.max_latency >= 0:
         fail(f"latency cap must be >= 0, got {objective.max_latency}")
     if objective.kind in ("energy", "weighted"):
