@@ -23,6 +23,7 @@ from partitioner.analysis.variants import predict_noise
 from partitioner.errors import InfeasibleError
 from partitioner.solver import evaluate, solve
 from partitioner.solver.synthetic import TableSpec, random_table
+from tests.test_solver_bruteforce import objective_value as value
 
 
 def with_variants(table: ir.CostTable, seed: int, candidates: int = 3) -> ir.CostTable:
@@ -81,23 +82,6 @@ def enumerate_plans(table: ir.CostTable, objective: ir.Objective):
                     continue
                 out.append((placement, freqs, q, est))
     return out
-
-
-def value(table, kind, est, bounds=None, weights=(0.5, 0.5)) -> float:
-    if kind == "latency":
-        return est.latency
-    if kind == "energy":
-        return edge_energy(table, est.energy)
-    if kind == "throughput":
-        return est.bottleneck
-    if kind == "carbon":
-        return est.carbon
-    total = 0.0
-    for (lo, hi), x, w in zip(bounds, (est.latency, edge_energy(table, est.energy)), weights,
-                              strict=True):
-        if hi - lo > 1e-9 * abs(hi) + 1e-15:
-            total += w * (x - lo) / (hi - lo)
-    return total
 
 
 def close(a: float, b: float) -> bool:
