@@ -142,3 +142,22 @@ def test_max_noise_zero_quantises_nothing_even_when_the_fit_goes_negative() -> N
     fp32 = solve(dataclasses.replace(table, variants=None))
     assert plan.estimate.latency == pytest.approx(fp32.estimate.latency)
     assert loose.estimate.latency < plan.estimate.latency
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cubic_noise_terms_are_represented_exactly(seed: int) -> None:
+    """Degree-3 monomials (one product variable each) under a cap that makes them bind."""
+    table = with_variants(random_table(TableSpec(layers=4, devices=2, mbs=2), seed), seed,
+                          candidates=4)
+    v = table.variants
+    assert v is not None
+    triples = tuple(ir.NoiseTerm(t, 0.05) for t in itertools.combinations(v.candidates, 3))
+    table = dataclasses.replace(table, variants=dataclasses.replace(v, noise=v.noise + triples))
+    caps = sorted({predict_noise(table.variants.noise, q)
+                   for r in (2, 3) for q in itertools.combinations(v.candidates, r)})
+    cap = caps[len(caps) // 2]
+    objective = ir.Objective(max_noise=cap)
+    best = min(e.latency for *_, e in enumerate_plans(table, objective))
+    plan = solve(table, objective)
+    assert close(plan.estimate.latency, best)
+    assert plan.estimate.noise <= cap + 1e-9
