@@ -427,6 +427,7 @@ class VariantCosts:
     candidates: tuple[int, ...]
     compute: Mapping[tuple[int, str, str | None], tuple[float, float | None]]
     wire: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    int8_outputs: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     noise: tuple[NoiseTerm, ...] = ()
     noise_error: float | None = None
     source: str = "analytic"
