@@ -229,9 +229,11 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     fig, axes = plt.subplots(2, len(runs), figsize=(6 * len(runs), 8), squeeze=False)
     for col, run in enumerate(runs):
         ax = axes[0][col]
-        for label, rows in run["curves"].items():
+        for (label, rows), style in zip(run["curves"].items(), ("-o", "--s", ":^"),
+                                        strict=False):
             caps = [r["cap"] for r in rows]
-            ax.plot(caps, [r["latency"] * 1e3 for r in rows], marker="o", label=label)
+            ax.plot(caps, [r["latency"] * 1e3 for r in rows], style, label=label,
+                    markerfacecolor="none")
         ax.set_xscale("symlog", linthresh=min(r["cap"] for rows in run["curves"].values()
                                               for r in rows if r["cap"] > 0))
         ax.set_xlabel("noise cap --max-noise (mean |o - o_q|)")
