@@ -160,14 +160,15 @@ def run_model(name: str, size: int, k: int, cfg: dict[str, Any], work: Path) -> 
     samples = [{n: a[i] for n, a in held.items()} for i in range(cfg["samples"])]
     feeds = samples[0]
     cands = Q.candidate_layers(prepared.graph, k)
-    profiles, savings, int8_doc = [], {}, {}
+    profiles, speedups, int8_doc = [], {}, {}
     for dev, threads in THREADS.items():
         settings = ProfileSettings(runs=cfg["runs"], warmup=3, threads=threads)
         profiles.append(single_profile(prepared, dev, settings, feeds))
         meas = measure_int8(prepared, cands, cal, settings, inputs=feeds,
                             mixed=mixed_bundles(cands, len(prepared.graph.layers)))
-        savings.update({(layer, dev, None): s for layer, s in meas.savings.items()})
+        speedups.update({(layer, dev, None): x for layer, x in meas.speedups.items()})
         int8_doc[dev] = {"threads": threads, "fp32": meas.fp32, "int8": meas.int8,
+                         "speedups": meas.speedups,
                          "mixed": [list(m) for m in meas.mixed],
                          "mixed_error": meas.mixed_error}
     sess_names = [t.name for t in prepared.graph.outputs]
@@ -181,7 +182,7 @@ def run_model(name: str, size: int, k: int, cfg: dict[str, Any], work: Path) -> 
         kept = [p for p in profiles if p.device in names]
         first = pipeline.plan(prepared, system, profiles=kept, quantize=True,
                               quantize_layers=k, calibration=cal, max_noise=None,
-                              int8_savings=savings)
+                              int8_speedups=speedups)
         assert first.quant is not None and first.quant.fit is not None
         fit = first.quant.fit
         fit_doc = fit.to_json()
@@ -189,7 +190,7 @@ def run_model(name: str, size: int, k: int, cfg: dict[str, Any], work: Path) -> 
         for cap in caps_for(fit, cfg["caps"]):
             res = pipeline.plan(prepared, system, profiles=kept, quantize=True,
                                 quantize_layers=k, calibration=cal, max_noise=cap,
-                                int8_savings=savings)
+                                int8_speedups=speedups)
             plan = res.plan
             q = tuple(k2 for s in plan.stages for k2 in s.quantized)
             key = (tuple((s.device, s.first, s.last, s.quantized) for s in plan.stages))
@@ -197,7 +198,7 @@ def run_model(name: str, size: int, k: int, cfg: dict[str, Any], work: Path) -> 
                 out = work / f"{name}-{len(compiled)}"
                 pipeline.compile(prepared, system, out, profiles=kept, quantize=True,
                                  quantize_layers=k, calibration=cal, max_noise=cap,
-                                 int8_savings=savings, force=True)
+                                 int8_speedups=speedups, force=True)
                 rho, agree = noise_of_bundle(out, reference, sess_names, samples)
                 compiled[key] = {"rho": rho, "top1": agree}
                 shutil.rmtree(out, ignore_errors=True)

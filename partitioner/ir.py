@@ -422,6 +422,8 @@ class VariantCosts:
             noise); empty when no noise model was fitted.
         noise_error: mean absolute error of the fit on held-out random configurations.
         source: how the compute figures were obtained (for the report).
+        checked: ``(layers, measured noise)`` of configurations measured after a solve;
+            one measured above the cap is excluded from the solve (a no-good cut).
     """
 
     candidates: tuple[int, ...]
@@ -431,6 +433,7 @@ class VariantCosts:
     noise: tuple[NoiseTerm, ...] = ()
     noise_error: float | None = None
     source: str = "analytic"
+    checked: tuple[tuple[tuple[int, ...], float], ...] = ()
 
 
 # --------------------------------------------------------------------------- objective

@@ -88,11 +88,12 @@ def test_plan_estimate_equals_the_best_of_brute_force_over_placement_and_q(
     assert v is not None and v.noise
     choices = [[d for d in table.device_names if p.allowed is None or d in p.allowed]
                for p in table.positions]
+    too_noisy = {c for c, rho in v.checked if rho > 0.06}  # measured above the cap
     best = np.inf
     for placement in itertools.product(*choices):
         for r in range(len(v.candidates) + 1):
             for q in itertools.combinations(v.candidates, r):
-                if predict_noise(v.noise, q) > 0.06:
+                if predict_noise(v.noise, q) > 0.06 or q in too_noisy:
                     continue
                 best = min(best, evaluate(table, placement, {}, quantized=q).latency)
     q_plan = [k for s in plan.stages for k in s.quantized]
@@ -161,3 +162,18 @@ def test_compiled_bundle_explains_its_int8_layers(tmp_path, prepared, calibratio
     # the manifest's per-stage compute is the int8 price (timeline), adding up to the plan
     total = sum(s["estimate"]["compute"] for s in doc["stages"])
     assert total == pytest.approx(result.plan.estimate.compute, rel=1e-9)
+
+
+def test_the_planned_int8_set_is_measured_within_the_cap(prepared, calibration) -> None:
+    """check_noise: the set a solve picks is measured; one above the cap is cut off."""
+    fit0 = _plan(prepared, calibration, max_noise=0.0)  # no fit: nothing measured yet
+    assert fit0.quant is not None and fit0.quant.fit is None
+    for cap in (0.03, 0.06, 0.2):
+        result = _plan(prepared, calibration, max_noise=cap)
+        q = tuple(k for s in result.plan.stages for k in s.quantized)
+        assert result.quant is not None and result.quant.fit is not None
+        measured = result.quant.fit.measured
+        if q:
+            assert q in measured and measured[q] <= cap
+        v = result.table.variants
+        assert v is not None and dict(v.checked) == measured

@@ -38,7 +38,7 @@ from partitioner import ir
 from partitioner.errors import fail
 
 __all__ = ["NoiseFit", "design", "monomials", "fit_terms", "fit_noise", "cache_dir",
-           "cached_fit", "FORMAT"]
+           "cached_fit", "store_fit", "FORMAT"]
 
 log = logging.getLogger("partitioner.noise")
 
@@ -79,6 +79,22 @@ class NoiseFit:
         mean = float(np.mean([m for _, m, _ in self.heldout]))
         err = self.heldout_error
         return None if err is None or mean <= 0 else err / mean
+
+    @property
+    def measured(self) -> dict[Config, float]:
+        """Every configuration measured (training and held-out) and its rho."""
+        out = dict(self.train)
+        out.update({c: r for c, r, _ in self.heldout})
+        return out
+
+    def with_point(self, conf: Config, rho: float) -> NoiseFit:
+        """The fit refitted with one more measured configuration (a solve's choice)."""
+        train = (*self.train, (tuple(sorted(conf)), float(rho)))
+        terms = fit_terms([c for c, _ in train], [r for _, r in train], self.candidates,
+                          self.degree)
+        fit = NoiseFit(self.candidates, self.degree, terms, train, ())
+        return NoiseFit(self.candidates, self.degree, terms, train,
+                        tuple((c, r, fit.predict(c)) for c, r, _ in self.heldout))
 
     def predict(self, quantized: Iterable[int]) -> float:
         q = set(quantized)
@@ -204,6 +220,25 @@ def _write_atomic(path: Path, doc: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _cache_file(key: Mapping[str, Any], directory: Path | None
+                ) -> tuple[Path | None, Any]:
+    ident = json.loads(json.dumps({"format": FORMAT, **key}, sort_keys=True))
+    name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+    where = directory if directory is not None else cache_dir()
+    return (None if where is None else where / f"{name}.json"), ident
+
+
+def store_fit(key: Mapping[str, Any], fit: NoiseFit, directory: Path | None = None) -> None:
+    """Write ``fit`` under ``key`` (atomically; a read-only cache is only logged)."""
+    path, ident = _cache_file(key, directory)
+    if path is None:
+        return
+    try:
+        _write_atomic(path, {"key": ident, "fit": fit.to_json()})
+    except OSError as err:  # a read-only cache only costs a re-measurement next time
+        log.warning("noise cache %s not written: %s", path, err)
+
+
 def cached_fit(key: Mapping[str, Any], compute: Callable[[], NoiseFit],
                directory: Path | None = None) -> tuple[NoiseFit, bool]:
     """The fit stored under ``key`` or ``compute()`` it and store it.
@@ -212,21 +247,15 @@ def cached_fit(key: Mapping[str, Any], compute: Callable[[], NoiseFit],
         ``(fit, from_cache)``. An unreadable or mismatching cache file is measured again
         (and replaced), never trusted.
     """
-    ident = json.dumps({"format": FORMAT, **key}, sort_keys=True)
-    name = hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json"
-    where = directory if directory is not None else cache_dir()
-    if where is None:
+    path, ident = _cache_file(key, directory)
+    if path is None:
         return compute(), False
-    path = where / name
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("key") == json.loads(ident):
+        if doc.get("key") == ident:
             return NoiseFit.from_json(doc["fit"]), True
     except (OSError, ValueError, KeyError, TypeError):
         pass
     fit = compute()
-    try:
-        _write_atomic(path, {"key": json.loads(ident), "fit": fit.to_json()})
-    except OSError as err:  # a read-only cache only costs a re-measurement next time
-        log.warning("noise cache %s not written: %s", path, err)
+    store_fit(key, fit, directory)
     return fit, False

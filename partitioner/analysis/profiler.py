@@ -520,6 +520,11 @@ class Int8Measurement:
         return {k: self.fp32[k] - self.int8[k] for k in self.fp32}
 
     @property
+    def speedups(self) -> dict[int, float]:
+        """fp32 / int8 time per candidate (below 1: its int8 variant is slower here)."""
+        return {k: self.fp32[k] / self.int8[k] for k in self.fp32}
+
+    @property
     def mixed_error(self) -> float | None:
         """Mean |measured - additive| / measured over the mixed bundles."""
         if not self.mixed:

@@ -7,8 +7,10 @@ A candidate layer ``k`` may run as its int8 variant (``q_k = 1``). Three things 
   ``f(k,0) - f(k,1)`` per (layer, device, frequency). Analytic: the layer's fp32 compute
   (its single-layer bundle of the table) times ``1 - 1/s`` with ``s`` the int8 speed-up
   of the device's class (:data:`INT8_SPEEDUP`, documented below) or a given speed-up per
-  device; measured: the saving the profiler measured for that layer on that device
-  (:mod:`partitioner.analysis.profiler`, ``measure_int8_savings``). A bundle with several
+  device; measured: ``s`` is the speed-up the profiler measured for that layer on that
+  device (:mod:`partitioner.analysis.profiler`, ``measure_int8``: fp32 / int8 time of
+  the layer alone), applied to the table's own price of the layer, so a saving never
+  exceeds what the table charges for the layer. A bundle with several
   int8 layers is priced as its measured fp32 price minus the sum of its layers' savings
   (additive: the profiler measures the error of that assumption on mixed bundles).
   The joules saved are the device's compute power times the seconds saved (None without
@@ -53,7 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = ["INT8_SPEEDUP", "VariantDelta", "build_variants", "wire_saving", "int8_tensors",
            "variant_delta", "predict_noise", "quantized_layers", "wire_bytes",
-           "QuantSetup", "attach_variants", "stage_savings", "report_lines", "bundle_saving"]
+           "QuantSetup", "attach_variants", "stage_savings", "report_lines", "bundle_saving",
+           "check_noise"]
 
 log = logging.getLogger("partitioner.variants")
 
@@ -81,6 +84,7 @@ def _layer_position(table: ir.CostTable) -> dict[int, int]:
 def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterable[int], *,
                    speedup: Mapping[str, float] | None = None,
                    measured: Mapping[tuple[int, str, str | None], float] | None = None,
+                   checked: Sequence[tuple[tuple[int, ...], float]] = (),
                    int8_outputs: Mapping[int, Collection[str]] | None = None,
                    noise: Sequence[ir.NoiseTerm] = (), noise_error: float | None = None
                    ) -> ir.VariantCosts:
@@ -92,8 +96,10 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
         candidates: model layer indices that may run as int8.
         speedup: int8 speed-up per device *name* (overrides :data:`INT8_SPEEDUP` of its
             class), for analytic figures.
-        measured: seconds saved per ``(layer, device, frequency)`` measured by the
-            profiler; they replace the analytic figure where given.
+        measured: int8 speed-up (fp32 / int8 time) per ``(layer, device, frequency)``
+            measured by the profiler; it replaces the analytic one where given.
+        checked: configurations whose noise was measured after a solve (``(layers,
+            rho)``); the MIP excludes those measured above its cap.
         int8_outputs: per layer the tensors that really travel as int8 (the quantiser's
             output); default :func:`int8_tensors`.
         noise / noise_error: the fitted noise polynomial and its held-out error.
@@ -120,10 +126,13 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
                 single = table.bundles.get((where[k], where[k], dev.name, f))
                 if single is None:
                     continue  # the layer may not run there (pins)
+                factor = s
                 if measured is not None and (k, dev.name, f) in measured:
-                    dt = measured[(k, dev.name, f)]
-                else:
-                    dt = single.compute * (1.0 - 1.0 / s)
+                    factor = measured[(k, dev.name, f)]
+                    if not factor > 0:
+                        fail(f"measured int8 speed-up of layer {k} on {dev.name!r} must be "
+                             f"> 0, got {factor}")
+                dt = single.compute * (1.0 - 1.0 / factor)
                 compute[(k, dev.name, f)] = (dt, None if power is None else power * dt)
     # model outputs are priced as float32 wherever they go (an upper bound on their bytes)
     own = {k: set(int8_tensors(graph, k)) for k in cands}
@@ -144,7 +153,8 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
     return ir.VariantCosts(candidates=cands, compute=compute, wire=wire,
                            int8_outputs={k: tuple(sorted(travels[k])) for k in cands},
                            noise=tuple(noise),
-                           noise_error=noise_error, source=source)
+                           noise_error=noise_error, source=source,
+                           checked=tuple((tuple(sorted(c)), float(r)) for c, r in checked))
 
 
 def wire_saving(system: ir.System, src: str, dst: str, nbytes: int) -> ir.TransferCost:
@@ -311,6 +321,8 @@ class QuantSetup:
     calibration_file: str | None
     fit: NoiseFit | None
     from_cache: bool
+    key: Mapping[str, Any] = field(default_factory=dict)
+    rounds: int = 0  # configurations measured after a solve (check_noise)
 
 
 def attach_variants(prepared: PreparedModel, table: ir.CostTable, *,
@@ -365,6 +377,57 @@ def attach_variants(prepared: PreparedModel, table: ir.CostTable, *,
         fit, hit = noise.cached_fit(key, measure)
     variants = build_variants(table, graph, cands, speedup=speedup, measured=measured,
                               int8_outputs=int8, noise=fit.terms if fit else (),
-                              noise_error=fit.heldout_error if fit else None)
+                              noise_error=fit.heldout_error if fit else None,
+                              checked=tuple(fit.measured.items()) if fit else ())
     return (dataclasses.replace(table, variants=variants),
-            QuantSetup(cands, arrays, file, fit, hit))
+            QuantSetup(cands, arrays, file, fit, hit, key if fit else {}))
+
+
+def _with_fit(table: ir.CostTable, fit: NoiseFit) -> ir.CostTable:
+    v = table.variants
+    assert v is not None
+    return dataclasses.replace(table, variants=dataclasses.replace(
+        v, noise=fit.terms, noise_error=fit.heldout_error,
+        checked=tuple(fit.measured.items())))
+
+
+def check_noise(prepared: PreparedModel, table: ir.CostTable, setup: QuantSetup,
+                plan: ir.Plan, solve: Any, *, rounds: int = 8
+                ) -> tuple[ir.Plan, ir.CostTable, QuantSetup]:
+    """Measure the noise of the int8 set a solve chose, refit, and solve again.
+
+    The solver seeks the configurations the fit underestimates (more so the more int8
+    layers, far from the measured singles and pairs), so the chosen set is measured on
+    the calibration inputs; it joins the fit's data (the polynomial is refitted) and the
+    measured set itself is cut off when it is above the cap (``VariantCosts.checked``).
+    This repeats until a solve picks a set already measured (hence within the cap) or
+    nothing int8, at most ``rounds`` times; the refitted fit is cached.
+    """
+    from partitioner.analysis import noise
+    from partitioner.frontend import quantize as quant
+
+    fit = setup.fit
+    if fit is None:
+        return plan, table, setup
+    meter = None
+    done = 0
+    for _ in range(rounds):
+        chosen = quantized_layers(plan)
+        if not chosen or chosen in fit.measured:
+            break
+        if meter is None:
+            meter = quant.NoiseMeter(prepared, setup.calibration, setup.calibration)
+        rho = meter.noise(chosen)
+        log.info("int8 layers %s: measured noise %.4g, predicted %.4g", list(chosen), rho,
+                 plan.estimate.noise or 0.0)
+        fit = fit.with_point(chosen, rho)
+        done += 1
+        table = _with_fit(table, fit)
+        plan = solve(table)
+    else:
+        if quantized_layers(plan) and quantized_layers(plan) not in fit.measured:
+            log.warning("noise check: the last plan's int8 set is not measured after %d "
+                        "rounds", rounds)
+    if done:
+        noise.store_fit(setup.key, fit)
+    return plan, table, dataclasses.replace(setup, fit=fit, rounds=setup.rounds + done)

@@ -16,7 +16,10 @@ the savings :func:`partitioner.analysis.variants.variant_delta` prices:
 * the noise polynomial ``eta(q) = sum_S c_S prod_{k in S} q_k`` with one product
   variable per monomial of degree >= 2 (``m <= q_k`` for every ``k in S``,
   ``m >= sum_{k in S} q_k - (|S| - 1)``), so the fit is represented exactly, and the cap
-  ``noise: eta(q) <= max_noise``.
+  ``noise: eta(q) <= max_noise``;
+* a configuration measured after an earlier solve above the cap
+  (``VariantCosts.checked``) is cut off exactly: ``sum_{k in S} q_k - sum_{k not in S}
+  q_k <= |S| - 1``.
 
 ``max_noise == 0`` quantises nothing, whatever the fit predicts (no ``q`` at all).
 A product variable is continuous in ``[0, 1]``: its rows force it to the product of its
@@ -76,6 +79,7 @@ class QuantFormulation(Formulation):
         v = table.variants
         assert v is not None
         m = self.model
+        self._max_noise = max_noise
         self.q = {k: m.add_var(name=f"q[{k}]", var_type=mip.BINARY) for k in v.candidates}
         self._where = {p.layer: p.index for p in table.positions if p.layer is not None}
         self._slower = 0.0  # the most a device's busy time can grow (slower variants)
@@ -84,6 +88,14 @@ class QuantFormulation(Formulation):
         self.noise = self._noise_expr(v.noise)
         if max_noise is not None and v.noise:
             self.add_le(self.noise, max_noise, "noise")
+        if max_noise is not None:
+            for n, (conf, rho) in enumerate(v.checked):
+                if rho > max_noise:
+                    # no-good cut: exactly this set of int8 layers is measured too noisy
+                    inside = set(conf)
+                    m.add_constr(mip.xsum(self.q[k] for k in inside)
+                                 - mip.xsum(q for k, q in self.q.items() if k not in inside)
+                                 <= len(inside) - 1, name=f"checked[{n}]")
 
     def _product(self, a: mip.Var, b: mip.LinExpr, name: str) -> mip.Var:
         """``z = a * b`` for binary-valued ``a`` and ``b`` (standard linearisation)."""
@@ -172,8 +184,10 @@ class QuantFormulation(Formulation):
         chosen = {k for k, q in self.q.items() if (q.x or 0.0) >= 0.5}
         v = self.table.variants
         assert v is not None
+        cut = {conf for conf, rho in v.checked
+               if self._max_noise is not None and rho > self._max_noise}
         for k in sorted(chosen):
-            if self._saves(k, placement, freqs):
+            if self._saves(k, placement, freqs) or tuple(sorted(chosen - {k})) in cut:
                 continue
             if predict_noise(v.noise, chosen - {k}) <= predict_noise(v.noise, chosen):
                 chosen.discard(k)
