@@ -11,7 +11,11 @@ measures a design and fits a polynomial over the binary ``q``:
 * fitted: multilinear monomials up to ``degree`` (2, or 3 for few candidates), by least
   squares (numpy) and **without a constant** (nothing int8, no noise: ``eta(0) = 0``);
 * reported: the fit's mean absolute error on the held-out configurations, absolute and
-  relative to their mean measured noise.
+  relative to their mean measured noise;
+* checked: the solver seeks the configurations the fit underestimates, so the set a
+  solve picks is measured too (:func:`partitioner.analysis.variants.check_noise`), added
+  to the fit (:meth:`NoiseFit.with_point`) and, when above the cap, cut off; the solve
+  repeats until it picks a measured set.
 
 The measurements and the fit are cached in a JSON file keyed by the model's fingerprint
 (SHA-256 of the ONNX bytes), the calibration digest, the candidates, degree and design
