@@ -378,6 +378,11 @@ class CostTable:
             shared by several positions on one device is held once).
         variants: the int8 variants the solver may choose per candidate layer (QUANT),
             None without ``--quantize`` (:mod:`partitioner.analysis.variants`).
+        exits: ``(position, head, nbytes)`` of every early-exit head (DISS §6.4), in chain
+            order: the position of the layer that produces the head's output, and that
+            output's size (what a request that exits sends to the destination). A bundle never
+            runs past such a position (the exit decision is taken there); see
+            docs/EXITS.md.
     """
 
     graph_name: str
@@ -392,6 +397,7 @@ class CostTable:
     sources: Mapping[str, str] = field(default_factory=dict)
     weight_sizes: Mapping[str, int] = field(default_factory=dict)
     variants: VariantCosts | None = None
+    exits: tuple[tuple[int, ExitHead, int], ...] = ()
 
     @property
     def device_names(self) -> tuple[str, ...]:

@@ -113,8 +113,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
          preload: bool = True, private: int = 0, example_inputs: Any = None,
+         exits: Sequence[Any] = (), calibration: Any = None,
          quantize: bool = False, quantize_layers: int | str | Sequence[str] | None = None,
-         max_noise: float | None = None, calibration: Any = None,
+         max_noise: float | None = None,
          int8_speedups: Mapping[tuple[int, str, str | None], float] | None = None
          ) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
@@ -134,12 +135,16 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         preload: model weight preloading (ODIWeP).
         private: the first ``private`` layers run only on trusted devices.
         example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
+        exits: early-exit heads, ``"OUTPUT=P"`` / ``"OUTPUT@T"`` strings or
+            :class:`~partitioner.frontend.exits.ExitSpec` (docs/EXITS.md).
+        calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads,
+            and calibrate the int8 variants and measure their noise (``quantize``; loaded
+            arrays are accepted there; None: seeded random data, the noise figures are
+            then meaningless).
         quantize: the solver may run candidate layers as int8 variants (QUANT).
         quantize_layers: the candidates: K heaviest layers, or names (default 12).
         max_noise: cap on the fitted output noise (0: nothing int8); overrides the
             objective's ``max_noise``.
-        calibration: ``.npz`` file (or loaded arrays) to calibrate and measure noise on;
-            None: seeded random data (the noise figures are then meaningless).
         int8_speedups: measured int8 speed-up (fp32 / int8 time) per ``(layer, device,
             frequency)`` (:func:`partitioner.analysis.profiler.measure_int8`); without
             one a device's is analytic (its class's int8 speed-up).
@@ -162,9 +167,18 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         fail(f"--max-noise {objective.max_noise}: must be >= 0")
     loaded_system = _load_system(system)
     prepared = _prepare(model, shapes, granularity, example_inputs)
+    heads: tuple[Any, ...] = ()
+    if exits:
+        from partitioner.frontend.exits import resolve_exits
+
+        prepared, heads = resolve_exits(prepared, exits, calibration)
     table = build_cost_table(prepared.graph, loaded_system,
                              profiles=_profiles(profiles, prepared.graph), mbs=mbs,
                              preload=preload, private=private)
+    if heads:
+        from partitioner.analysis.exits import with_exits
+
+        table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
     setup = None
     if quantize:
         from partitioner.analysis.variants import attach_variants
@@ -183,6 +197,10 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     # Routing, once, before anything reads the plan (compile() and replan() both plan
     # through here): direct sends where they are cheaper, the estimate re-priced.
     chosen = route_plan(prepared.graph, table, chosen)
+    if heads:  # nothing may skip an exit stage; expected and worst case re-priced
+        from partitioner.analysis.exits import route_exits
+
+        chosen = route_exits(prepared.graph, table, chosen)
     return PlanResult(prepared, loaded_system, table, chosen, objective, quant=setup)
 
 
@@ -285,9 +303,15 @@ def replan(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
     # reduced system); bad profile files still fail here, before the try below.
     kept = [p for p in _profiles(profiles, prepared.graph) if p.device not in gone]
     kind = str(main.plan.get("objective", "latency"))
+    # the bundle's exit heads again, with the probabilities it was planned with
+    from partitioner.frontend.exits import ExitSpec
+
+    heads = [ExitSpec(str(e["output"]), float(e["probability"]), e.get("threshold"))
+             for e in main.plan.get("exits") or ()]
     try:
         result = plan(prepared, system_without(full, gone), profiles=kept,
-                      objective=ir.Objective(kind=kind))  # type: ignore[arg-type]
+                      objective=ir.Objective(kind=kind),  # type: ignore[arg-type]
+                      exits=heads)
     except UserError as err:
         log.warning("no plan without %s: %s", ", ".join(sorted(gone)), err)
         return None

@@ -280,6 +280,7 @@ def _run(args: argparse.Namespace) -> int:
                     "max": float(np.max(lat))},
         "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
                   "attempts": r.get("attempts", 1), "retries": r.get("retries", []),
+                  "exit": r.get("exit"),
                   "stages": r.get("timings", [])}
                  for r in records]}
     if args.json:

@@ -56,7 +56,8 @@ from runtime.tls import TLSConfig
 from runtime.transport import ConnectionPool, format_address, parse_address
 from runtime.waiting import Busy, WaitingRoom
 from stagebundle.errors import UserError, fail
-from stagebundle.graph import Message, held_after, outgoing
+from stagebundle.exits import exit_after
+from stagebundle.graph import Message, exit_messages, held_after, outgoing
 from stagebundle.manifest import OUTPUT
 
 __all__ = ["Worker", "Job", "Busy"]
@@ -124,7 +125,7 @@ class Worker:
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0, "busy": 0,
-                      "expired": 0}
+                      "expired": 0, "exited": 0}
         self.received: dict[str, int] = {}  # tensor name -> bytes received over the network
         self._stats_lock = threading.Lock()
         self.tls = tls
@@ -432,13 +433,19 @@ class Worker:
         unit = runner.unit
         what = f"request {h['id']}: stage {unit.key} on {self.device}"
         messages = outgoing(unit, held_after(unit, job.tensors, produced), what)
+        # an early-exit head whose rule holds: only the head's output goes out, to the
+        # destination, naming the exit; the later units never see this request
+        taken = exit_after(unit, produced, h["id"])
+        if taken is not None:
+            messages = exit_messages(messages)
+            self._count("exited")
         for to, message in messages:
-            if not self._send(key[0], job, to, message, timings):
+            if not self._send(key[0], job, to, message, timings, taken):
                 return
         self._count("completed")
 
     def _send(self, plan: str, job: Job, to: str, message: Message,
-              timings: list[dict[str, Any]]) -> bool:
+              timings: list[dict[str, Any]], exit_name: str | None = None) -> bool:
         """Send one message of ``job``'s unit to unit ``to`` (or the destination)."""
         h = job.header
         budget = job.deadline - time.monotonic()
@@ -453,6 +460,8 @@ class Worker:
         arrays = {n: a for n, (_, a) in message.items()}
         if to == OUTPUT:
             header["type"] = "result"
+            if exit_name is not None:
+                header["exit"] = exit_name
             try:
                 self.pool.send(parse_address(h["reply"]), header, arrays, timeout=budget)
             except OSError as err:

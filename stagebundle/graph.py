@@ -29,6 +29,8 @@ __all__ = [
     "outgoing",
     "Inbox",
     "run_graph",
+    "exit_messages",
+    "exit_result",
     "check_graph",
 ]
 
@@ -68,6 +70,11 @@ def take_rows(arr: np.ndarray, have: Rows | None, want: Rows | None, what: str) 
 def assemble(spec: TensorSpec, pieces: Iterable[Piece], what: str) -> np.ndarray:
     """The tensor ``spec`` (rows ``spec.rows`` or whole) from pieces that tile it exactly."""
     pieces = list(pieces)
+    declared = _numpy_dtype(spec.dtype)
+    for _, arr in pieces:  # an int8 cut tensor must not arrive as float (QUANT's g')
+        if declared is not None and arr.dtype != declared:
+            fail(f"{what}: tensor {spec.name} arrives as {arr.dtype.name}, declared "
+                 f"{spec.dtype}")
     if len(pieces) == 1 and (pieces[0][0] is None or pieces[0][0] == spec.rows):
         arr = pieces[0][1]
         if tuple(arr.shape) != spec.shape:
@@ -159,13 +166,19 @@ def held_after(unit: Unit, received: Mapping[str, np.ndarray],
     return held
 
 
-def run_graph(bundle: Bundle, feeds: Mapping[str, np.ndarray], run: RunUnit
+def run_graph(bundle: Bundle, feeds: Mapping[str, np.ndarray], run: RunUnit, *,
+              request_id: str | None = None, exited: list[str] | None = None
               ) -> dict[str, np.ndarray]:
     """Run every unit in stage order in this process, passing messages as the workers do.
 
     ``run(unit, inputs)`` runs the unit's ONNX file on its inputs and returns its outputs.
-    Returns the model outputs by name.
+    Returns the model outputs by name. With ``request_id``, early-exit heads take their
+    rule (:func:`stagebundle.exits.exit_after`): a request that leaves returns only the
+    head's output, no later unit runs, and the head's name is appended to ``exited``;
+    without it (the back end's verification) every unit runs.
     """
+    from stagebundle.exits import exit_after
+
     senders = expected_senders(bundle)
     inboxes = {k: Inbox(v) for k, v in senders.items()}
     source: dict[str, Piece] = {t.name: (None, np.asarray(feeds[t.name]))
@@ -180,12 +193,34 @@ def run_graph(bundle: Bundle, feeds: Mapping[str, np.ndarray], run: RunUnit
                  f"topological?)")
         received = inbox.tensors(unit.receives, what)
         produced = run(unit, {t.name: received[t.name] for t in unit.inputs})
-        for to, msg in outgoing(unit, held_after(unit, received, produced), what):
+        messages = outgoing(unit, held_after(unit, received, produced), what)
+        taken = None if request_id is None else exit_after(unit, produced, request_id)
+        if taken is not None:
+            if exited is not None:
+                exited.append(taken)
+            return exit_result(bundle, unit, messages, taken)
+        for to, msg in messages:
             inboxes[to].add(unit.key, msg)
     final = inboxes.get(OUTPUT)
     if final is None or not final.complete:
         fail("bundle: the model outputs do not all reach the destination")
     return final.tensors(bundle.outputs, "destination")
+
+
+def exit_messages(messages: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+    """What an exit unit sends when a request leaves there: only its messages for
+    ``"output"`` (the head's output; nothing goes on to later units)."""
+    return [(to, msg) for to, msg in messages if to == OUTPUT]
+
+
+def exit_result(bundle: Bundle, unit: Unit, messages: list[tuple[str, Message]],
+                output: str) -> dict[str, np.ndarray]:
+    """The result of a request that left at ``unit``'s head: its output alone."""
+    spec = next((t for t in bundle.outputs if t.name == output), None)
+    pieces = [msg[output] for _, msg in exit_messages(messages) if output in msg]
+    if spec is None or not pieces:
+        fail(f"unit {unit.key}: exit head {output!r} is not sent to the destination")
+    return {output: assemble(spec, pieces, f"exit {output} at unit {unit.key}")}
 
 
 def check_graph(bundle: Bundle) -> None:
@@ -207,6 +242,14 @@ def check_graph(bundle: Bundle) -> None:
         if to not in keys:
             fail(f"bundle: a send goes to {to!r}, which is no unit of the bundle")
     run_graph(bundle, feeds, fake)
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    """The numpy dtype of a manifest dtype; None for those numpy lacks (int4...)."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
 
 
 def _np_dtype(name: str) -> np.dtype:

@@ -33,8 +33,14 @@ EXPECTED_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {
     "vit_tiny": {"logits": (1, 1000)},
     # Strides 8, 16, 32 of a 640x640 image; 3 anchors x (4 box + 1 objectness + 80 classes).
     "yolo_small": {"p3": (1, 255, 80, 80), "p4": (1, 255, 40, 40), "p5": (1, 255, 20, 20)},
+    # The same strides; v11 Detect: 4 * reg_max (16) box channels + 80 classes.
+    "yolo11_small": {"p3": (1, 144, 80, 80), "p4": (1, 144, 40, 40), "p5": (1, 144, 20, 20)},
     "lstm_small": {"logits": (1, 10)},
     "tiny_cnn": {"logits": (1, 10)},
+    # early-exit models: the main output, then the exit head's (models/exits.py)
+    "branchy_alexnet": {"logits": (1, 1000), "exit1": (1, 1000)},
+    "resnet18_exit": {"logits": (1, 1000), "exit1": (1, 1000)},
+    "tiny_branchy": {"logits": (1, 10), "exit1": (1, 10)},
 }
 
 
@@ -66,7 +72,7 @@ def test_zoo_lists_every_model() -> None:
 #: Models whose weights are hundreds of MB: copying them through the checker and an ONNX
 #: Runtime session costs tens of seconds on a busy 2-core machine, so they are checked on
 #: a weightless copy and not run (their code paths run in the small models).
-HEAVY = {"alexnet", "vgg11", "vgg16", "vit_b_16"}
+HEAVY = {"alexnet", "branchy_alexnet", "vgg11", "vgg16", "vit_b_16"}
 
 
 def weightless(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:

@@ -99,6 +99,16 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="model weight preloading (ODIWeP; default on)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="solver time limit, seconds")
+    parser.add_argument("--exit", action="append", default=[], dest="exits",
+                        metavar="OUTPUT=P|OUTPUT@T",
+                        help="an early-exit head: a model output with its exit probability, "
+                             "or with a softmax confidence threshold (repeatable; "
+                             "docs/EXITS.md)")
+    parser.add_argument("--calibration", default=None, metavar="FILE.npz",
+                        help="inputs (one array per model input, leading sample axis) that "
+                             "measure the probability of --exit OUTPUT@T, and calibrate the "
+                             "int8 variants of --quantize and measure their noise (without "
+                             "it: seeded random data, noise figures meaningless)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     quant = parser.add_argument_group("per-layer quantisation (QUANT)")
     quant.add_argument("--quantize", action="store_true",
@@ -109,9 +119,6 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--max-noise", type=float, default=None, metavar="ETA",
                        help="cap on the predicted output noise (mean |o - o_q|); 0: "
                             "nothing int8")
-    quant.add_argument("--calibration", default=None, metavar="FILE.npz",
-                       help="inputs to calibrate the quantiser and measure noise on "
-                            "(default: seeded random data, noise figures meaningless)")
 
 
 def parse_weights(text: str) -> tuple[float, float]:
@@ -154,6 +161,8 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
             "granularity": args.granularity, "objective": objective_from_args(args),
             "mbs": args.mbs, "preload": args.preload, "private": args.private,
+            "exits": list(getattr(args, "exits", [])),
+            "calibration": getattr(args, "calibration", None),
             **quantize_options(args)}
 
 
@@ -166,9 +175,9 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
                             (args.quantize_layers, "--quantize-layers")):
             if value is not None:
                 fail(f"{flag} needs --quantize")
-        return {"calibration": args.calibration} if args.calibration else {}
+        return {}
     return {"quantize": True, "quantize_layers": args.quantize_layers,
-            "max_noise": args.max_noise, "calibration": args.calibration}
+            "max_noise": args.max_noise}
 
 
 def plan_from_args(args: argparse.Namespace) -> PlanResult:

@@ -39,7 +39,7 @@ from partitioner.frontend.tensors import (
     tensor_nbytes,
 )
 
-__all__ = ["LayerStats", "build_layer_graph"]
+__all__ = ["LayerStats", "build_layer_graph", "copy_for_layer"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,27 @@ def _assign(nodes: list[onnx.NodeProto], inits: set[str],
     return layer_of, {i: need for i, need in needs.items() if len(need) > 1}
 
 
+def copy_for_layer(node: onnx.NodeProto, k: int, copy_of: dict[tuple[str, int], str],
+                   graph: onnx.GraphProto, types: Mapping[str, onnx.ValueInfoProto]
+                   ) -> onnx.NodeProto:
+    """A copy of ``node`` for layer ``k``: it reads layer ``k``'s copies of its inputs
+    (``copy_of[(name, k)]``), and its outputs are renamed ``<output>__layer<k>`` (recorded
+    in ``copy_of``; their value infos added to ``graph``)."""
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    rename_reads(clone, {n: copy_of[(n, k)] for n in node_inputs(clone) if (n, k) in copy_of})
+    for j, out in enumerate(clone.output):
+        if out:
+            copy_of[(out, k)] = clone.output[j] = f"{out}__layer{k}"
+            if out in types:
+                vi = graph.value_info.add()
+                vi.CopyFrom(types[out])
+                vi.name = clone.output[j]
+    if clone.name:
+        clone.name = f"{clone.name}__layer{k}"
+    return clone
+
+
 def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], layer_of: list[int],
                         needs: Mapping[int, set[int]]) -> tuple[list[onnx.NodeProto], list[int],
                                                                 list[float]]:
@@ -188,20 +209,7 @@ def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], lay
     nodes, layer_of = list(nodes), list(layer_of)
     for i in sorted(needs):  # producers before the constant nodes that read them
         for k in sorted(needs[i] - {layer_of[i]}):
-            clone = onnx.NodeProto()
-            clone.CopyFrom(nodes[i])
-            rename_reads(clone, {n: copy_of[(n, k)] for n in node_inputs(clone)
-                                 if (n, k) in copy_of})
-            for j, out in enumerate(clone.output):
-                if out:
-                    copy_of[(out, k)] = clone.output[j] = f"{out}__layer{k}"
-                    if out in types:
-                        vi = graph.value_info.add()
-                        vi.CopyFrom(types[out])
-                        vi.name = clone.output[j]
-            if clone.name:
-                clone.name = f"{clone.name}__layer{k}"
-            nodes.append(clone)
+            nodes.append(copy_for_layer(nodes[i], k, copy_of, graph, types))
             layer_of.append(k)
             keys.append(i + 0.5)
     for idx in range(len(keys)):

@@ -7,14 +7,23 @@ result into the *same* layers, so that the existing slicer
 (:func:`partitioner.frontend.slicing.extract_layers`) cuts it into stages unchanged:
 
 * every node of the prepared model keeps its name and its layer;
-* a ``QuantizeLinear`` of a tensor produced by a quantised layer joins that layer, so the
-  int8 tensor between it and its ``DequantizeLinear`` is what crosses a cut after that
-  layer (QUANT's cheaper ``g'``: a quarter of the float32 bytes);
-* every other new node (the ``DequantizeLinear`` of an activation, the ``QuantizeLinear``
-  of a float tensor that a quantised layer reads, the ``DequantizeLinear`` of a weight)
-  joins the layers that read its output; a layer beyond the first gets its own copy
-  (outputs ``<name>__layer<k>``, as :mod:`partitioner.frontend.layers` copies constant
-  nodes), so a cut never carries a dequantised float tensor that the int8 one could carry.
+* a ``QuantizeLinear`` of an activation joins the layer that produces the tensor (a model
+  input's: its first reader), so the 8-bit tensor between it and its
+  ``DequantizeLinear`` is what crosses a cut after that layer (QUANT's cheaper ``g'``: a
+  quarter of the float32 bytes). That holds for the output of a quantised layer, and also
+  for a float layer's output that a quantised layer reads (ORT quantises a tensor for
+  every reader once one reader is quantised);
+* every other new node (the ``DequantizeLinear`` of an activation or of a weight) joins
+  the layers that read its output; a layer beyond the first gets its own copy (outputs
+  ``<name>__layer<k>``, as :mod:`partitioner.frontend.layers` copies constant nodes), so
+  a cut never carries a dequantised float tensor that the 8-bit one could carry.
+
+So every ORT *node unit* (the DQs into an op, the op, the Qs out of it) lies inside one
+layer, and ORT's CPU optimiser fuses the same units in a stage file as in the whole model.
+Putting a float layer's output Q in the reading layer instead made the chain differ from
+the whole model: between a DQ and a Q, ORT quantises a float Conv's weights itself and
+runs it as ``QLinearConv`` (resnet18: up to 0.16 at 3 of 20 cuts), which a cut between
+the Conv and the Q prevents.
 
 The quantiser's pre-processing (``quant_pre_process``: symbolic shape inference and ORT's
 graph optimiser) is *not* run: the prepared model already has static inferred shapes and
@@ -39,7 +48,7 @@ model outputs taken together; for a set of inputs, its mean (:func:`measure_nois
 
 from __future__ import annotations
 
-import dataclasses
+import atexit
 import hashlib
 import logging
 import os
@@ -55,11 +64,14 @@ import onnx
 
 from partitioner import ir
 from partitioner.errors import fail
-from partitioner.frontend.inference import infer_types
-from partitioner.frontend.layers import build_layer_graph
-from partitioner.frontend.prepare import topological_order
+from partitioner.frontend.calibration import (
+    calibration_digest,
+    calibration_samples,
+    load_calibration,
+    random_calibration,
+)
+from partitioner.frontend.qdq_layers import regroup
 from partitioner.frontend.stagefile import save_model
-from partitioner.frontend.tensors import node_inputs
 
 if TYPE_CHECKING:
     from partitioner.frontend import PreparedModel
@@ -92,89 +104,6 @@ _KEEP_FLOAT = frozenset({"BatchNormalization"})
 _EXTERNAL_BYTES = 1 << 30
 _CACHE_ENV = "PARTITIONER_CACHE"
 _FORMAT = "qdq-u8s8-perchannel-minmax-v1"  # part of the cache key: what the file holds
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def _inputs(prepared: PreparedModel) -> tuple[ir.TensorInfo, ...]:
-    return prepared.graph.inputs
-
-
-def load_calibration(path: str | os.PathLike[str], prepared: PreparedModel
-                     ) -> dict[str, np.ndarray]:
-    """The ``--calibration FILE.npz`` arrays: one per model input, keyed by input name,
-    with a leading sample axis (``images`` of shape ``(16, 1, 3, 320, 320)``).
-
-    Raises:
-        UserError: not a readable npz file (pickled objects are refused), a model input
-            missing, an array that is no model input, a wrong shape or dtype, inputs with
-            different sample counts, no sample.
-    """
-    file = Path(path)
-    where = f"--calibration {file}"
-    if not file.is_file():
-        fail(f"{where}: no such file")
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                fail(f"{where}: not an .npz archive (one array per model input expected)")
-            arrays = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, EOFError) as err:
-        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        fail(f"{where}: not a readable .npz archive ({why})")
-    specs = {t.name: t for t in _inputs(prepared)}
-    for name in arrays:
-        if name not in specs:
-            fail(f"{where}: array {name!r} is not an input of model {prepared.graph.name!r} "
-                 f"(inputs: {', '.join(specs)})")
-    counts = set()
-    for name, t in specs.items():
-        if name not in arrays:
-            fail(f"{where}: model input {name!r} is missing")
-        arr = arrays[name]
-        if arr.ndim != len(t.shape) + 1 or tuple(arr.shape[1:]) != tuple(t.shape):
-            fail(f"{where}: input {name!r} has shape {list(arr.shape)}, expected "
-                 f"[samples, {', '.join(str(d) for d in t.shape)}]")
-        if arr.dtype.name != t.dtype:
-            fail(f"{where}: input {name!r} has dtype {arr.dtype.name}, expected {t.dtype}")
-        counts.add(int(arr.shape[0]))
-    if len(counts) > 1:
-        fail(f"{where}: the inputs have different sample counts ({sorted(counts)})")
-    if counts == {0}:
-        fail(f"{where}: no samples (the leading axis is 0)")
-    return arrays
-
-
-def random_calibration(prepared: PreparedModel, n: int = 8, seed: int = 0
-                       ) -> dict[str, np.ndarray]:
-    """``n`` seeded random samples per input in the calibration format (floats N(0, 1),
-    small integers for index-like inputs: :func:`partitioner.backend.verify.sample_inputs`).
-    The caller warns that noise figures measured on them say little about real inputs."""
-    from partitioner.backend.verify import sample_inputs
-
-    if n < 1:
-        fail(f"calibration: need at least one sample, got {n}")
-    from stagebundle.manifest import TensorSpec
-
-    stacked = [TensorSpec(t.name, (n, *t.shape), t.dtype) for t in _inputs(prepared)]
-    return sample_inputs(stacked, seed)
-
-
-def _samples(arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """The calibration arrays as one feed dict per sample."""
-    count = min((int(a.shape[0]) for a in arrays.values()), default=0)
-    return [{k: np.ascontiguousarray(a[i]) for k, a in arrays.items()} for i in range(count)]
-
-
-def calibration_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of the calibration arrays."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- candidates
@@ -240,10 +169,11 @@ class QuantizedModel:
             ``LayerGraph.name`` and ``sha256``), ``layers[k].nodes`` indexing the
             quantised model's nodes; what the slicer, routing and the back end take.
         layers: the quantised layers, sorted.
-        int8_outputs: per quantised layer, ``(float tensor, 8-bit tensor)`` for each of its
-            outputs that another layer (or the destination) reads and that it hands on
-            quantised (uint8 activations): when that tensor crosses a cut after the layer,
-            the 8-bit one is sent.
+        int8_outputs: per layer, ``(float tensor, 8-bit tensor)`` for each of its outputs
+            that another layer (or the destination) reads and that it hands on quantised
+            (uint8 activations): when that tensor crosses a cut after the layer, the 8-bit
+            one is sent. Quantised layers, and float layers whose output a quantised layer
+            reads, have entries.
         key: the cache key (model fingerprint, layer set, calibration digest, format).
     """
 
@@ -310,11 +240,14 @@ def quantize_model(prepared: PreparedModel, layers: Sequence[int],
         if not _quantizable(graph.layers[k]):
             fail(f"quantize: layer {k} {graph.layers[k].name!r} holds no op ONNX Runtime's "
                  f"quantiser quantises ({', '.join(QUANTIZABLE_OPS)})")
-    key = _key(prepared, chosen, calibration_digest(calibration))
+    digest = calibration_digest(calibration)
+    key = _key(prepared, chosen, digest)
     if use_cache and key in _MEMO:
         return _MEMO[key]
-    qmodel = _cached_or_quantized(prepared, chosen, calibration, key, use_cache)
-    variant = _regroup(prepared, qmodel, chosen, key)
+    ranges = _ranges_file(prepared, digest) if use_cache else None
+    qmodel = _cached_or_quantized(prepared, chosen, calibration, key, use_cache, ranges)
+    regrouped, int8 = regroup(prepared, qmodel, chosen)
+    variant = QuantizedModel(regrouped, chosen, int8, key)
     if use_cache:
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.pop(next(iter(_MEMO)))
@@ -346,8 +279,32 @@ def _named_copy(prepared: PreparedModel, work: Path) -> tuple[Path, list[str]]:
     return path, names
 
 
+def _process_dir() -> Path:
+    """A folder for this process's calibration ranges when there is no disk cache."""
+    global _RANGES_DIR
+    if _RANGES_DIR is None:
+        _RANGES_DIR = Path(tempfile.mkdtemp(prefix="partitioner-ranges-"))
+        atexit.register(shutil.rmtree, _RANGES_DIR, True)
+    return _RANGES_DIR
+
+
+_RANGES_DIR: Path | None = None
+
+
+def _ranges_file(prepared: PreparedModel, digest: str) -> Path:
+    """Where the calibration ranges of the model on these inputs are kept. ORT's
+    calibrator measures every tensor of every quantisable op, whichever nodes are then
+    quantised, so one calibration serves every layer set (the noise model's many)."""
+    import onnxruntime
+
+    text = f"{_fingerprint(prepared)}|{digest}|{_FORMAT}|ort{onnxruntime.__version__}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return (cache_dir() or _process_dir()) / f"{key}.ranges.json"
+
+
 def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
-              calibration: Mapping[str, np.ndarray], out: Path) -> None:
+              calibration: Mapping[str, np.ndarray], out: Path, ranges: Path | None
+              ) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -356,7 +313,7 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
     )
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    samples = _samples(calibration)
+    samples = calibration_samples(calibration)
     if not samples:
         fail("quantize: the calibration data has no samples")
     work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))
@@ -372,6 +329,8 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
                 return next(self._it, None)
 
         reader = Reader()
+        # a cached calibration is read; a new one is written aside and moved into place
+        target = ranges if ranges is not None and ranges.is_file() else work / "ranges.json"
         big = sum(prepared.graph.initializer_bytes.values()) > _EXTERNAL_BYTES
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing" advice
@@ -381,7 +340,8 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=nodes, use_external_data_format=big,
                             extra_options={"ActivationSymmetric": False,
-                                           "WeightSymmetric": True})
+                                           "WeightSymmetric": True},
+                            calibration_cache_path=str(target))
         except Exception as err:  # noqa: BLE001 - the quantiser raises many types
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             what = ", ".join(prepared.graph.layers[k].name for k in layers)
@@ -389,13 +349,15 @@ def _quantize(prepared: PreparedModel, layers: tuple[int, ...],
                  f"{prepared.graph.name!r}: {first}")
         finally:
             logging.getLogger().setLevel(level)
+        if ranges is not None and target != ranges and target.is_file():
+            _store(target.rename(target.with_name(ranges.name)), ranges.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _cached_or_quantized(prepared: PreparedModel, layers: tuple[int, ...],
-                         calibration: Mapping[str, np.ndarray], key: str, use_cache: bool
-                         ) -> onnx.ModelProto:
+                         calibration: Mapping[str, np.ndarray], key: str, use_cache: bool,
+                         ranges: Path | None) -> onnx.ModelProto:
     root = cache_dir() if use_cache else None
     if root is not None:
         hit = root / f"{key}.onnx"
@@ -407,7 +369,7 @@ def _cached_or_quantized(prepared: PreparedModel, layers: tuple[int, ...],
     tmp = Path(tempfile.mkdtemp(prefix="partitioner-quantize-"))
     try:
         out = tmp / f"{key}.onnx"
-        _quantize(prepared, layers, calibration, out)
+        _quantize(prepared, layers, calibration, out, ranges)
         model = onnx.load(str(out))
         if root is not None:
             _store(out, root)
@@ -417,173 +379,18 @@ def _cached_or_quantized(prepared: PreparedModel, layers: tuple[int, ...],
 
 
 def _store(file: Path, root: Path) -> None:
-    """Copy a quantised file (and its data file) into the cache atomically; best effort."""
+    """Copy a file (and its ``.data`` file) into the cache atomically; best effort."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         data = file.with_name(file.name + ".data")
         for src in ([data] if data.exists() else []) + [file]:  # the data before the model
-            staged = Path(tempfile.mkstemp(prefix=f".{src.name}.", dir=root)[1])
+            fd, name = tempfile.mkstemp(prefix=f".{src.name}.", dir=root)
+            os.close(fd)
+            staged = Path(name)
             shutil.copyfile(src, staged)
             os.replace(staged, root / src.name)
     except OSError as err:
         log.warning("quantize: cannot cache the variant in %s: %s", root, err)
-
-
-# --------------------------------------------------------------------------- regrouping
-
-
-def _regroup(prepared: PreparedModel, qmodel: onnx.ModelProto, layers: tuple[int, ...],
-             key: str) -> QuantizedModel:
-    """Assign the quantised model's nodes to the prepared model's layers (module
-    docstring), copy shared new nodes per layer, and build its layer graph."""
-    from partitioner.frontend import PreparedModel as Prepared
-
-    graph = prepared.graph
-    fmodel = prepared.model
-    layer_of_name: dict[str, int] = {}
-    for layer in graph.layers:
-        for i in layer.nodes:
-            name = fmodel.graph.node[i].name
-            layer_of_name[name or f"node{i}"] = layer.index
-    # the float producer layer of each tensor (model outputs are renamed by the quantiser)
-    float_producer: dict[str, int] = {}
-    for layer in graph.layers:
-        for i in layer.nodes:
-            for o in fmodel.graph.node[i].output:
-                float_producer[o] = layer.index
-    quantised = set(layers)
-    g = qmodel.graph
-    _write_types(qmodel, f"quantised model {graph.name!r}")
-    order = topological_order(g, f"quantised model {graph.name!r}")
-    nodes = [g.node[i] for i in order]
-    produced_by: dict[str, int] = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    consumers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for name in node_inputs(n):
-            consumers.setdefault(name, []).append(i)
-    outputs = {o.name for o in g.output}
-    original = [n.name in layer_of_name for n in nodes]
-
-    def producing_layer(tensor: str) -> int | None:
-        p = produced_by.get(tensor)
-        if p is not None and original[p]:
-            return layer_of_name[nodes[p].name]
-        return None
-
-    needs: dict[int, set[int]] = {}
-    int8: dict[int, list[tuple[str, str]]] = {}
-    for i in reversed(range(len(nodes))):
-        n = nodes[i]
-        if original[i]:
-            continue
-        src = producing_layer(n.input[0]) if n.input else None
-        if n.op_type == "QuantizeLinear" and src in quantised:
-            assert src is not None
-            needs[i] = {src}
-            continue
-        need: set[int] = set()
-        for o in n.output:
-            for u in consumers.get(o, ()):
-                need |= {layer_of_name[nodes[u].name]} if original[u] else needs.get(u, set())
-            if o in outputs and o in float_producer:
-                need.add(float_producer[o])
-        if not need:  # read by nothing: stays with what it reads (or the first layer)
-            need = {src if src is not None else 0}
-        needs[i] = need
-    # int8 tensors handed on by a quantised layer: its Q's output, where the float tensor
-    # it quantises leaves the layer (read by a later layer or the destination)
-    for i, need in needs.items():
-        n = nodes[i]
-        if n.op_type != "QuantizeLinear" or need != {producing_layer(n.input[0])}:
-            continue
-        (k,) = need
-        float_name = _float_name(n.input[0], outputs)
-        if k in quantised and float_name in graph.layers[k].produces:
-            int8.setdefault(k, []).append((float_name, n.output[0]))
-    new_nodes, layer_of = _localise(g, nodes, original, needs, layer_of_name)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    qgraph, stats = build_layer_graph(qmodel, name=graph.name, sha256=graph.sha256,
-                                      granularity=graph.granularity, layer_of=layer_of)
-    added = {n.name for n in qmodel.graph.node} - set(layer_of_name)
-    fixed = []
-    for layer, old in zip(qgraph.layers, graph.layers, strict=True):
-        # row geometry is kept only for layers the quantiser left alone
-        touched = any(qmodel.graph.node[i].name in added for i in layer.nodes)
-        fixed.append(dataclasses.replace(layer, name=old.name,
-                                         rows=None if touched else old.rows))
-    qgraph = dataclasses.replace(qgraph, layers=tuple(fixed))
-    variant = Prepared(model=qmodel, graph=qgraph, path=None, base_dir=None, stats=stats,
-                       shapes=prepared.shapes, folded=prepared.folded)
-    return QuantizedModel(variant, layers, {k: tuple(v) for k, v in sorted(int8.items())}, key)
-
-
-def _write_types(model: onnx.ModelProto, label: str) -> None:
-    """Inferred types of every node output (the Q/DQ outputs the quantiser adds have
-    none), as the layer graph needs a static shape for each cut tensor."""
-    types, _ = infer_types(model, label)
-    g = model.graph
-    outputs = {o.name for o in g.output}
-    inits = {t.name for t in g.initializer}
-    del g.value_info[:]
-    for node in g.node:
-        for o in node.output:
-            if o and o in types and o not in outputs and o not in inits:
-                g.value_info.add(name=o).type.CopyFrom(types[o])
-
-
-def _float_name(q_input: str, outputs: set[str]) -> str:
-    """The model's name of the float tensor a Q reads: a model output the quantiser
-    renamed (``X_QuantizeLinear_Input``) is ``X`` again after its DQ."""
-    suffix = "_QuantizeLinear_Input"
-    if q_input.endswith(suffix) and q_input[: -len(suffix)] in outputs:
-        return q_input[: -len(suffix)]
-    return q_input
-
-
-def _localise(g: onnx.GraphProto, nodes: list[onnx.NodeProto], original: list[bool],
-              needs: Mapping[int, set[int]], layer_of_name: Mapping[str, int]
-              ) -> tuple[list[onnx.NodeProto], list[int]]:
-    """The node list with a copy of each new node per further layer that needs it, in a
-    topological order grouped by layer; and the layer of each node."""
-    types = {vi.name: vi for vi in g.value_info}
-    copy_of: dict[tuple[str, int], str] = {}
-    out: list[tuple[int, float, onnx.NodeProto]] = []
-    for i, n in enumerate(nodes):
-        if original[i]:
-            k = layer_of_name[n.name]
-            _rewire(n, copy_of, k)
-            out.append((k, float(i), n))
-            continue
-        need = sorted(needs[i])
-        home = need[0]  # keeps the names (a model output's DQ: its producer's layer)
-        for k in need:
-            node = n if k == home else _clone(n, k, copy_of, types, g)
-            _rewire(node, copy_of, k)
-            out.append((k, i + (0.0 if k == home else 0.5), node))
-    out.sort(key=lambda t: (t[0], t[1]))
-    return [n for _, _, n in out], [k for k, _, _ in out]
-
-
-def _clone(n: onnx.NodeProto, k: int, copy_of: dict[tuple[str, int], str],
-           types: Mapping[str, onnx.ValueInfoProto], g: onnx.GraphProto) -> onnx.NodeProto:
-    clone = onnx.NodeProto()
-    clone.CopyFrom(n)
-    for j, o in enumerate(clone.output):
-        if o:
-            copy_of[(o, k)] = clone.output[j] = f"{o}__layer{k}"
-            if o in types:
-                vi = g.value_info.add()
-                vi.CopyFrom(types[o])
-                vi.name = clone.output[j]
-    clone.name = f"{n.name}__layer{k}"
-    return clone
-
-
-def _rewire(n: onnx.NodeProto, copy_of: Mapping[tuple[str, int], str], k: int) -> None:
-    for j, name in enumerate(n.input):
-        if (name, k) in copy_of:
-            n.input[j] = copy_of[(name, k)]
 
 
 # --------------------------------------------------------------------------- noise
@@ -622,7 +429,7 @@ class NoiseMeter:
                  calibration: Mapping[str, np.ndarray]) -> None:
         self.prepared = prepared
         self.calibration = calibration
-        self.samples = _samples(inputs)
+        self.samples = calibration_samples(inputs)
         if not self.samples:
             fail("noise: no input samples to measure on")
         self.names = [t.name for t in prepared.graph.outputs]
@@ -635,13 +442,30 @@ class NoiseMeter:
                         f"quantised model {self.prepared.graph.name!r}")
         return [sess.run(self.names, s) for s in self.samples]
 
+    def _variant(self, layers: Sequence[int] | QuantizedModel) -> QuantizedModel | None:
+        if isinstance(layers, QuantizedModel):
+            return layers if layers.layers else None
+        return quantize_model(self.prepared, layers, self.calibration) if layers else None
+
     def noise(self, layers: Sequence[int] | QuantizedModel) -> float:
         """rho of the variant with ``layers`` quantised (no layer: 0.0 without running)."""
-        variant = layers if isinstance(layers, QuantizedModel) else (
-            quantize_model(self.prepared, layers, self.calibration) if layers else None)
-        if variant is None or not variant.layers:
-            return 0.0
-        return noise_of(self.reference, self.outputs(variant))
+        variant = self._variant(layers)
+        return 0.0 if variant is None else noise_of(self.reference, self.outputs(variant))
+
+    def top1_agreement(self, layers: Sequence[int] | QuantizedModel, output: int = 0
+                       ) -> float:
+        """For a classifier: the share of inputs whose arg-max of model output ``output``
+        (per row of its first axis) is the float model's (QUANT's accuracy proxy)."""
+        variant = self._variant(layers)
+        if variant is None:
+            return 1.0
+        same = total = 0
+        for ref, got in zip(self.reference, self.outputs(variant), strict=True):
+            a, b = ref[output], got[output]
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            same += int(np.sum(a.argmax(axis=1) == b.argmax(axis=1)))
+            total += a.shape[0]
+        return same / max(total, 1)
 
 
 def measure_noise(prepared: PreparedModel, layers: Sequence[int] | QuantizedModel,
