@@ -421,9 +421,11 @@ class VariantCosts:
         compute: ``(layer, device, frequency) -> (seconds, joules)`` saved when the layer
             runs as int8 on that device (negative: the variant is slower); the joules are
             None when the device has no energy figure.
-        wire: ``(after, layer) -> bytes`` saved on the cut after *position* ``after`` when
-            ``layer`` is int8 and the cut crosses devices between two model layers (its
-            float32 output travels as 8-bit integers, ``g'``).
+        wire: ``(after, triggers) -> bytes`` saved on the cut after *position* ``after``
+            when it crosses devices between two model layers and any layer of
+            ``triggers`` is int8: those tensors then travel as 8-bit integers (``g'``;
+            ONNX Runtime quantises a tensor when its producer or any reader is int8).
+        int8_triggers: per tensor, the candidate layers any of which makes it travel int8.
         noise: the fitted noise polynomial ``eta(q)`` (no constant term: nothing int8, no
             noise); empty when no noise model was fitted.
         noise_error: mean absolute error of the fit on held-out random configurations.
@@ -434,8 +436,8 @@ class VariantCosts:
 
     candidates: tuple[int, ...]
     compute: Mapping[tuple[int, str, str | None], tuple[float, float | None]]
-    wire: Mapping[tuple[int, int], int] = field(default_factory=dict)
-    int8_outputs: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    wire: Mapping[tuple[int, tuple[int, ...]], int] = field(default_factory=dict)
+    int8_triggers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     noise: tuple[NoiseTerm, ...] = ()
     noise_error: float | None = None
     source: str = "analytic"

@@ -16,11 +16,15 @@ A candidate layer ``k`` may run as its int8 variant (``q_k = 1``). Three things 
   The joules saved are the device's compute power times the seconds saved (None without
   a power figure: the energy then stays the fp32 one).
 * **transfer** ``g'`` instead of ``g``: when the cut after a model layer crosses devices
-  and a float32 tensor in it was produced by an int8 layer, it travels as 8-bit integers
-  (the stage file cuts between its QuantizeLinear and DequantizeLinear), 1/4 of the
-  bytes. Saved bytes per (cut, layer) are in the table; their time and energy follow the
-  link model (:func:`wire_saving`, linear in the bytes). Cuts next to pseudo positions
-  (source, destination) and model outputs stay float32.
+  and a float32 tensor in it has a QuantizeLinear/DequantizeLinear pair, it travels as
+  8-bit integers (the Q sits in the producing stage, the DQ in the readers'), 1/4 of the
+  bytes. ONNX Runtime inserts the pair when the tensor's producer is int8 or when *any*
+  of its readers is: a tensor's *triggers* are the candidates that each alone make it
+  int8 (from the quantiser's variant of each single candidate), and it travels int8 iff
+  one of them is (an OR, exact in the MIP). Saved bytes per (cut, triggers) are in the
+  table; their time and energy follow the link model (:func:`wire_saving`, linear in
+  the bytes). Cuts next to pseudo positions (source, destination) and model outputs stay
+  float32.
 * **noise**: the fitted polynomial ``eta(q)`` (:mod:`partitioner.analysis.noise`).
 
 :func:`variant_delta` is the one definition of these savings for a placement; the cost
@@ -85,7 +89,7 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
                    speedup: Mapping[str, float] | None = None,
                    measured: Mapping[tuple[int, str, str | None], float] | None = None,
                    checked: Sequence[tuple[tuple[int, ...], float]] = (),
-                   int8_outputs: Mapping[int, Collection[str]] | None = None,
+                   triggers: Mapping[str, Collection[int]] | None = None,
                    noise: Sequence[ir.NoiseTerm] = (), noise_error: float | None = None
                    ) -> ir.VariantCosts:
     """The variant figures of ``candidates`` on ``table`` (see the module docstring).
@@ -100,8 +104,9 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
             measured by the profiler; it replaces the analytic one where given.
         checked: configurations whose noise was measured after a solve (``(layers,
             rho)``); the MIP excludes those measured above its cap.
-        int8_outputs: per layer the tensors that really travel as int8 (the quantiser's
-            output); default :func:`int8_tensors`.
+        triggers: per tensor, the candidates any of which makes it travel int8 (the
+            quantiser's variants of single candidates); default: its producer when that
+            is a candidate (:func:`int8_tensors`) and its candidate readers.
         noise / noise_error: the fitted noise polynomial and its held-out error.
 
     Raises:
@@ -135,23 +140,32 @@ def build_variants(table: ir.CostTable, graph: ir.LayerGraph, candidates: Iterab
                 dt = single.compute * (1.0 - 1.0 / factor)
                 compute[(k, dev.name, f)] = (dt, None if power is None else power * dt)
     # model outputs are priced as float32 wherever they go (an upper bound on their bytes)
-    own = {k: set(int8_tensors(graph, k)) for k in cands}
-    travels = {k: own[k] & set(int8_outputs[k]) if int8_outputs is not None
-               and k in int8_outputs else own[k] for k in cands}
-    producer = {t: layer.index for layer in graph.layers for t in layer.produces}
-    wire: dict[tuple[int, int], int] = {}
+    outputs = {t.name for t in graph.outputs}
+    if triggers is None:
+        found: dict[str, set[int]] = {}
+        for k in cands:
+            for t in int8_tensors(graph, k):
+                found.setdefault(t, set()).add(k)
+        for layer in graph.layers:
+            if layer.index in cands:
+                for t in layer.consumes:
+                    found.setdefault(t, set()).add(layer.index)
+        triggers = found
+    trig = {t: tuple(sorted(set(ks) & set(cands))) for t, ks in triggers.items()
+            if t not in outputs and t in graph.tensors
+            and graph.tensors[t].dtype == "float32" and set(ks) & set(cands)}
+    wire: dict[tuple[int, tuple[int, ...]], int] = {}
     pos = table.positions
     for j in range(len(pos) - 1):
         after = pos[j].layer
         if after is None or pos[j + 1].kind != "layer":
             continue
         for t in graph.cut_after(after).tensors:
-            made_by = producer.get(t)
-            if made_by is not None and made_by in travels and t in travels[made_by]:
-                wire[(j, made_by)] = wire.get((j, made_by), 0) + _int8_saving(graph.tensors[t])
+            if t in trig:
+                wire[(j, trig[t])] = wire.get((j, trig[t]), 0) + _int8_saving(graph.tensors[t])
     source = "measured" if measured else "analytic"
     return ir.VariantCosts(candidates=cands, compute=compute, wire=wire,
-                           int8_outputs={k: tuple(sorted(travels[k])) for k in cands},
+                           int8_triggers=trig,
                            noise=tuple(noise),
                            noise_error=noise_error, source=source,
                            checked=tuple((tuple(sorted(c)), float(r)) for c, r in checked))
@@ -230,9 +244,8 @@ def variant_delta(table: ir.CostTable, bundles: Sequence[Bundle],
         if nxt.device == b.device or pos[b.last].kind != "layer" \
                 or pos[nxt.first].kind != "layer":
             continue
-        for k in q:
-            nbytes = v.wire.get((b.last, k), 0)
-            if not nbytes:
+        for (j, trig), nbytes in v.wire.items():
+            if j != b.last or not q & set(trig):
                 continue
             tr = wire_saving(table.system, b.device, nxt.device, nbytes)
             out.communication += tr.time
@@ -271,13 +284,16 @@ def wire_bytes(graph: ir.LayerGraph, plan: ir.Plan, table: ir.CostTable | None =
     """The graph's tensors as they travel under ``plan``: int8 outputs of its int8 layers
     are one byte per element (routing prices messages with these)."""
     tensors = dict(graph.tensors)
-    known = table.variants.int8_outputs if table is not None and table.variants else {}
-    for k in quantized_layers(plan):
-        for name in known.get(k, int8_tensors(graph, k)):
-            t = tensors.get(name)
-            if t is None or t.dtype != "float32":
-                continue  # the variant's own graph already names its int8 tensors
-            tensors[name] = ir.TensorInfo(t.name, t.shape, "uint8", t.nbytes // 4)
+    q = set(quantized_layers(plan))
+    if table is not None and table.variants is not None:
+        names = [t for t, ks in table.variants.int8_triggers.items() if q & set(ks)]
+    else:
+        names = [t for k in q for t in int8_tensors(graph, k)]
+    for name in names:
+        t = tensors.get(name)
+        if t is None or t.dtype != "float32":
+            continue  # the variant's own graph already names its int8 tensors
+        tensors[name] = ir.TensorInfo(t.name, t.shape, "uint8", t.nbytes // 4)
     return tensors
 
 
@@ -359,8 +375,14 @@ def attach_variants(prepared: PreparedModel, table: ir.CostTable, *,
         arrays, file = quant.load_calibration(calibration, prepared), str(calibration)
     else:
         arrays, file = calibration, None
-    variant = quant.quantize_model(prepared, cands, arrays)
-    int8 = {k: tuple(f for f, _ in pairs) for k, pairs in variant.int8_outputs.items()}
+    # the tensors each single candidate makes int8 (the quantiser's own rule; these
+    # variants are the noise design's singles, so they are made once)
+    triggers: dict[str, set[int]] | None = None
+    if fit_noise_model:
+        triggers = {}
+        for k in cands:
+            for name in quant.quantize_model(prepared, [k], arrays).int8_of:
+                triggers.setdefault(name, set()).add(k)
     fit = None
     hit = False
     if fit_noise_model:
@@ -376,7 +398,7 @@ def attach_variants(prepared: PreparedModel, table: ir.CostTable, *,
 
         fit, hit = noise.cached_fit(key, measure)
     variants = build_variants(table, graph, cands, speedup=speedup, measured=measured,
-                              int8_outputs=int8, noise=fit.terms if fit else (),
+                              triggers=triggers, noise=fit.terms if fit else (),
                               noise_error=fit.heldout_error if fit else None,
                               checked=tuple(fit.measured.items()) if fit else ())
     return (dataclasses.replace(table, variants=variants),

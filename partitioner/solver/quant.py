@@ -10,7 +10,9 @@ the savings :func:`partitioner.analysis.variants.variant_delta` prices:
   ``z <= q``, ``z <= y``, ``z >= q + y - 1`` (exact for binaries); latency, the busy time
   and the energy of ``d`` lose ``saving * z``;
 * ``g'`` instead of ``g`` on a transfer arc ``x`` (cut after ``j``, ``src -> dst``) whose
-  cut carries a float32 output of ``k``: ``w = q[k] * x`` (same linearisation); latency
+  cut carries tensors that travel int8 when any of their triggers ``T`` is:
+  ``u[T] = OR(q[k], k in T)`` (``u >= q_k``, ``u <= sum q_k``) and ``w = u[T] * x``
+  (same linearisation); latency
   and ``src``'s busy time lose the transfer time of the saved bytes, both ends their
   transfer energy;
 * the noise polynomial ``eta(q) = sum_S c_S prod_{k in S} q_k`` with one product
@@ -136,22 +138,38 @@ class QuantFormulation(Formulation):
     def _wire_terms(self) -> None:
         v = self.table.variants
         assert v is not None
-        by_cut: dict[int, list[tuple[int, int]]] = {}
-        for (j, k), nbytes in v.wire.items():
-            by_cut.setdefault(j, []).append((k, nbytes))
+        by_cut: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+        for (j, trig), nbytes in v.wire.items():
+            by_cut.setdefault(j, []).append((trig, nbytes))
+        either: dict[tuple[int, ...], mip.LinExpr] = {}
         for a, arc in enumerate(self.net.arcs):
             if arc.kind != "transfer":
                 continue
             _, j, src = self.net.keys[arc.tail]
             dst = self.net.keys[arc.head][2]
-            for k, nbytes in sorted(by_cut.get(j, ())):
+            for trig, nbytes in sorted(by_cut.get(j, ())):
                 tr = wire_saving(self.table.system, src, dst, nbytes)
                 if not tr.time:
                     continue
-                w = self._product(self.q[k], mip.LinExpr([self.x[a]], [1.0]),
-                                  f"wq[{k},{j},{src}>{dst}]")
+                if trig not in either:
+                    either[trig] = self._any(trig)
+                label = "+".join(map(str, trig))
+                w = self._product(either[trig], mip.LinExpr([self.x[a]], [1.0]),
+                                  f"wq[{label},{j},{src}>{dst}]")
                 self._charge(w, tr.time, src,
                              ((src, tr.sender_energy), (dst, tr.receiver_energy)))
+
+    def _any(self, layers: tuple[int, ...]) -> mip.LinExpr:
+        """``u = OR(q_k for k in layers)``: ``u >= q_k`` for each, ``u <= sum q_k``."""
+        if len(layers) == 1:
+            return mip.LinExpr([self.q[layers[0]]], [1.0])
+        m = self.model
+        name = "uq[" + ",".join(map(str, layers)) + "]"
+        u = m.add_var(name=name, lb=0.0, ub=1.0)
+        for k in layers:
+            m.add_constr(self.q[k] - u <= 0, name=f"{name}.{k}")
+        m.add_constr(u - mip.xsum(self.q[k] for k in layers) <= 0, name=f"{name}.sum")
+        return mip.LinExpr([u], [1.0])
 
     def _noise_expr(self, terms: tuple[ir.NoiseTerm, ...]) -> mip.LinExpr:
         expr = mip.LinExpr()
@@ -202,6 +220,6 @@ class QuantFormulation(Formulation):
         if dt or de:
             return True
         pos = self.table.positions
-        return any(kk == k and placement[j] != placement[j + 1]
+        return any(k in trig and placement[j] != placement[j + 1]
                    and pos[j].kind == "layer" and pos[j + 1].kind == "layer"
-                   for (j, kk) in v.wire)
+                   for (j, trig) in v.wire)
