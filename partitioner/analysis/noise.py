@@ -217,13 +217,6 @@ def cache_dir() -> Path | None:
     return (Path(root) if root else Path.home() / ".cache" / "partitioner") / "noise"
 
 
-def _write_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _cache_file(key: Mapping[str, Any], directory: Path | None
                 ) -> tuple[Path | None, Any]:
     ident = json.loads(json.dumps({"format": FORMAT, **key}, sort_keys=True))
@@ -238,7 +231,9 @@ def store_fit(key: Mapping[str, Any], fit: NoiseFit, directory: Path | None = No
     if path is None:
         return
     try:
-        _write_atomic(path, {"key": ident, "fit": fit.to_json()})
+        from partitioner.analysis.profiles import write_json_atomic
+
+        write_json_atomic(path, {"key": ident, "fit": fit.to_json()})
     except OSError as err:  # a read-only cache only costs a re-measurement next time
         log.warning("noise cache %s not written: %s", path, err)
 
