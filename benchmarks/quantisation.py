@@ -47,12 +47,12 @@ sys.path.insert(0, str(ROOT.parent))
 import models  # noqa: E402
 from benchmarks.common import result_paths, save_figure  # noqa: E402
 from partitioner import ir, pipeline  # noqa: E402
+from partitioner.analysis.int8_profile import measure_int8  # noqa: E402
 from partitioner.analysis.profiler import (  # noqa: E402
     BundleTimer,
     ProfileSettings,
     capture_intermediates,
     host_info,
-    measure_int8,
 )
 from partitioner.analysis.profiles import Profile  # noqa: E402
 from partitioner.analysis.system import parse_system  # noqa: E402

@@ -146,7 +146,7 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         max_noise: cap on the fitted output noise (0: nothing int8); overrides the
             objective's ``max_noise``.
         int8_speedups: measured int8 speed-up (fp32 / int8 time) per ``(layer, device,
-            frequency)`` (:func:`partitioner.analysis.profiler.measure_int8`); without
+            frequency)`` (:func:`partitioner.analysis.int8_profile.measure_int8`); without
             one a device's is analytic (its class's int8 speed-up).
 
     Raises:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from partitioner.analysis.profiler import ProfileSettings, measure_int8
+from partitioner.analysis.int8_profile import measure_int8
+from partitioner.analysis.profiler import ProfileSettings
 from partitioner.frontend import load_model
 from partitioner.frontend import quantize as Q
 

@@ -8,7 +8,7 @@ A candidate layer ``k`` may run as its int8 variant (``q_k = 1``). Three things 
   (its single-layer bundle of the table) times ``1 - 1/s`` with ``s`` the int8 speed-up
   of the device's class (:data:`INT8_SPEEDUP`, documented below) or a given speed-up per
   device; measured: ``s`` is the speed-up the profiler measured for that layer on that
-  device (:mod:`partitioner.analysis.profiler`, ``measure_int8``: fp32 / int8 time of
+  device (:mod:`partitioner.analysis.int8_profile`, ``measure_int8``: fp32 / int8 time of
   the layer alone), applied to the table's own price of the layer, so a saving never
   exceeds what the table charges for the layer. A bundle with several
   int8 layers is priced as its measured fp32 price minus the sum of its layers' savings
