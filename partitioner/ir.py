@@ -37,6 +37,8 @@ __all__ = [
     "BundleCost",
     "TransferCost",
     "CostTable",
+    "NoiseTerm",
+    "VariantCosts",
     "ObjectiveKind",
     "Objective",
     "RowOp",
@@ -220,7 +222,10 @@ class Device:
 
 @dataclass(frozen=True)
 class Link:
-    """An undirected link. ``bandwidth`` B/s, ``latency`` s per transfer.
+    """A link between ``a`` and ``b``. ``bandwidth`` B/s, ``latency`` s per transfer.
+
+    Undirected (``between``) by default; ``directed`` links carry data from ``a`` to ``b``
+    only (system file ``from``/``to``), so two of them give an asymmetric pair.
 
     Energy model of a transfer (SPEC §4, FreDDI): upload power
     ``up_alpha * up_mbps + beta`` on the sender, download power
@@ -238,6 +243,13 @@ class Link:
     beta: float | None = None
     up_mbps: float | None = None
     down_mbps: float | None = None
+    directed: bool = False
+
+    def carries(self, src: str, dst: str) -> bool:
+        """Whether data can go from ``src`` to ``dst`` over this link."""
+        if self.directed:
+            return (self.a, self.b) == (src, dst)
+        return {self.a, self.b} == {src, dst} and src != dst
 
     @property
     def has_energy_model(self) -> bool:
@@ -270,10 +282,14 @@ class System:
         raise KeyError(name)
 
     def link(self, a: str, b: str) -> Link | None:
+        """The link that carries data from ``a`` to ``b`` (a directed one first)."""
+        found = None
         for link in self.links:
-            if {link.a, link.b} == {a, b}:
-                return link
-        return None
+            if link.carries(a, b):
+                if link.directed:
+                    return link
+                found = found or link
+        return found
 
 
 # --------------------------------------------------------------------------- costs
@@ -360,6 +376,8 @@ class CostTable:
         sources: per device, ``"analytic"`` or ``"profile"`` (for the report).
         weight_sizes: bytes of every initialiser named in ``Position.weights`` (a weight
             shared by several positions on one device is held once).
+        variants: the int8 variants the solver may choose per candidate layer (QUANT),
+            None without ``--quantize`` (:mod:`partitioner.analysis.variants`).
         exits: ``(position, head, nbytes)`` of every early-exit head (DISS §6.4), in chain
             order: the position of the layer that produces the head's output, and that
             output's size (what a request that exits sends to the destination). A bundle never
@@ -378,11 +396,52 @@ class CostTable:
     preload: bool = True
     sources: Mapping[str, str] = field(default_factory=dict)
     weight_sizes: Mapping[str, int] = field(default_factory=dict)
+    variants: VariantCosts | None = None
     exits: tuple[tuple[int, ExitHead, int], ...] = ()
 
     @property
     def device_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.system.devices)
+
+
+@dataclass(frozen=True)
+class NoiseTerm:
+    """One monomial of the fitted noise polynomial: ``coef * prod(q_k for k in layers)``."""
+
+    layers: tuple[int, ...]
+    coef: float
+
+
+@dataclass(frozen=True)
+class VariantCosts:
+    """What switching candidate layers to their int8 variant changes (QUANT, SPEC §5).
+
+    Attributes:
+        candidates: the model layers that may run as int8, ascending.
+        compute: ``(layer, device, frequency) -> (seconds, joules)`` saved when the layer
+            runs as int8 on that device (negative: the variant is slower); the joules are
+            None when the device has no energy figure.
+        wire: ``(after, triggers) -> bytes`` saved on the cut after *position* ``after``
+            when it crosses devices between two model layers and any layer of
+            ``triggers`` is int8: those tensors then travel as 8-bit integers (``g'``;
+            ONNX Runtime quantises a tensor when its producer or any reader is int8).
+        int8_triggers: per tensor, the candidate layers any of which makes it travel int8.
+        noise: the fitted noise polynomial ``eta(q)`` (no constant term: nothing int8, no
+            noise); empty when no noise model was fitted.
+        noise_error: mean absolute error of the fit on held-out random configurations.
+        source: how the compute figures were obtained (for the report).
+        checked: ``(layers, measured noise)`` of configurations measured after a solve;
+            one measured above the cap is excluded from the solve (a no-good cut).
+    """
+
+    candidates: tuple[int, ...]
+    compute: Mapping[tuple[int, str, str | None], tuple[float, float | None]]
+    wire: Mapping[tuple[int, tuple[int, ...]], int] = field(default_factory=dict)
+    int8_triggers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    noise: tuple[NoiseTerm, ...] = ()
+    noise_error: float | None = None
+    source: str = "analytic"
+    checked: tuple[tuple[tuple[int, ...], float], ...] = ()
 
 
 # --------------------------------------------------------------------------- objective
@@ -405,6 +464,8 @@ class Objective:
         latency_weight / energy_weight: weights of the ``weighted`` objective.
         time_limit: solver time limit, s (then the status may be ``feasible``).
         solver: python-mip solver name (``CBC`` by default).
+        max_noise: cap on the fitted output noise ``eta(q)`` of int8 variants (QUANT);
+            0 quantises nothing; None: no cap.
     """
 
     kind: ObjectiveKind = "latency"
@@ -415,6 +476,7 @@ class Objective:
     energy_weight: float = 0.5
     time_limit: float | None = None
     solver: str = "CBC"
+    max_noise: float | None = None
 
 
 # --------------------------------------------------------------------------- plan

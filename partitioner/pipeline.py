@@ -35,6 +35,7 @@ from partitioner.errors import UserError, fail
 
 if TYPE_CHECKING:
     from partitioner.analysis.profiles import Profile
+    from partitioner.analysis.variants import QuantSetup
     from partitioner.frontend import PreparedModel
 
 __all__ = ["PlanResult", "plan", "compile", "replan", "planner", "system_without",
@@ -57,6 +58,7 @@ class PlanResult:
         plan: the chosen plan.
         objective: the objective and caps it was solved with.
         bundle: the bundle directory, once :func:`compile` wrote it.
+        quant: what ``quantize=True`` measured (candidates, calibration, noise fit).
     """
 
     prepared: PreparedModel
@@ -65,6 +67,7 @@ class PlanResult:
     plan: ir.Plan
     objective: ir.Objective = dataclasses.field(default_factory=ir.Objective)
     bundle: Path | None = None
+    quant: QuantSetup | None = None
 
 
 def planner(objective: ir.Objective | None = None) -> Callable[[ir.CostTable], ir.Plan]:
@@ -113,9 +116,13 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
          preload: bool = True, private: int = 0, example_inputs: Any = None,
-         exits: Sequence[Any] = (), calibration: str | Path | None = None,
+         exits: Sequence[Any] = (), calibration: Any = None,
          spatial: bool = False, max_parts: int | None = None,
-         spatial_baseline: str | None = None) -> PlanResult:
+         spatial_baseline: str | None = None,
+         quantize: bool = False, quantize_layers: int | str | Sequence[str] | None = None,
+         max_noise: float | None = None,
+         int8_speedups: Mapping[tuple[int, str, str | None], float] | None = None
+         ) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -135,7 +142,17 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
         exits: early-exit heads, ``"OUTPUT=P"`` / ``"OUTPUT@T"`` strings or
             :class:`~partitioner.frontend.exits.ExitSpec` (docs/EXITS.md).
-        calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads.
+        calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads,
+            and calibrate the int8 variants and measure their noise (``quantize``; loaded
+            arrays are accepted there; None: seeded random data, the noise figures are
+            then meaningless).
+        quantize: the solver may run candidate layers as int8 variants (QUANT).
+        quantize_layers: the candidates: K heaviest layers, or names (default 12).
+        max_noise: cap on the fitted output noise (0: nothing int8); overrides the
+            objective's ``max_noise``.
+        int8_speedups: measured int8 speed-up (fp32 / int8 time) per ``(layer, device,
+            frequency)`` (:func:`partitioner.analysis.int8_profile.measure_int8`); without
+            one a device's is analytic (its class's int8 speed-up).
         spatial: runs of row-splittable layers may be split by rows across devices
             (DISTREDGE; :mod:`partitioner.solver.spatial`).
         max_parts: the most parts of one split stage (default: every device).
@@ -150,6 +167,14 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     if mbs is not None and mbs < 1:
         fail(f"--mbs must be >= 1, got {mbs}")
     objective = objective or ir.Objective()
+    if not quantize:
+        for given, flag in ((max_noise, "--max-noise"), (quantize_layers, "--quantize-layers")):
+            if given is not None:
+                fail(f"{flag} needs --quantize")
+    if max_noise is not None:
+        objective = dataclasses.replace(objective, max_noise=max_noise)
+    if objective.max_noise is not None and not objective.max_noise >= 0:
+        fail(f"--max-noise {objective.max_noise}: must be >= 0")
     loaded_system = _load_system(system)
     prepared = _prepare(model, shapes, granularity, example_inputs)
     heads: tuple[Any, ...] = ()
@@ -164,16 +189,37 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         from partitioner.analysis.exits import with_exits
 
         table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
-    if heads and (spatial or spatial_baseline or max_parts is not None):
+    spatial_asked = spatial or spatial_baseline is not None or max_parts is not None
+    if heads and spatial_asked:
         fail("--spatial and --exit cannot be combined (the spatial planner prices no "
              "exit heads)")
-    chosen = _solve(prepared.graph, table, objective, spatial=spatial, max_parts=max_parts,
-                    spatial_baseline=spatial_baseline)
+    if quantize and spatial_asked:
+        fail("--spatial and --quantize cannot be combined (a split stage holds no int8 "
+             "layer)")
+    setup = None
+    if quantize:
+        from partitioner.analysis.variants import attach_variants
+
+        table, setup = attach_variants(
+            prepared, table, layers=12 if quantize_layers is None else quantize_layers,
+            calibration=calibration, fit_noise_model=objective.max_noise != 0,
+            measured=int8_speedups)
+    if setup is not None and objective.max_noise:
+        from partitioner.analysis.variants import check_noise
+
+        # the chosen int8 set measured, the fit refitted, solved again (QUANT noise cap)
+        solve_table = planner(objective)
+        unrouted, table, setup = check_noise(prepared, table, setup, solve_table(table),
+                                             solve_table)
+        chosen = route_plan(prepared.graph, table, unrouted)
+    else:
+        chosen = _solve(prepared.graph, table, objective, spatial=spatial,
+                        max_parts=max_parts, spatial_baseline=spatial_baseline)
     if heads:  # nothing may skip an exit stage; expected and worst case re-priced
         from partitioner.analysis.exits import route_exits
 
         chosen = route_exits(prepared.graph, table, chosen)
-    return PlanResult(prepared, loaded_system, table, chosen, objective)
+    return PlanResult(prepared, loaded_system, table, chosen, objective, quant=setup)
 
 
 def _solve(graph: ir.LayerGraph, table: ir.CostTable, objective: ir.Objective, *,
@@ -209,9 +255,13 @@ def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool
            triton: bool, progress: bool) -> PlanResult:
     from partitioner.backend import compile_bundle
 
+    extra: dict[str, Any] = {}
+    if result.quant is not None and any(s.quantized for s in result.plan.stages):
+        # the back end builds the same int8 variant the planner measured (quantvar)
+        extra["calibration"] = result.quant.calibration
     out = compile_bundle(result.prepared, result.plan, result.system, out_dir,
                          verify=verify, force=force, triton=triton, table=result.table,
-                         progress=progress)
+                         progress=progress, **extra)
     return dataclasses.replace(result, bundle=Path(out))
 
 

@@ -22,7 +22,7 @@ Pricing rules:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from partitioner import ir
@@ -138,7 +138,8 @@ def edge_energy(table: ir.CostTable, energy: Mapping[str, float]) -> float:
 def evaluate(table: ir.CostTable, placement: Sequence[str],
              frequencies: Mapping[str, str | None], *,
              duration: float | None = None,
-             routed: Sequence[tuple[str, str, int]] | None = None) -> ir.Estimate:
+             routed: Sequence[tuple[str, str, int]] | None = None,
+             quantized: Collection[int] = ()) -> ir.Estimate:
     """Price a placement canonically.
 
     Args:
@@ -154,6 +155,9 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
             :func:`partitioner.analysis.costs.network_transfer` and its energy charged to
             both ends); transfers inside a device and between pseudo layers stay the
             table's.
+        quantized: model layers run as their int8 variant (``table.variants``): their
+            savings (:func:`partitioner.analysis.variants.variant_delta`) are subtracted
+            and ``noise`` is the fitted prediction.
 
     Returns:
         The estimate: latency and its breakdown, bottleneck, energy per used device that
@@ -202,6 +206,18 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
             if e is not None:
                 energy[end] = energy.get(end, 0.0) + e
                 known.add(end)
+    noise = None
+    if table.variants is not None or quantized:
+        from partitioner.analysis.variants import variant_delta
+
+        saved = variant_delta(table, bundles, frequencies, quantized, chain=routed is None)
+        compute -= saved.compute
+        comm -= saved.communication
+        for name, t in saved.busy.items():
+            busy[name] -= t
+        for name, e in saved.energy.items():
+            energy[name] -= e
+        noise = saved.noise
     latency = compute + weight + comm
     bottleneck = max(busy.values()) if busy else 0.0
     u = duration if duration is not None else table.system.application.duration
@@ -216,4 +232,4 @@ def evaluate(table: ir.CostTable, placement: Sequence[str],
     return ir.Estimate(latency=latency, compute=compute, communication=comm,
                        weight_loading=weight, bottleneck=bottleneck,
                        energy={d: e for d, e in energy.items() if d in known},
-                       carbon=carbon, inferences=inferences)
+                       carbon=carbon, inferences=inferences, noise=noise)

@@ -19,6 +19,8 @@ each bundle copied its weights three times: extraction, serialisation, session).
 graph ONNX Runtime optimises and the kernels it runs are the same as from an inline model;
 ``benchmarks/profiler_overhead.py`` checks that the latencies agree. Measuring stays
 sequential: nothing is prepared while a bundle is being timed.
+
+Int8 variants are timed by :mod:`partitioner.analysis.int8_profile`.
 """
 
 from __future__ import annotations
@@ -484,3 +486,4 @@ def profile_bundles(profile: Profile, ranges: Iterable[tuple[int, int]],
     if path is not None and not todo:
         save_profile(profile, path)
     return profile
+

@@ -249,7 +249,9 @@ def messages(graph: ir.LayerGraph, plan: ir.Plan, routes: Sequence[ir.Route],
     the rows they need; a split producer sends each part's rows), grouped per
     (sender unit, receiver unit), in a deterministic order."""
     rows_of = unit_rows or _default_rows(graph, plan)
-    tensors = dict(graph.tensors)
+    from partitioner.analysis.variants import wire_bytes
+
+    tensors = wire_bytes(graph, plan, table)  # int8 layers' outputs travel as int8 (QUANT)
     tensors.update({t.name: t for t in (*graph.inputs, *graph.outputs)})
     grouped: dict[tuple[str, str], list[tuple[str, Rows | None]]] = {}
     devices: dict[str, str | None] = {INPUT: endpoint_device(plan, table, INPUT),
@@ -396,11 +398,12 @@ def reprice(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                 p.frequency for p in s.parts if p.device == dev)
             if chosen is not None:
                 freqs[dev] = chosen
-    if any(s.parts for s in plan.stages):
+    if any(s.parts for s in plan.stages):  # (a split stage holds no int8 layer)
         from partitioner.analysis.spatial_estimate import estimate_plan
 
         est = estimate_plan(graph, table, plan, msgs, placement, freqs)
     else:
-        est = evaluate(table, placement, freqs, routed=routed)
+        est = evaluate(table, placement, freqs, routed=routed,
+                       quantized=[k for s in plan.stages for k in s.quantized])
     return replace(est, noise=plan.estimate.noise,
                    expected_latency=plan.estimate.expected_latency)

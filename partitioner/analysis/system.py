@@ -5,6 +5,10 @@ it, a device may carry ``power`` (W while computing, for the analytic energy mod
 ``frequency_flops`` / ``frequency_power`` aligned with ``frequencies`` (analytic figures
 per DVFS operating point, SPEC §4 FreDDI).
 
+A link is ``between = [a, b]`` (both directions) or directed, ``from = "a"``, ``to = "b"``
+(data from ``a`` to ``b`` only), so two directed links give an asymmetric pair (QUANT's
+5 MB/s up, 20 MB/s down); reachability from the source follows the directions.
+
 Validation is strict: every problem is a one-line :class:`~partitioner.errors.UserError`
 that names the file and the key, e.g. ``sys.toml: link 2: unknown device 'gpu' in
 between``. Devices and links are numbered from 1 in messages, in file order.
@@ -38,7 +42,7 @@ _DEVICE_REQUIRED = ("name", "class", "flops", "memory_bandwidth", "network_bandw
 _DEVICE_KEYS = {*_DEVICE_REQUIRED, "memory", "frequencies", "frequency_flops",
                 "frequency_power", "power", "idle_power", "carbon_intensity", "address",
                 "trusted"}
-_LINK_KEYS = {"between", "bandwidth", "latency", "network", *ENERGY_TERMS}
+_LINK_KEYS = {"between", "from", "to", "bandwidth", "latency", "network", *ENERGY_TERMS}
 _APP_KEYS = {"source", "destination", "raw_input_bytes", "preprocess_flops", "duration"}
 
 
@@ -168,20 +172,40 @@ def _device(c: _Checker, i: int, table: Any) -> Device:
         address=c.string(where, table, "address"), trusted=trusted)
 
 
+def _link_ends(c: _Checker, where: str, table: Mapping[str, Any], names: set[str]
+               ) -> tuple[str, str, bool]:
+    """``between = [a, b]`` (both directions) or ``from = a``, ``to = b`` (one direction)."""
+    directed = "from" in table or "to" in table
+    if directed and "between" in table:
+        c.fail(where, "give either between or from/to, not both")
+    if directed:
+        ends = []
+        for key in ("from", "to"):
+            end = c.string(where, table, key, required=True)
+            assert end is not None
+            ends.append(end)
+        key_of = {0: "from", 1: "to"}
+    else:
+        if "between" not in table:
+            c.fail(where, "missing required key 'between' (or from/to for a directed link)")
+        ends = table["between"]
+        if (not isinstance(ends, list) or len(ends) != 2
+                or not all(isinstance(n, str) for n in ends)):
+            c.fail(where, f"between must be a list of two device names, got {ends!r}")
+        key_of = {0: "between", 1: "between"}
+    for k, n in enumerate(ends):
+        if n not in names:
+            c.fail(where, f"unknown device {n!r} in {key_of[k]}")
+    if ends[0] == ends[1]:
+        c.fail(where, f"{'from and to name' if directed else 'between names'} "
+                      f"{ends[0]!r} twice; a link joins two devices")
+    return ends[0], ends[1], directed
+
+
 def _link(c: _Checker, i: int, table: Any, names: set[str]) -> Link:
     where = f"link {i}"
     c.keys(where, table, _LINK_KEYS, "link")
-    if "between" not in table:
-        c.fail(where, "missing required key 'between'")
-    between = table["between"]
-    if (not isinstance(between, list) or len(between) != 2
-            or not all(isinstance(n, str) for n in between)):
-        c.fail(where, f"between must be a list of two device names, got {between!r}")
-    for n in between:
-        if n not in names:
-            c.fail(where, f"unknown device {n!r} in between")
-    if between[0] == between[1]:
-        c.fail(where, f"between names {between[0]!r} twice; a link joins two devices")
+    a, b, directed = _link_ends(c, where, table, names)
     bandwidth = c.number(where, table, "bandwidth", required=True, positive=True)
     latency = c.number(where, table, "latency", minimum=0.0) or 0.0
     network = c.string(where, table, "network")
@@ -201,8 +225,8 @@ def _link(c: _Checker, i: int, table: Any, names: set[str]) -> Link:
         c.fail(where, f"custom network energy model needs {', '.join(ENERGY_TERMS)} "
                       f"(missing {', '.join(missing)})")
     assert bandwidth is not None
-    return Link(a=between[0], b=between[1], bandwidth=bandwidth, latency=latency,
-                network=network, **terms)
+    return Link(a=a, b=b, bandwidth=bandwidth, latency=latency, network=network,
+                directed=directed, **terms)
 
 
 def _application(c: _Checker, table: Any, names: set[str]) -> Application:
@@ -228,7 +252,7 @@ def _reachable(start: str, links: tuple[Link, ...]) -> set[str]:
         here = todo.pop()
         for link in links:
             for a, b in ((link.a, link.b), (link.b, link.a)):
-                if a == here and b not in seen:
+                if a == here and b not in seen and link.carries(a, b):
                     seen.add(b)
                     todo.append(b)
     return seen
@@ -263,9 +287,11 @@ def parse_system(doc: Mapping[str, Any], file: str = "<system>") -> System:
     for i, table in enumerate(raw_links, start=1):
         link = _link(c, i, table, names)
         for j, other in enumerate(links, start=1):
-            if {other.a, other.b} == {link.a, link.b}:
-                c.fail(f"link {i}", f"link between {link.a!r} and {link.b!r} is already "
-                                    f"listed as link {j}")
+            if any(other.carries(s, r) for s, r in ((link.a, link.b), (link.b, link.a))
+                   if link.carries(s, r)):
+                what = (f"from {link.a!r} to {link.b!r}" if link.directed
+                        else f"between {link.a!r} and {link.b!r}")
+                c.fail(f"link {i}", f"link {what} is already listed as link {j}")
         links.append(link)
     app = _application(c, doc.get("application", {}), names)
     if app.source is not None:

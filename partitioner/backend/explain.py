@@ -116,6 +116,7 @@ def explain(bundle: Bundle) -> dict[str, Any]:
             link["bytes"] += sent["bytes"]
             link["tensors"] += [t["name"] for t in sent["tensors"]]
     stages = []
+    planned = {int(st.get("id", i)): st for i, st in enumerate(bundle.plan.get("stages") or [])}
     for s in bundle.stages:
         rows = {p.index: p.rows for p in s.parts or ()}
         units = [unit_doc(u, rows.get(u.part) if u.part is not None else None)
@@ -135,7 +136,9 @@ def explain(bundle: Bundle) -> dict[str, Any]:
             "receive_bytes": sum(u["receive_bytes"] for u in units),
             "send_bytes": sum(u["send_bytes"] for u in units),
             "estimate": dict(s.estimate) if s.estimate is not None else None,
-            "triton": s.triton})
+            "triton": s.triton,
+            # layers run as their int8 variant (QUANT), from the plan
+            "quantized": [int(k) for k in planned.get(s.id, {}).get("quantized") or []]})
     plan = bundle.plan
     return {
         "bundle": str(bundle.path), "schema_version": bundle.schema_version,
@@ -218,6 +221,7 @@ def format_text(doc: dict[str, Any]) -> str:
     if doc["input_sends"]:
         lines.append("source")
         lines += _send_lines(doc["input_sends"], "    ")
+    m_names = [n for st in doc["stages"] for n in st["layer_names"]]
     for s in doc["stages"]:
         first, last = s["layers"]
         span = s["layer_names"]
@@ -227,6 +231,9 @@ def format_text(doc: dict[str, Any]) -> str:
         else:
             where = s["device"] + (f" @ {s['frequency']}" if s["frequency"] else "")
         lines.append(f"stage {s['id']}  {where}  layers {first}..{last}  {label}")
+        if s.get("quantized"):
+            lines.append("    int8 layers: " + ", ".join(
+                f"{k} {m_names[k]}" if k < len(m_names) else str(k) for k in s["quantized"]))
         est = s["estimate"]
         if est and not s["split"]:  # the timeline prices whole stages, not parallel parts
             lines.append(f"    compute {_seconds(est.get('compute'))} + weight loading "
@@ -259,6 +266,8 @@ def format_text(doc: dict[str, Any]) -> str:
             lines.append("energy " + ", ".join(f"{d} {e:.4g} J" for d, e in energy.items()))
         if est.get("carbon") is not None:
             lines.append(f"carbon {est['carbon']:.4g} mgCO2-eq")
+        if est.get("noise") is not None:
+            lines.append(f"noise (predicted mean |o - o_q|) {est['noise']:.4g}")
     ver = doc.get("verification")
     if ver:
         lines.append(f"verified: max |bundle - model| = {ver['max_abs_diff']:.3g} on "

@@ -96,7 +96,9 @@ def _walk(plan: Plan, table: CostTable, bundles: Sequence[Any], stage: Any, cut_
           first_layer: int, messages: Sequence[Message] | None, send: Any,
           segs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     from partitioner.analysis.estimate import routed_boundary
+    from partitioner.analysis.variants import bundle_saving, quantized_layers
 
+    quantized = quantized_layers(plan)
     t = 0.0
     if messages is not None and first_layer == 0:
         t = send("input", None, -1, t)  # no source position: the input starts at stage 0
@@ -106,12 +108,14 @@ def _walk(plan: Plan, table: CostTable, bundles: Sequence[Any], stage: Any, cut_
         if cost is None:
             return None
         hidden = cost.hidden if (table.preload and b.starts_run) else 0.0
-        dur = cost.time - hidden
+        saved, _ = bundle_saving(table, b.first, b.last, b.device, freq, quantized)  # int8
+        dur = cost.time - hidden - saved
         names: Sequence[str] = [table.positions[k].name for k in (b.first, b.last)]
         segs.append({"kind": "compute", "device": b.device, "stage": stage(b.first),
                      "name": names[0] if b.first == b.last else f"{names[0]}..{names[1]}",
                      "positions": [b.first, b.last], "start": t, "duration": dur,
-                     "compute": cost.compute, "weight_loading": cost.weight_loading - hidden,
+                     "compute": cost.compute - saved,
+                     "weight_loading": cost.weight_loading - hidden,
                      "internal": cost.internal})
         t += dur
         if messages is not None:

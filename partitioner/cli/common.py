@@ -106,7 +106,9 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "docs/EXITS.md)")
     parser.add_argument("--calibration", default=None, metavar="FILE.npz",
                         help="inputs (one array per model input, leading sample axis) that "
-                             "measure the probability of --exit OUTPUT@T")
+                             "measure the probability of --exit OUTPUT@T, and calibrate the "
+                             "int8 variants of --quantize and measure their noise (without "
+                             "it: seeded random data, noise figures meaningless)")
     parser.add_argument("--spatial", action="store_true",
                         help="a run of row-splittable layers may be split by output rows "
                              "across devices running in parallel (DISTREDGE)")
@@ -117,6 +119,15 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="plan by a DISTREDGE baseline: offload, equal, proportional, "
                              "coedge or aofl (same cost model)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    quant = parser.add_argument_group("per-layer quantisation (QUANT)")
+    quant.add_argument("--quantize", action="store_true",
+                       help="the solver may run candidate layers as int8 variants")
+    quant.add_argument("--quantize-layers", default=None, metavar="K|NAME,...",
+                       help="candidates: the K heaviest layers by FLOPs, or layer names "
+                            "(default 12)")
+    quant.add_argument("--max-noise", type=float, default=None, metavar="ETA",
+                       help="cap on the predicted output noise (mean |o - o_q|); 0: "
+                            "nothing int8")
 
 
 def parse_weights(text: str) -> tuple[float, float]:
@@ -161,7 +172,7 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
             "mbs": args.mbs, "preload": args.preload, "private": args.private,
             "exits": list(getattr(args, "exits", [])),
             "calibration": getattr(args, "calibration", None),
-            **spatial_options(args)}
+            **spatial_options(args), **quantize_options(args)}
 
 
 def spatial_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,6 +190,20 @@ def spatial_options(args: argparse.Namespace) -> dict[str, Any]:
     if baseline is not None:
         out["spatial_baseline"] = baseline
     return out
+
+
+def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantisation keywords of :func:`partitioner.pipeline.plan` (QUANT)."""
+    if args.max_noise is not None and not args.max_noise >= 0:
+        fail(f"--max-noise {args.max_noise}: must be >= 0")
+    if not args.quantize:
+        for value, flag in ((args.max_noise, "--max-noise"),
+                            (args.quantize_layers, "--quantize-layers")):
+            if value is not None:
+                fail(f"{flag} needs --quantize")
+        return {}
+    return {"quantize": True, "quantize_layers": args.quantize_layers,
+            "max_noise": args.max_noise}
 
 
 def plan_from_args(args: argparse.Namespace) -> PlanResult:

@@ -49,6 +49,10 @@ def stage_times(table: Any, plan: Any) -> list[float]:
         cost = table.bundles[b.first, b.last, b.device, plan.frequencies.get(b.device)]
         hidden = cost.hidden if (table.preload and b.starts_run) else 0.0
         times[layer_stage[layer]] += cost.time - hidden
+    if getattr(table, "variants", None) is not None:
+        from partitioner.analysis.variants import stage_savings
+
+        times = [t - saved for t, saved in zip(times, stage_savings(table, plan), strict=True)]
     return times
 
 
@@ -90,6 +94,10 @@ def format_plan(plan: Any, table: Any, layer_names: list[str]) -> str:
     if any(e.energy.values()):
         lines.append("energy per inference: " + ", ".join(
             f"{d} {j:.4g} J" for d, j in e.energy.items()))
+    if getattr(table, "variants", None) is not None:
+        from partitioner.analysis.variants import report_lines
+
+        lines.extend(report_lines(table, plan, layer_names))
     if e.carbon is not None and plan.objective == "carbon":
         lines.append(f"carbon {e.carbon:.4g} mgCO2-eq over {e.inferences:.4g} inferences")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ cannot decide) is the integer program over the pruned state network.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -29,7 +30,7 @@ import mip
 from partitioner import ir
 from partitioner.analysis.estimate import carbon_duration, edge_energy, evaluate
 from partitioner.errors import InfeasibleError, fail
-from partitioner.solver import fast
+from partitioner.solver import fast, quant
 from partitioner.solver.diagnose import explain_infeasible
 from partitioner.solver.milp import Formulation
 from partitioner.solver.network import Network, build_network, reachable
@@ -73,6 +74,8 @@ def _validate(table: ir.CostTable, objective: ir.Objective) -> None:
         if not energy_known(table, d):
             fail(f"energy cap of {d!r}: no energy figure is known for it "
                  "(give it a power or profile its energy)")
+    if objective.max_noise is not None and not objective.max_noise >= 0:
+        fail(f"noise cap must be >= 0, got {objective.max_noise}")
     if objective.max_latency is not None and not objective.max_latency >= 0:
         fail(f"latency cap must be >= 0, got {objective.max_latency}")
     if objective.kind in ("energy", "weighted"):
@@ -163,7 +166,7 @@ def _lexi(make: Make, first_of: Callable[[Formulation], mip.LinExpr | mip.Var],
 
 
 def _throughput(make: Callable[..., Formulation], net: Network,
-                table: ir.CostTable) -> Outcome:
+                table: ir.CostTable, prune: bool = True) -> Outcome:
     """Least bottleneck B*, then least latency among plans with B <= B* (lexicographic).
 
     The second model is built on the network pruned by ``busy_d <= B*`` for every device.
@@ -173,7 +176,7 @@ def _throughput(make: Callable[..., Formulation], net: Network,
     if not r.ok or r.value is None:
         return r.status, None
     bound = r.value + _tol(r.value)
-    for dev in table.device_names:
+    for dev in table.device_names if prune else ():  # fp32 busy times (no variants)
         net = prune_by(net, busy_costs(net, dev), bound)
     form2 = make(net)
     form2.add_le(_as_expr(_bottleneck_var(form2, exact=False)), bound, "bbest")
@@ -213,7 +216,8 @@ def _carbon(make: Make, table: ir.CostTable, objective: ir.Objective) -> Outcome
     assert u_dur is not None
 
     def ratio(plan: Chosen) -> float:
-        est = evaluate(table, plan[0], plan[1], duration=u_dur)
+        est = evaluate(table, plan[0], plan[1], duration=u_dur,
+                       quantized=quant.quantized_of(plan))
         assert est.carbon is not None
         return est.carbon / u_dur
 
@@ -311,8 +315,10 @@ def _pruned(net: Network, table: ir.CostTable, objective: ir.Objective) -> Netwo
 
 
 def build_plan(table: ir.CostTable, objective: ir.Objective, placement: tuple[str, ...],
-               freqs: dict[str, str | None], status: str, seconds: float) -> ir.Plan:
-    """Stages (maximal runs of model layers on one device), pseudo devices, estimate."""
+               freqs: dict[str, str | None], status: str, seconds: float,
+               quantized: tuple[int, ...] = ()) -> ir.Plan:
+    """Stages (maximal runs of model layers on one device), pseudo devices, estimate;
+    ``quantized``: the layers that run as their int8 variant."""
     stages: list[ir.Stage] = []
     pseudo: dict[str, str] = {}
     for pos, dev in zip(table.positions, placement, strict=True):
@@ -324,7 +330,11 @@ def build_plan(table: ir.CostTable, objective: ir.Objective, placement: tuple[st
             stages[-1] = ir.Stage(s.device, s.frequency, s.first, pos.layer)
         else:
             stages.append(ir.Stage(dev, freqs.get(dev), pos.layer, pos.layer))
-    est = evaluate(table, placement, freqs, duration=carbon_duration(table, objective))
+    if quantized:
+        stages = [dataclasses.replace(s, quantized=tuple(
+            k for k in quantized if s.first <= k <= s.last)) for s in stages]
+    est = evaluate(table, placement, freqs, duration=carbon_duration(table, objective),
+                   quantized=quantized)
     return ir.Plan(status="feasible" if status == "feasible" else "optimal",
                    objective=objective.kind, stages=tuple(stages), estimate=est,
                    solve_seconds=seconds, placement=placement,
@@ -355,7 +365,10 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
 
         return solve_exits(table, objective)
     deadline = t0 + objective.time_limit if objective.time_limit else None
-    if fast.applies(table, objective):
+    # Variants (QUANT) are priced by the MIP only: the fast paths and the pruning below
+    # bound plans with fp32 prices, which int8 layers undercut.
+    variants = quant.formulation(table, objective)
+    if variants is None and fast.applies(table, objective):
         status, chosen = fast.solve_fast(table, objective, deadline)
         if chosen is not None:
             return build_plan(table, objective, chosen[0], chosen[1], status,
@@ -365,7 +378,8 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     if not _has_path(net):
         fail(explain_infeasible(table, objective, net, deadline), error=InfeasibleError)
     full = net
-    net = _pruned(net, table, objective)
+    if variants is None:
+        net = _pruned(net, table, objective)
     if not _has_path(net):
         fail(explain_infeasible(table, objective, full, deadline), error=InfeasibleError)
     # Bundle arcs are always binary: a pure LP would be solved by Clp, which logs on
@@ -373,7 +387,7 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     integer = True
 
     def make(network: Network | None = None) -> Formulation:
-        form = Formulation(network or net, table, integer=integer,
+        form = (variants or Formulation)(network or net, table, integer=integer,
                            need_phi_all=objective.kind == "carbon",
                            solver=objective.solver, deadline=deadline)
         form.add_memory()
@@ -386,7 +400,7 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     elif kind == "energy":
         status, chosen = _lexi(make, lambda f: f.edge_energy(), "ebest")
     elif kind == "throughput":
-        status, chosen = _throughput(make, net, table)
+        status, chosen = _throughput(make, net, table, prune=variants is None)
     elif kind == "carbon":
         status, chosen = _carbon(make, table, objective)
     else:
@@ -396,6 +410,5 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     if chosen is None:
         fail(f"the time limit of {objective.time_limit} s ran out before any plan was "
              "found; raise --time-limit", error=InfeasibleError)
-    placement, freqs = chosen
-    return build_plan(table, objective, placement, freqs, status,
-                      time.perf_counter() - t0)
+    return build_plan(table, objective, chosen[0], chosen[1], status,
+                      time.perf_counter() - t0, quant.quantized_of(chosen))
