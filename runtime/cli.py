@@ -2,8 +2,9 @@
 
 ::
 
-    runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
-                  [--grpc-port P] [--port-file F] [--queue-depth N]
+    runtime serve (BUNDLE | --model M.onnx [--store DIR]) --device NAME [--listen HOST:PORT]
+                  [--token-file F] [--threads N] [--grpc-port P] [--port-file F]
+                  [--queue-depth N]     (--model: build the stages the executor asks for)
     runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
                   ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
                   [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
@@ -113,7 +114,15 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("bundle", metavar="BUNDLE_DIR", nargs="?",
+                   help="the compiled bundle (or give --model)")
+    p.add_argument("--model", metavar="MODEL.onnx",
+                   help="instead of a bundle: hold this model and build, from it, the "
+                        "stages of any plan the (authenticated) executor sends, each "
+                        "checked against the plan's SHA-256 (runtime/build.py)")
+    p.add_argument("--store", metavar="DIR",
+                   help="with --model: where built stages are kept (default: a temporary "
+                        "folder, removed on exit)")
     p.add_argument("--device", required=True, help="the device whose stages to serve")
     p.add_argument("--listen", default=None, metavar="HOST:PORT",
                    help="where to listen (default: the device's `address` in --system, "
@@ -162,15 +171,30 @@ def _serve(args: argparse.Namespace) -> int:
         fail("--queue-depth must be at least 1")
     if args.port_file:
         check_writable(args.port_file, "--port-file")
+    if (args.bundle is None) == (args.model is None):
+        fail("give a BUNDLE_DIR or --model MODEL.onnx (one of them)")
+    if args.store and not args.model:
+        fail("--store goes with --model")
+    builder = None
+    if args.model:
+        from runtime.build import ModelBuilder
+
+        builder = ModelBuilder(args.model, args.store)
     try:
-        worker = Worker(args.bundle, args.device, listen=(host, port),
+        worker = Worker(args.bundle, args.device, listen=(host, port), builder=builder,
                         token=load_token(args.token_file), threads=args.threads,
                         grpc_port=args.grpc_port, spin=args.spin,
                         queue_depth=args.queue_depth,
                         tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
     except OSError as err:  # the port is taken, or the address is not this host's
+        if builder is not None:
+            builder.close()
         fail(f"--listen {format_address((host, port))}: cannot listen there "
              f"({err.strerror or err})")
+    except BaseException:
+        if builder is not None:
+            builder.close()
+        raise
     addr = format_address(worker.address)
     info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],
             "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
@@ -252,6 +276,11 @@ def _run(args: argparse.Namespace) -> int:
 
             replanner = Replanner(args.bundle, args.model, args.system,
                                   token=load_token(args.token_file))
+        from runtime.ensure import prepare_workers
+
+        # workers started with --model get the bundle's plans to build (no-op otherwise)
+        prepare_workers(hosts, args.bundle, load_token(args.token_file),
+                        tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca))
         try:
             executor = RemoteExecutor(
                 args.bundle, hosts, token=load_token(args.token_file), timeout=args.timeout,

@@ -49,9 +49,10 @@ from partitioner.backend.sends import (
     tensor_specs,
     transfer_kind,
 )
+from partitioner.backend.units import build_unit
 from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
 from partitioner.errors import fail
-from partitioner.frontend.slicing import extract_layers, save_model
+from partitioner.frontend.slicing import save_model
 from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
 from stagebundle.graph import check_graph
 
@@ -213,16 +214,14 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
                       next=s.id + 1 if s.id + 1 < len(plan.stages) else None,
                       estimate=_stage_estimate(timeline, s.id))
         if s.parts:
-            stages.append(_split_stage(s, parts[s.id], tmp, msgs, routes, reads, common))
+            stages.append(_split_stage(prepared, s, parts[s.id], tmp, msgs, routes, reads,
+                                       common))
             continue
-        sub = extract_layers(prepared, s.first, s.last)
+        name, data, sub = build_unit(prepared, s, None, tmp)  # the --model worker's too
         files = UnitFiles(tuple((t, None) for t in sub.inputs),
                           tuple((t, None) for t in sub.outputs))
         check_reads(s.id, files, reads)
         assert s.device is not None
-        name = stage_file_name(s.id, s.device)
-        data = _save_checked(sub, tmp, name, f"stage {s.id} ({s.device}, layers "
-                                             f"{s.first}..{s.last})")
         ins, outs = tensor_specs(files, routes)
         key = unit_key(s.id)
         stages.append(StageSpec(
@@ -257,16 +256,6 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
     return bundle
 
 
-def _save_checked(model: Any, tmp: Path, name: str, what: str) -> str | None:
-    """Write a unit file, run the ONNX checker on it; the external-data file name or None."""
-    model.save(tmp / name)
-    try:
-        onnx.checker.check_model(str(tmp / name))
-    except onnx.checker.ValidationError as err:
-        fail(f"{what}: {name} fails the ONNX checker: {str(err).splitlines()[0]}")
-    return name + ".data" if (tmp / (name + ".data")).exists() else None
-
-
 def _build_parts(prepared: Any, stage: Stage) -> list[Any]:
     from partitioner.backend.parts import build_parts
 
@@ -284,9 +273,9 @@ def _unit_rows(parts: dict[int, list[Any]]) -> Any:
     return rows
 
 
-def _split_stage(s: Stage, parts: Sequence[Any], tmp: Path, msgs: Sequence[Any],
-                 routes: dict[str, Any], reads: set[str], common: dict[str, Any]
-                 ) -> StageSpec:
+def _split_stage(prepared: Any, s: Stage, parts: list[Any], tmp: Path,
+                 msgs: Sequence[Any], routes: dict[str, Any], reads: set[str],
+                 common: dict[str, Any]) -> StageSpec:
     """A stage split by rows: one file and one PartSpec per part, the stage's own lists
     whole (unsliced)."""
     specs = []
@@ -294,9 +283,7 @@ def _split_stage(s: Stage, parts: Sequence[Any], tmp: Path, msgs: Sequence[Any],
     whole_out: dict[str, TensorInfo] = {}
     for k, pm in enumerate(parts):
         files = UnitFiles(tuple(pm.inputs), tuple(pm.outputs))
-        name = part_file_name(s.id, k, pm.device)
-        data = _save_checked(pm.model, tmp, name, f"stage {s.id} part {k} ({pm.device}, "
-                                                   f"rows {pm.rows[0]}..{pm.rows[1]})")
+        name, data, _ = build_unit(prepared, s, k, tmp, parts=parts)
         ins, outs = tensor_specs(files, routes)
         specs.append(PartSpec(
             index=k, device=pm.device, frequency=pm.frequency, rows=tuple(pm.rows),
