@@ -151,10 +151,11 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
 def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool,
            triton: bool, progress: bool) -> PlanResult:
     from partitioner.backend import compile_bundle
+    from partitioner.backend.planning import planning_record
 
     out = compile_bundle(result.prepared, result.plan, result.system, out_dir,
                          verify=verify, force=force, triton=triton, table=result.table,
-                         progress=progress)
+                         progress=progress, extra=planning_record(result))
     return dataclasses.replace(result, bundle=Path(out))
 
 

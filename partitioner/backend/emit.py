@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,8 @@ def check_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
 def compile_bundle(prepared: Any, plan: Plan, system: System | None,
                    out_dir: str | os.PathLike[str], *, verify: bool = True,
                    force: bool = False, triton: bool = False, table: CostTable | None = None,
-                   seed: int = 0, progress: bool = False) -> Path:
+                   seed: int = 0, progress: bool = False,
+                   extra: Mapping[str, Any] | None = None) -> Path:
     """Write the deployment bundle of ``plan`` to ``out_dir``.
 
     Args:
@@ -158,6 +159,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
             the per-stage timeline (see :mod:`partitioner.backend.timeline`).
         seed: seed of the verification input.
         progress: show a progress bar over the stages on stderr (tqdm).
+        extra: more top-level manifest entries (the pipeline's ``planning`` record,
+            :mod:`partitioner.backend.planning`).
 
     Returns:
         The bundle directory.
@@ -173,7 +176,7 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         bundle = _build(prepared, plan, system, tmp, verify=verify, triton=triton,
-                        table=table, seed=seed, progress=progress)
+                        table=table, seed=seed, progress=progress, extra=extra)
         text = dumps(bundle.to_json()) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -184,7 +187,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
 
 
 def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verify: bool,
-           triton: bool, table: CostTable | None, seed: int, progress: bool) -> Bundle:
+           triton: bool, table: CostTable | None, seed: int, progress: bool,
+           extra: Mapping[str, Any] | None = None) -> Bundle:
     from tqdm import tqdm
 
     from partitioner.analysis.routing import messages, route_plan, tensor_flow
@@ -237,12 +241,12 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
                       tuple(spec(t) for t in graph.inputs),
                       tuple(spec(t) for t in graph.outputs),
                       tuple(layer.name for layer in graph.layers))
-    extra: dict[str, Any] = {"timeline": timeline}
+    entries: dict[str, Any] = {"timeline": timeline, **(extra or {})}
     bundle = Bundle(path=tmp, model=model, plan=plan.to_json(), stages=tuple(stages),
                     input_sends=input_sends(msgs),
                     source=app.source if app else plan.pseudo.get("source"),
                     destination=app.destination if app else plan.pseudo.get("destination"),
-                    transfer=transfer_kind(plan.routes), producer=PRODUCER, extra=extra)
+                    transfer=transfer_kind(plan.routes), producer=PRODUCER, extra=entries)
     check_graph(bundle)  # the sends add up, as the loader and the runtime will check
     if verify:
         bundle = _verified(prepared, bundle, tmp, seed)
