@@ -247,3 +247,35 @@ def test_runtime_run_prepares_model_workers_from_the_bundle_alone(setup, tmp_pat
         for proc in procs.values():
             proc.kill()
             proc.wait(10)
+
+
+BLOCKED = ("mip", "torch", "tqdm", "matplotlib", "onnxscript")
+
+
+def test_the_builder_needs_no_solver_tqdm_or_torch(setup, tmp_path):
+    """``--model`` works on the lean install (onnx, numpy, onnxruntime): building every
+    unit of a plan with row parts imports none of the compiler's other dependencies."""
+    built, _ = setup
+    new_dir = split_plan_bundle(built, tmp_path / "p1")
+    script = f"""
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {BLOCKED!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from pathlib import Path
+from runtime.build import ModelBuilder
+doc = json.loads(Path({str(new_dir / 'manifest.json')!r}).read_text())
+b = ModelBuilder({str(built.model)!r}, {str(tmp_path / 'store')!r})
+out = []
+for i, d in enumerate(('edge', 'hub', 'cloud')):
+    folder = Path({str(tmp_path)!r}) / ('out' + str(i))
+    folder.mkdir()
+    out += b.build(doc, d, folder)
+print(json.dumps(out))
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == ["0.0", "0.1", "1"]
