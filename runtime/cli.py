@@ -25,7 +25,6 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,14 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-depth", type=int, default=64, metavar="N",
                    help="requests queued per unit before senders are held back and then "
                         "refused busy (bounds the worker's memory)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve the worker's measurements in the Prometheus text format "
+                        "over HTTP on this port of the --listen host (0: any free port, "
+                        "written to --port-file as metrics_port)")
+    p.add_argument("--debug-slowdown", type=float, default=None, metavar="FACTOR",
+                   help="test/benchmark aid: every unit takes FACTOR times its compute "
+                        "time (a slow-but-alive host); authenticated `debug` frames may "
+                        "change it while serving")
     _add_tls(p)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
 
@@ -184,7 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         worker = Worker(args.bundle, args.device, listen=(host, port), builder=builder,
                         token=load_token(args.token_file), threads=args.threads,
                         grpc_port=args.grpc_port, spin=args.spin,
-                        queue_depth=args.queue_depth,
+                        queue_depth=args.queue_depth, slowdown=args.debug_slowdown,
                         tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
     except OSError as err:  # the port is taken, or the address is not this host's
         if builder is not None:
@@ -195,9 +202,20 @@ def _serve(args: argparse.Namespace) -> int:
         if builder is not None:
             builder.close()
         raise
+    metrics = None
+    if args.metrics_port is not None:
+        from runtime.metrics import MetricsServer
+
+        try:
+            metrics = MetricsServer(host, args.metrics_port, worker.metrics_snapshot).start()
+        except OSError as err:
+            worker.close()
+            fail(f"--metrics-port {args.metrics_port}: cannot listen there "
+                 f"({err.strerror or err})")
     addr = format_address(worker.address)
     info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],
             "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
+            "metrics_port": None if metrics is None else metrics.address[1],
             "pid": os.getpid()}
     if args.port_file:
         write_atomic(args.port_file, json.dumps(info).encode())
@@ -207,6 +225,8 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if metrics is not None:
+        metrics.close()
     worker.close()
     return 0
 
@@ -231,7 +251,30 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attempt-timeout", type=float, default=None,
                    help="give one attempt up (and retry) after S s (default: timeout / 4)")
     p.add_argument("--repeat", type=int, default=1, help="run the request N times")
-    p.add_argument("--model", help="the model, to re-plan when a device is down")
+    p.add_argument("--concurrency", type=int, default=1, metavar="C",
+                   help="requests in flight at once while repeating (default 1)")
+    p.add_argument("--model", help="the model, to re-plan when a device is down (and, "
+                                   "with --adapt, on drift)")
+    g = p.add_argument_group("live adaptation (--adapt needs --model and --system; the "
+                             "defaults are measured, see runtime/README.md)")
+    g.add_argument("--adapt", action="store_true",
+                   help="calibrate the cost table while serving and switch plans on drift")
+    g.add_argument("--adapt-window", type=float, default=1.0, metavar="S",
+                   help="seconds per calibration window")
+    g.add_argument("--adapt-margin", type=float, default=0.25, metavar="M",
+                   help="switch when the current plan's re-estimate exceeds the new "
+                        "optimum by this fraction ...")
+    g.add_argument("--adapt-windows", type=int, default=3, metavar="K",
+                   help="... in K consecutive windows ...")
+    g.add_argument("--adapt-min-interval", type=float, default=10.0, metavar="S",
+                   help="... and S seconds after the previous switch")
+    g.add_argument("--adapt-alpha", type=float, default=0.5, metavar="A",
+                   help="EWMA weight of the newest window")
+    g.add_argument("--adapt-baseline", choices=("first", "file"), default="first",
+                   help="factors relative to the first windows (drift, default) or "
+                        "absolute against the system file's figures")
+    g.add_argument("--adapt-min-samples", type=int, default=3, metavar="N",
+                   help="unit runs a device needs in a window to be calibrated")
     p.add_argument("--system", help="the system file: device addresses (when --hosts is "
                                     "not given) and, with --model, re-planning")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
@@ -245,8 +288,18 @@ def _run(args: argparse.Namespace) -> int:
     from runtime.security import load_token
     from runtime.tls import tls_from_args
 
-    if args.repeat < 1:
-        fail("--repeat must be at least 1")
+    if args.repeat < 1 or args.concurrency < 1:
+        fail("--repeat and --concurrency must be at least 1")
+    if args.adapt and not args.local and not (args.model and args.system):
+        # the bundle records what re-planning needs (partitioner/backend/planning.py)
+        from partitioner.backend.planning import planning_files
+
+        args.planning_dir = tempfile.TemporaryDirectory(prefix="runtime-planning-")
+        model, system = planning_files(args.bundle, args.planning_dir.name,
+                                       model=args.model, system=args.system)
+        args.model, args.system = str(model), str(system)
+    if args.adapt and (args.local or not args.model or not args.system):
+        fail("--adapt needs workers (not --local), --model and --system")
     if args.timeout <= 0 or (args.attempt_timeout is not None and args.attempt_timeout <= 0):
         fail("--timeout and --attempt-timeout must be positive")
     hosts: dict[str, str] = {}
@@ -291,32 +344,45 @@ def _run(args: argparse.Namespace) -> int:
             fail(f"--listen {args.listen}: cannot listen there ({err.strerror or err})")
         if replanner is not None:
             replanner.bind(executor)
-    records = []
+    from runtime.stream import stream
+
+    adapter = None
     try:
-        t0 = time.perf_counter()
-        for _ in range(args.repeat):
-            outputs = executor.infer(inputs)
-            records.append(executor.records[-1])
-        wall = time.perf_counter() - t0
+        if args.adapt:
+            from runtime.adapt import Adapter, AdaptOptions
+            from runtime.ensure import units_ensurer
+
+            adapter = Adapter(executor, args.model, args.system, options=AdaptOptions(
+                window=args.adapt_window, margin=args.adapt_margin,
+                windows=args.adapt_windows, min_interval=args.adapt_min_interval,
+                alpha=args.adapt_alpha, baseline=args.adapt_baseline,
+                min_samples=args.adapt_min_samples),
+                ensure=units_ensurer(executor)).start()  # --model workers build new plans
+        doc, outputs, error = stream(executor, inputs, args.repeat,
+                                     concurrency=args.concurrency, adapter=adapter)
     finally:
+        if adapter is not None:
+            adapter.close()
         executor.close()
+    if outputs is None:  # nothing answered: the first error, as for a single request
+        from runtime.local import RequestError
+
+        fail(error or "no request was answered", error=RequestError)
     save_outputs(args.output, outputs)
-    lat = [r["latency"] for r in records]
-    doc: dict[str, Any] = {
-        "mode": "local" if args.local else "remote", "output": str(args.output),
-        "requests": len(records), "wall": wall,
-        "latency": {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
-                    "max": float(np.max(lat))},
-        "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
-                  "attempts": r.get("attempts", 1), "retries": r.get("retries", []),
-                  "stages": r.get("timings", [])}
-                 for r in records]}
+    doc = {"mode": "local" if args.local else "remote", "output": str(args.output), **doc}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
+        s = doc["summary"]
         print(f"wrote {args.output}: {len(outputs)} output(s); latency mean "
-              f"{doc['latency']['mean'] * 1e3:.2f} ms over {len(records)} request(s)")
+              f"{doc['latency']['mean'] * 1e3:.2f} ms over {s['ok']} request(s)"
+              + (f", {s['failed']} failed, {s['lost']} lost" if s["failed"] or s["lost"]
+                 else "")
+              + (f"; {len(doc['switches'])} plan switch(es)" if doc["switches"] else ""))
+    if error is not None:
+        print(f"runtime run: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.metrics import WorkerMetrics
 from runtime.protocol import Frame
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
@@ -100,6 +101,10 @@ class Worker:
         builder: a :class:`runtime.build.ModelBuilder` (``runtime serve --model``): the
             worker starts with no units and builds those of the plans the executor
             ``ensure``-s from its own copy of the model.
+        slowdown: test/benchmark aid only: every unit run takes this many times its
+            compute time (the worker sleeps the difference), so a slow-but-alive host can
+            be simulated; the executor may change it with an authenticated ``debug``
+            frame, which is refused when this is ``None`` (the default).
     """
 
     inline = True
@@ -109,7 +114,8 @@ class Worker:
                  threads: int | None = None, grpc_port: int | None = None,
                  send_timeout: float = 10.0, tls: TLSConfig | None = None,
                  spin: bool = False, queue_depth: int = 64, max_inboxes: int = 1024,
-                 max_inbox_bytes: int = 256 << 20, builder: Any = None) -> None:
+                 max_inbox_bytes: int = 256 << 20, builder: Any = None,
+                 slowdown: float | None = None) -> None:
         check_bind(listen[0], token)
         if queue_depth < 1 or max_inboxes < 1:
             fail("queue depth and inbox cap must be at least 1")
@@ -132,6 +138,10 @@ class Worker:
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0, "busy": 0,
                       "expired": 0}
         self.received: dict[str, int] = {}  # tensor name -> bytes received over the network
+        self.metrics = WorkerMetrics(device)  # per-unit times, per-link sends, CPU, memory
+        if slowdown is not None and not 1.0 <= slowdown <= 1000.0:
+            fail(f"--debug-slowdown {slowdown}: must be in [1, 1000]")
+        self.slowdown = slowdown
         self._stats_lock = threading.Lock()
         self.tls = tls
         self.pool = ConnectionPool(timeout=send_timeout,
@@ -253,6 +263,25 @@ class Worker:
             self.views[key] = view
             self.server.max_body = max(self.server.max_body, self._max_body())
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        with self._stats_lock:
+            stats = dict(self.stats)
+        return self.metrics.snapshot(stats)
+
+    def _debug(self, h: Mapping[str, Any]) -> dict[str, Any]:
+        """Change the simulated slowdown (only a worker started with one accepts it)."""
+        value = h.get("slowdown")
+        if self.slowdown is None:
+            return {"type": "error", "code": "bad_request",
+                    "message": "debug frames need a worker started with --debug-slowdown"}
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not 1.0 <= value <= 1000.0):
+            return {"type": "error", "code": "bad_request",
+                    "message": "slowdown must be a number in [1, 1000]"}
+        self.slowdown = float(value)
+        log.warning("device %s: simulated slowdown x%g (debug)", self.device, value)
+        return {"type": "debug", "slowdown": self.slowdown}
+
     # ------------------------------------------------------------------ requests
     def stage_list(self) -> list[dict[str, Any]]:
         return [{"plan": k, "stage": s, "inputs": [t.to_json() for t in r.unit.inputs],
@@ -263,8 +292,11 @@ class Worker:
         h = frame.header
         kind = h.get("type")
         if kind == "health":  # liveness needs no token and says nothing sensitive
-            return {"type": "health", "live": True, "ready": self.ready,
-                    "device": self.device}
+            reply = {"type": "health", "live": True, "ready": self.ready,
+                     "device": self.device}
+            if h.get("token") is not None and token_matches(self.token, h.get("token")):
+                reply["metrics"] = self.metrics_snapshot()  # figures only for the executor
+            return reply
         if not token_matches(self.token, h.get("token")):
             self._count("rejected")
             log.warning("rejected a %r frame from %s: missing or wrong token", kind, peer)
@@ -281,6 +313,10 @@ class Worker:
                     "model_sha256": None if self.builder is None else self.builder.sha256,
                     "waiting": waiting, "waiting_bytes": held,
                     "queued": {f"{p}:{u}": q.qsize() for (p, u), q in self.queues.items()}}
+        if kind == "metrics":
+            return {"type": "metrics", **self.metrics_snapshot()}
+        if kind == "debug":
+            return self._debug(h)
         if kind == "reload":
             try:
                 added = self.reload()
@@ -461,6 +497,11 @@ class Worker:
             return
         produced = runner.run(job.tensors)
         done = time.monotonic()
+        if self.slowdown is not None and self.slowdown > 1.0:  # test/benchmark aid
+            time.sleep((self.slowdown - 1.0) * (done - start))
+            done = time.monotonic()
+        self.metrics.record_unit(key[0], key[1], done - start, start - job.ready,
+                                 job.ready - job.received)
         timings = list(h["timings"])[:MAX_TIMINGS - 1]
         # "start" is wall-clock (for traces across hosts with synchronised clocks);
         # "wait": for the other senders, "queue": behind earlier requests
@@ -493,10 +534,13 @@ class Worker:
             "rows": {n: None if r is None else list(r) for n, (r, _) in message.items()},
             "timings": timings, "token": self.token}
         arrays = {n: a for n, (_, a) in message.items()}
+        nbytes = sum(a.nbytes for a in arrays.values())
         if to == OUTPUT:
             header["type"] = "result"
             try:
+                t0 = time.monotonic()
                 self.pool.send(parse_address(h["reply"]), header, arrays, timeout=budget)
+                self.metrics.record_send("reply", nbytes, time.monotonic() - t0)
             except OSError as err:
                 log.warning("request %s: cannot return the result to %s: %s", h["id"],
                             h["reply"], err)
@@ -518,7 +562,9 @@ class Worker:
                        failed_device=target.device)
             return False
         try:
+            t0 = time.monotonic()
             self.pool.send(addr, header, arrays, timeout=min(budget, 10.0))
+            self.metrics.record_send(target.device, nbytes, time.monotonic() - t0)
         except OSError as err:
             self.pool.drop(addr)
             self._fail(job, "unreachable", f"request {h['id']}: stage {h['unit']} on "
