@@ -23,7 +23,8 @@ from runtime.transport import connect, parse_address, recv_frame, send_frame
 from stagebundle.errors import UserError, fail
 from stagebundle.manifest import Bundle
 
-__all__ = ["ensure_units", "prepare_workers", "builds_from_model", "EnsureError"]
+__all__ = ["ensure_units", "prepare_workers", "builds_from_model", "units_ensurer",
+           "EnsureError"]
 
 
 class EnsureError(UserError):
@@ -158,3 +159,17 @@ def prepare_workers(hosts: Mapping[str, str], bundle_dir: str | Path,
             ensure_units(hosts, view, token, key=key, tls=tls, timeout=timeout,
                          devices=mine)
     return builders
+
+
+def units_ensurer(executor: Any, timeout: float = 300.0) -> Any:
+    """``runtime.adapt``'s ``EnsureUnits`` through :func:`ensure_units`: the adapter's
+    plan switch then works with ``--model`` workers (which build the new plan's units)
+    and with workers of a bundle directory (which rescan it) alike."""
+    from runtime.transport import format_address
+
+    def ensure(device: str, addr: tuple[str, int], key: str, units: Sequence[str],
+               sha256: str) -> None:
+        ensure_units({device: format_address(addr)}, executor.views[key], executor.token,
+                     key=key, tls=executor.tls, timeout=timeout, devices=[device])
+
+    return ensure

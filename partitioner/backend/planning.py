@@ -31,7 +31,8 @@ from typing import Any
 from partitioner import ir
 from partitioner.errors import fail
 
-__all__ = ["PLANNING", "planning_record", "PlanningInputs", "planning_inputs"]
+__all__ = ["PLANNING", "planning_record", "PlanningInputs", "planning_inputs",
+           "planning_files"]
 
 PLANNING = "planning"  # the manifest key
 
@@ -116,3 +117,23 @@ def _system_from_text(doc: Mapping[str, Any]) -> ir.System:
         path.write_text(str(doc["text"]), encoding="utf-8")
         loaded = load_system(path)
     return dataclasses.replace(loaded, path=doc.get("path"))
+
+
+def planning_files(bundle_dir: str | Path, folder: str | Path, *,
+                   model: str | Path | None = None, system: str | Path | None = None
+                   ) -> tuple[Path, Path]:
+    """The model file and a system file to re-plan a bundle with, for callers that take
+    paths (``runtime run --adapt`` without ``--model`` / ``--system``): the recorded
+    model (fingerprint checked) and the recorded system text written into ``folder``.
+    Given ``model`` / ``system`` are used instead."""
+    from stagebundle.load import load_bundle
+
+    bundle = load_bundle(bundle_dir, check_onnx=False)
+    inputs = planning_inputs(bundle, model=model, system=system)
+    if system is not None:
+        return inputs.model, Path(system)
+    rec = bundle.extra[PLANNING]["system"]
+    suffix = Path(str(rec.get("path", "system.toml"))).suffix or ".toml"
+    path = Path(folder) / f"planning-system{suffix}"
+    path.write_text(str(rec["text"]), encoding="utf-8")
+    return inputs.model, path
