@@ -93,20 +93,13 @@ def split_plan_bundle(built: Built, out: Path) -> Path:
                                force=True))
 
 
-class PinnedExecutor(RemoteExecutor):
-    """Sends every request on one given plan (plan switching itself is not tested here)."""
-
-    pinned = "main"
-
-    def _choose_plan(self) -> str | None:
-        return self.pinned
-
-
 def run_on(built: Built, hosts: dict[str, str], views: dict[str, BundleView], key: str,
            x: np.ndarray) -> np.ndarray:
-    with PinnedExecutor(views, hosts, token=TOKEN, timeout=30.0) as ex:
-        ex.pinned = key
+    """One request on plan ``key`` (the executor switches to it first)."""
+    with RemoteExecutor(views, hosts, token=TOKEN, timeout=30.0) as ex:
+        ex.switch_plan(key)
         out = ex.infer({"input": x})
+        assert ex.records[-1]["plan"] == key
     return next(iter(out.values()))
 
 
@@ -279,3 +272,37 @@ print(json.dumps(out))
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == ["0.0", "0.1", "1"]
+
+
+def test_runtime_run_adapt_needs_only_the_bundle_and_hosts(tmp_path):
+    """A bundle from ``partitioner compile`` records its model and system (``planning``):
+    ``runtime run BUNDLE --hosts ... --adapt`` against ``--model`` workers then needs
+    nothing else; every request is answered once."""
+    from partitioner.backend.planning import planning_inputs
+    from stagebundle import load_bundle
+    from tests.test_adapt_fixtures import build_solved
+
+    built = build_solved(tmp_path / "b", fallbacks=False)
+    inputs = planning_inputs(load_bundle(built.bundle))
+    assert inputs.model == built.model.resolve() and inputs.objective.kind == "latency"
+    assert {d.name for d in inputs.system.devices} == set(DEVICES)
+    procs = {}
+    try:
+        hosts = {}
+        for d in DEVICES:
+            procs[d], hosts[d] = serve_model(built.model, d, tmp_path, built.token_file)
+        np.save(tmp_path / "x.npy", sample(6))
+        run = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "run", str(built.bundle), "--hosts",
+             ",".join(f"{d}={a}" for d, a in hosts.items()), "--input",
+             f"input={tmp_path / 'x.npy'}", "--token-file", str(built.token_file),
+             "--repeat", "12", "--adapt", "--json", "-o", str(tmp_path / "out.npz")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        doc = json.loads(run.stdout)
+        assert doc["summary"]["ok"] == 12
+        assert doc["summary"]["lost"] == 0 and doc["summary"]["duplicated"] == 0
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(10)

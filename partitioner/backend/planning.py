@@ -32,7 +32,7 @@ from partitioner import ir
 from partitioner.errors import fail
 
 __all__ = ["PLANNING", "planning_record", "PlanningInputs", "planning_inputs",
-           "planning_files"]
+           "planning_files", "records_planning"]
 
 PLANNING = "planning"  # the manifest key
 
@@ -117,6 +117,14 @@ def _system_from_text(doc: Mapping[str, Any]) -> ir.System:
         path.write_text(str(doc["text"]), encoding="utf-8")
         loaded = load_system(path)
     return dataclasses.replace(loaded, path=doc.get("path"))
+
+
+def records_planning(bundle_dir: str | Path) -> bool:
+    """Whether the bundle's manifest records a model and a system to re-plan with."""
+    from stagebundle.load import load_bundle
+
+    rec = load_bundle(bundle_dir, check_onnx=False).extra.get(PLANNING) or {}
+    return bool(rec.get("model")) and bool(rec.get("system"))
 
 
 def planning_files(bundle_dir: str | Path, folder: str | Path, *,
