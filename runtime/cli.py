@@ -292,12 +292,13 @@ def _run(args: argparse.Namespace) -> int:
         fail("--repeat and --concurrency must be at least 1")
     if args.adapt and not args.local and not (args.model and args.system):
         # the bundle records what re-planning needs (partitioner/backend/planning.py)
-        from partitioner.backend.planning import planning_files
+        from partitioner.backend.planning import planning_files, records_planning
 
-        args.planning_dir = tempfile.TemporaryDirectory(prefix="runtime-planning-")
-        model, system = planning_files(args.bundle, args.planning_dir.name,
-                                       model=args.model, system=args.system)
-        args.model, args.system = str(model), str(system)
+        if records_planning(args.bundle):
+            args.planning_dir = tempfile.TemporaryDirectory(prefix="runtime-planning-")
+            model, system = planning_files(args.bundle, args.planning_dir.name,
+                                           model=args.model, system=args.system)
+            args.model, args.system = str(model), str(system)
     if args.adapt and (args.local or not args.model or not args.system):
         fail("--adapt needs workers (not --local), --model and --system")
     if args.timeout <= 0 or (args.attempt_timeout is not None and args.attempt_timeout <= 0):
