@@ -53,7 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import result_paths, save_figure, spawn_worker, stop_processes  # noqa: E402
-from benchmarks.partition_sweep import host_addresses, sh  # noqa: E402
+from benchmarks.partition_sweep import host_addresses, sh, whole_model_latency  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("edge", "hub", "cloud")
@@ -180,10 +180,11 @@ def join(group: Path, pid: int) -> None:
     (group / "cgroup.procs").write_text(str(pid))
 
 
-def system_toml(s: Scenario) -> str:
-    """The system file the plan is solved for: each pair's link is the slower of the two
-    devices' links, delays added."""
-    flops = {"edge": 2e9, "hub": 60e9, "cloud": 60e9}
+def system_toml(s: Scenario, core_flops: float) -> str:
+    """The system file the plan is solved for: each device's FLOP/s is its cgroup's cores
+    times ``core_flops`` (measured on this host); each pair's link is the slower of the
+    two devices' links, delays added."""
+    flops = {d: s.cpu[d] * core_flops for d in DEVICES}
     out = []
     for d in DEVICES:
         out.append(f'[[device]]\nname = "{d}"\nclass = "{d}"\nflops = {flops[d]:g}\n'
@@ -198,15 +199,19 @@ def system_toml(s: Scenario) -> str:
     return "\n".join(out)
 
 
-def compile_bundle(work: Path, s: Scenario, image: int) -> tuple[Path, Path]:
+def compile_scenario(work: Path, s: Scenario, image: int) -> tuple[Path, Path, float]:
     import models
     from partitioner import pipeline
+    from partitioner.frontend import load_model
 
     model = models.save_model("tiny_cnn", work / "tiny_cnn.onnx", image_size=image)
+    # one core's FLOP/s on this (loaded) host: the model's FLOPs over its ORT latency
+    total = sum(layer.flops for layer in load_model(model).graph.layers)
+    core_flops = total / whole_model_latency(model, threads=1)
     system = work / "system.toml"
-    system.write_text(system_toml(s))
+    system.write_text(system_toml(s, core_flops))
     result = pipeline.compile(model, system, work / "bundle", force=True)
-    return model, Path(str(result.bundle))
+    return model, Path(str(result.bundle)), core_flops
 
 
 def hog_processes(group: Path, n: int) -> list[subprocess.Popen[bytes]]:
@@ -241,7 +246,7 @@ def schedule(net: Net, s: Scenario, groups: dict[str, Path], start: threading.Ev
 
 
 def run_scenario(work: Path, s: Scenario, model: Path, bundle: Path, adapt: bool,
-                 requests: int | None, x: Path) -> dict[str, Any]:
+                 requests: int | None, x: Path, adapt_args: list[str]) -> dict[str, Any]:
     """Fresh namespaces, cgroups and workers; one streaming client; the schedule.
 
     ``requests``: how many the client sends; None: enough to outlast the schedule at the
@@ -288,7 +293,8 @@ def run_scenario(work: Path, s: Scenario, model: Path, bundle: Path, adapt: bool
                                                json.loads(warm.stdout)["runs"]))
             timer = threading.Thread(target=schedule,
                                      args=(net, s, groups, start, stop, events, startup))
-            cmd = [*base, "--repeat", str(requests)] + (["--adapt"] if adapt else [])
+            cmd = [*base, "--repeat", str(requests)] + (["--adapt", *adapt_args] if adapt
+                                                         else [])
             timer.start()
             t0 = time.time()
             client = subprocess.Popen(cmd, cwd=ROOT,
@@ -307,6 +313,7 @@ def run_scenario(work: Path, s: Scenario, model: Path, bundle: Path, adapt: bool
         raise RuntimeError(f"runtime run{' --adapt' if adapt else ''} failed "
                            f"({client.returncode}): {err.strip()[-600:]}")
     doc = json.loads(out)
+    doc["stderr_tail"] = err.strip().splitlines()[-20:]
     return {"adapt": adapt, "wall": wall, "t0": t0 + startup, "events": events, "client": doc,
             "requests": requests, "warm_latency": warm_latency}
 
@@ -347,7 +354,13 @@ def summarise(run: dict[str, Any], s: Scenario) -> dict[str, Any]:
     switch_times = [{"at": times[sw["at_request"]] if sw["at_request"] < len(times) else None,
                      **sw} for sw in switches]
     summary = run["client"].get("summary") or {}
-    return {"requests": len(runs), "per_phase": per_phase, "switches": switch_times,
+    windows = (run["client"].get("adaptation") or {}).get("windows") or []
+    t0 = run["t0"]
+    return {"adaptation": [{**w, "time": w["time"] - t0} for w in windows],
+            "failed_switches": (run["client"].get("adaptation") or {}).get(
+                "failed_switches", []),
+            "client_log": run["client"].get("stderr_tail", []),
+            "requests": len(runs), "per_phase": per_phase, "switches": switch_times,
             "n_switches": len(switches),
             "lost": summary.get("lost"), "duplicated": summary.get("duplicated"),
             "failed": summary.get("failed", sum(1 for r in runs if r.get("ok") is False)),
@@ -409,13 +422,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-adapt-only", action="store_true",
                     help="only the fixed-plan run (the client without --adapt)")
     ap.add_argument("--out", default=None, help="results folder")
+    ap.add_argument("--adapt-min-interval", type=float, default=None,
+                    help="runtime run --adapt-min-interval (default: the client's; --quick: "
+                         "5 s, its phases being 8 s)")
     args = ap.parse_args(argv)
+    interval = args.adapt_min_interval if args.adapt_min_interval is not None else \
+        (5.0 if args.quick else None)
+    adapt_args = [] if interval is None else ["--adapt-min-interval", str(interval)]
     global DELAYS
     DELAYS = args.delays
     if os.geteuid() != 0:
         print("adaptation: needs root (ip netns, tc, cgroups)", file=sys.stderr)
         return 2
-    s = Scenario(links={"edge": Link(400, 1), "hub": Link(200, 2), "cloud": Link(50, 15)},
+    s = Scenario(links={"edge": Link(400, 1), "hub": Link(200, 2), "cloud": Link(100, 15)},
                  cpu={"edge": 0.3, "hub": 1.0, "cloud": 1.0},
                  drift=Link(args.drift_mbps, args.drift_delay_ms), hogs=args.hogs,
                  phase_s=args.phase or (8.0 if args.quick else 20.0))
@@ -424,14 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mw-adaptation-") as tmp:
         work = Path(tmp)
-        model, bundle = compile_bundle(work, s, args.image_size)
+        model, bundle, core_flops = compile_scenario(work, s, args.image_size)
         x = work / "x.npy"
         np.save(x, np.random.default_rng(0).standard_normal(
             (1, 3, args.image_size, args.image_size)).astype(np.float32))
         requests: int | None = None  # set by the first run's warm-up, then the same
         modes = [False] if args.no_adapt_only else [False, True]
         for adapt in modes:
-            run = run_scenario(work, s, model, bundle, adapt, requests, x)
+            run = run_scenario(work, s, model, bundle, adapt, requests, x, adapt_args)
             requests = run["requests"]
             summary = summarise(run, s)
             summary["warm_latency"] = run["warm_latency"]
@@ -452,10 +471,10 @@ def main(argv: list[str] | None = None) -> int:
            "scenario": {"links": {d: vars(v) for d, v in s.links.items()},
                         "cpu_cores": s.cpu, "drift": vars(s.drift), "hogs": s.hogs,
                         "phase_s": s.phase_s, "image_size": args.image_size,
-                        "model": "tiny_cnn"},
+                        "model": "tiny_cnn", "core_flops": core_flops},
            "initial_plan": [{"device": st["device"], "layers": st["layers"]}
                             for st in plan["stages"]],
-           "speedup_per_phase": speedup, "results": results}
+           "adapt_args": adapt_args, "speedup_per_phase": speedup, "results": results}
     tmp_json = json_path.with_name(f".{json_path.name}.tmp")
     tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp_json, json_path)
