@@ -371,6 +371,9 @@ def _run(args: argparse.Namespace) -> int:
         fail(error or "no request was answered", error=RequestError)
     save_outputs(args.output, outputs)
     doc = {"mode": "local" if args.local else "remote", "output": str(args.output), **doc}
+    if adapter is not None:  # the drift rule's windows (factors, decisions): benchmarks
+        doc["adaptation"] = {"windows": adapter.history,
+                             "failed_switches": list(adapter.failed_switches)}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
