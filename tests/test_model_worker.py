@@ -306,3 +306,37 @@ def test_runtime_run_adapt_needs_only_the_bundle_and_hosts(tmp_path):
         for proc in procs.values():
             proc.kill()
             proc.wait(10)
+
+
+def test_on_demand_fail_over_has_model_workers_build_the_fallback(tmp_path):
+    """A device dies; the executor's re-planner compiles a fallback on its own disk and
+    the surviving ``--model`` workers build its units (no shared storage needed)."""
+    from runtime.replan import Replanner
+
+    built = build(tmp_path / "b", fallbacks=False)
+    procs = {}
+    try:
+        hosts = {}
+        for d in DEVICES:
+            procs[d], hosts[d] = serve_model(built.model, d, tmp_path, built.token_file)
+        ensure_units(hosts, built.bundle, TOKEN)
+        replanner = Replanner(built.bundle, built.model, built.system, token=TOKEN)
+        with RemoteExecutor(built.bundle, hosts, token=TOKEN, timeout=60.0,
+                            attempt_timeout=10.0, replanner=replanner) as ex:
+            replanner.bind(ex)
+            x = sample(7)
+            ex.infer({"input": x})
+            procs["hub"].kill()
+            procs["hub"].wait(10)
+            got = next(iter(ex.infer({"input": x}).values()))
+            plan = ex.records[-1]["plan"]
+        assert plan == "fallback/without-hub"
+        np.testing.assert_allclose(got, reference(built.model, x), rtol=1e-5, atol=1e-5)
+        fallback = open_bundle(built.bundle / "fallback" / "without-hub")
+        for unit in fallback.units():  # built by the survivor that runs it, in its store
+            copy = tmp_path / f"store-{unit.device}" / "fallback__without-hub" / unit.file
+            assert sha256_file(copy) == unit.sha256, unit.key
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(10)
