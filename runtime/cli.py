@@ -182,6 +182,9 @@ def _serve(args: argparse.Namespace) -> int:
         fail("give a BUNDLE_DIR or --model MODEL.onnx (one of them)")
     if args.store and not args.model:
         fail("--store goes with --model")
+    if args.model and args.grpc_port is not None:
+        fail("--grpc-port needs a BUNDLE_DIR (its message caps are sized from the stages "
+             "served at start; a --model worker starts with none)")
     builder = None
     if args.model:
         from runtime.build import ModelBuilder
