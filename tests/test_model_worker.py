@@ -340,3 +340,22 @@ def test_on_demand_fail_over_has_model_workers_build_the_fallback(tmp_path):
         for proc in procs.values():
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["BUNDLE", "--model", "MODEL"], "give a BUNDLE_DIR or --model MODEL.onnx"),
+    ([], "give a BUNDLE_DIR or --model MODEL.onnx"),
+    (["--model", "MISSING"], "no such file"),
+    (["--model", "MODEL", "--grpc-port", "0"], "--grpc-port needs a BUNDLE_DIR"),
+    (["BUNDLE", "--store", "STORE"], "--store goes with --model"),
+])
+def test_serve_model_bad_options_are_one_line_errors(setup, tmp_path, args, message):
+    built, _ = setup
+    subst = {"BUNDLE": str(built.bundle), "MODEL": str(built.model),
+             "MISSING": str(tmp_path / "missing.onnx"), "STORE": str(tmp_path / "s")}
+    run = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--device", "hub",
+                          *[subst.get(a, a) for a in args]], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
