@@ -7,7 +7,8 @@ fail-over). Every ``window`` seconds it
 1. folds the window's measurements into the :class:`~runtime.calibrate.Calibration`:
    each completed request's per-unit compute times (the ``timings`` every result
    carries) against the cost model's estimate of that unit, and each worker's per-link
-   send throughput (its authenticated ``metrics`` reply);
+   acknowledged transfer times (its authenticated ``metrics`` reply; the executor's own
+   for the input sends from the source device);
 2. prices the current plan on the calibrated cost table and re-solves the model on it
    (:func:`partitioner.pipeline.solve_on`: the solver takes milliseconds on models of the
    zoo's size, so it runs every window);
@@ -27,10 +28,11 @@ failure on the way leaves the old plan serving. Plans are named by epoch (``p0``
 bundle's own plan, then ``p1``, ``p2``... in the order requests first ran on them).
 
 Loading a new plan's units is one small interface, :data:`EnsureUnits` ("make sure the
-worker on this device serves these units of plan K, whose manifest has this sha256"):
-the default asks the worker to rescan its bundle directory (shared storage, as on-demand
-fail-over assumes); a worker that builds stages from its own model copy can answer the
-same question.
+worker on this device serves these units of plan K, whose manifest has this sha256").
+The default sends the worker an ``ensure`` frame with the manifest (a worker that builds
+stages from its own model copy answers it), and one that does not know the frame is
+asked to ``reload``, i.e. rescan its bundle directory (shared storage, as on-demand
+fail-over assumes); then ``ready`` must list every unit.
 """
 
 from __future__ import annotations
@@ -70,20 +72,23 @@ class AdaptOptions:
         window: seconds per calibration window.
         margin: switch when current > (1 + margin) * optimum (re-estimated, relative).
         windows: consecutive windows the same better plan must win by the margin.
-        min_interval: seconds between two switches (and from the start).
+        min_interval: seconds between two switches.
         alpha: EWMA weight of the newest window in the calibration.
         baseline: ``"first"`` (drift from the first windows) or ``"file"`` (absolute
             measured / estimated), see :mod:`runtime.calibrate`.
         min_samples: unit runs a device needs in a window for it to count.
+        forget: half-life in windows of a factor no longer measured (0: never), so a
+            host the plan left is tried again once it may have recovered.
     """
 
     window: float = 1.0
-    margin: float = 0.25
-    windows: int = 3
+    margin: float = 0.5
+    windows: int = 5
     min_interval: float = 10.0
     alpha: float = 0.5
     baseline: str = "first"
     min_samples: int = 3
+    forget: float = 30.0
 
     def check(self) -> AdaptOptions:
         if self.window <= 0 or self.min_interval < 0 or self.margin < 0:
@@ -91,6 +96,8 @@ class AdaptOptions:
                  "--adapt-min-interval not negative")
         if self.windows < 1 or self.min_samples < 1:
             fail("--adapt-windows and --adapt-min-samples must be at least 1")
+        if self.forget < 0:
+            fail("--adapt-forget must not be negative")
         if not 0 < self.alpha <= 1:
             fail("--adapt-alpha must be in (0, 1]")
         if self.baseline not in BASELINES:
@@ -115,7 +122,9 @@ class DriftRule:
     def __init__(self, margin: float, windows: int, min_interval: float,
                  start: float | None = None) -> None:
         self.margin, self.windows, self.min_interval = margin, windows, min_interval
-        self.last_switch = time.monotonic() if start is None else start
+        # the interval runs between switches; the first may come as soon as the windows
+        # agree (the calibration's reference windows already hold the start back)
+        self.last_switch = float("-inf") if start is None else start
         self.candidate: Any = None
         self.count = 0
 
@@ -194,10 +203,11 @@ class Adapter:
                                       _served_system(system, executor.hosts),
                                       profiles=profiles)
         self.calibration = Calibration(self.context.table, alpha=self.options.alpha,
-                                       baseline=self.options.baseline)
+                                       baseline=self.options.baseline,
+                                       forget=self.options.forget or None)
         self.rule = DriftRule(self.options.margin, self.options.windows,
                               self.options.min_interval)
-        self.ensure = ensure or self._reload_units
+        self.ensure = ensure or self._load_units
         self.names = PlanNames()
         self.switches: list[Switch] = []
         self.failed_switches: list[str] = []
@@ -205,9 +215,13 @@ class Adapter:
         self._records: deque[dict[str, Any]] = deque(maxlen=100_000)
         self._estimates: dict[str, dict[str, tuple[str, float]]] = {}
         self._plans: dict[str, Any] = {}
+        self._filed_costs: dict[str, float] = {}
+        # per (device, peer): timed transfers, their seconds and bytes seen so far
+        self._acked: dict[tuple[str, Any], tuple[int, float, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapt", daemon=True)
         executor.observers.append(self._records.append)
+        executor.time_links = True  # the workers time some of their sends (metrics)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Adapter:
@@ -242,12 +256,26 @@ class Adapter:
             self._plans[key] = ir.Plan.from_json(self.executor.views[key].plan)
         return self._plans[key]
 
+    def _filed(self, key: str) -> float:
+        """Plan ``key``'s cost on the uncalibrated table (the file's figures)."""
+        if key not in self._filed_costs:
+            from partitioner.analysis.routing import reprice
+
+            self._filed_costs[key] = _metric(self.context.objective.kind, reprice(
+                self.context.prepared.graph, self.context.table, self._plan(key)))
+        return self._filed_costs[key]
+
     def _unit_estimates(self, key: str) -> dict[str, tuple[str, float]]:
         if key not in self._estimates:
             self._estimates[key] = unit_estimates(self.context.table, self._plan(key))
         return self._estimates[key]
 
-    def _observe(self) -> None:
+    def _observe_units(self) -> None:
+        """The per-unit compute of the requests answered since the last call.
+
+        A trial request (a switch's) counts only for devices already calibrated: it is
+        the first run of sessions that may be cold, a poor reference."""
+        known = self.calibration.compute_factors()
         while self._records:
             rec = self._records.popleft()
             key = rec.get("plan")
@@ -256,14 +284,31 @@ class Adapter:
             estimates = self._unit_estimates(key)
             for t in rec.get("timings") or ():
                 unit = estimates.get(str(t.get("stage")))
-                if unit is not None and unit[0] == t.get("device"):
-                    self.calibration.observe_unit(unit[0], float(t.get("compute", 0.0)),
-                                                  unit[1])
-        for device, snap in self._poll(self.executor.views[self.executor.current].devices):
+                if unit is None or unit[0] != t.get("device"):
+                    continue
+                if rec.get("trial") and unit[0] not in known:
+                    continue
+                self.calibration.observe_unit(unit[0], float(t.get("compute", 0.0)), unit[1])
+
+    def _observe(self) -> None:
+        self._observe_units()
+        view = self.executor.views[self.executor.current]
+        snaps = self._poll(view.devices)
+        if view.bundle.source is not None:  # the executor sends the inputs from there
+            snaps.append((view.bundle.source, self.executor.links.snapshot()))
+        for device, snap in snaps:
             for link in snap.get("links") or ():
-                if link.get("throughput") and link.get("peer") in self.executor.hosts:
-                    self.calibration.observe_link(device, link["peer"],
-                                                  float(link["throughput"]))
+                # the timed transfers since the last window: their mean time and size
+                peer = link.get("peer")
+                now = (int(link.get("acked") or 0), float(link.get("acked_seconds_sum") or 0),
+                       float(link.get("acked_bytes_sum") or 0))
+                last = self._acked.get((device, peer), (0, 0.0, 0.0))
+                self._acked[(device, peer)] = now
+                n = now[0] - last[0]
+                if n <= 0 or now[2] <= last[2]:
+                    continue  # none since (or the worker restarted: counters anew)
+                self.calibration.observe_link(device, str(peer), (now[1] - last[1]) / n,
+                                              (now[2] - last[2]) / n)
 
     def _poll(self, devices: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """Each device's worker metrics (a worker that does not answer is skipped)."""
@@ -297,10 +342,13 @@ class Adapter:
         entry: dict[str, Any] = {"time": time.time(), "plan": self.names(key),
                                  **self.calibration.summary()}
         self.history.append(entry)
+        # the devices that compute something in this plan must all be calibrated
+        computing = {dev for dev, est in self._unit_estimates(key).values() if est > 0}
         if any(d in self.executor.down for d in view.devices) or \
-                not self.calibration.calibrated(view.devices):
+                not self.calibration.calibrated(computing):
             entry["state"] = "calibrating"
             return None
+        t0 = time.perf_counter()
         table = self.calibration.table()
         current_plan = self._plan(key)
         current = _metric(self.context.objective.kind,
@@ -308,7 +356,8 @@ class Adapter:
         best = solve_on(self.context, table)
         best_cost = _metric(self.context.objective.kind, best.plan.estimate)
         sig = _signature(best.plan)
-        entry.update(current=current, best=best_cost, state="steady")
+        entry.update(current=current, best=best_cost, state="steady",
+                     filed=self._filed(key), solve_seconds=time.perf_counter() - t0)
         now = time.monotonic()
         if not self.rule.step(now, current, best_cost, sig, _signature(current_plan)):
             if self.rule.count:
@@ -334,7 +383,7 @@ class Adapter:
         serving) when any step fails."""
         old = self.executor.current
         try:
-            key = self._compile(result)
+            key = self._key_for(result.plan) or self._compile(result)
             self.executor.open_plan(key)
             view = self.executor.views[key]
             for dev in view.devices:
@@ -342,6 +391,7 @@ class Adapter:
                 self.ensure(dev, self.executor.hosts[dev], key, units,
                             _manifest_sha(view.root))
             self._trial(key)
+            self._still_better(old, key)
         except (UserError, OSError, RuntimeError, KeyError) as err:
             why = f"switch from {self.names(old)} failed, {self.names(old)} keeps serving: {err}"
             log.warning("%s", why)
@@ -354,6 +404,31 @@ class Adapter:
         log.warning("plan switch %s -> %s at request %d: %s", switch.from_plan,
                     switch.to_plan, at, reason)
         return switch
+
+    def _key_for(self, plan: Any) -> str | None:
+        """A loaded plan with the same stages (going back to ``main``, say), if any."""
+        sig = _signature(plan)
+        for key in list(self.executor.views):
+            if _signature(self._plan(key)) == sig:
+                return key
+        return None
+
+    def _still_better(self, old: str, new: str) -> None:
+        """After the trial request: with its measurements folded in (a device that was
+        left and may have recovered is measured again by it), the new plan must still
+        beat the old one by the margin."""
+        from partitioner.analysis.routing import reprice
+
+        self._observe_units()
+        self.calibration.end_window(min_samples=1)
+        table = self.calibration.table()
+        kind, graph = self.context.objective.kind, self.context.prepared.graph
+        before = _metric(kind, reprice(graph, table, self._plan(old)))
+        after = _metric(kind, reprice(graph, table, self._plan(new)))
+        if not before > (1.0 + self.options.margin) * after:
+            raise RuntimeError(f"the trial request measured {self.names(new)} at "
+                               f"{after * 1e3:.3g} ms against {before * 1e3:.3g} ms: not "
+                               f"better by the margin")
 
     def _compile(self, result: Any) -> str:
         """``BUNDLE/adapt/<name>`` for ``result.plan`` (compiled and verified once)."""
@@ -384,26 +459,37 @@ class Adapter:
         except Exception as err:
             raise RuntimeError(f"trial request on the new plan failed: {err}") from None
 
-    def _reload_units(self, device: str, addr: tuple[str, int], key: str,
-                      units: Sequence[str], sha256: str) -> None:
-        """Default :data:`EnsureUnits`: ``reload`` (rescan the bundle directory), then
-        ``ready`` must list every unit of ``key`` on ``device``."""
+    def _load_units(self, device: str, addr: tuple[str, int], key: str,
+                    units: Sequence[str], sha256: str) -> None:
+        """Default :data:`EnsureUnits`. First an ``ensure`` frame (``{"type": "ensure",
+        "plan": K, "units": [...], "manifest": TEXT, "sha256": X}``, for a worker that
+        builds stages from its own model copy and checks them against the manifest);
+        a worker that does not know it is asked to ``reload`` (rescan its bundle
+        directory). Either way ``ready`` must then list every unit of ``K`` on it."""
+        manifest = (self.executor.views[key].root / "manifest.json").read_text()
+        reply = self._ask(addr, {"type": "ensure", "plan": key, "units": list(units),
+                                 "manifest": manifest, "sha256": sha256})
+        unknown = reply.get("type") == "error" and "unknown request type" in str(
+            reply.get("message"))
+        if unknown:
+            reply = self._ask(addr, {"type": "reload"})
+        if reply.get("type") == "error":
+            raise RuntimeError(f"device {device} cannot load plan {key}: "
+                               f"{reply.get('message')}")
+        reply = self._ask(addr, {"type": "ready"})
+        served = {s.get("stage") for s in reply.get("stages") or () if s.get("plan") == key}
+        missing = [u for u in units if u not in served]
+        if missing or not reply.get("ready", False):
+            raise RuntimeError(f"device {device} does not serve unit(s) "
+                               f"{', '.join(missing) or '(not ready)'} of plan {key}")
+
+    def _ask(self, addr: tuple[str, int], header: dict[str, Any]) -> dict[str, Any]:
+        """One authenticated frame to a worker, its one-frame answer."""
         from runtime.transport import connect, recv_frame, send_frame
 
-        ex = self.executor
-        for kind in ("reload", "ready"):
-            with connect(addr, 30.0, ex.tls) as sock:
-                send_frame(sock, {"type": kind, "token": ex.token})
-                reply = recv_frame(sock, max_body=0, frame_timeout=60.0)
-            if reply.header.get("type") == "error":
-                raise RuntimeError(f"device {device} refused {kind}: "
-                                   f"{reply.header.get('message')}")
-        served = {s.get("stage") for s in reply.header.get("stages") or ()
-                  if s.get("plan") == key}
-        missing = [u for u in units if u not in served]
-        if missing:
-            raise RuntimeError(f"device {device} does not serve unit(s) "
-                               f"{', '.join(missing)} of plan {key} after reload")
+        with connect(addr, 30.0, self.executor.tls) as sock:
+            send_frame(sock, {**header, "token": self.executor.token})
+            return dict(recv_frame(sock, max_body=0, frame_timeout=120.0).header)
 
     # ------------------------------------------------------------------ report
     def report(self) -> list[dict[str, Any]]:

@@ -3,10 +3,13 @@
 The compiler prices a plan on a cost table built from the system file (and profiles).
 While serving, :class:`Calibration` keeps, per device, a **compute scale factor**
 (measured compute / estimated compute of the units it ran, summed over a window, then
-smoothed over windows with an EWMA) and, per directed link, a **bandwidth factor**
-(measured send throughput over a reference, likewise smoothed). :meth:`Calibration.table`
-is the original cost table with every bundle's compute multiplied by its device's factor
-and every transfer's byte time divided by its link's factor; the current plan and any
+smoothed over windows with an EWMA) and, per link, a **transfer time factor** (measured
+acknowledged transfer time / the cost model's ``bytes / bandwidth + latency`` for the
+same bytes, likewise; see :mod:`runtime.metrics`). :meth:`Calibration.table` is the
+original cost table with every bundle's compute multiplied by its device's factor and
+every transfer between devices multiplied by its link's factor (the link's bandwidth
+divided and its latency multiplied by it, for the routed messages that the cost model
+prices on the table's system); the current plan and any
 alternative are then priced on it by the one cost model
 (:func:`partitioner.analysis.routing.reprice` -> :mod:`partitioner.analysis.estimate`)
 and re-solved by the one solver (:func:`partitioner.pipeline.solve_on`). No second cost
@@ -16,16 +19,18 @@ Two references (``baseline``):
 
 * ``"first"`` (default): a factor is measured relative to the device's (link's) own first
   :data:`BASELINE_WINDOWS` windows, i.e. the plan's figures are taken as right when
-  serving starts and only their *drift* is applied. A system file whose figures are off
+  serving starts and only their *drift* is applied, in seconds: with ``r`` the window's
+  measured / estimated ratio and ``r0`` the reference's, the factor is ``1 + r - r0``
+  (the estimate plus what the measurement gained since). A system file whose figures are off
   by a constant per device (loopback test hosts, a file written from data sheets) then
   does not trigger a re-plan onto devices that have not been measured yet, whose figures
   are just as far off - and back again once they are measured (flapping);
 * ``"file"``: the absolute ratio measured / estimated (right when the system file or the
   profiles describe the real devices).
 
-A device or link with no measurement keeps the factor 1 (its file figures). Link
-latencies stay the system file's: a send's duration on a pooled connection measures
-throughput, not one-way delay (that needs synchronised clocks).
+A device or link with no measurement keeps the factor 1 (its file figures). A link is
+undirected in the system file: its factor is over the transfers of both directions,
+each weighted by its estimated time.
 
 Imported by the executor side only (it needs the compiler); a worker never imports it.
 """
@@ -34,15 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from partitioner import ir
+if TYPE_CHECKING:  # the compiler is imported by the functions that price (lazily)
+    from partitioner import ir
 
 __all__ = ["Calibration", "unit_estimates", "BASELINE_WINDOWS", "BASELINES"]
 
 BASELINE_WINDOWS = 2  # windows averaged into a device's reference ("first")
 BASELINES = ("first", "file")
-_CLAMP = (1e-3, 1e3)  # a factor outside this is a measurement glitch, not a device
+_CLAMP = (1e-3, 1e6)  # a factor outside this is a measurement glitch, not a device
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    """The key of the undirected link between ``a`` and ``b``."""
+    return (a, b) if a <= b else (b, a)
 
 
 def _clamp(x: float) -> float:
@@ -112,9 +123,11 @@ class _Factor:
     reference: float | None = None
     firsts: list[float] = dataclasses.field(default_factory=list)
     windows: int = 0
+    last: int = 0  # the calibration window that updated it last
 
-    def update(self, ratio: float, alpha: float, fixed: float | None) -> None:
+    def update(self, ratio: float, alpha: float, fixed: float | None, window: int) -> None:
         self.windows += 1
+        self.last = window
         self.value = ratio if self.value is None else alpha * ratio + (1 - alpha) * self.value
         if fixed is not None:
             self.reference = fixed
@@ -123,11 +136,19 @@ class _Factor:
             if len(self.firsts) >= BASELINE_WINDOWS:
                 self.reference = sum(self.firsts) / len(self.firsts)
 
-    @property
-    def factor(self) -> float | None:
+    def factor(self, now: int, forget: float | None, relative: bool) -> float | None:
+        """The factor; one not measured for ``w`` windows moves back towards 1 with a
+        half-life of ``forget`` windows (see :class:`Calibration`)."""
         if self.value is None or self.reference is None or self.reference <= 0:
             return None
-        return _clamp(self.value / self.reference)
+        # relative: the estimate plus the change measured since the reference windows, in
+        # units of the estimate (seconds added, not a ratio of ratios: a figure the file
+        # gets 8x too low would otherwise scale a real slowdown, or the noise, 8x down)
+        f = _clamp(1.0 + self.value - self.reference if relative else self.value)
+        stale = now - self.last
+        if forget and stale > 1:
+            f = 1.0 + (f - 1.0) * 0.5 ** ((stale - 1) / forget)
+        return f
 
 
 class Calibration:
@@ -137,21 +158,28 @@ class Calibration:
         table: the cost table the plans were priced with (from the system file).
         alpha: EWMA weight of the newest window.
         baseline: ``"first"`` or ``"file"`` (see the module doc).
+        forget: half-life, in windows, of a factor that is no longer measured (a device
+            the plan left): it moves back towards 1, so a host that recovered is tried
+            again (the switch's trial request measures it before any other request goes
+            there); ``None``: never.
     """
 
     def __init__(self, table: ir.CostTable, *, alpha: float = 0.5,
-                 baseline: str = "first") -> None:
+                 baseline: str = "first", forget: float | None = None) -> None:
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}")
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
         self.base_table = table
         self.alpha = alpha
+        self.forget = forget
+        self._relative = baseline == "first"
+        self.window = 0  # windows ended so far
         self.baseline = baseline
         self._compute: dict[str, _Factor] = {}
         self._links: dict[tuple[str, str], _Factor] = {}
         self._window: dict[str, list[float]] = {}  # device -> [measured, estimated, n]
-        self._window_links: dict[tuple[str, str], float] = {}
+        self._window_links: dict[tuple[str, str], list[float]] = {}  # [measured, est.]
 
     # ------------------------------------------------------------------ observations
     def observe_unit(self, device: str, measured: float, estimated: float) -> None:
@@ -163,23 +191,36 @@ class Calibration:
         acc[1] += estimated
         acc[2] += 1
 
-    def observe_link(self, src: str, dst: str, throughput: float) -> None:
-        """The (smoothed) bytes/s a worker on ``src`` measured sending to ``dst``."""
-        if throughput > 0:
-            self._window_links[(src, dst)] = throughput
+    def observe_link(self, src: str, dst: str, seconds: float, nbytes: float) -> None:
+        """A transfer of ``nbytes`` from ``src`` to ``dst`` took ``seconds`` until the
+        receiver's answer; ignored for a pair the system does not link."""
+        from partitioner.analysis.costs import network_transfer
+
+        sys = self.base_table.system
+        if src == dst or seconds <= 0 or sys.link(src, dst) is None:
+            return
+        est = network_transfer(sys, sys.device(src), sys.device(dst), nbytes)
+        if est is None or est.time <= 0:
+            return
+        # both directions of the (undirected) link together, weighted by their estimated
+        # times: a small message's fixed overhead is noise next to a large one's transfer
+        # and must not scale it (it would, as a factor of its own)
+        acc = self._window_links.setdefault(_pair(src, dst), [0.0, 0.0])
+        acc[0] += seconds
+        acc[1] += est.time
 
     def end_window(self, min_samples: int = 1) -> None:
         """Fold the window's observations into the factors (a device with fewer than
         ``min_samples`` runs in the window keeps its factor)."""
+        self.window += 1
+        fixed = 1.0 if self.baseline == "file" else None
         for device, (measured, estimated, n) in self._window.items():
             if n >= min_samples and estimated > 0:
                 self._compute.setdefault(device, _Factor()).update(
-                    measured / estimated, self.alpha, 1.0 if self.baseline == "file" else None)
-        for (src, dst), thr in self._window_links.items():
-            ref = self._file_bandwidth(src, dst) if self.baseline == "file" else None
-            if ref is not None or self.baseline == "first":
-                self._links.setdefault((src, dst), _Factor()).update(
-                    thr, self.alpha, ref)
+                    measured / estimated, self.alpha, fixed, self.window)
+        for key, (measured, estimated) in self._window_links.items():
+            self._links.setdefault(key, _Factor()).update(measured / estimated, self.alpha,
+                                                          fixed, self.window)
         self._window.clear()
         self._window_links.clear()
 
@@ -194,18 +235,24 @@ class Calibration:
     # ------------------------------------------------------------------ results
     def calibrated(self, devices: Iterable[str]) -> bool:
         """Whether every device of ``devices`` has a compute factor."""
-        return all(d in self._compute and self._compute[d].factor is not None
+        return all(d in self._compute
+                   and self._compute[d].factor(self.window, self.forget, self._relative) is not None
                    for d in devices)
 
     def compute_factors(self) -> dict[str, float]:
-        return {d: f.factor for d, f in self._compute.items() if f.factor is not None}
+        return self._factors(self._compute)
 
     def link_factors(self) -> dict[tuple[str, str], float]:
-        return {k: f.factor for k, f in self._links.items() if f.factor is not None}
+        return self._factors(self._links)
+
+    def _factors(self, factors: Mapping[Any, _Factor]) -> dict[Any, float]:
+        out = {k: f.factor(self.window, self.forget, self._relative)
+               for k, f in factors.items()}
+        return {k: v for k, v in out.items() if v is not None}
 
     def summary(self) -> dict[str, Any]:
         return {"compute": self.compute_factors(),
-                "links": {f"{a}->{b}": g for (a, b), g in self.link_factors().items()}}
+                "links": {f"{a}-{b}": g for (a, b), g in self.link_factors().items()}}
 
     def table(self) -> ir.CostTable:
         """The base table with the current factors applied (see the module doc)."""
@@ -222,28 +269,25 @@ class Calibration:
             for (after, src, dst), tr in t.transfers.items():
                 g = self._link_factor(links, src, dst)
                 if src != dst and g != 1.0:
-                    link = t.system.link(src, dst)
-                    lat = link.latency if link is not None else 0.0
-                    transfers[(after, src, dst)] = dataclasses.replace(
-                        tr, time=(tr.time - lat) / g + lat)
+                    transfers[(after, src, dst)] = dataclasses.replace(tr, time=tr.time * g)
         return dataclasses.replace(t, bundles=bundles, transfers=transfers, system=system)
 
     @staticmethod
     def _link_factor(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
-        # a link named by `between` carries both directions: the slower one counts
-        return min(links.get((a, b), 1.0), links.get((b, a), 1.0))
+        return links.get(_pair(a, b), 1.0)
 
     def _scaled_system(self, links: Mapping[tuple[str, str], float]) -> ir.System:
         """The system with each link's effective bandwidth (``min(NIC, NIC, link)``, SPEC
-        §1) on the link itself, scaled by its factor, and the NIC caps lifted (they are in
-        the link figure now): the routed messages are priced on ``table.system`` by the
-        cost model's one link rule."""
+        §1) on the link itself divided by its factor, its latency multiplied by it, and
+        the NIC caps lifted (they are in the link figure now): the routed messages are
+        priced on ``table.system`` by the cost model's one link rule, ``bytes / bandwidth
+        + latency``, which the factor thus scales as a whole."""
         sys = self.base_table.system
         out = []
         for link in sys.links:
             g = self._link_factor(links, link.a, link.b)
             eff = self._file_bandwidth(link.a, link.b) or link.bandwidth
-            out.append(dataclasses.replace(link, bandwidth=eff * g))
+            out.append(dataclasses.replace(link, bandwidth=eff / g, latency=link.latency * g))
         devices = tuple(dataclasses.replace(d, network_bandwidth=float("inf"))
                         for d in sys.devices)
         return dataclasses.replace(sys, devices=devices, links=tuple(out))

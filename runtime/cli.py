@@ -4,10 +4,12 @@
 
     runtime serve (BUNDLE | --model M.onnx [--store DIR]) --device NAME [--listen HOST:PORT]
                   [--token-file F] [--threads N] [--grpc-port P] [--port-file F]
-                  [--queue-depth N]     (--model: build the stages the executor asks for)
+                  [--queue-depth N] [--metrics-port P]
+                  (--model: build the stages the executor asks for)
     runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
-                  ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
-                  [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
+                  ... [--token-file F] [--timeout S] [--repeat N] [--concurrency C]
+                  -o OUT.npz [--json] [--listen HOST:PORT]
+                  [--model M --system S [--adapt]]  (--model: re-plan on failure, on drift)
     runtime fallback BUNDLE --model M --system S [--device NAME ...]
     runtime certs SYSTEM -o DIR [--host H ...] [--days N] [--force]
 
@@ -264,10 +266,10 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="calibrate the cost table while serving and switch plans on drift")
     g.add_argument("--adapt-window", type=float, default=1.0, metavar="S",
                    help="seconds per calibration window")
-    g.add_argument("--adapt-margin", type=float, default=0.25, metavar="M",
+    g.add_argument("--adapt-margin", type=float, default=0.5, metavar="M",
                    help="switch when the current plan's re-estimate exceeds the new "
                         "optimum by this fraction ...")
-    g.add_argument("--adapt-windows", type=int, default=3, metavar="K",
+    g.add_argument("--adapt-windows", type=int, default=5, metavar="K",
                    help="... in K consecutive windows ...")
     g.add_argument("--adapt-min-interval", type=float, default=10.0, metavar="S",
                    help="... and S seconds after the previous switch")
@@ -278,6 +280,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                         "absolute against the system file's figures")
     g.add_argument("--adapt-min-samples", type=int, default=3, metavar="N",
                    help="unit runs a device needs in a window to be calibrated")
+    g.add_argument("--adapt-forget", type=float, default=30.0, metavar="W",
+                   help="half-life in windows of the factor of a device the plan left, so "
+                        "a recovered host is tried again (0: never)")
     p.add_argument("--system", help="the system file: device addresses (when --hosts is "
                                     "not given) and, with --model, re-planning")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
@@ -360,7 +365,7 @@ def _run(args: argparse.Namespace) -> int:
                 window=args.adapt_window, margin=args.adapt_margin,
                 windows=args.adapt_windows, min_interval=args.adapt_min_interval,
                 alpha=args.adapt_alpha, baseline=args.adapt_baseline,
-                min_samples=args.adapt_min_samples),
+                min_samples=args.adapt_min_samples, forget=args.adapt_forget),
                 ensure=units_ensurer(executor)).start()  # --model workers build new plans
         doc, outputs, error = stream(executor, inputs, args.repeat,
                                      concurrency=args.concurrency, adapter=adapter)

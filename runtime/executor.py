@@ -42,6 +42,7 @@ from runtime.local import (
     new_request,
     views_of,
 )
+from runtime.metrics import WorkerMetrics
 from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
@@ -175,6 +176,11 @@ class RemoteExecutor:
         self.submitted = 0
         self.observers: list[Callable[[dict[str, Any]], None]] = []
         self.last_inputs: dict[str, np.ndarray] | None = None
+        # the input sends, each timed until its "accepted": the source's links; with
+        # time_links, requests ask the workers to time some of their sends too (the
+        # executor then answers those results with "accepted")
+        self.links = WorkerMetrics("executor")
+        self.time_links = False
         self.tls = None if tls is None else tls.client_context()
         self._pool = ConnectionPool(timeout=5.0, tls=self.tls)
         host, port = parse_address(listen, what="--listen")
@@ -340,7 +346,7 @@ class RemoteExecutor:
                 base = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
                         "from": INPUT, "route": route, "reply": self.reply,
                         "budget": max(budget, 0.01), "token": self.token, "timings": [],
-                        "ack": True}
+                        "ack": True, "timed": self.time_links}
                 p.gathering[p.attempt] = (key, Inbox(view.senders.get(OUTPUT, ())), [])
                 attempt = p.attempt
                 source = {n: (None, a) for n, a in p.inputs.items()}
@@ -354,12 +360,14 @@ class RemoteExecutor:
                 addr = self.hosts[device]
                 header = {**base, "unit": to, "rows": {
                     n: None if r is None else list(r) for n, (r, _) in message.items()}}
+                arrays = {n: a for n, (_, a) in message.items()}
                 try:
                     # each receiver answers "accepted" once the message passed its checks,
                     # so a refused request (token, tensors) fails at once, not on time-out
-                    reply = self._pool.request(addr, header,
-                                               {n: a for n, (_, a) in message.items()},
-                                               timeout=min(budget, 5.0))
+                    t0 = time.monotonic()
+                    reply = self._pool.request(addr, header, arrays, timeout=min(budget, 5.0))
+                    self.links.record_transfer(device, sum(a.nbytes for a in arrays.values()),
+                                               time.monotonic() - t0)
                 except (OSError, ProtocolError) as err:
                     self._pool.drop(addr)
                     with self._lock:
@@ -391,6 +399,12 @@ class RemoteExecutor:
 
     # ------------------------------------------------------------------ messages
     def _on_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
+        reply = self._handle_message(frame, peer)
+        if reply is None and frame.header.get("ack") and frame.header.get("type") == "result":
+            return {"type": "accepted", "id": frame.header.get("id")}  # a timed transfer
+        return reply
+
+    def _handle_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
         h = frame.header
         if h.get("type") == "health":
             return {"type": "health", "live": True}
@@ -505,8 +519,8 @@ class RemoteExecutor:
                     if now >= p.deadline:
                         self._finish_error(p, f"no result within {self.timeout} s "
                                            f"(attempt {p.attempt}, plan {p.plan})")
-                    elif p.retrying:
-                        continue
+                    elif p.retrying or p.attempt == 0:
+                        continue  # a retry is on its way, or the first send is (submit)
                     elif p.devices & self.down:
                         dead = ", ".join(sorted(p.devices & self.down))
                         retry.append((p, f"attempt {p.attempt}: device {dead} down"))

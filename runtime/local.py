@@ -114,6 +114,7 @@ class LocalExecutor:
             return
         record["latency"] = time.perf_counter() - start
         self.records.append(record)
+        fut.record = record  # type: ignore[attr-defined]  # as RemoteExecutor's futures
         fut.set_result(outputs)
 
     def close(self) -> None:

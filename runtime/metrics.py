@@ -5,10 +5,14 @@ Every worker keeps a :class:`WorkerMetrics`:
 * per unit (plan key, unit key): requests run, and the sums and smoothed (EWMA) values of
   its **compute** time (ONNX Runtime's run), **queue** time (complete, waiting behind
   earlier requests) and **wait** time (its first message in, waiting for the others);
-* per link it sends on (receiving device, or ``"reply"`` for results going back to the
-  executor): transfers, bytes and seconds spent in the send, and a smoothed throughput
-  (bytes / seconds of one transfer) over the transfers of at least
+* per link it sends on (receiving device; results go to the bundle's destination
+  device, else ``"reply"``): transfers, bytes and seconds spent in the send, and a
+  smoothed throughput (bytes / seconds of one transfer) over the transfers of at least
   :data:`MIN_LINK_BYTES` (smaller ones fit in the socket buffer and time only the copy);
+  and every :data:`LINK_SAMPLE`-th transfer to a peer (the first included) asks the
+  receiver for its ``accepted`` answer and is timed until it comes: that *acknowledged
+  transfer time* (bytes on the wire, the link's delay both ways, the receiver's checks)
+  is what calibration compares with the cost model's ``bytes / bandwidth + latency``;
 * the process's CPU load (fraction of one core, from ``/proc/self/stat`` between two
   samples) and resident memory (``/proc/self/status``), and the host's 1-minute load
   average, core count and available memory (``/proc/loadavg``, ``/proc/meminfo``).
@@ -32,11 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["WorkerMetrics", "MetricsServer", "prometheus_text", "process_figures",
-           "host_figures", "MIN_LINK_BYTES", "EWMA_ALPHA"]
+           "host_figures", "MIN_LINK_BYTES", "EWMA_ALPHA", "LINK_SAMPLE"]
 
 log = logging.getLogger("runtime.metrics")
 
 MIN_LINK_BYTES = 64 << 10  # smaller sends time the copy into the socket buffer only
+LINK_SAMPLE = 8  # one transfer in this many per peer waits for the receiver's answer
 EWMA_ALPHA = 0.2  # weight of the newest sample in the smoothed per-unit/per-link figures
 _CPU_SAMPLE = 1.0  # seconds between two CPU-time samples (several pollers share one)
 
@@ -61,6 +66,11 @@ class _Link:
     bytes: int = 0
     seconds: float = 0.0
     throughput: float | None = None  # bytes / s, EWMA over sends of >= MIN_LINK_BYTES
+    acked: int = 0  # transfers timed until the receiver's answer
+    acked_seconds: float | None = None  # EWMA of their times
+    acked_bytes: float | None = None  # EWMA of their sizes
+    acked_seconds_sum: float = 0.0  # totals (a reader's window: differences)
+    acked_bytes_sum: int = 0
 
 
 def _read(path: str) -> str:
@@ -158,6 +168,21 @@ class WorkerMetrics:
             if nbytes >= MIN_LINK_BYTES and seconds > 0:
                 link.throughput = _ewma(link.throughput, nbytes / seconds)
 
+    def sample(self, peer: str) -> bool:
+        """Whether the next transfer to ``peer`` is to be timed until its answer."""
+        with self._lock:
+            return self._links.get(peer, _Link()).count % LINK_SAMPLE == 0
+
+    def record_transfer(self, peer: str, nbytes: int, seconds: float) -> None:
+        """A transfer timed until the receiver's answer (see the module doc)."""
+        with self._lock:
+            link = self._links.setdefault(peer, _Link())
+            link.acked += 1
+            link.acked_seconds = _ewma(link.acked_seconds, seconds)
+            link.acked_bytes = _ewma(link.acked_bytes, float(nbytes))
+            link.acked_seconds_sum += seconds
+            link.acked_bytes_sum += nbytes
+
     def snapshot(self, stats: Mapping[str, int] | None = None) -> dict[str, Any]:
         """A JSON-safe copy of everything measured (what ``health``/``metrics`` return)."""
         with self._lock:
@@ -166,7 +191,10 @@ class WorkerMetrics:
                       "compute_ewma": u.compute_ewma, "queue_ewma": u.queue_ewma}
                      for (p, k), u in sorted(self._units.items())]
             links = [{"peer": peer, "count": k.count, "bytes": k.bytes,
-                      "seconds": k.seconds, "throughput": k.throughput}
+                      "seconds": k.seconds, "throughput": k.throughput, "acked": k.acked,
+                      "acked_seconds": k.acked_seconds, "acked_bytes": k.acked_bytes,
+                      "acked_seconds_sum": k.acked_seconds_sum,
+                      "acked_bytes_sum": k.acked_bytes_sum}
                      for peer, k in sorted(self._links.items())]
         return {"device": self.device, "time": time.time(), "units": units,
                 "links": links, "process": process_figures(self._cpu),
@@ -225,6 +253,9 @@ def prometheus_text(snap: Mapping[str, Any]) -> str:
     family("runtime_link_throughput_bytes_per_second", "gauge",
            f"smoothed bytes/s of sends of at least {MIN_LINK_BYTES} B",
            [("", {"peer": k["peer"]}, k["throughput"]) for k in links])
+    family("runtime_link_acked_transfer_seconds", "gauge",
+           f"smoothed time of one transfer until the receiver's answer (1 in {LINK_SAMPLE})",
+           [("", {"peer": k["peer"]}, k.get("acked_seconds")) for k in links])
     proc, host = snap.get("process", {}), snap.get("host", {})
     family("runtime_process_cpu_cores", "gauge", "CPU load of the worker process, cores",
            [("", {}, proc.get("cpu"))])

@@ -26,12 +26,15 @@ __all__ = ["stream"]
 
 
 def stream(executor: Any, inputs: Mapping[str, np.ndarray], repeat: int, *,
-           concurrency: int = 1, adapter: Any = None, wait: float | None = None
+           concurrency: int = 1, adapter: Any = None, wait: float | None = None,
+           until: threading.Event | None = None
            ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None, str | None]:
     """Run the requests; returns (document, last answered request's outputs, first error).
 
     ``wait``: seconds to wait for each answer before counting it lost (default: the
     executor's request timeout plus 10 s; the executor fails a request on its deadline).
+    ``until``: stop sending (before ``repeat``) once this event is set (benchmarks).
+    Each run also says when it was sent (``sent``, seconds after the first).
     """
     names = adapter.names if adapter is not None else PlanNames()
     answered: collections.Counter[str] = collections.Counter()
@@ -45,10 +48,15 @@ def stream(executor: Any, inputs: Mapping[str, np.ndarray], repeat: int, *,
         observers.append(count)
     room = threading.BoundedSemaphore(concurrency)
     futures: list[cf.Future[dict[str, np.ndarray]]] = []
+    sent: list[float] = []
     t0 = time.perf_counter()
     try:
         for _ in range(repeat):
             room.acquire()
+            if until is not None and until.is_set():
+                room.release()
+                break
+            sent.append(time.perf_counter() - t0)
             fut = executor.submit(inputs)
             fut.add_done_callback(lambda _f: room.release())
             futures.append(fut)
@@ -69,7 +77,7 @@ def stream(executor: Any, inputs: Mapping[str, np.ndarray], repeat: int, *,
     if observers is None:  # a local executor: each record is its answer
         answered.update(r["id"] for r in by_id.values())
     runs, last, first_error = [], None, None
-    for fut, (outputs, error) in zip(futures, outcomes, strict=True):
+    for fut, (outputs, error), when in zip(futures, outcomes, sent, strict=True):
         rid = fut.request_id  # type: ignore[attr-defined]
         rec = getattr(fut, "record", None) or by_id.get(rid) or {}
         if outputs is not None:
@@ -78,7 +86,7 @@ def stream(executor: Any, inputs: Mapping[str, np.ndarray], repeat: int, *,
             first_error = error if error != "lost" else f"request {rid}: no answer"
         runs.append({"id": rid, "ok": outputs is not None, "latency": rec.get("latency"),
                      "plan": names(rec.get("plan")), "exit": rec.get("exit"),
-                     "error": None if outputs is not None else error,
+                     "error": None if outputs is not None else error, "sent": when,
                      "attempts": rec.get("attempts", 1), "retries": rec.get("retries", []),
                      "stages": rec.get("timings", [])})
     switches = adapter.report() if adapter is not None else []

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from runtime.metrics import WorkerMetrics
-from runtime.protocol import Frame
+from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import (
@@ -432,7 +432,7 @@ class Worker:
         first = box.header
         header = {"id": rid, "attempt": attempt, "plan": plan, "unit": unit_key,
                   "route": first.get("route"), "reply": first.get("reply"),
-                  "timings": box.timings}
+                  "timings": box.timings, "timed": first.get("timed") is True}
         return Job(header, assembled, box.deadline, box.opened, now)
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
@@ -532,15 +532,13 @@ class Worker:
         header: dict[str, Any] = {
             "id": h["id"], "attempt": h["attempt"], "plan": plan, "from": h["unit"],
             "rows": {n: None if r is None else list(r) for n, (r, _) in message.items()},
-            "timings": timings, "token": self.token}
+            "timings": timings, "token": self.token, "timed": h.get("timed", False)}
         arrays = {n: a for n, (_, a) in message.items()}
-        nbytes = sum(a.nbytes for a in arrays.values())
         if to == OUTPUT:
             header["type"] = "result"
             try:
-                t0 = time.monotonic()
-                self.pool.send(parse_address(h["reply"]), header, arrays, timeout=budget)
-                self.metrics.record_send("reply", nbytes, time.monotonic() - t0)
+                self._timed_send(self.views[plan].bundle.destination or "reply",
+                                 parse_address(h["reply"]), header, arrays, budget)
             except OSError as err:
                 log.warning("request %s: cannot return the result to %s: %s", h["id"],
                             h["reply"], err)
@@ -562,9 +560,7 @@ class Worker:
                        failed_device=target.device)
             return False
         try:
-            t0 = time.monotonic()
-            self.pool.send(addr, header, arrays, timeout=min(budget, 10.0))
-            self.metrics.record_send(target.device, nbytes, time.monotonic() - t0)
+            self._timed_send(target.device, addr, header, arrays, min(budget, 10.0))
         except OSError as err:
             self.pool.drop(addr)
             self._fail(job, "unreachable", f"request {h['id']}: stage {h['unit']} on "
@@ -572,6 +568,26 @@ class Worker:
                        f"{err.__class__.__name__}: {err}", failed_device=target.device)
             return False
         return True
+
+    def _timed_send(self, peer: str, addr: tuple[str, int], header: dict[str, Any],
+                    arrays: Mapping[str, np.ndarray], timeout: float) -> None:
+        """Send and measure (:mod:`runtime.metrics`): for a request the executor marked
+        ``timed`` (live adaptation: it answers results too), one transfer in
+        ``LINK_SAMPLE`` per peer waits for the receiver's ``accepted``."""
+        nbytes = sum(a.nbytes for a in arrays.values())
+        t0 = time.monotonic()
+        if not header.get("timed") or not self.metrics.sample(peer):
+            self.pool.send(addr, header, arrays, timeout=timeout)
+            self.metrics.record_send(peer, nbytes, time.monotonic() - t0)
+            return
+        try:
+            reply = self.pool.request(addr, {**header, "ack": True}, arrays, timeout=timeout)
+        except ProtocolError as err:
+            raise OSError(f"bad answer from {format_address(addr)}: {err}") from None
+        seconds = time.monotonic() - t0
+        self.metrics.record_send(peer, nbytes, seconds)
+        if reply.header.get("type") == "accepted":  # a refusal was reported by the peer
+            self.metrics.record_transfer(peer, nbytes, seconds)
 
     def _hand_over(self, job: Job, header: dict[str, Any],
                    arrays: Mapping[str, np.ndarray]) -> bool:

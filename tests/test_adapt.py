@@ -12,33 +12,23 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pytest
 
 from runtime.adapt import Adapter, AdaptOptions, DriftRule
 from runtime.executor import RemoteExecutor
 from runtime.stream import stream
-from tests.test_adapt_fixtures import Workers, build_solved, start_workers
+from tests.test_adapt_fixtures import (  # noqa: F401  (fixtures)
+    Workers,
+    built,
+    workers,
+)
 from tests.test_runtime_fixtures import TOKEN, Built, reference, sample
 
-FAST = AdaptOptions(window=0.3, windows=2, min_interval=0.0, margin=0.25)
+FAST = AdaptOptions(window=0.3, windows=2, min_interval=0.0)
 SLOW = 100.0
-
-
-@pytest.fixture
-def built(tmp_path: Path) -> Built:
-    return build_solved(tmp_path / "b")
-
-
-@pytest.fixture
-def workers(built: Built, tmp_path: Path) -> Iterator[Workers]:
-    w = start_workers(built, tmp_path)
-    yield w
-    w.stop()
 
 
 def _wait(cond: Callable[[], bool], seconds: float = 60.0) -> bool:
@@ -114,7 +104,9 @@ def test_slow_host_is_replanned_away_from_without_loss(built, workers) -> None:
             assert _wait(lambda: len(s.futures) > at + 20)
         results = s.results()
         new_plan = ex.current
-        assert new_plan.startswith("adapt/") and "hub" not in ex.views[new_plan].devices
+        assert new_plan != "main" and "hub" not in ex.views[new_plan].devices
+        # compiled into BUNDLE/adapt/, or a loaded plan with the same stages (the bundle
+        # carries the fail-over plan without the hub: all on the edge)
         assert (built.bundle / new_plan / "manifest.json").is_file()
         assert ex.duplicates == 0
     _check_answers(built, results)
@@ -129,17 +121,21 @@ def test_slow_host_is_replanned_away_from_without_loss(built, workers) -> None:
 
 
 def test_no_switch_without_drift(built, workers) -> None:
+    # the default rule (1 s windows, margin 0.5, 5 windows) on this loaded host
     with RemoteExecutor(built.bundle, workers.hosts, token=TOKEN, timeout=30,
-                        probe_interval=0.1) as ex, Adapter(
-            ex, built.model, built.system,
-            options=AdaptOptions(window=0.2, windows=2, min_interval=0.0)) as adapter:
+                        probe_interval=0.1) as ex, Adapter(ex, built.model, built.system
+                                                           ) as adapter:
         with Streamer(ex):
             assert _wait(lambda: _steady(adapter, 12), 120), adapter.history[-5:]
         assert adapter.switches == [] and adapter.failed_switches == []
         assert ex.current == "main"
-        steady = [h for h in adapter.history if h.get("state") == "steady"]
-        # the current plan is the optimum of the calibrated table in every window
-        assert all(h["current"] == pytest.approx(h["best"]) for h in steady)
+        states = {h.get("state") for h in adapter.history}
+        # noise may make another plan look better for a window, never for the 5 in a
+        # row at the margin that a switch needs
+        assert states <= {"calibrating", "steady"} | {f"drift {k}/5" for k in range(1, 5)}, \
+            states
+        assert all(h["current"] > 0 and h["best"] > 0 for h in adapter.history
+                   if "current" in h)
 
 
 def test_worker_killed_during_a_switch_loses_nothing(built, workers) -> None:
@@ -229,3 +225,32 @@ def test_drift_rule_needs_consecutive_windows_and_the_interval() -> None:
     assert rule.step(34.5, 2.0, 1.0, "C", cur)
     # the best plan being the current one is never a reason
     assert not any(rule.step(t, 5.0, 1.0, cur, cur) for t in range(50, 60))
+
+
+def test_a_recovered_host_is_tried_again_and_taken_back(built, workers) -> None:
+    """The factor of a host the plan left fades (--adapt-forget); the switch back is
+    tried with one request first: refused while the host is still slow, taken once it
+    recovered."""
+    options = AdaptOptions(window=0.3, windows=2, min_interval=0.0, margin=0.25, forget=2)
+    with RemoteExecutor(built.bundle, workers.hosts, token=TOKEN, timeout=30,
+                        probe_interval=0.1) as ex, Adapter(ex, built.model, built.system,
+                                                           options=options) as adapter:
+        with Streamer(ex) as s:
+            assert _wait(lambda: _steady(adapter)), adapter.history
+            workers.slow_down("hub", SLOW)
+            assert _wait(lambda: bool(adapter.switches)), adapter.history[-5:]
+            # still slow: the trial request on the way back measures it, no switch
+            assert _wait(lambda: any("not better by the margin" in f
+                                     for f in adapter.failed_switches), 120), (
+                adapter.failed_switches, adapter.history[-5:])
+            assert len(adapter.switches) == 1 and ex.current != "main"
+            workers.slow_down("hub", 1.0)
+            assert _wait(lambda: len(adapter.switches) >= 2, 120), (
+                adapter.failed_switches[-3:], adapter.history[-5:])
+            n = len(s.futures)
+            assert _wait(lambda: len(s.futures) > n + 20)
+        results = s.results()
+    _check_answers(built, results)
+    hops = [(w["from"], w["to"]) for w in adapter.report()]
+    assert hops[:2] == [("p0", "p1"), ("p1", "p0")], hops
+    assert ex.current == "main" or len(hops) > 2

@@ -8,26 +8,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from tests.test_adapt_fixtures import Workers, build_solved, start_workers
+from tests.test_adapt_fixtures import (  # noqa: F401  (fixtures)
+    Workers,
+    built,
+    workers,
+)
 from tests.test_runtime_fixtures import ROOT, Built, reference, sample
-
-
-@pytest.fixture
-def built(tmp_path: Path) -> Built:
-    return build_solved(tmp_path / "b")
-
-
-@pytest.fixture
-def workers(built: Built, tmp_path: Path) -> Iterator[Workers]:
-    w = start_workers(built, tmp_path)
-    yield w
-    w.stop()
 
 
 def _run(built: Built, workers: Workers, tmp_path: Path, *extra: str

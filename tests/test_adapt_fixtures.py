@@ -15,11 +15,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
+import pytest
 
 from tests.test_runtime_fixtures import ROOT, SYSTEM_TOML, TOKEN, Built
 
@@ -54,20 +56,22 @@ class Workers:
 
     built: Built
     work: Path
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def hosts(self) -> dict[str, str]:
-        return {d: f"127.0.0.1:{i['port']}" for d, i in self.info.items()}
+        return {d: f"{i['host']}:{i['port']}" for d, i in self.info.items()}
 
-    def start(self, device: str, timeout: float = 60.0) -> dict[str, Any]:
+    def start(self, device: str, timeout: float = 60.0, host: str = "127.0.0.1"
+              ) -> dict[str, Any]:
         pf = self.work / f"{device}.port.json"
         pf.unlink(missing_ok=True)
         log = open(self.work / f"{device}.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", str(self.built.bundle),
-             "--device", device, "--listen", "127.0.0.1:0", "--token-file",
+            [*self.prefix, sys.executable, "-m", "runtime.cli", "serve",
+             str(self.built.bundle), "--device", device, "--listen", f"{host}:0", "--token-file",
              str(self.built.token_file), "--port-file", str(pf), "--threads", "1",
              "--debug-slowdown", "1", "--metrics-port", "0", "--quiet"],
             cwd=ROOT, stdout=log, stderr=log)
@@ -97,7 +101,7 @@ class Workers:
         """One authenticated request/reply frame to ``device``'s worker."""
         from runtime.transport import connect, recv_frame, send_frame
 
-        addr = ("127.0.0.1", int(self.info[device]["port"]))
+        addr = (str(self.info[device]["host"]), int(self.info[device]["port"]))
         with connect(addr, 5.0) as sock:
             send_frame(sock, {**header, "token": TOKEN})
             return dict(recv_frame(sock, max_body=0, frame_timeout=10.0).header)
@@ -117,3 +121,16 @@ def start_workers(built: Built, work: Path) -> Workers:
         workers.stop()
         raise
     return workers
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Built:
+    """A fresh solver-made bundle per test (switches write ``BUNDLE/adapt/``)."""
+    return build_solved(tmp_path / "b")
+
+
+@pytest.fixture
+def workers(built: Built, tmp_path: Path) -> Iterator[Workers]:
+    w = start_workers(built, tmp_path)
+    yield w
+    w.stop()

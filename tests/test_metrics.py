@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.executor import RemoteExecutor
-from runtime.metrics import MIN_LINK_BYTES, WorkerMetrics, prometheus_text
+from runtime.metrics import LINK_SAMPLE, MIN_LINK_BYTES, WorkerMetrics, prometheus_text
 from runtime.transport import connect, recv_frame, send_frame
 from tests.test_adapt_fixtures import Workers
 from tests.test_runtime_fixtures import TOKEN, Built, build, sample
@@ -56,6 +56,7 @@ def _probe(addr: tuple[str, int], header: dict[str, object]) -> dict[str, object
 def test_metrics_endpoint_parses_and_counts_what_ran(chain, workers) -> None:
     n = 12
     with RemoteExecutor(chain.bundle, workers.hosts, token=TOKEN, timeout=30) as ex:
+        ex.time_links = True  # as live adaptation does: workers time some sends
         for i in range(n):
             ex.infer({"input": sample(i)})
         records = list(ex.records)
@@ -78,6 +79,18 @@ def test_metrics_endpoint_parses_and_counts_what_ran(chain, workers) -> None:
     link = (("device", "hub"), ("peer", "cloud"))
     assert fams["runtime_link_sent_bytes"][("runtime_link_sent_bytes_total", link)] == n * nbytes
     assert fams["runtime_link_transfers"][("runtime_link_transfers_total", link)] == n
+    # one transfer in LINK_SAMPLE (the first included) waited for the cloud's answer
+    acked = fams["runtime_link_acked_transfer_seconds"][
+        ("runtime_link_acked_transfer_seconds", link)]
+    assert 0 < acked < 30
+    snap = workers.frame("hub", {"type": "metrics"})
+    (to_cloud,) = [k for k in snap["links"] if k["peer"] == "cloud"]
+    assert to_cloud["acked"] == (n + LINK_SAMPLE - 1) // LINK_SAMPLE
+    assert to_cloud["acked_bytes"] == pytest.approx(nbytes)
+    # the cloud's results go to the destination device's executor: link cloud -> edge
+    cloud = workers.frame("cloud", {"type": "metrics"})
+    assert [k["peer"] for k in cloud["links"]] == ["edge"]
+    assert cloud["links"][0]["count"] == n
     assert fams["runtime_host_cpus"][("runtime_host_cpus", (("device", "hub"),))] >= 1
     assert fams["runtime_process_resident_memory_bytes"][
         ("runtime_process_resident_memory_bytes", (("device", "hub"),))] > 10e6
