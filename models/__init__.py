@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 
 from models.cnn import alexnet, mobilenet_v2, resnet18, resnet50, tiny_cnn, vgg11, vgg16
+from models.exits import branchy_alexnet, resnet18_exit, tiny_branchy
 from models.published import PUBLISHED
 from models.rnn import lstm_small
 from models.vit import vit_b_16, vit_tiny
@@ -54,6 +55,11 @@ MODELS: dict[str, ModelInfo] = {
     "yolo_small": ModelInfo(yolo_small, 640, "YOLO-style detector, FPN/PAN neck, 3 outputs"),
     "lstm_small": ModelInfo(lstm_small, 32, "2-layer LSTM classifier (size = sequence length)"),
     "tiny_cnn": ModelInfo(tiny_cnn, 32, "4-layer chain CNN, 24k parameters, for fast tests"),
+    "branchy_alexnet": ModelInfo(branchy_alexnet, 224,
+                                 "AlexNet + BranchyNet exit after conv2 (outputs logits, exit1)"),
+    "resnet18_exit": ModelInfo(resnet18_exit, 224,
+                               "ResNet-18 + an exit after layer2 (outputs logits, exit1)"),
+    "tiny_branchy": ModelInfo(tiny_branchy, 32, "tiny_cnn + an exit after conv1, for fast tests"),
 }
 
 

@@ -360,6 +360,11 @@ class CostTable:
         sources: per device, ``"analytic"`` or ``"profile"`` (for the report).
         weight_sizes: bytes of every initialiser named in ``Position.weights`` (a weight
             shared by several positions on one device is held once).
+        exits: ``(position, head, nbytes)`` of every early-exit head (DISS §6.4), in chain
+            order: the position of the layer that produces the head's output, and that
+            output's size (what a request that exits sends to the destination). A bundle never
+            runs past such a position (the exit decision is taken there); see
+            docs/EXITS.md.
     """
 
     graph_name: str
@@ -373,6 +378,7 @@ class CostTable:
     preload: bool = True
     sources: Mapping[str, str] = field(default_factory=dict)
     weight_sizes: Mapping[str, int] = field(default_factory=dict)
+    exits: tuple[tuple[int, ExitHead, int], ...] = ()
 
     @property
     def device_names(self) -> tuple[str, ...]:

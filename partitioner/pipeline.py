@@ -112,7 +112,8 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          profiles: Sequence[str | Path | Profile] = (),
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
-         preload: bool = True, private: int = 0, example_inputs: Any = None) -> PlanResult:
+         preload: bool = True, private: int = 0, example_inputs: Any = None,
+         exits: Sequence[Any] = (), calibration: str | Path | None = None) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -130,6 +131,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         preload: model weight preloading (ODIWeP).
         private: the first ``private`` layers run only on trusted devices.
         example_inputs: ``forward`` arguments when ``model`` is a PyTorch module.
+        exits: early-exit heads, ``"OUTPUT=P"`` / ``"OUTPUT@T"`` strings or
+            :class:`~partitioner.frontend.exits.ExitSpec` (docs/EXITS.md).
+        calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads.
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -141,11 +145,24 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     objective = objective or ir.Objective()
     loaded_system = _load_system(system)
     prepared = _prepare(model, shapes, granularity, example_inputs)
+    heads: tuple[Any, ...] = ()
+    if exits:
+        from partitioner.frontend.exits import resolve_exits
+
+        prepared, heads = resolve_exits(prepared, exits, calibration)
     table = build_cost_table(prepared.graph, loaded_system,
                              profiles=_profiles(profiles, prepared.graph), mbs=mbs,
                              preload=preload, private=private)
-    return PlanResult(prepared, loaded_system, table,
-                      _solve(prepared.graph, table, objective), objective)
+    if heads:
+        from partitioner.analysis.exits import with_exits
+
+        table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
+    chosen = _solve(prepared.graph, table, objective)
+    if heads:  # nothing may skip an exit stage; expected and worst case re-priced
+        from partitioner.analysis.exits import route_exits
+
+        chosen = route_exits(prepared.graph, table, chosen)
+    return PlanResult(prepared, loaded_system, table, chosen, objective)
 
 
 def _solve(graph: ir.LayerGraph, table: ir.CostTable, objective: ir.Objective) -> ir.Plan:
@@ -158,7 +175,8 @@ def _solve(graph: ir.LayerGraph, table: ir.CostTable, objective: ir.Objective) -
 
 def solve_on(result: PlanResult, table: ir.CostTable) -> PlanResult:
     """Solve ``result``'s model again on ``table`` (e.g. a calibrated copy of its cost
-    table), with its objective; the plan is routed and priced on ``table``."""
+    table), with its objective; the plan is routed and priced on ``table``. (A plan with
+    early-exit heads is re-solved without them: live adaptation of exits is not built.)"""
     return dataclasses.replace(result, table=table,
                                plan=_solve(result.prepared.graph, table, result.objective))
 
@@ -291,9 +309,15 @@ def replan(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
     # reduced system); bad profile files still fail here, before the try below.
     kept = [p for p in _profiles(profiles, prepared.graph) if p.device not in gone]
     kind = str(main.plan.get("objective", "latency"))
+    # the bundle's exit heads again, with the probabilities it was planned with
+    from partitioner.frontend.exits import ExitSpec
+
+    heads = [ExitSpec(str(e["output"]), float(e["probability"]), e.get("threshold"))
+             for e in main.plan.get("exits") or ()]
     try:
         result = plan(prepared, system_without(full, gone), profiles=kept,
-                      objective=ir.Objective(kind=kind))  # type: ignore[arg-type]
+                      objective=ir.Objective(kind=kind),  # type: ignore[arg-type]
+                      exits=heads)
     except UserError as err:
         log.warning("no plan without %s: %s", ", ".join(sorted(gone)), err)
         return None

@@ -202,6 +202,9 @@ class Adapter:
         self.context = bundle_context(self.bundle_dir, model,
                                       _served_system(system, executor.hosts),
                                       profiles=profiles)
+        if any(s.exit is not None for s in self.context.plan.stages):
+            fail(f"--adapt: bundle {self.bundle_dir} has early-exit heads; re-planning "
+                 f"them while serving is not built")
         self.calibration = Calibration(self.context.table, alpha=self.options.alpha,
                                        baseline=self.options.baseline,
                                        forget=self.options.forget or None)

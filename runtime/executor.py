@@ -454,11 +454,20 @@ class RemoteExecutor:
             self._finish_error(p, f"bad result: {err}")
             return
         message = {n: (rows[n], a) for n, a in frame.tensors.items()}
-        self._gather(p, attempt, sender, message, h.get("timings"), where)
+        exit_name = h.get("exit")
+        if exit_name is not None:
+            unit = self.views[plan].unit_map.get(sender)
+            rule = getattr(unit, "exit", None) or {}
+            if exit_name != rule.get("output"):
+                self._finish_error(p, f"bad result: {where} names exit {exit_name!r}, which "
+                                   f"is not the head of stage {sender}")
+                return
+        self._gather(p, attempt, sender, message, h.get("timings"), where, exit_name)
 
     def _gather(self, p: _Pending, attempt: int, sender: str, message: Message,
-                timings: Any, where: str) -> None:
-        """Add a message for ``"output"``; the first attempt complete answers ``p``."""
+                timings: Any, where: str, exit_name: str | None = None) -> None:
+        """Add a message for ``"output"``; the first attempt complete answers ``p``. A
+        message that names an exit head completes the request with that output alone."""
         with self._lock:
             if p.id not in self._pending:
                 self.duplicates += 1
@@ -470,16 +479,21 @@ class RemoteExecutor:
                     return
                 inbox.add(sender, message)
                 merge_timings(merged, timings)
-                if not inbox.complete:
+                if exit_name is not None:
+                    spec = [t for t in self.views[plan].outputs if t.name == exit_name]
+                    outputs = Inbox((sender,), {sender: message}).tensors(spec, where)
+                elif not inbox.complete:
                     return
-                outputs = inbox.tensors(self.views[plan].outputs, where)
+                else:
+                    outputs = inbox.tensors(self.views[plan].outputs, where)
             except UserError as err:
                 self._finish_error(p, f"bad result: {err}")
                 return
             self._pending.pop(p.id)
             record = {"id": p.id, "plan": plan, "attempts": attempt,
                       "latency": time.perf_counter() - p.start,
-                      "timings": merged, "retries": p.history, "trial": p.pinned is not None}
+                      "timings": merged, "retries": p.history, "exit": exit_name,
+                      "trial": p.pinned is not None}
             self.records.append(record)
             p.future.record = record  # type: ignore[attr-defined]
             for observe in self.observers:

@@ -106,13 +106,15 @@ class LocalExecutor:
                                       "queue": 0.0, "compute": time.perf_counter() - t0})
             return out
 
+        exited: list[str] = []
         try:
-            outputs = run_graph(self.view.bundle, feeds, run)
+            outputs = run_graph(self.view.bundle, feeds, run, request_id=rid, exited=exited)
         except Exception as err:
             fut.set_exception(RequestError(
                 f"request {rid}: {err.__class__.__name__}: {str(err).splitlines()[0]}"))
             return
         record["latency"] = time.perf_counter() - start
+        record["exit"] = exited[0] if exited else None  # the exit head it left by
         self.records.append(record)
         fut.record = record  # type: ignore[attr-defined]  # as RemoteExecutor's futures
         fut.set_result(outputs)

@@ -57,7 +57,8 @@ from runtime.tls import TLSConfig
 from runtime.transport import ConnectionPool, format_address, parse_address
 from runtime.waiting import Busy, WaitingRoom
 from stagebundle.errors import UserError, fail
-from stagebundle.graph import Message, held_after, outgoing
+from stagebundle.exits import exit_after
+from stagebundle.graph import Message, exit_messages, held_after, outgoing
 from stagebundle.manifest import OUTPUT
 
 __all__ = ["Worker", "Job", "Busy"]
@@ -136,7 +137,7 @@ class Worker:
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0, "busy": 0,
-                      "expired": 0}
+                      "expired": 0, "exited": 0}
         self.received: dict[str, int] = {}  # tensor name -> bytes received over the network
         self.metrics = WorkerMetrics(device)  # per-unit times, per-link sends, CPU, memory
         if slowdown is not None and not 1.0 <= slowdown <= 1000.0:
@@ -515,13 +516,19 @@ class Worker:
         unit = runner.unit
         what = f"request {h['id']}: stage {unit.key} on {self.device}"
         messages = outgoing(unit, held_after(unit, job.tensors, produced), what)
+        # an early-exit head whose rule holds: only the head's output goes out, to the
+        # destination, naming the exit; the later units never see this request
+        taken = exit_after(unit, produced, h["id"])
+        if taken is not None:
+            messages = exit_messages(messages)
+            self._count("exited")
         for to, message in messages:
-            if not self._send(key[0], job, to, message, timings):
+            if not self._send(key[0], job, to, message, timings, taken):
                 return
         self._count("completed")
 
     def _send(self, plan: str, job: Job, to: str, message: Message,
-              timings: list[dict[str, Any]]) -> bool:
+              timings: list[dict[str, Any]], exit_name: str | None = None) -> bool:
         """Send one message of ``job``'s unit to unit ``to`` (or the destination)."""
         h = job.header
         budget = job.deadline - time.monotonic()
@@ -536,6 +543,8 @@ class Worker:
         arrays = {n: a for n, (_, a) in message.items()}
         if to == OUTPUT:
             header["type"] = "result"
+            if exit_name is not None:
+                header["exit"] = exit_name
             try:
                 self._timed_send(self.views[plan].bundle.destination or "reply",
                                  parse_address(h["reply"]), header, arrays, budget)

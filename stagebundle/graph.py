@@ -29,6 +29,8 @@ __all__ = [
     "outgoing",
     "Inbox",
     "run_graph",
+    "exit_messages",
+    "exit_result",
     "check_graph",
 ]
 
@@ -159,13 +161,19 @@ def held_after(unit: Unit, received: Mapping[str, np.ndarray],
     return held
 
 
-def run_graph(bundle: Bundle, feeds: Mapping[str, np.ndarray], run: RunUnit
+def run_graph(bundle: Bundle, feeds: Mapping[str, np.ndarray], run: RunUnit, *,
+              request_id: str | None = None, exited: list[str] | None = None
               ) -> dict[str, np.ndarray]:
     """Run every unit in stage order in this process, passing messages as the workers do.
 
     ``run(unit, inputs)`` runs the unit's ONNX file on its inputs and returns its outputs.
-    Returns the model outputs by name.
+    Returns the model outputs by name. With ``request_id``, early-exit heads take their
+    rule (:func:`stagebundle.exits.exit_after`): a request that leaves returns only the
+    head's output, no later unit runs, and the head's name is appended to ``exited``;
+    without it (the back end's verification) every unit runs.
     """
+    from stagebundle.exits import exit_after
+
     senders = expected_senders(bundle)
     inboxes = {k: Inbox(v) for k, v in senders.items()}
     source: dict[str, Piece] = {t.name: (None, np.asarray(feeds[t.name]))
@@ -180,12 +188,34 @@ def run_graph(bundle: Bundle, feeds: Mapping[str, np.ndarray], run: RunUnit
                  f"topological?)")
         received = inbox.tensors(unit.receives, what)
         produced = run(unit, {t.name: received[t.name] for t in unit.inputs})
-        for to, msg in outgoing(unit, held_after(unit, received, produced), what):
+        messages = outgoing(unit, held_after(unit, received, produced), what)
+        taken = None if request_id is None else exit_after(unit, produced, request_id)
+        if taken is not None:
+            if exited is not None:
+                exited.append(taken)
+            return exit_result(bundle, unit, messages, taken)
+        for to, msg in messages:
             inboxes[to].add(unit.key, msg)
     final = inboxes.get(OUTPUT)
     if final is None or not final.complete:
         fail("bundle: the model outputs do not all reach the destination")
     return final.tensors(bundle.outputs, "destination")
+
+
+def exit_messages(messages: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+    """What an exit unit sends when a request leaves there: only its messages for
+    ``"output"`` (the head's output; nothing goes on to later units)."""
+    return [(to, msg) for to, msg in messages if to == OUTPUT]
+
+
+def exit_result(bundle: Bundle, unit: Unit, messages: list[tuple[str, Message]],
+                output: str) -> dict[str, np.ndarray]:
+    """The result of a request that left at ``unit``'s head: its output alone."""
+    spec = next((t for t in bundle.outputs if t.name == output), None)
+    pieces = [msg[output] for _, msg in exit_messages(messages) if output in msg]
+    if spec is None or not pieces:
+        fail(f"unit {unit.key}: exit head {output!r} is not sent to the destination")
+    return {output: assemble(spec, pieces, f"exit {output} at unit {unit.key}")}
 
 
 def check_graph(bundle: Bundle) -> None:

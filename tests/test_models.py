@@ -35,6 +35,10 @@ EXPECTED_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {
     "yolo_small": {"p3": (1, 255, 80, 80), "p4": (1, 255, 40, 40), "p5": (1, 255, 20, 20)},
     "lstm_small": {"logits": (1, 10)},
     "tiny_cnn": {"logits": (1, 10)},
+    # early-exit models: the main output, then the exit head's (models/exits.py)
+    "branchy_alexnet": {"logits": (1, 1000), "exit1": (1, 1000)},
+    "resnet18_exit": {"logits": (1, 1000), "exit1": (1, 1000)},
+    "tiny_branchy": {"logits": (1, 10), "exit1": (1, 10)},
 }
 
 
@@ -66,7 +70,7 @@ def test_zoo_lists_every_model() -> None:
 #: Models whose weights are hundreds of MB: copying them through the checker and an ONNX
 #: Runtime session costs tens of seconds on a busy 2-core machine, so they are checked on
 #: a weightless copy and not run (their code paths run in the small models).
-HEAVY = {"alexnet", "vgg11", "vgg16", "vit_b_16"}
+HEAVY = {"alexnet", "branchy_alexnet", "vgg11", "vgg16", "vit_b_16"}
 
 
 def weightless(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:

@@ -55,6 +55,8 @@ def canonical_bundles(table: ir.CostTable, placement: Sequence[str]) -> list[Bun
     bundles: list[Bundle] = []
     k = 0
     n = len(positions)
+    # an early-exit head ends its bundle: the exit decision is taken there (docs/EXITS.md)
+    breaks = {pos for pos, *_ in table.exits}
     while k < n:
         dev = placement[k]
         starts = k > 0 and placement[k - 1] != dev
@@ -65,7 +67,7 @@ def canonical_bundles(table: ir.CostTable, placement: Sequence[str]) -> list[Bun
         last = k
         # Extend over model layers on the same device, at most mbs of them.
         while (last + 1 < n and last - k + 1 < table.mbs and placement[last + 1] == dev
-               and positions[last + 1].kind == "layer"):
+               and positions[last + 1].kind == "layer" and last not in breaks):
             last += 1
         bundles.append(Bundle(k, last, dev, starts))
         k = last + 1

@@ -99,6 +99,14 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="model weight preloading (ODIWeP; default on)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="solver time limit, seconds")
+    parser.add_argument("--exit", action="append", default=[], dest="exits",
+                        metavar="OUTPUT=P|OUTPUT@T",
+                        help="an early-exit head: a model output with its exit probability, "
+                             "or with a softmax confidence threshold (repeatable; "
+                             "docs/EXITS.md)")
+    parser.add_argument("--calibration", default=None, metavar="FILE.npz",
+                        help="inputs (one array per model input, leading sample axis) that "
+                             "measure the probability of --exit OUTPUT@T")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -141,7 +149,9 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
         fail(f"--mbs must be >= 1, got {args.mbs}")
     return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
             "granularity": args.granularity, "objective": objective_from_args(args),
-            "mbs": args.mbs, "preload": args.preload, "private": args.private}
+            "mbs": args.mbs, "preload": args.preload, "private": args.private,
+            "exits": list(getattr(args, "exits", [])),
+            "calibration": getattr(args, "calibration", None)}
 
 
 def plan_from_args(args: argparse.Namespace) -> PlanResult:

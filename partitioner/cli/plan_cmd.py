@@ -76,6 +76,11 @@ def format_plan(plan: Any, table: Any, layer_names: list[str]) -> str:
     e = plan.estimate
     lines.append(f"latency {_fmt_s(e.latency)} = compute {_fmt_s(e.compute)} + communication "
                  f"{_fmt_s(e.communication)} + weight loading {_fmt_s(e.weight_loading)}")
+    if e.expected_latency is not None:  # early exits: latency above is the worst case
+        heads = ", ".join(f"{h.output} after stage {i} (p={h.probability:.3g})"
+                          for i, h in plan.exits)
+        lines.append(f"expected latency {_fmt_s(e.expected_latency)} with exits {heads}; "
+                     "latency is the worst case")
     rate = 1.0 / e.bottleneck if e.bottleneck > 0 else float("inf")
     lines.append(f"bottleneck {_fmt_s(e.bottleneck)} ({rate:.3g} inferences/s pipelined)")
     if any(e.energy.values()):

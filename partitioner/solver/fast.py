@@ -19,7 +19,7 @@ from partitioner.solver.dp import MAX_PHI, Chosen, Costs, linear_dp, linear_dp_b
 from partitioner.solver.memory import memory_of
 from partitioner.solver.runs import RunArrays, run_arrays
 
-__all__ = ["applies", "solve_fast"]
+__all__ = ["applies", "solve_fast", "binding_memories"]
 
 _KINDS = ("latency", "energy", "weighted", "throughput")
 
@@ -32,14 +32,21 @@ def applies(table: ir.CostTable, objective: ir.Objective) -> bool:
     if math.prod(len(table.frequencies.get(d, (None,))) for d in table.device_names) \
             > MAX_PHI:
         return False
+    # a memory that may bind: the integer program prices it
+    return not binding_memories(table)
+
+
+def binding_memories(table: ir.CostTable) -> list[str]:
+    """Devices whose memory cannot hold every position that may run on them."""
+    out = []
     for dev in table.system.devices:
         if math.isinf(dev.memory):
             continue
         anywhere = [k for k, p in enumerate(table.positions)
                     if p.allowed is None or dev.name in p.allowed]
         if memory_of(table, anywhere) > dev.memory:
-            return False  # the memory may bind: the integer program prices it
-    return True
+            out.append(dev.name)
+    return out
 
 
 def _edge_energy(table: ir.CostTable, arrays: RunArrays) -> Costs:

@@ -349,6 +349,10 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     objective = objective or ir.Objective()
     t0 = time.perf_counter()
     _validate(table, objective)
+    if table.exits:  # early-exit heads: expected-cost objective (docs/EXITS.md)
+        from partitioner.solver.exits import solve_exits
+
+        return solve_exits(table, objective)
     deadline = t0 + objective.time_limit if objective.time_limit else None
     if fast.applies(table, objective):
         status, chosen = fast.solve_fast(table, objective, deadline)
