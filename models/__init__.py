@@ -29,6 +29,7 @@ from models.published import PUBLISHED
 from models.rnn import lstm_small
 from models.vit import vit_b_16, vit_tiny
 from models.yolo import yolo_small
+from models.yolo11 import yolo11_small
 from partitioner.errors import fail
 
 __all__ = ["PUBLISHED", "ModelInfo", "MODELS", "list_models", "build_model", "save_model"]
@@ -53,6 +54,8 @@ MODELS: dict[str, ModelInfo] = {
     "vit_b_16": ModelInfo(vit_b_16, 224, "ViT-B/16, torchvision layout"),
     "vit_tiny": ModelInfo(vit_tiny, 224, "small ViT: patch 16, dim 192, depth 4, 3 heads"),
     "yolo_small": ModelInfo(yolo_small, 640, "YOLO-style detector, FPN/PAN neck, 3 outputs"),
+    "yolo11_small": ModelInfo(yolo11_small, 640, "YOLO11-shaped detector: C3k2, SPPF, C2PSA "
+                              "attention, 3-scale head"),
     "lstm_small": ModelInfo(lstm_small, 32, "2-layer LSTM classifier (size = sequence length)"),
     "tiny_cnn": ModelInfo(tiny_cnn, 32, "4-layer chain CNN, 24k parameters, for fast tests"),
     "branchy_alexnet": ModelInfo(branchy_alexnet, 224,
@@ -76,7 +79,8 @@ def build_model(name: str, *, batch: int = 1, image_size: int | None = None,
         name: One of :func:`list_models`.
         batch: Static batch size (ignored when ``dynamic_batch``).
         image_size: Input height = width (sequence length for ``lstm_small``); ``None``
-            for the model's default (224, 640 for ``yolo_small``, 32 for the small ones).
+            for the model's default (224, 640 for ``yolo_small`` and ``yolo11_small``, 32
+            for the small ones).
         dynamic_batch: Make the batch dimension the symbolic ``"batch"`` (inputs and
             outputs), so callers must fix it (``--shape``).
         seed: Seed of the weight generator; the same seed gives the same bytes.

@@ -17,10 +17,12 @@ in a detector carry several live tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from models.builder import Dim, GraphBuilder
 from partitioner.errors import fail
 
-__all__ = ["yolo_small"]
+__all__ = ["yolo_small", "sppf"]
 
 
 def _conv(g: GraphBuilder, x: str, cout: int, k: int, p: str, stride: int = 1) -> str:
@@ -43,14 +45,19 @@ def _c2f(g: GraphBuilder, x: str, cout: int, n: int, p: str, shortcut: bool = Tr
     return _conv(g, g.concat(parts, axis=1, name=f"{p}.concat"), cout, 1, f"{p}.cv2")
 
 
-def _sppf(g: GraphBuilder, x: str, cout: int, p: str) -> str:
-    """SPPF: 1x1 conv, three chained 5x5/1 max-pools, concat of all four, 1x1 conv."""
+Conv = Callable[[GraphBuilder, str, int, int, str], str]
+
+
+def sppf(g: GraphBuilder, x: str, cout: int, p: str, conv: Conv | None = None) -> str:
+    """SPPF: 1x1 conv, three chained 5x5/1 max-pools, concat of all four, 1x1 conv
+    (``conv``: the model's conv block, default conv + BN + SiLU)."""
+    conv = conv or _conv
     c = int(g.shape(x)[1]) // 2
-    y = _conv(g, x, c, 1, f"{p}.cv1")
+    y = conv(g, x, c, 1, f"{p}.cv1")
     pools = [y]
     for i in range(3):
         pools.append(g.maxpool(pools[-1], 5, 1, padding=2, name=f"{p}.m.{i}"))
-    return _conv(g, g.concat(pools, axis=1, name=f"{p}.concat"), cout, 1, f"{p}.cv2")
+    return conv(g, g.concat(pools, axis=1, name=f"{p}.concat"), cout, 1, f"{p}.cv2")
 
 
 def yolo_small(batch: Dim = 1, image_size: int = 640, *, seed: int = 0, num_classes: int = 80,
@@ -71,7 +78,7 @@ def yolo_small(batch: Dim = 1, image_size: int = 640, *, seed: int = 0, num_clas
     p4 = _c2f(g, x, w[3], 2, "model.6")
     x = _conv(g, p4, w[4], 3, "model.7", stride=2)
     x = _c2f(g, x, w[4], 1, "model.8")
-    p5 = _sppf(g, x, w[4], "model.9")
+    p5 = sppf(g, x, w[4], "model.9")
     # Neck, top-down (FPN): upsample the coarser map and fuse it with the finer one.
     x = g.resize(p5, 2, name="model.10")
     x = g.concat([x, p4], axis=1, name="model.11")

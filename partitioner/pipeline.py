@@ -113,7 +113,9 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          shapes: Mapping[str, tuple[int, ...]] | None = None, granularity: str = "major",
          objective: ir.Objective | None = None, mbs: int | None = None,
          preload: bool = True, private: int = 0, example_inputs: Any = None,
-         exits: Sequence[Any] = (), calibration: str | Path | None = None) -> PlanResult:
+         exits: Sequence[Any] = (), calibration: str | Path | None = None,
+         spatial: bool = False, max_parts: int | None = None,
+         spatial_baseline: str | None = None) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -134,6 +136,11 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         exits: early-exit heads, ``"OUTPUT=P"`` / ``"OUTPUT@T"`` strings or
             :class:`~partitioner.frontend.exits.ExitSpec` (docs/EXITS.md).
         calibration: ``.npz`` inputs that measure the probability of ``OUTPUT@T`` heads.
+        spatial: runs of row-splittable layers may be split by rows across devices
+            (DISTREDGE; :mod:`partitioner.solver.spatial`).
+        max_parts: the most parts of one split stage (default: every device).
+        spatial_baseline: plan by one of DISTREDGE's baselines instead
+            (:mod:`partitioner.solver.spatial_baselines`).
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -157,7 +164,11 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         from partitioner.analysis.exits import with_exits
 
         table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
-    chosen = _solve(prepared.graph, table, objective)
+    if heads and (spatial or spatial_baseline or max_parts is not None):
+        fail("--spatial and --exit cannot be combined (the spatial planner prices no "
+             "exit heads)")
+    chosen = _solve(prepared.graph, table, objective, spatial=spatial, max_parts=max_parts,
+                    spatial_baseline=spatial_baseline)
     if heads:  # nothing may skip an exit stage; expected and worst case re-priced
         from partitioner.analysis.exits import route_exits
 
@@ -165,8 +176,16 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     return PlanResult(prepared, loaded_system, table, chosen, objective)
 
 
-def _solve(graph: ir.LayerGraph, table: ir.CostTable, objective: ir.Objective) -> ir.Plan:
-    chosen = planner(objective)(table)
+def _solve(graph: ir.LayerGraph, table: ir.CostTable, objective: ir.Objective, *,
+           spatial: bool = False, max_parts: int | None = None,
+           spatial_baseline: str | None = None) -> ir.Plan:
+    if spatial or spatial_baseline or max_parts is not None:
+        from partitioner.solver.spatial_entry import spatial_plan
+
+        chosen = spatial_plan(graph, table, objective, max_parts=max_parts,
+                              baseline=spatial_baseline, spatial=spatial)
+    else:
+        chosen = planner(objective)(table)
     # Routing, once, before anything reads the plan (compile(), replan() and live
     # adaptation all plan through here): direct sends where they are cheaper, the
     # estimate re-priced.

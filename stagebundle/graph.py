@@ -70,6 +70,11 @@ def take_rows(arr: np.ndarray, have: Rows | None, want: Rows | None, what: str) 
 def assemble(spec: TensorSpec, pieces: Iterable[Piece], what: str) -> np.ndarray:
     """The tensor ``spec`` (rows ``spec.rows`` or whole) from pieces that tile it exactly."""
     pieces = list(pieces)
+    declared = _numpy_dtype(spec.dtype)
+    for _, arr in pieces:  # an int8 cut tensor must not arrive as float (QUANT's g')
+        if declared is not None and arr.dtype != declared:
+            fail(f"{what}: tensor {spec.name} arrives as {arr.dtype.name}, declared "
+                 f"{spec.dtype}")
     if len(pieces) == 1 and (pieces[0][0] is None or pieces[0][0] == spec.rows):
         arr = pieces[0][1]
         if tuple(arr.shape) != spec.shape:
@@ -237,6 +242,14 @@ def check_graph(bundle: Bundle) -> None:
         if to not in keys:
             fail(f"bundle: a send goes to {to!r}, which is no unit of the bundle")
     run_graph(bundle, feeds, fake)
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    """The numpy dtype of a manifest dtype; None for those numpy lacks (int4...)."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
 
 
 def _np_dtype(name: str) -> np.dtype:

@@ -33,6 +33,8 @@ EXPECTED_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {
     "vit_tiny": {"logits": (1, 1000)},
     # Strides 8, 16, 32 of a 640x640 image; 3 anchors x (4 box + 1 objectness + 80 classes).
     "yolo_small": {"p3": (1, 255, 80, 80), "p4": (1, 255, 40, 40), "p5": (1, 255, 20, 20)},
+    # The same strides; v11 Detect: 4 * reg_max (16) box channels + 80 classes.
+    "yolo11_small": {"p3": (1, 144, 80, 80), "p4": (1, 144, 40, 40), "p5": (1, 144, 20, 20)},
     "lstm_small": {"logits": (1, 10)},
     "tiny_cnn": {"logits": (1, 10)},
     # early-exit models: the main output, then the exit head's (models/exits.py)

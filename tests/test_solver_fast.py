@@ -24,7 +24,7 @@ def test_fast_path_only_without_caps_or_binding_memory() -> None:
     assert fast.applies(table, ir.Objective(kind="throughput"))
     assert not fast.applies(table, ir.Objective(max_latency=1.0))
     assert not fast.applies(table, ir.Objective(max_energy={"d0": 1.0}))
-    assert not fast.applies(table, ir.Objective(kind="carbon"))
+    assert fast.applies(table, ir.Objective(kind="carbon"))
     tight = random_table(TableSpec(layers=4, devices=3, memory_frac=0.4), 0)
     assert not fast.applies(tight, ir.Objective())
 
@@ -45,10 +45,13 @@ def test_fast_path_matches_the_integer_program(kind: str, seed: int) -> None:
         assert math.isclose(quick.estimate.latency, mip.estimate.latency, rel_tol=1e-6)
 
 
-def test_throughput_search_stops_at_the_time_limit_with_a_valid_plan() -> None:
+@pytest.mark.parametrize("kind", ["throughput", "carbon"])
+def test_search_stops_at_the_time_limit_with_a_valid_plan(kind: str) -> None:
     table = random_table(TableSpec(layers=40, devices=4, frequencies=3, mbs=40,
                                    source=False, destination=False), 0)
-    plan = solve(table, ir.Objective(kind="throughput", time_limit=1e-6))
+    plan = solve(table, ir.Objective(kind=kind, time_limit=1e-6))  # type: ignore[arg-type]
     assert plan.status == "feasible"
     assert plan.estimate == evaluate(table, plan.placement, plan.frequencies)
     assert plan.estimate.bottleneck > 0
+    if kind == "carbon":
+        assert plan.estimate.carbon is not None and plan.estimate.carbon > 0

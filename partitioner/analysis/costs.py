@@ -178,12 +178,14 @@ def _check_frequencies(device: Device, measured: _Measured, system: System) -> N
     if not device.frequencies:
         return
     where = system.path or "the system file"
-    for (_, _, freq), (_, prof) in measured.items():
+    have = {k[2] for k in measured}
+    # (the entries are walked for the message only when a label is unknown)
+    for (_, _, freq), (_, prof) in (measured.items() if have - set(device.frequencies)
+                                    else ()):
         if freq not in device.frequencies:
             fail(f"{prof.path or f'profile of {device.name}'}: device {device.name!r}: "
                  f"frequency {freq!r} is not one of its frequencies in {where} "
                  f"({', '.join(device.frequencies)})")
-    have = {k[2] for k in measured}
     for freq in device.frequencies:
         if freq not in have:
             fail(f"{_files(measured)}: device {device.name!r} has no measurements at "

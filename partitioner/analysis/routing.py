@@ -28,8 +28,10 @@ priced with the link model of :func:`partitioner.analysis.costs.network_transfer
 Split stages (``parts``): a tensor read by a split stage goes to each part, only the rows
 that part needs (with its halo); a split stage's outputs leave as row pieces from each
 part. The rows come from the caller (:data:`UnitRows`; the back end passes its part
-models); without them a part is priced as receiving whole tensors and sending its own
-output rows (an upper bound until the spatial-split solver prices parts).
+models); without them they follow from the analytic row geometry (halo included) and its
+relative-height rule for other outputs. A plan with split stages is priced by
+:func:`partitioner.analysis.spatial_estimate.estimate_plan` (parts in
+parallel).
 """
 
 from __future__ import annotations
@@ -217,19 +219,11 @@ def _units(plan: ir.Plan, end: Endpoint) -> list[tuple[str, int | None, str | No
 
 
 def _default_rows(graph: ir.LayerGraph, plan: ir.Plan) -> UnitRows:
-    """Parts receive whole tensors and hold their own output rows of 4-D tensors."""
-    def rows(stage: int, part: int) -> tuple[dict[str, Rows | None], dict[str, Rows | None]]:
-        s = plan.stages[stage]
-        assert s.parts is not None
-        a, b = s.parts[part].rows
-        held: dict[str, Rows | None] = {}
-        for k in range(s.first, s.last + 1):
-            for n in graph.layers[k].produces:
-                t = graph.tensors.get(n)
-                fits = t is not None and len(t.shape) == 4 and b < t.shape[2]
-                held[n] = (a, b) if fits else None
-        return {}, held
-    return rows
+    """The rows each part receives (halo included) and holds, from the analytic row
+    geometry (:func:`partitioner.analysis.spatial.unit_rows`)."""
+    from partitioner.analysis.spatial import unit_rows
+
+    return unit_rows(graph, plan)  # type: ignore[no-any-return]
 
 
 def _intersect(have: Rows | None, want: Rows | None) -> tuple[bool, Rows | None]:
@@ -402,6 +396,11 @@ def reprice(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                 p.frequency for p in s.parts if p.device == dev)
             if chosen is not None:
                 freqs[dev] = chosen
-    est = evaluate(table, placement, freqs, routed=routed)
+    if any(s.parts for s in plan.stages):
+        from partitioner.analysis.spatial_estimate import estimate_plan
+
+        est = estimate_plan(graph, table, plan, msgs, placement, freqs)
+    else:
+        est = evaluate(table, placement, freqs, routed=routed)
     return replace(est, noise=plan.estimate.noise,
                    expected_latency=plan.estimate.expected_latency)

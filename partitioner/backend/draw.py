@@ -3,7 +3,8 @@
 Read at a glance: the title holds the total latency (and its compute / transfer / weight
 loading parts) and the energy; the top panel the single-inference timeline, one row per
 device, compute bars labelled with their stage and time and transfer bars with their bytes
-and time (when the bundle carries a priced timeline; else the bytes each stage sends);
+and time (when the bundle carries a priced timeline; else the bytes each stage sends;
+for a plan with split stages, one lane per device with each part's rows, halo and bytes);
 the bottom panel the partition, stages as boxes over whole-layer ticks coloured by device
 (the parts of a split stage stacked, with their rows), and an arrow per network send
 labelled with its bytes and whether it goes direct or forwarded.
@@ -48,7 +49,9 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(devices)}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5),
                                       gridspec_kw={"height_ratios": [3, 2]})
-    if doc.get("timeline"):
+    if any(st["split"] for st in doc["stages"]):
+        _part_lanes(top, doc, colours)
+    elif doc.get("timeline"):
         _timeline(top, doc["timeline"], colours)
     else:
         _stage_bytes(top, doc, colours)
@@ -116,6 +119,32 @@ def _timeline(ax: Any, segments: list[dict[str, Any]], colours: dict[str, Any]) 
     ax.invert_yaxis()
     ax.set_xlim(0, end * 1.02)
     ax.set_xlabel("time (ms) of one inference: compute (filled), transfers (hatched)")
+
+
+def _part_lanes(ax: Any, doc: dict[str, Any], colours: dict[str, Any]) -> None:
+    """A plan with split stages: one lane per device, each stage a column; a part is a
+    bar in its device's lane (the parts of one stage side by side in parallel lanes),
+    labelled with its rows, halo rows and the bytes scattered to / gathered from it."""
+    lanes = list(dict.fromkeys(u["device"] for st in doc["stages"] for u in st["units"]))
+    for col, st in enumerate(doc["stages"]):
+        for u in st["units"]:
+            y = lanes.index(u["device"])
+            ax.barh(y, 0.9, left=col + 0.05, height=0.7, color=colours.get(u["device"], "grey"),
+                    edgecolor="black", linewidth=0.5)
+            if st["split"] and u["rows"] is not None:
+                halo = max(u.get("halo_rows", {}).values(), default=0)
+                text = (f"r{u['rows'][0]}-{u['rows'][1]}\n+{halo} halo\n"
+                        f"in {size_text(u.get('scatter_bytes', 0))}\n"
+                        f"out {size_text(u.get('gather_bytes', 0))}")
+            else:
+                text = f"stage {st['id']}\nout {size_text(u['send_bytes'])}"
+            ax.text(col + 0.5, y, text, ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.invert_yaxis()
+    ax.set_xticks([c + 0.5 for c in range(len(doc["stages"]))],
+                  [str(st["id"]) for st in doc["stages"]], fontsize=7)
+    ax.set_xlim(0, max(1, len(doc["stages"])))
+    ax.set_xlabel("stage (split stages: one part per device lane, running in parallel)")
 
 
 def _stage_bytes(ax: Any, doc: dict[str, Any], colours: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,7 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
                    out_dir: str | os.PathLike[str], *, verify: bool = True,
                    force: bool = False, triton: bool = False, table: CostTable | None = None,
                    seed: int = 0, progress: bool = False,
+                   calibration: Mapping[str, Any] | None = None,
                    extra: Mapping[str, Any] | None = None) -> Path:
     """Write the deployment bundle of ``plan`` to ``out_dir``.
 
@@ -159,6 +161,9 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
             the per-stage timeline (see :mod:`partitioner.backend.timeline`).
         seed: seed of the verification input.
         progress: show a progress bar over the stages on stderr (tqdm).
+        calibration: inputs (``--calibration`` format) the int8 variant of a plan with
+            ``quantized`` layers is calibrated on (:mod:`partitioner.backend.quantized`);
+            None: seeded random ones, with a warning.
         extra: more top-level manifest entries (the pipeline's ``planning`` record,
             :mod:`partitioner.backend.planning`).
 
@@ -176,7 +181,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         bundle = _build(prepared, plan, system, tmp, verify=verify, triton=triton,
-                        table=table, seed=seed, progress=progress, extra=extra)
+                        table=table, seed=seed, progress=progress, calibration=calibration,
+                        extra=extra)
         text = dumps(bundle.to_json()) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -188,16 +194,26 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
 
 def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verify: bool,
            triton: bool, table: CostTable | None, seed: int, progress: bool,
+           calibration: Mapping[str, Any] | None = None,
            extra: Mapping[str, Any] | None = None) -> Bundle:
     from tqdm import tqdm
 
     from partitioner.analysis.routing import messages, route_plan, tensor_flow
 
+    variant = None
+    estimate = plan.estimate
+    if any(s.quantized for s in plan.stages):  # slice the int8 variant instead (QUANT)
+        from partitioner.backend.quantized import quantized_variant
+
+        float_prepared = prepared
+        prepared, plan, variant = quantized_variant(prepared, plan, calibration)
     graph = prepared.graph
     parts = {s.id: _build_parts(prepared, s) for s in plan.stages if s.parts}
     rows = _unit_rows(parts)
     if not plan.routes:  # a hand-made plan: route it here, with the same function
         plan = route_plan(graph, table, plan, unit_rows=rows)
+        if variant is not None:  # the planner priced the variant: keep its estimate
+            plan = replace(plan, estimate=estimate)
     msgs = messages(graph, plan, plan.routes, table, rows)
     routes = {r.tensor: r for r in plan.routes}
     infos = {**graph.tensors, **{t.name: t for t in (*graph.inputs, *graph.outputs)}}
@@ -249,7 +265,8 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
                     transfer=transfer_kind(plan.routes), producer=PRODUCER, extra=entries)
     check_graph(bundle)  # the sends add up, as the loader and the runtime will check
     if verify:
-        bundle = _verified(prepared, bundle, tmp, seed)
+        bundle = _verified(prepared, bundle, tmp, seed,
+                           None if variant is None else (float_prepared, variant))
     else:
         for unit in bundle.units():  # still prove every unit loads in ONNX Runtime
             session(tmp / unit.file, f"stage {unit.key} ({unit.file})")
@@ -316,13 +333,15 @@ def _stage_estimate(timeline: list[dict[str, Any]] | None, i: int) -> dict[str, 
             "send": sum(s["duration"] for s in mine if s["kind"] == "transfer")}
 
 
-def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int) -> Bundle:
-    from dataclasses import replace
-
+def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int,
+              quantized: tuple[Any, Any] | None = None) -> Bundle:
+    """Chained units against the whole model (the quantised one for a plan with int8
+    layers: ``quantized`` = (float model, variant); then rho vs the float one too)."""
     feeds = sample_inputs(bundle.model.inputs, seed)
     work = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
     try:
         full = _reference(prepared, work, feeds)
+        floats = None if quantized is None else _reference(quantized[0], work, feeds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     chained = run_bundle(bundle, feeds)
@@ -331,7 +350,10 @@ def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int) -> Bundle:
         fail(f"verification: model output {name!r} differs between the chained stages and "
              f"the whole model by {worst_abs:.3g} ({worst_rel:.3g} of its scale, tolerance "
              f"{TOLERANCE:g})")
-    return replace(bundle, verification={"max_abs_diff": worst_abs,
-                                         "max_rel_diff": worst_rel,
-                                         "tolerance": TOLERANCE,
-                                         "inputs": "seeded random", "seed": seed})
+    report = {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "tolerance": TOLERANCE,
+              "inputs": "seeded random", "seed": seed}
+    if quantized is not None and floats is not None:
+        from partitioner.backend.quantized import noise_entry
+
+        report |= noise_entry(quantized[1], floats, chained)
+    return replace(bundle, verification=report)

@@ -2,7 +2,8 @@
 
 The report comes from the manifest alone (the unit files are only checked by
 :func:`load_bundle`, which upgrades a schema-1 chain to the sends it implies): per stage
-its device (or its parts, with their rows), layers (by name), what each unit receives
+its device (or its parts, with their rows, halo rows per input, bytes scattered to and
+gathered from each part), layers (by name), what each unit receives
 (from which stage, ``direct`` or ``forwarded``) and what it sends to whom, with bytes;
 per link between two devices the bytes that cross it (each routed tensor counted once
 per receiving device); and the plan's latency and energy breakdown (plus the per-stage
@@ -119,6 +120,10 @@ def explain(bundle: Bundle) -> dict[str, Any]:
         rows = {p.index: p.rows for p in s.parts or ()}
         units = [unit_doc(u, rows.get(u.part) if u.part is not None else None)
                  for u in s.units]
+        if s.parts:
+            height = _main_height(s, specs)
+            for u in units:
+                u.update(_part_figures(u, height, specs))
         stages.append({
             "id": s.id, "device": s.device, "frequency": s.frequency,
             "layers": [s.first, s.last],
@@ -149,6 +154,34 @@ def explain(bundle: Bundle) -> dict[str, Any]:
         "verification": dict(bundle.verification) if bundle.verification else None,
         "timeline": bundle.extra.get("timeline"),
     }
+
+
+def _main_height(stage: Any, specs: dict[str, TensorSpec]) -> int | None:
+    """Rows of the split stage's last 4-D output (what its parts' ``rows`` index)."""
+    for t in reversed(stage.outputs):
+        full = specs.get(t.name, t)
+        if len(full.shape) == 4:
+            return int(full.shape[2])
+    return None
+
+
+def _part_figures(unit: dict[str, Any], height: int | None, specs: dict[str, TensorSpec]
+                  ) -> dict[str, Any]:
+    """Halo rows per input (rows received beyond the part's proportional share of the
+    input's height), bytes scattered to the part and gathered from it (DISTREDGE)."""
+    halo: dict[str, int] = {}
+    rows = unit["rows"]
+    if rows is not None and height:
+        share = (rows[1] - rows[0] + 1) / height
+        for t in unit["inputs"]:
+            full = specs.get(t["name"])
+            if t["rows"] is None or full is None or len(full.shape) != 4:
+                continue
+            got = t["rows"][1] - t["rows"][0] + 1
+            halo[t["name"]] = max(0, got - round(share * full.shape[2]))
+    scattered = sum(t["bytes"] for t in unit["inputs"])
+    return {"halo_rows": halo, "scatter_bytes": scattered,
+            "gather_bytes": unit["send_bytes"]}
 
 
 def _seconds(value: Any) -> str:
@@ -195,14 +228,18 @@ def format_text(doc: dict[str, Any]) -> str:
             where = s["device"] + (f" @ {s['frequency']}" if s["frequency"] else "")
         lines.append(f"stage {s['id']}  {where}  layers {first}..{last}  {label}")
         est = s["estimate"]
-        if est:
+        if est and not s["split"]:  # the timeline prices whole stages, not parallel parts
             lines.append(f"    compute {_seconds(est.get('compute'))} + weight loading "
                          f"{_seconds(est.get('weight_loading'))} + internal "
                          f"{_seconds(est.get('internal'))}; sends {_seconds(est.get('send'))}")
         for u in s["units"]:
             if s["split"]:
                 rows = u["rows"]
-                lines.append(f"    part {u['key']}  {u['device']}  rows {rows[0]}..{rows[1]}")
+                halo = ", ".join(f"{n} +{h}" for n, h in u["halo_rows"].items()) or "none"
+                lines.append(f"    part {u['key']}  {u['device']}  rows {rows[0]}..{rows[1]} "
+                             f"({rows[1] - rows[0] + 1} rows; halo rows: {halo}; scattered "
+                             f"{size_text(u['scatter_bytes'])}, gathered "
+                             f"{size_text(u['gather_bytes'])})")
                 lines += _unit_lines(u, "        ")
             else:
                 lines += _unit_lines(u, "    ")

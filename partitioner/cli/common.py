@@ -107,6 +107,15 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None, metavar="FILE.npz",
                         help="inputs (one array per model input, leading sample axis) that "
                              "measure the probability of --exit OUTPUT@T")
+    parser.add_argument("--spatial", action="store_true",
+                        help="a run of row-splittable layers may be split by output rows "
+                             "across devices running in parallel (DISTREDGE)")
+    parser.add_argument("--max-parts", type=int, default=None, metavar="N",
+                        help="the most parts of one split stage (with --spatial; default: "
+                             "every device)")
+    parser.add_argument("--spatial-baseline", default=None, metavar="NAME",
+                        help="plan by a DISTREDGE baseline: offload, equal, proportional, "
+                             "coedge or aofl (same cost model)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -151,7 +160,25 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
             "granularity": args.granularity, "objective": objective_from_args(args),
             "mbs": args.mbs, "preload": args.preload, "private": args.private,
             "exits": list(getattr(args, "exits", [])),
-            "calibration": getattr(args, "calibration", None)}
+            "calibration": getattr(args, "calibration", None),
+            **spatial_options(args)}
+
+
+def spatial_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--spatial`` / ``--max-parts`` / ``--spatial-baseline`` as keyword arguments."""
+    out: dict[str, Any] = {}
+    spatial = getattr(args, "spatial", False)
+    parts = getattr(args, "max_parts", None)
+    baseline = getattr(args, "spatial_baseline", None)
+    if parts is not None and not spatial and baseline is None:
+        fail(f"--max-parts {parts}: only with --spatial or --spatial-baseline")
+    if spatial:
+        out["spatial"] = True
+    if parts is not None:
+        out["max_parts"] = parts
+    if baseline is not None:
+        out["spatial_baseline"] = baseline
+    return out
 
 
 def plan_from_args(args: argparse.Namespace) -> PlanResult:

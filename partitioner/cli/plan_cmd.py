@@ -44,8 +44,8 @@ def stage_times(table: Any, plan: Any) -> list[float]:
             layer_stage[layer] = s_idx
     for b in canonical_bundles(table, plan.placement):
         layer = table.positions[b.first].layer
-        if layer is None:
-            continue
+        if layer is None or plan.stages[layer_stage[layer]].parts:
+            continue  # a split stage's parts: their rows and devices are listed below it
         cost = table.bundles[b.first, b.last, b.device, plan.frequencies.get(b.device)]
         hidden = cost.hidden if (table.preload and b.starts_run) else 0.0
         times[layer_stage[layer]] += cost.time - hidden
@@ -62,8 +62,12 @@ def format_plan(plan: Any, table: Any, layer_names: list[str]) -> str:
     for k, (st, t) in enumerate(zip(plan.stages, stage_times(table, plan), strict=True)):
         first, last = layer_names[st.first], layer_names[st.last]
         names = first if st.first == st.last else f"{first} .. {last}"
-        rows.append((str(k), st.device, "-" if st.frequency is None else st.frequency,
-                     f"{st.first}..{st.last}", names, _fmt_s(t)))
+        rows.append((str(k), st.device or "parts", "-" if st.frequency is None else
+                     st.frequency, f"{st.first}..{st.last}", names,
+                     _fmt_s(t) if not st.parts else "parallel"))
+        for j, p in enumerate(st.parts or ()):
+            rows.append((f"{k}.{j}", p.device, "-" if p.frequency is None else p.frequency,
+                         "", f"rows {p.rows[0]}..{p.rows[1]}", ""))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [f"plan: {plan.status}, objective {plan.objective}, solved in "
              f"{plan.solve_seconds:.3f} s"]

@@ -31,6 +31,7 @@ import onnx
 
 from partitioner import ir
 from partitioner.errors import fail
+from partitioner.frontend.calibration import load_calibration
 from stagebundle.exits import confidence
 
 if TYPE_CHECKING:
@@ -166,34 +167,6 @@ def _reordered(prepared: PreparedModel, outputs: Sequence[str]) -> PreparedModel
     new_graph = with_rows(model, new_graph)
     log.info("exit heads: layers reordered so each head's branch follows its fork")
     return dataclasses.replace(prepared, model=model, graph=new_graph, stats=stats)
-
-
-def load_calibration(path: str | Path, graph: ir.LayerGraph) -> dict[str, np.ndarray]:
-    """``--calibration FILE.npz``: one array per model input with a leading sample axis.
-
-    Raises:
-        UserError: unreadable file, missing input, wrong per-sample shape, no samples or
-            sample counts that differ (naming the file and the input).
-    """
-    where = f"--calibration {path}"
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: np.asarray(npz[k]) for k in npz.files}
-    except (OSError, ValueError) as err:
-        fail(f"{where}: cannot read it as .npz: {err}")
-    out: dict[str, np.ndarray] = {}
-    for t in graph.inputs:
-        arr = arrays.get(t.name)
-        if arr is None:
-            fail(f"{where}: no array for model input {t.name!r}")
-        if tuple(arr.shape[1:]) != tuple(t.shape) or arr.shape[0] < 1:
-            fail(f"{where}: input {t.name!r} has shape {list(arr.shape)}, expected "
-                 f"(samples, {', '.join(str(d) for d in t.shape)})")
-        out[t.name] = arr.astype(t.dtype, copy=False)
-    counts = {a.shape[0] for a in out.values()}
-    if len(counts) > 1:
-        fail(f"{where}: the inputs have different sample counts {sorted(counts)}")
-    return out
 
 
 def measure_probabilities(prepared: PreparedModel, heads: Sequence[ir.ExitHead],

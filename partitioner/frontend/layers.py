@@ -18,7 +18,7 @@ and consumed after ``k``; graph inputs are produced "at -1"; graph outputs are c
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ from partitioner.frontend.tensors import (
     tensor_nbytes,
 )
 
-__all__ = ["LayerStats", "build_layer_graph"]
+__all__ = ["LayerStats", "build_layer_graph", "copy_for_layer"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,27 @@ def _assign(nodes: list[onnx.NodeProto], inits: set[str],
     return layer_of, {i: need for i, need in needs.items() if len(need) > 1}
 
 
+def copy_for_layer(node: onnx.NodeProto, k: int, copy_of: dict[tuple[str, int], str],
+                   graph: onnx.GraphProto, types: Mapping[str, onnx.ValueInfoProto]
+                   ) -> onnx.NodeProto:
+    """A copy of ``node`` for layer ``k``: it reads layer ``k``'s copies of its inputs
+    (``copy_of[(name, k)]``), and its outputs are renamed ``<output>__layer<k>`` (recorded
+    in ``copy_of``; their value infos added to ``graph``)."""
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    rename_reads(clone, {n: copy_of[(n, k)] for n in node_inputs(clone) if (n, k) in copy_of})
+    for j, out in enumerate(clone.output):
+        if out:
+            copy_of[(out, k)] = clone.output[j] = f"{out}__layer{k}"
+            if out in types:
+                vi = graph.value_info.add()
+                vi.CopyFrom(types[out])
+                vi.name = clone.output[j]
+    if clone.name:
+        clone.name = f"{clone.name}__layer{k}"
+    return clone
+
+
 def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], layer_of: list[int],
                         needs: Mapping[int, set[int]]) -> tuple[list[onnx.NodeProto], list[int],
                                                                 list[float]]:
@@ -188,20 +209,7 @@ def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], lay
     nodes, layer_of = list(nodes), list(layer_of)
     for i in sorted(needs):  # producers before the constant nodes that read them
         for k in sorted(needs[i] - {layer_of[i]}):
-            clone = onnx.NodeProto()
-            clone.CopyFrom(nodes[i])
-            rename_reads(clone, {n: copy_of[(n, k)] for n in node_inputs(clone)
-                                 if (n, k) in copy_of})
-            for j, out in enumerate(clone.output):
-                if out:
-                    copy_of[(out, k)] = clone.output[j] = f"{out}__layer{k}"
-                    if out in types:
-                        vi = graph.value_info.add()
-                        vi.CopyFrom(types[out])
-                        vi.name = clone.output[j]
-            if clone.name:
-                clone.name = f"{clone.name}__layer{k}"
-            nodes.append(clone)
+            nodes.append(copy_for_layer(nodes[i], k, copy_of, graph, types))
             layer_of.append(k)
             keys.append(i + 0.5)
     for idx in range(len(keys)):
@@ -213,7 +221,8 @@ def _localise_constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], lay
 
 
 def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
-                      granularity: str) -> tuple[ir.LayerGraph, LayerStats]:
+                      granularity: str, layer_of: Sequence[int] | None = None
+                      ) -> tuple[ir.LayerGraph, LayerStats]:
     """Group ``model``'s nodes into layers and compute cuts; reorders ``model`` in place.
 
     The model's nodes are rewritten layer by layer (each layer's nodes in their previous
@@ -224,20 +233,28 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
         model: a prepared model (static shapes in ``value_info``, nothing left to fold).
         name / sha256: the model's name and file fingerprint.
         granularity: ``"major"`` or ``"node"``.
+        layer_of: the layer of every node of ``model`` when the caller groups them itself
+            (a variant of an already grouped model, e.g. its quantised form,
+            :mod:`partitioner.frontend.quantize`); the grouping rule above is then not
+            applied and no constant node is copied.
     """
     if granularity not in ("major", "node"):
         fail(f"--granularity {granularity!r}: expected 'major' or 'node'")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = [o.name for o in graph.output]
-    layer_of, needs = _assign(list(graph.node), set(inits), granularity)
-    nodes, layer_of, keys = _localise_constants(graph, list(graph.node), layer_of, needs)
-    count = max(layer_of) + 1
-    order = sorted(range(len(nodes)), key=lambda i: (layer_of[i], keys[i]))
+    if layer_of is None:
+        assigned, needs = _assign(list(graph.node), set(inits), granularity)
+        nodes, assigned, keys = _localise_constants(graph, list(graph.node), assigned, needs)
+    else:
+        nodes, assigned, keys = list(graph.node), list(layer_of), [
+            float(i) for i in range(len(graph.node))]
+    count = max(assigned) + 1
+    order = sorted(range(len(nodes)), key=lambda i: (assigned[i], keys[i]))
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
     nodes = list(graph.node)
-    layer_of = [layer_of[i] for i in order]
+    layer_of = [assigned[i] for i in order]
 
     types: dict[str, onnx.TypeProto] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):

@@ -4,7 +4,9 @@
 (no latency or energy cap, every memory holds whatever may be placed on it, few enough
 frequency vectors); :func:`solve_fast` then solves ``latency``, ``energy`` and
 ``weighted`` by the dynamic program of :mod:`.dp` and ``throughput`` by the label search
-of :mod:`.bottleneck`. ``carbon`` (a ratio) always goes to the integer program.
+of :mod:`.bottleneck`; ``carbon`` (a ratio) by Dinkelbach's method over the same dynamic
+programs (:mod:`.carbon`), which hands back to the integer program when its bounds
+cannot decide.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import numpy as np
 
 from partitioner import ir
 from partitioner.solver.bottleneck import OutOfTime, least_bottleneck
+from partitioner.solver.carbon import carbon_applies, least_carbon
 from partitioner.solver.dp import MAX_PHI, Chosen, Costs, linear_dp, linear_dp_batch
 from partitioner.solver.memory import memory_of
 from partitioner.solver.runs import RunArrays, run_arrays
 
 __all__ = ["applies", "solve_fast", "binding_memories"]
 
-_KINDS = ("latency", "energy", "weighted", "throughput")
+_KINDS = ("latency", "energy", "weighted", "throughput", "carbon")
 
 
 def applies(table: ir.CostTable, objective: ir.Objective) -> bool:
     """Whether :func:`solve_fast` is exact for ``objective`` on ``table``."""
     if objective.kind not in _KINDS or objective.max_latency is not None \
             or objective.max_energy:
+        return False
+    if objective.kind == "carbon" and not carbon_applies(table):
         return False
     if math.prod(len(table.frequencies.get(d, (None,))) for d in table.device_names) \
             > MAX_PHI:
@@ -105,6 +110,10 @@ def solve_fast(table: ir.CostTable, objective: ir.Objective, deadline: float | N
         except OutOfTime as late:
             return "feasible", late.best
         return "optimal", None if found is None else found[1]
+    if kind == "carbon":
+        status, chosen = least_carbon(table, arrays, deadline)
+        # "undecided": None here, so the caller runs the integer program (exact, slow)
+        return ("feasible" if status == "feasible" else "optimal"), chosen
     return "optimal", _linear(table, arrays, objective)
 
 

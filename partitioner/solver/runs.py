@@ -80,18 +80,30 @@ def run_arrays(table: ir.CostTable) -> RunArrays:
                                 np.cumsum(allowed, axis=1)], axis=1)
     ends = _first_bundle_ends(table)
     preload = table.preload
-    for (i, j, d, f), cost in table.bundles.items():
-        k = dev_index.get(d)
-        if k is None or not (0 <= i <= j < n):
-            continue
-        q = f_index[k].get(f)
-        # Only the bundles canonical pricing can use: a first bundle of a run, i.e. one
-        # that ends at or before e_i, and one every position of which may run on d.
-        if q is None or j > ends[i] or n_allowed[k, j + 1] - n_allowed[k, i] != j - i + 1:
-            continue
-        b_time[k, q, i, j] = cost.time
-        b_hidden[k, q, i, j] = cost.hidden if preload else 0.0
-        b_energy[k, q, i, j] = cost.energy or 0.0
+    # The table's dict, walked once into flat arrays (a Python pass over its entries
+    # is the floor; numpy does the checks and the scatter).
+    count = len(table.bundles)
+    slot = {(d, f): (k, q) for k, fs in enumerate(f_index) for f, q in fs.items()
+            for d in (devices[k],)}
+    keys = table.bundles.keys()
+    dk = np.fromiter((slot.get((key[2], key[3]), (-1, -1))[0] for key in keys), int, count)
+    fq = np.fromiter((slot.get((key[2], key[3]), (-1, -1))[1] for key in keys), int, count)
+    bi = np.fromiter((key[0] for key in keys), int, count)
+    bj = np.fromiter((key[1] for key in keys), int, count)
+    costs = table.bundles.values()
+    bt = np.fromiter((c.compute + c.weight_loading + c.internal for c in costs), float, count)
+    bh = np.fromiter((c.hidden for c in costs), float, count) if preload else np.zeros(count)
+    be = np.fromiter((c.energy or 0.0 for c in costs), float, count)
+    ok = (dk >= 0) & (bi >= 0) & (bi <= bj) & (bj < n)
+    dk, fq, bi, bj, bt, bh, be = (x[ok] for x in (dk, fq, bi, bj, bt, bh, be))
+    # Only the bundles canonical pricing can use: a first bundle of a run, i.e. one
+    # that ends at or before e_i, and one every position of which may run on d.
+    ok = (bj <= np.asarray(ends, dtype=int)[bi]) & (
+        n_allowed[dk, bj + 1] - n_allowed[dk, bi] == bj - bi + 1)
+    dk, fq, bi, bj = dk[ok], fq[ok], bi[ok], bj[ok]
+    b_time[dk, fq, bi, bj] = bt[ok]
+    b_hidden[dk, fq, bi, bj] = bh[ok]
+    b_energy[dk, fq, bi, bj] = be[ok]
     int_time = np.full((len(devices), n), math.inf)
     int_energy = np.zeros((len(devices), n))
     cut_time = np.full((max(n - 1, 0), len(devices), len(devices)), math.inf)

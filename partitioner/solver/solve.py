@@ -12,10 +12,11 @@
 
 Without latency or energy caps, and when every device's memory holds any placement, the
 only coupling left is one frequency per device: ``latency``, ``energy`` and ``weighted``
-are then solved by the exact dynamic program of :mod:`.dp` and ``throughput`` by the
-exact label search of :mod:`.bottleneck`, both over the run arrays of :mod:`.runs`
-(numpy, no network, no MIP). Everything else (caps, binding memories, ``carbon``) is the
-integer program over the pruned state network.
+are then solved by the exact dynamic program of :mod:`.dp`, ``throughput`` by the
+exact label search of :mod:`.bottleneck` and ``carbon`` by Dinkelbach's method over the
+same programs (:mod:`.carbon`), all over the run arrays of :mod:`.runs` (numpy, no
+network, no MIP). Everything else (caps, binding memories, a carbon instance whose bounds
+cannot decide) is the integer program over the pruned state network.
 """
 
 from __future__ import annotations
