@@ -178,6 +178,26 @@ def _same_plan(served: Bundle, doc: Mapping[str, Any]) -> None:
         fail(f"served with other stages ({changed} differs); a new plan needs a new key")
 
 
+def _manifest_of(h: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan's manifest from an ``ensure`` header: a JSON object, or the manifest
+    file's text (``runtime.adapt`` sends that, with its ``sha256``, checked here)."""
+    import hashlib
+    import json
+
+    doc = h.get("manifest")
+    if isinstance(doc, str):
+        digest = h.get("sha256")
+        if digest is not None and hashlib.sha256(doc.encode()).hexdigest() != digest:
+            fail("the manifest's text does not have the sha256 sent with it")
+        try:
+            doc = json.loads(doc)
+        except (json.JSONDecodeError, RecursionError) as err:
+            fail(f"the manifest is not valid JSON ({err.__class__.__name__})")
+    if not isinstance(doc, dict):
+        fail("'manifest' must be the plan's manifest (a JSON object or its text)")
+    return doc
+
+
 def handle_ensure(worker: Any, h: Mapping[str, Any]) -> dict[str, Any]:
     """The reply to an authenticated ``ensure`` frame: ``{"type": "ensure", "plan": KEY,
     "manifest": {...}}``.
@@ -191,9 +211,7 @@ def handle_ensure(worker: Any, h: Mapping[str, Any]) -> dict[str, Any]:
     key = "?"
     try:
         key = check_plan_key(h.get("plan"))
-        doc = h.get("manifest")
-        if not isinstance(doc, dict):
-            fail("'manifest' must be the plan's manifest (a JSON object)")
+        doc = _manifest_of(h)
         built: list[str] = []
         if key not in worker.views:
             if worker.builder is None:
