@@ -359,3 +359,26 @@ def test_serve_model_bad_options_are_one_line_errors(setup, tmp_path, args, mess
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
+
+
+def test_ensure_takes_the_manifest_text_with_its_sha256(setup, tmp_path):
+    """``runtime.adapt`` sends the manifest file's text and its sha256: a ``--model``
+    worker builds from it, and refuses text whose sha256 is not the one sent."""
+    import hashlib
+
+    from runtime.transport import connect, parse_address, recv_frame, send_frame
+
+    built, workers = setup
+    new_dir = split_plan_bundle(built, tmp_path / "p2")
+    text = (new_dir / "manifest.json").read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+
+    def ask(header: dict) -> dict:
+        with connect(parse_address(workers.hosts["cloud"]), 60.0, None) as sock:
+            send_frame(sock, {**header, "token": TOKEN})
+            return recv_frame(sock, max_body=0, frame_timeout=120.0).header
+
+    bad = ask({"type": "ensure", "plan": "adapt/p2", "manifest": text, "sha256": "0" * 64})
+    assert bad["type"] == "error" and "sha256" in bad["message"]
+    good = ask({"type": "ensure", "plan": "adapt/p2", "manifest": text, "sha256": digest})
+    assert good["type"] == "ensured" and good["built"] == ["1"]
