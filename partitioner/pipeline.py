@@ -254,14 +254,15 @@ def write_plan(result: PlanResult, out_dir: str | Path) -> PlanResult:
 def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool,
            triton: bool, progress: bool) -> PlanResult:
     from partitioner.backend import compile_bundle
+    from partitioner.backend.planning import planning_record
 
-    extra: dict[str, Any] = {}
+    variant: dict[str, Any] = {}
     if result.quant is not None and any(s.quantized for s in result.plan.stages):
         # the back end builds the same int8 variant the planner measured (quantvar)
-        extra["calibration"] = result.quant.calibration
+        variant["calibration"] = result.quant.calibration
     out = compile_bundle(result.prepared, result.plan, result.system, out_dir,
                          verify=verify, force=force, triton=triton, table=result.table,
-                         progress=progress, **extra)
+                         progress=progress, extra=planning_record(result), **variant)
     return dataclasses.replace(result, bundle=Path(out))
 
 

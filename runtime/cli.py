@@ -2,8 +2,10 @@
 
 ::
 
-    runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
-                  [--grpc-port P] [--port-file F] [--queue-depth N] [--metrics-port P]
+    runtime serve (BUNDLE | --model M.onnx [--store DIR]) --device NAME [--listen HOST:PORT]
+                  [--token-file F] [--threads N] [--grpc-port P] [--port-file F]
+                  [--queue-depth N] [--metrics-port P]
+                  (--model: build the stages the executor asks for)
     runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
                   ... [--token-file F] [--timeout S] [--repeat N] [--concurrency C]
                   -o OUT.npz [--json] [--listen HOST:PORT]
@@ -113,7 +115,15 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("bundle", metavar="BUNDLE_DIR", nargs="?",
+                   help="the compiled bundle (or give --model)")
+    p.add_argument("--model", metavar="MODEL.onnx",
+                   help="instead of a bundle: hold this model and build, from it, the "
+                        "stages of any plan the (authenticated) executor sends, each "
+                        "checked against the plan's SHA-256 (runtime/build.py)")
+    p.add_argument("--store", metavar="DIR",
+                   help="with --model: where built stages are kept (default: a temporary "
+                        "folder, removed on exit)")
     p.add_argument("--device", required=True, help="the device whose stages to serve")
     p.add_argument("--listen", default=None, metavar="HOST:PORT",
                    help="where to listen (default: the device's `address` in --system, "
@@ -170,15 +180,33 @@ def _serve(args: argparse.Namespace) -> int:
         fail("--queue-depth must be at least 1")
     if args.port_file:
         check_writable(args.port_file, "--port-file")
+    if (args.bundle is None) == (args.model is None):
+        fail("give a BUNDLE_DIR or --model MODEL.onnx (one of them)")
+    if args.store and not args.model:
+        fail("--store goes with --model")
+    if args.model and args.grpc_port is not None:
+        fail("--grpc-port needs a BUNDLE_DIR (its message caps are sized from the stages "
+             "served at start; a --model worker starts with none)")
+    builder = None
+    if args.model:
+        from runtime.build import ModelBuilder
+
+        builder = ModelBuilder(args.model, args.store)
     try:
-        worker = Worker(args.bundle, args.device, listen=(host, port),
+        worker = Worker(args.bundle, args.device, listen=(host, port), builder=builder,
                         token=load_token(args.token_file), threads=args.threads,
                         grpc_port=args.grpc_port, spin=args.spin,
                         queue_depth=args.queue_depth, slowdown=args.debug_slowdown,
                         tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
     except OSError as err:  # the port is taken, or the address is not this host's
+        if builder is not None:
+            builder.close()
         fail(f"--listen {format_address((host, port))}: cannot listen there "
              f"({err.strerror or err})")
+    except BaseException:
+        if builder is not None:
+            builder.close()
+        raise
     metrics = None
     if args.metrics_port is not None:
         from runtime.metrics import MetricsServer
@@ -270,6 +298,15 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.repeat < 1 or args.concurrency < 1:
         fail("--repeat and --concurrency must be at least 1")
+    if args.adapt and not args.local and not (args.model and args.system):
+        # the bundle records what re-planning needs (partitioner/backend/planning.py)
+        from partitioner.backend.planning import planning_files, records_planning
+
+        if records_planning(args.bundle):
+            args.planning_dir = tempfile.TemporaryDirectory(prefix="runtime-planning-")
+            model, system = planning_files(args.bundle, args.planning_dir.name,
+                                           model=args.model, system=args.system)
+            args.model, args.system = str(model), str(system)
     if args.adapt and (args.local or not args.model or not args.system):
         fail("--adapt needs workers (not --local), --model and --system")
     if args.timeout <= 0 or (args.attempt_timeout is not None and args.attempt_timeout <= 0):
@@ -301,6 +338,11 @@ def _run(args: argparse.Namespace) -> int:
 
             replanner = Replanner(args.bundle, args.model, args.system,
                                   token=load_token(args.token_file))
+        from runtime.ensure import prepare_workers
+
+        # workers started with --model get the bundle's plans to build (no-op otherwise)
+        prepare_workers(hosts, args.bundle, load_token(args.token_file),
+                        tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca))
         try:
             executor = RemoteExecutor(
                 args.bundle, hosts, token=load_token(args.token_file), timeout=args.timeout,
@@ -317,12 +359,14 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.adapt:
             from runtime.adapt import Adapter, AdaptOptions
+            from runtime.ensure import units_ensurer
 
             adapter = Adapter(executor, args.model, args.system, options=AdaptOptions(
                 window=args.adapt_window, margin=args.adapt_margin,
                 windows=args.adapt_windows, min_interval=args.adapt_min_interval,
                 alpha=args.adapt_alpha, baseline=args.adapt_baseline,
-                min_samples=args.adapt_min_samples, forget=args.adapt_forget)).start()
+                min_samples=args.adapt_min_samples, forget=args.adapt_forget),
+                ensure=units_ensurer(executor)).start()  # --model workers build new plans
         doc, outputs, error = stream(executor, inputs, args.repeat,
                                      concurrency=args.concurrency, adapter=adapter)
     finally:
@@ -335,6 +379,9 @@ def _run(args: argparse.Namespace) -> int:
         fail(error or "no request was answered", error=RequestError)
     save_outputs(args.output, outputs)
     doc = {"mode": "local" if args.local else "remote", "output": str(args.output), **doc}
+    if adapter is not None:  # the drift rule's windows (factors, decisions): benchmarks
+        doc["adaptation"] = {"windows": adapter.history,
+                             "failed_switches": list(adapter.failed_switches)}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -40,6 +40,7 @@ __all__ = [
     "encode",
     "parse_header",
     "decode_tensors",
+    "ensure_request",
 ]
 
 MAGIC = b"DNNP"
@@ -228,3 +229,18 @@ def decode_tensors(header: Mapping[str, Any], body: np.ndarray | bytearray | mem
             out[name] = body[offset:offset + nbytes].view(np_dtype).reshape(shape)
         end_prev = offset + nbytes
     return out
+
+
+def ensure_request(plan: str, manifest: Mapping[str, Any], token: str | None) -> dict[str, Any]:
+    """The header asking a worker to hold plan ``plan``'s units (``runtime.build``):
+    ``{"type": "ensure", "plan": KEY, "manifest": {...}, "token": ...}``, no body.
+
+    The manifest (unit specs and SHA-256s, no weights) travels in the header, so it must
+    fit :data:`MAX_HEADER` with the rest.
+    """
+    header = {"type": "ensure", "plan": plan, "manifest": dict(manifest), "token": token}
+    size = len(_dumps(header))
+    if size > MAX_HEADER:
+        raise ProtocolError(f"plan {plan}: its manifest is {size} B, more than a frame "
+                            f"header may hold ({MAX_HEADER} B)", code="too_large")
+    return header

@@ -12,7 +12,9 @@ so:
   plan except the pinned source and destination); workers load them at start-up and the
   executor switches to one in a single round trip when a device dies;
 * ``runtime run ... --model M --system S`` (or :class:`Replanner`) compiles a missing
-  fallback on demand (any set of lost devices) and asks the live workers to reload.
+  fallback on demand (any set of lost devices) and has the live workers of the new plan
+  serve it (:func:`runtime.ensure.ensure_units`: a worker of the bundle directory
+  rescans it, a ``runtime serve --model`` worker builds its units from its own model).
 
 A fallback is solved with the objective *kind* of the original plan, on the analytic
 cost model (plus any profiles given); caps such as ``--max-latency`` are dropped, since a
@@ -66,8 +68,9 @@ class Replanner:
     """The executor's on-demand re-planner (see the module doc).
 
     Called with the set of lost devices, it compiles (once per set) a fallback bundle,
-    asks every live worker of the executor to ``reload`` (rescan its bundle directory),
-    and returns the plan key (``"fallback/without-..."``), or ``None`` when no plan exists.
+    has the live workers of the new plan serve it (``runtime.ensure``: a bundle worker
+    rescans its directory, a ``--model`` worker builds the units), and returns the plan
+    key (``"fallback/without-..."``), or ``None`` when no plan exists.
     """
 
     def __init__(self, bundle_dir: str | Path, model: str | Path, system_path: str | Path,
@@ -80,7 +83,7 @@ class Replanner:
         self._lock = threading.Lock()
 
     def bind(self, executor: Any) -> None:
-        """The executor whose hosts get the ``reload`` request."""
+        """The executor whose hosts get the ``ensure`` request."""
         self.executor = executor
 
     def __call__(self, lost: frozenset[str]) -> str | None:
@@ -90,23 +93,24 @@ class Replanner:
             path = compile_without(self.bundle_dir, self.model, self.system_path, lost,
                                    profiles=self.profiles)
             key = None if path is None else f"fallback/{path.name}"
-            if key is not None and self.executor is not None:
-                self._reload(lost)
+            if key is not None and path is not None and self.executor is not None:
+                self._ensure(path, key, lost)
             self._done[lost] = key
             return key
 
-    def _reload(self, lost: frozenset[str]) -> None:
-        from runtime.transport import connect, recv_frame, send_frame
+    def _ensure(self, path: Path, key: str, lost: frozenset[str]) -> None:
+        """Have the live workers of the new plan serve its units (``runtime.ensure``):
+        a worker of the bundle directory rescans it, a ``--model`` worker builds them."""
+        from runtime.ensure import EnsureError, ensure_units
+        from runtime.stages import open_bundle
+        from runtime.transport import format_address
 
-        for dev, addr in dict(self.executor.hosts).items():
-            if dev in lost:
-                continue
+        view = open_bundle(path, key=key)
+        hosts = {d: format_address(a) for d, a in dict(self.executor.hosts).items()
+                 if d not in lost}
+        for dev in view.devices:
             try:
-                with connect(addr, 30.0, getattr(self.executor, "tls", None)) as sock:
-                    send_frame(sock, {"type": "reload", "token": self.token})
-                    reply = recv_frame(sock, max_body=0)
-                if reply.header.get("type") == "error":
-                    log.warning("device %s refused to reload: %s", dev,
-                                reply.header.get("message"))
-            except Exception as err:  # a dead host is simply left out
-                log.warning("device %s: reload failed: %s", dev, err)
+                ensure_units(hosts, view, self.token, key=key, timeout=60.0,
+                             tls=getattr(self.executor, "tls", None), devices=[dev])
+            except EnsureError as err:  # a dead host is simply left out
+                log.warning("device %s: %s", dev, err)

@@ -108,9 +108,10 @@ class BundleView:
         return sum(specs[n].nbytes + _SLACK for n in specs)
 
 
-def open_bundle(path: str | Path, key: str = MAIN) -> BundleView:
-    """Load ``path`` (a bundle directory) with the validating loader."""
-    return BundleView(key, load_bundle(path))
+def open_bundle(path: str | Path, key: str = MAIN, device: str | None = None) -> BundleView:
+    """Load ``path`` (a bundle directory) with the validating loader (``device``: check
+    only that device's unit files, see ``load_bundle``)."""
+    return BundleView(key, load_bundle(path, device=device))
 
 
 def open_bundles(path: str | Path) -> dict[str, BundleView]:

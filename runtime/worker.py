@@ -85,7 +85,8 @@ class Worker:
     ``inline`` (class attribute): run an idle unit in the receiving connection's thread.
 
     Args:
-        bundle_dir: the compiled bundle (plus any ``fallback/*`` bundles in it).
+        bundle_dir: the compiled bundle (plus any ``fallback/*`` bundles in it), or None
+            for a worker that builds its units from the model (``builder``).
         device: the device name this worker plays.
         listen: ``(host, port)``; port 0 lets the OS choose (see :attr:`address`).
         token: shared secret, or ``None`` (then only loopback is allowed).
@@ -98,6 +99,9 @@ class Worker:
         queue_depth: requests queued per unit before senders are held back.
         max_inboxes: requests waiting for more senders at once; more are refused busy.
         max_inbox_bytes: tensor bytes those may hold together; more are refused busy.
+        builder: a :class:`runtime.build.ModelBuilder` (``runtime serve --model``): the
+            worker starts with no units and builds those of the plans the executor
+            ``ensure``-s from its own copy of the model.
         slowdown: test/benchmark aid only: every unit run takes this many times its
             compute time (the worker sleeps the difference), so a slow-but-alive host can
             be simulated; the executor may change it with an authenticated ``debug``
@@ -106,18 +110,21 @@ class Worker:
 
     inline = True
 
-    def __init__(self, bundle_dir: str | Path, device: str, *,
+    def __init__(self, bundle_dir: str | Path | None, device: str, *,
                  listen: tuple[str, int] = ("127.0.0.1", 0), token: str | None = None,
                  threads: int | None = None, grpc_port: int | None = None,
                  send_timeout: float = 10.0, tls: TLSConfig | None = None,
                  spin: bool = False, queue_depth: int = 64, max_inboxes: int = 1024,
-                 max_inbox_bytes: int = 256 << 20, slowdown: float | None = None) -> None:
+                 max_inbox_bytes: int = 256 << 20, builder: Any = None,
+                 slowdown: float | None = None) -> None:
         check_bind(listen[0], token)
         if queue_depth < 1 or max_inboxes < 1:
             fail("queue depth and inbox cap must be at least 1")
         self.device = device
         self.token = token
-        self.bundle_dir = Path(bundle_dir)
+        self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)
+        self.builder = builder
+        self.build_lock = threading.Lock()
         self.threads = threads
         self.spin = spin
         self.queue_depth = queue_depth
@@ -140,8 +147,11 @@ class Worker:
         self.tls = tls
         self.pool = ConnectionPool(timeout=send_timeout,
                                    tls=None if tls is None else tls.client_context())
-        self._add_views(open_bundles(bundle_dir), start=False)
-        if not self.runners:
+        if self.bundle_dir is not None:
+            self._add_views(open_bundles(self.bundle_dir), start=False)
+        elif builder is None:
+            fail("a worker needs a bundle directory or a model")
+        if not self.runners and builder is None:
             known = sorted({d for v in self.views.values() for d in v.devices})
             fail(f"--device {device}: no stage of the bundle runs on it (devices: "
                  f"{', '.join(known)})")
@@ -185,13 +195,16 @@ class Worker:
         if self.grpc is not None:
             self.grpc.stop()
         self.pool.close()
+        if self.builder is not None:
+            self.builder.close()
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
 
     def _max_body(self) -> int:
-        return max(self.views[p].incoming_bytes(u) for p, u in self.runners) + 4096
+        return max((self.views[p].incoming_bytes(u) for p, u in self.runners),
+                   default=0) + 4096
 
     def _add_views(self, views: Mapping[str, BundleView], start: bool) -> list[str]:
         added = []
@@ -221,10 +234,35 @@ class Worker:
         Only the directory given at start-up is read (never a path from a request), and
         every file is checked against its manifest's SHA-256 by the loader.
         """
+        if self.bundle_dir is None:
+            fail("this worker builds its stages from --model; it has no bundle directory")
         with self._reload_lock:
             added = self._add_views(open_bundles(self.bundle_dir), start=True)
             self.server.max_body = max(self.server.max_body, self._max_body())
             return added
+
+    def add_plan(self, key: str, view: BundleView) -> None:
+        """Serve the units of ``view`` (a plan built by ``runtime.build``) under ``key``.
+
+        Every unit's ONNX Runtime session is opened before any is served, so a unit that
+        fails to load leaves the worker exactly as it was.
+        """
+        with self._reload_lock:
+            if key in self.views:
+                return
+            staged = {(key, u.key): StageRunner(u, view.root, threads=self.threads,
+                                                spin=self.spin)
+                      for u in view.units() if u.device == self.device}
+            for k, runner in staged.items():
+                self.runners[k] = runner
+                self.queues[k] = queue.Queue(self.queue_depth)
+                self.locks[k] = threading.Lock()
+                t = threading.Thread(target=self._unit_loop, args=(k,),
+                                     name=f"unit-{k[1]}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            self.views[key] = view
+            self.server.max_body = max(self.server.max_body, self._max_body())
 
     def metrics_snapshot(self) -> dict[str, Any]:
         with self._stats_lock:
@@ -273,6 +311,7 @@ class Worker:
             waiting, held = self.waiting.usage()
             return {"type": "ready", "ready": self.ready, "device": self.device,
                     "stages": self.stage_list(), "stats": stats, "received": received,
+                    "model_sha256": None if self.builder is None else self.builder.sha256,
                     "waiting": waiting, "waiting_bytes": held,
                     "queued": {f"{p}:{u}": q.qsize() for (p, u), q in self.queues.items()}}
         if kind == "metrics":
@@ -285,6 +324,10 @@ class Worker:
             except UserError as err:
                 return {"type": "error", "code": "bad_bundle", "message": str(err)}
             return {"type": "reloaded", "plans": added}
+        if kind == "ensure":  # build or find a plan's units (runtime.build)
+            from runtime.build import handle_ensure
+
+            return handle_ensure(self, h)
         if kind != "infer":
             self._count("rejected")
             return {"type": "error", "code": "bad_request", "id": _id(h),

@@ -196,13 +196,17 @@ def _check_unit(root: Path, unit: Unit, check_onnx: bool) -> None:
         _check_onnx(root / unit.file, unit, ext, what)
 
 
-def load_bundle(path: str | os.PathLike[str], *, check_onnx: bool = True) -> Bundle:
+def load_bundle(path: str | os.PathLike[str], *, check_onnx: bool = True,
+                device: str | None = None) -> Bundle:
     """Read and validate a bundle directory (schema 1 or 2).
 
     Args:
         path: the bundle directory (or its ``manifest.json``).
         check_onnx: also parse each unit file and check that its external data
             references are the declared file (cheap: weights are not loaded).
+        device: check only the files of this device's units (a worker that builds its
+            own units from the model, ``runtime serve --model``, holds no others); the
+            manifest and its stage graph are still checked whole.
 
     Raises:
         UserError: a one-line message naming the stage and file at fault.
@@ -227,9 +231,10 @@ def load_bundle(path: str | os.PathLike[str], *, check_onnx: bool = True) -> Bun
                         ) from None
     _check_chain(bundle, manifest)
     for unit in bundle.units():
-        _check_unit(root, unit, check_onnx)
+        if device is None or unit.device == device:
+            _check_unit(root, unit, check_onnx)
     for s in bundle.stages:
-        if s.triton is not None:
+        if s.triton is not None and device is None:
             what = f"stage {s.id} ({s.device})"
             tdir = safe_path(root, s.triton, f"{what} triton")
             if not (tdir / "config.pbtxt").is_file():

@@ -88,6 +88,12 @@ def test_cli_adapt_switches_at_a_request_boundary(built, workers, tmp_path) -> N
 
 
 def test_cli_adapt_needs_the_model_and_system(built, workers, tmp_path) -> None:
+    # ... when the bundle does not record them (compiled without the pipeline's
+    # planning record; with it, the bundle alone is enough: tests/test_model_worker.py)
+    manifest = built.bundle / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    del doc["planning"]
+    manifest.write_text(json.dumps(doc))
     proc = _run(built, workers, tmp_path, "--adapt")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and out == ""

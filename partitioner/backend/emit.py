@@ -50,9 +50,10 @@ from partitioner.backend.sends import (
     tensor_specs,
     transfer_kind,
 )
+from partitioner.backend.units import build_unit
 from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
 from partitioner.errors import fail
-from partitioner.frontend.slicing import extract_layers, save_model
+from partitioner.frontend.slicing import save_model
 from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
 from stagebundle.graph import check_graph
 
@@ -142,7 +143,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
                    out_dir: str | os.PathLike[str], *, verify: bool = True,
                    force: bool = False, triton: bool = False, table: CostTable | None = None,
                    seed: int = 0, progress: bool = False,
-                   calibration: Mapping[str, Any] | None = None) -> Path:
+                   calibration: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Path:
     """Write the deployment bundle of ``plan`` to ``out_dir``.
 
     Args:
@@ -162,6 +164,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
         calibration: inputs (``--calibration`` format) the int8 variant of a plan with
             ``quantized`` layers is calibrated on (:mod:`partitioner.backend.quantized`);
             None: seeded random ones, with a warning.
+        extra: more top-level manifest entries (the pipeline's ``planning`` record,
+            :mod:`partitioner.backend.planning`).
 
     Returns:
         The bundle directory.
@@ -177,7 +181,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         bundle = _build(prepared, plan, system, tmp, verify=verify, triton=triton,
-                        table=table, seed=seed, progress=progress, calibration=calibration)
+                        table=table, seed=seed, progress=progress, calibration=calibration,
+                        extra=extra)
         text = dumps(bundle.to_json()) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -189,7 +194,8 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
 
 def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verify: bool,
            triton: bool, table: CostTable | None, seed: int, progress: bool,
-           calibration: Mapping[str, Any] | None = None) -> Bundle:
+           calibration: Mapping[str, Any] | None = None,
+           extra: Mapping[str, Any] | None = None) -> Bundle:
     from tqdm import tqdm
 
     from partitioner.analysis.routing import messages, route_plan, tensor_flow
@@ -228,16 +234,14 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
                       next=s.id + 1 if s.id + 1 < len(plan.stages) else None,
                       estimate=_stage_estimate(timeline, s.id))
         if s.parts:
-            stages.append(_split_stage(s, parts[s.id], tmp, msgs, routes, reads, common))
+            stages.append(_split_stage(prepared, s, parts[s.id], tmp, msgs, routes, reads,
+                                       common))
             continue
-        sub = extract_layers(prepared, s.first, s.last)
+        name, data, sub = build_unit(prepared, s, None, tmp)  # the --model worker's too
         files = UnitFiles(tuple((t, None) for t in sub.inputs),
                           tuple((t, None) for t in sub.outputs))
         check_reads(s.id, files, reads)
         assert s.device is not None
-        name = stage_file_name(s.id, s.device)
-        data = _save_checked(sub, tmp, name, f"stage {s.id} ({s.device}, layers "
-                                             f"{s.first}..{s.last})")
         ins, outs = tensor_specs(files, routes)
         key = unit_key(s.id)
         stages.append(StageSpec(
@@ -253,12 +257,12 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
                       tuple(spec(t) for t in graph.inputs),
                       tuple(spec(t) for t in graph.outputs),
                       tuple(layer.name for layer in graph.layers))
-    extra: dict[str, Any] = {"timeline": timeline}
+    entries: dict[str, Any] = {"timeline": timeline, **(extra or {})}
     bundle = Bundle(path=tmp, model=model, plan=plan.to_json(), stages=tuple(stages),
                     input_sends=input_sends(msgs),
                     source=app.source if app else plan.pseudo.get("source"),
                     destination=app.destination if app else plan.pseudo.get("destination"),
-                    transfer=transfer_kind(plan.routes), producer=PRODUCER, extra=extra)
+                    transfer=transfer_kind(plan.routes), producer=PRODUCER, extra=entries)
     check_graph(bundle)  # the sends add up, as the loader and the runtime will check
     if verify:
         bundle = _verified(prepared, bundle, tmp, seed,
@@ -271,16 +275,6 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
 
         bundle = write_repository(bundle, tmp)
     return bundle
-
-
-def _save_checked(model: Any, tmp: Path, name: str, what: str) -> str | None:
-    """Write a unit file, run the ONNX checker on it; the external-data file name or None."""
-    model.save(tmp / name)
-    try:
-        onnx.checker.check_model(str(tmp / name))
-    except onnx.checker.ValidationError as err:
-        fail(f"{what}: {name} fails the ONNX checker: {str(err).splitlines()[0]}")
-    return name + ".data" if (tmp / (name + ".data")).exists() else None
 
 
 def _build_parts(prepared: Any, stage: Stage) -> list[Any]:
@@ -300,9 +294,9 @@ def _unit_rows(parts: dict[int, list[Any]]) -> Any:
     return rows
 
 
-def _split_stage(s: Stage, parts: Sequence[Any], tmp: Path, msgs: Sequence[Any],
-                 routes: dict[str, Any], reads: set[str], common: dict[str, Any]
-                 ) -> StageSpec:
+def _split_stage(prepared: Any, s: Stage, parts: list[Any], tmp: Path,
+                 msgs: Sequence[Any], routes: dict[str, Any], reads: set[str],
+                 common: dict[str, Any]) -> StageSpec:
     """A stage split by rows: one file and one PartSpec per part, the stage's own lists
     whole (unsliced)."""
     specs = []
@@ -310,9 +304,7 @@ def _split_stage(s: Stage, parts: Sequence[Any], tmp: Path, msgs: Sequence[Any],
     whole_out: dict[str, TensorInfo] = {}
     for k, pm in enumerate(parts):
         files = UnitFiles(tuple(pm.inputs), tuple(pm.outputs))
-        name = part_file_name(s.id, k, pm.device)
-        data = _save_checked(pm.model, tmp, name, f"stage {s.id} part {k} ({pm.device}, "
-                                                   f"rows {pm.rows[0]}..{pm.rows[1]})")
+        name, data, _ = build_unit(prepared, s, k, tmp, parts=parts)
         ins, outs = tensor_specs(files, routes)
         specs.append(PartSpec(
             index=k, device=pm.device, frequency=pm.frequency, rows=tuple(pm.rows),
