@@ -11,7 +11,10 @@ runtime's fail-over (:func:`replan`, behind :mod:`runtime.replan`).
   :class:`PlanResult` out;
 * :func:`compile`: :func:`plan`, then the bundle directory;
 * :func:`replan`: the plan of a compiled bundle again, on the system without some lost
-  devices, written as the fallback bundle ``BUNDLE/fallback/without-<lost>``.
+  devices, written as the fallback bundle ``BUNDLE/fallback/without-<lost>``;
+* :func:`bundle_context`, :func:`solve_on`, :func:`write_plan`: live adaptation
+  (:mod:`runtime.adapt`) prices a bundle's plan on a calibrated cost table, solves on that
+  table and writes the new plan's bundle, with the same steps as :func:`plan`.
 
 Heavy dependencies (onnx, mip) are imported inside the functions, so importing this module
 is cheap.
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from partitioner.frontend import PreparedModel
 
 __all__ = ["PlanResult", "plan", "compile", "replan", "planner", "system_without",
-           "fallback_name", "FALLBACK_DIR"]
+           "fallback_name", "FALLBACK_DIR", "bundle_context", "solve_on", "write_plan"]
 
 log = logging.getLogger("partitioner.pipeline")
 
@@ -161,25 +164,45 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         from partitioner.analysis.exits import with_exits
 
         table = with_exits(table, prepared.graph, [(h.head, h.layer) for h in heads])
-    if spatial or spatial_baseline or max_parts is not None:
-        from partitioner.solver.spatial_entry import spatial_plan
-
-        if heads:
-            fail("--spatial and --exit cannot be combined (the spatial planner prices no "
-                 "exit heads)")
-
-        chosen = spatial_plan(prepared.graph, table, objective, max_parts=max_parts,
-                              baseline=spatial_baseline, spatial=spatial)
-    else:
-        chosen = planner(objective)(table)
-    # Routing, once, before anything reads the plan (compile() and replan() both plan
-    # through here): direct sends where they are cheaper, the estimate re-priced.
-    chosen = route_plan(prepared.graph, table, chosen)
+    if heads and (spatial or spatial_baseline or max_parts is not None):
+        fail("--spatial and --exit cannot be combined (the spatial planner prices no "
+             "exit heads)")
+    chosen = _solve(prepared.graph, table, objective, spatial=spatial, max_parts=max_parts,
+                    spatial_baseline=spatial_baseline)
     if heads:  # nothing may skip an exit stage; expected and worst case re-priced
         from partitioner.analysis.exits import route_exits
 
         chosen = route_exits(prepared.graph, table, chosen)
     return PlanResult(prepared, loaded_system, table, chosen, objective)
+
+
+def _solve(graph: ir.LayerGraph, table: ir.CostTable, objective: ir.Objective, *,
+           spatial: bool = False, max_parts: int | None = None,
+           spatial_baseline: str | None = None) -> ir.Plan:
+    if spatial or spatial_baseline or max_parts is not None:
+        from partitioner.solver.spatial_entry import spatial_plan
+
+        chosen = spatial_plan(graph, table, objective, max_parts=max_parts,
+                              baseline=spatial_baseline, spatial=spatial)
+    else:
+        chosen = planner(objective)(table)
+    # Routing, once, before anything reads the plan (compile(), replan() and live
+    # adaptation all plan through here): direct sends where they are cheaper, the
+    # estimate re-priced.
+    return route_plan(graph, table, chosen)
+
+
+def solve_on(result: PlanResult, table: ir.CostTable) -> PlanResult:
+    """Solve ``result``'s model again on ``table`` (e.g. a calibrated copy of its cost
+    table), with its objective; the plan is routed and priced on ``table``. (A plan with
+    early-exit heads is re-solved without them: live adaptation of exits is not built.)"""
+    return dataclasses.replace(result, table=table,
+                               plan=_solve(result.prepared.graph, table, result.objective))
+
+
+def write_plan(result: PlanResult, out_dir: str | Path) -> PlanResult:
+    """Write ``result.plan`` as a verified bundle at ``out_dir`` (replaced if present)."""
+    return _write(result, out_dir, verify=True, force=True, triton=False, progress=False)
 
 
 def _write(result: PlanResult, out_dir: str | Path, *, verify: bool, force: bool,
@@ -235,6 +258,37 @@ def fallback_name(lost: Iterable[str]) -> str:
     return "without-" + "+".join(sorted(lost))
 
 
+def _bundle_model(main: Any, model: Any, bundle_dir: Path) -> PreparedModel:
+    """The model ``main`` (a loaded bundle) was compiled from, with its input shapes and
+    granularity; a different model (fingerprint) is refused."""
+    shapes = {t.name: tuple(t.shape) for t in main.model.inputs}
+    prepared = _prepare(model, shapes, main.model.granularity, None)
+    if prepared.graph.sha256 != main.model.sha256:
+        fail(f"--model {model}: not the model bundle {bundle_dir} was compiled from "
+             f"(sha256 differs)")
+    return prepared
+
+
+def bundle_context(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
+                   system: str | Path | ir.System, *,
+                   profiles: Sequence[str | Path | Profile] = ()) -> PlanResult:
+    """A compiled bundle's own plan with its model (fingerprint checked), the system and
+    a freshly built cost table; the objective is the plan's kind, caps dropped (as for
+    :func:`replan`)."""
+    from partitioner.analysis.costs import build_cost_table
+    from stagebundle import load_bundle
+
+    bundle_dir = Path(bundle_dir)
+    main = load_bundle(bundle_dir)
+    loaded_system = _load_system(system)
+    prepared = _bundle_model(main, model, bundle_dir)
+    table = build_cost_table(prepared.graph, loaded_system,
+                             profiles=_profiles(profiles, prepared.graph))
+    kind = str(main.plan.get("objective", "latency"))
+    return PlanResult(prepared, loaded_system, table, ir.Plan.from_json(main.plan),
+                      ir.Objective(kind=kind), bundle_dir)  # type: ignore[arg-type]
+
+
 def replan(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
            system: str | Path | ir.System, lost: Iterable[str], *,
            profiles: Sequence[str | Path | Profile] = ()) -> Path | None:
@@ -268,11 +322,7 @@ def replan(bundle_dir: str | Path, model: str | Path | PreparedModel | Any,
         log.warning("cannot plan without %s: it is pinned as source/destination",
                     ", ".join(sorted(x for x in pinned if x)))
         return None
-    shapes = {t.name: tuple(t.shape) for t in main.model.inputs}
-    prepared = _prepare(model, shapes, main.model.granularity, None)
-    if prepared.graph.sha256 != main.model.sha256:
-        fail(f"--model {model}: not the model bundle {bundle_dir} was compiled from "
-             f"(sha256 differs)")
+    prepared = _bundle_model(main, model, bundle_dir)
     # A lost device's profile prices nothing now (and would name a device not in the
     # reduced system); bad profile files still fail here, before the try below.
     kept = [p for p in _profiles(profiles, prepared.graph) if p.device not in gone]

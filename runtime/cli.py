@@ -3,10 +3,11 @@
 ::
 
     runtime serve BUNDLE --device NAME [--listen HOST:PORT] [--token-file F] [--threads N]
-                  [--grpc-port P] [--port-file F] [--queue-depth N]
+                  [--grpc-port P] [--port-file F] [--queue-depth N] [--metrics-port P]
     runtime run   BUNDLE (--local | --hosts NAME=HOST:PORT,... | --system S) --input NAME=FILE.npy
-                  ... [--token-file F] [--timeout S] [--repeat N] -o OUT.npz [--json]
-                  [--listen HOST:PORT] [--model M --system S]  (--model: re-plan on failure)
+                  ... [--token-file F] [--timeout S] [--repeat N] [--concurrency C]
+                  -o OUT.npz [--json] [--listen HOST:PORT]
+                  [--model M --system S [--adapt]]  (--model: re-plan on failure, on drift)
     runtime fallback BUNDLE --model M --system S [--device NAME ...]
     runtime certs SYSTEM -o DIR [--host H ...] [--days N] [--force]
 
@@ -24,7 +25,6 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,14 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-depth", type=int, default=64, metavar="N",
                    help="requests queued per unit before senders are held back and then "
                         "refused busy (bounds the worker's memory)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve the worker's measurements in the Prometheus text format "
+                        "over HTTP on this port of the --listen host (0: any free port, "
+                        "written to --port-file as metrics_port)")
+    p.add_argument("--debug-slowdown", type=float, default=None, metavar="FACTOR",
+                   help="test/benchmark aid: every unit takes FACTOR times its compute "
+                        "time (a slow-but-alive host); authenticated `debug` frames may "
+                        "change it while serving")
     _add_tls(p)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
 
@@ -166,14 +174,25 @@ def _serve(args: argparse.Namespace) -> int:
         worker = Worker(args.bundle, args.device, listen=(host, port),
                         token=load_token(args.token_file), threads=args.threads,
                         grpc_port=args.grpc_port, spin=args.spin,
-                        queue_depth=args.queue_depth,
+                        queue_depth=args.queue_depth, slowdown=args.debug_slowdown,
                         tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)).start()
     except OSError as err:  # the port is taken, or the address is not this host's
         fail(f"--listen {format_address((host, port))}: cannot listen there "
              f"({err.strerror or err})")
+    metrics = None
+    if args.metrics_port is not None:
+        from runtime.metrics import MetricsServer
+
+        try:
+            metrics = MetricsServer(host, args.metrics_port, worker.metrics_snapshot).start()
+        except OSError as err:
+            worker.close()
+            fail(f"--metrics-port {args.metrics_port}: cannot listen there "
+                 f"({err.strerror or err})")
     addr = format_address(worker.address)
     info = {"device": args.device, "host": worker.address[0], "port": worker.address[1],
             "grpc_port": None if worker.grpc_address is None else worker.grpc_address[1],
+            "metrics_port": None if metrics is None else metrics.address[1],
             "pid": os.getpid()}
     if args.port_file:
         write_atomic(args.port_file, json.dumps(info).encode())
@@ -183,6 +202,8 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if metrics is not None:
+        metrics.close()
     worker.close()
     return 0
 
@@ -207,7 +228,33 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attempt-timeout", type=float, default=None,
                    help="give one attempt up (and retry) after S s (default: timeout / 4)")
     p.add_argument("--repeat", type=int, default=1, help="run the request N times")
-    p.add_argument("--model", help="the model, to re-plan when a device is down")
+    p.add_argument("--concurrency", type=int, default=1, metavar="C",
+                   help="requests in flight at once while repeating (default 1)")
+    p.add_argument("--model", help="the model, to re-plan when a device is down (and, "
+                                   "with --adapt, on drift)")
+    g = p.add_argument_group("live adaptation (--adapt needs --model and --system; the "
+                             "defaults are measured, see runtime/README.md)")
+    g.add_argument("--adapt", action="store_true",
+                   help="calibrate the cost table while serving and switch plans on drift")
+    g.add_argument("--adapt-window", type=float, default=1.0, metavar="S",
+                   help="seconds per calibration window")
+    g.add_argument("--adapt-margin", type=float, default=0.5, metavar="M",
+                   help="switch when the current plan's re-estimate exceeds the new "
+                        "optimum by this fraction ...")
+    g.add_argument("--adapt-windows", type=int, default=5, metavar="K",
+                   help="... in K consecutive windows ...")
+    g.add_argument("--adapt-min-interval", type=float, default=10.0, metavar="S",
+                   help="... and S seconds after the previous switch")
+    g.add_argument("--adapt-alpha", type=float, default=0.5, metavar="A",
+                   help="EWMA weight of the newest window")
+    g.add_argument("--adapt-baseline", choices=("first", "file"), default="first",
+                   help="factors relative to the first windows (drift, default) or "
+                        "absolute against the system file's figures")
+    g.add_argument("--adapt-min-samples", type=int, default=3, metavar="N",
+                   help="unit runs a device needs in a window to be calibrated")
+    g.add_argument("--adapt-forget", type=float, default=30.0, metavar="W",
+                   help="half-life in windows of the factor of a device the plan left, so "
+                        "a recovered host is tried again (0: never)")
     p.add_argument("--system", help="the system file: device addresses (when --hosts is "
                                     "not given) and, with --model, re-planning")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
@@ -221,8 +268,10 @@ def _run(args: argparse.Namespace) -> int:
     from runtime.security import load_token
     from runtime.tls import tls_from_args
 
-    if args.repeat < 1:
-        fail("--repeat must be at least 1")
+    if args.repeat < 1 or args.concurrency < 1:
+        fail("--repeat and --concurrency must be at least 1")
+    if args.adapt and (args.local or not args.model or not args.system):
+        fail("--adapt needs workers (not --local), --model and --system")
     if args.timeout <= 0 or (args.attempt_timeout is not None and args.attempt_timeout <= 0):
         fail("--timeout and --attempt-timeout must be positive")
     hosts: dict[str, str] = {}
@@ -262,33 +311,43 @@ def _run(args: argparse.Namespace) -> int:
             fail(f"--listen {args.listen}: cannot listen there ({err.strerror or err})")
         if replanner is not None:
             replanner.bind(executor)
-    records = []
+    from runtime.stream import stream
+
+    adapter = None
     try:
-        t0 = time.perf_counter()
-        for _ in range(args.repeat):
-            outputs = executor.infer(inputs)
-            records.append(executor.records[-1])
-        wall = time.perf_counter() - t0
+        if args.adapt:
+            from runtime.adapt import Adapter, AdaptOptions
+
+            adapter = Adapter(executor, args.model, args.system, options=AdaptOptions(
+                window=args.adapt_window, margin=args.adapt_margin,
+                windows=args.adapt_windows, min_interval=args.adapt_min_interval,
+                alpha=args.adapt_alpha, baseline=args.adapt_baseline,
+                min_samples=args.adapt_min_samples, forget=args.adapt_forget)).start()
+        doc, outputs, error = stream(executor, inputs, args.repeat,
+                                     concurrency=args.concurrency, adapter=adapter)
     finally:
+        if adapter is not None:
+            adapter.close()
         executor.close()
+    if outputs is None:  # nothing answered: the first error, as for a single request
+        from runtime.local import RequestError
+
+        fail(error or "no request was answered", error=RequestError)
     save_outputs(args.output, outputs)
-    lat = [r["latency"] for r in records]
-    doc: dict[str, Any] = {
-        "mode": "local" if args.local else "remote", "output": str(args.output),
-        "requests": len(records), "wall": wall,
-        "latency": {"mean": float(np.mean(lat)), "min": float(np.min(lat)),
-                    "max": float(np.max(lat))},
-        "runs": [{"id": r["id"], "latency": r["latency"], "plan": r.get("plan"),
-                  "attempts": r.get("attempts", 1), "retries": r.get("retries", []),
-                  "exit": r.get("exit"),
-                  "stages": r.get("timings", [])}
-                 for r in records]}
+    doc = {"mode": "local" if args.local else "remote", "output": str(args.output), **doc}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
+        s = doc["summary"]
         print(f"wrote {args.output}: {len(outputs)} output(s); latency mean "
-              f"{doc['latency']['mean'] * 1e3:.2f} ms over {len(records)} request(s)")
+              f"{doc['latency']['mean'] * 1e3:.2f} ms over {s['ok']} request(s)"
+              + (f", {s['failed']} failed, {s['lost']} lost" if s["failed"] or s["lost"]
+                 else "")
+              + (f"; {len(doc['switches'])} plan switch(es)" if doc["switches"] else ""))
+    if error is not None:
+        print(f"runtime run: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -42,6 +42,7 @@ from runtime.local import (
     new_request,
     views_of,
 )
+from runtime.metrics import WorkerMetrics
 from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
@@ -107,6 +108,7 @@ class _Pending:
     attempt_deadline: float = 0.0
     history: list[str] = field(default_factory=list)
     retrying: bool = False  # a retry is scheduled: no second one for the same attempt
+    pinned: str | None = None  # only this plan (a switch's trial request), no fail-over
     # per attempt: its plan, the inbox gathering its "output" messages, their timings
     gathering: dict[int, tuple[str, Inbox, list[dict[str, Any]]]] = field(
         default_factory=dict)
@@ -167,6 +169,18 @@ class RemoteExecutor:
         self.duplicates = 0
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.RLock()
+        # live adaptation (runtime.adapt): the plan new requests start on, the number of
+        # requests submitted so far (a switch's request boundary), callbacks that see
+        # every completed request's record, the latest inputs (a switch's trial request)
+        self.current = "main"
+        self.submitted = 0
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+        self.last_inputs: dict[str, np.ndarray] | None = None
+        # the input sends, each timed until its "accepted": the source's links; with
+        # time_links, requests ask the workers to time some of their sends too (the
+        # executor then answers those results with "accepted")
+        self.links = WorkerMetrics("executor")
+        self.time_links = False
         self.tls = None if tls is None else tls.client_context()
         self._pool = ConnectionPool(timeout=5.0, tls=self.tls)
         host, port = parse_address(listen, what="--listen")
@@ -195,16 +209,41 @@ class RemoteExecutor:
                                f"{self.timeout} s") from None
 
     def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
-               ) -> cf.Future[dict[str, np.ndarray]]:
-        """Start a request; the future's ``request_id`` attribute is its id."""
+               *, plan: str | None = None) -> cf.Future[dict[str, np.ndarray]]:
+        """Start a request; the future's ``request_id`` attribute is its id, and once it
+        is answered its ``record`` attribute holds the request's record (plan, attempts,
+        latency, timings). ``plan``: run on that plan only, without fail-over (the trial
+        request of a plan switch); it is not counted in :attr:`submitted`."""
         rid, fut, feeds = new_request(self.view, inputs, request_id)
-        p = _Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout)
+        p = _Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout, pinned=plan)
         with self._lock:
             if rid in self._pending:
                 fail(f"request {rid}: id already in flight")
+            if plan is not None and plan not in self.views:
+                fail(f"request {rid}: no plan {plan!r}")
             self._pending[rid] = p
+            if plan is None:
+                self.submitted += 1
+                self.last_inputs = feeds
         self._dispatch(p, None)
         return fut
+
+    def open_plan(self, key: str) -> None:
+        """Load the plan ``BUNDLE/<key>`` (validating loader) if it is not loaded yet."""
+        with self._lock:
+            if key in self.views:
+                return
+        view = open_bundle(self.view.root / key, key=key)
+        with self._lock:
+            self.views.setdefault(key, view)
+
+    def switch_plan(self, key: str) -> int:
+        """New requests start on plan ``key`` from now on (requests in flight finish on
+        theirs); returns the index of the first request on it (a request boundary)."""
+        self.open_plan(key)
+        with self._lock:
+            self.current = key
+            return self.submitted
 
     def set_host(self, device: str, address: str) -> None:
         """Point ``device`` at a new address (e.g. a worker restarted on another port)."""
@@ -230,8 +269,18 @@ class RemoteExecutor:
         self.close()
 
     # ------------------------------------------------------------------ planning
-    def _choose_plan(self) -> str | None:
-        """The first plan (main first) whose devices all have a live host."""
+    def _choose_plan(self, pinned: str | None = None) -> str | None:
+        """The current plan (live adaptation's choice, else main) when its devices all
+        have a live host, else the first such plan (main first); ``pinned``: that plan
+        or none."""
+        def live(view: BundleView) -> bool:
+            return all(d in self.hosts and d not in self.down for d in view.devices)
+
+        if pinned is not None:
+            return pinned if live(self.views[pinned]) else None
+        if self.current in self.views and live(self.views[self.current]):
+            return self.current
+
         def order(item: tuple[str, BundleView]) -> tuple[int, float]:
             # the main plan first, then fallbacks by their own latency estimate
             est = (item[1].plan.get("estimate") or {}).get("latency")
@@ -253,9 +302,7 @@ class RemoteExecutor:
             return False
         if new is None:
             return False
-        with self._lock:
-            if new not in self.views:
-                self.views[new] = open_bundle(self.view.root / new, key=new)
+        self.open_plan(new)
         return True
 
     def _dispatch(self, p: _Pending, reason: str | None) -> None:
@@ -271,8 +318,12 @@ class RemoteExecutor:
                 if p.attempt >= self.max_attempts or time.monotonic() >= p.deadline:
                     self._finish_error(p, "gave up after " + "; ".join(p.history[-3:]))
                     return
-                key = self._choose_plan()
+                key = self._choose_plan(p.pinned)
                 down = frozenset(self.down)
+                if key is None and p.pinned is not None:
+                    self._finish_error(p, f"plan {p.pinned}: a device is down ("
+                                       + ", ".join(sorted(self.down)) + ")")
+                    return
                 if key is None and (self.replanner is None or down in tried_replan):
                     self._finish_error(p, "no plan avoids the devices that are down ("
                                        + ", ".join(sorted(self.down)) + "); "
@@ -295,7 +346,7 @@ class RemoteExecutor:
                 base = {"type": "infer", "id": p.id, "attempt": p.attempt, "plan": key,
                         "from": INPUT, "route": route, "reply": self.reply,
                         "budget": max(budget, 0.01), "token": self.token, "timings": [],
-                        "ack": True}
+                        "ack": True, "timed": self.time_links}
                 p.gathering[p.attempt] = (key, Inbox(view.senders.get(OUTPUT, ())), [])
                 attempt = p.attempt
                 source = {n: (None, a) for n, a in p.inputs.items()}
@@ -309,12 +360,14 @@ class RemoteExecutor:
                 addr = self.hosts[device]
                 header = {**base, "unit": to, "rows": {
                     n: None if r is None else list(r) for n, (r, _) in message.items()}}
+                arrays = {n: a for n, (_, a) in message.items()}
                 try:
                     # each receiver answers "accepted" once the message passed its checks,
                     # so a refused request (token, tensors) fails at once, not on time-out
-                    reply = self._pool.request(addr, header,
-                                               {n: a for n, (_, a) in message.items()},
-                                               timeout=min(budget, 5.0))
+                    t0 = time.monotonic()
+                    reply = self._pool.request(addr, header, arrays, timeout=min(budget, 5.0))
+                    self.links.record_transfer(device, sum(a.nbytes for a in arrays.values()),
+                                               time.monotonic() - t0)
                 except (OSError, ProtocolError) as err:
                     self._pool.drop(addr)
                     with self._lock:
@@ -338,10 +391,20 @@ class RemoteExecutor:
 
     def _finish_error(self, p: _Pending, why: str) -> None:
         self._pending.pop(p.id, None)
+        p.future.record = {  # type: ignore[attr-defined]
+            "id": p.id, "plan": p.plan if p.attempt else None, "attempts": p.attempt,
+            "latency": time.perf_counter() - p.start, "timings": [], "retries": p.history,
+            "trial": p.pinned is not None, "error": why}
         _set_exception(p.future, RequestError(f"request {p.id}: {why}"))
 
     # ------------------------------------------------------------------ messages
     def _on_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
+        reply = self._handle_message(frame, peer)
+        if reply is None and frame.header.get("ack") and frame.header.get("type") == "result":
+            return {"type": "accepted", "id": frame.header.get("id")}  # a timed transfer
+        return reply
+
+    def _handle_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
         h = frame.header
         if h.get("type") == "health":
             return {"type": "health", "live": True}
@@ -427,10 +490,14 @@ class RemoteExecutor:
                 self._finish_error(p, f"bad result: {err}")
                 return
             self._pending.pop(p.id)
-            self.records.append({"id": p.id, "plan": plan, "attempts": attempt,
-                                 "latency": time.perf_counter() - p.start,
-                                 "timings": merged, "retries": p.history,
-                                 "exit": exit_name})
+            record = {"id": p.id, "plan": plan, "attempts": attempt,
+                      "latency": time.perf_counter() - p.start,
+                      "timings": merged, "retries": p.history, "exit": exit_name,
+                      "trial": p.pinned is not None}
+            self.records.append(record)
+            p.future.record = record  # type: ignore[attr-defined]
+            for observe in self.observers:
+                observe(record)
             p.future.set_result(outputs)
 
     def _retry_async(self, p: _Pending, reason: str) -> None:
@@ -466,8 +533,8 @@ class RemoteExecutor:
                     if now >= p.deadline:
                         self._finish_error(p, f"no result within {self.timeout} s "
                                            f"(attempt {p.attempt}, plan {p.plan})")
-                    elif p.retrying:
-                        continue
+                    elif p.retrying or p.attempt == 0:
+                        continue  # a retry is on its way, or the first send is (submit)
                     elif p.devices & self.down:
                         dead = ", ".join(sorted(p.devices & self.down))
                         retry.append((p, f"attempt {p.attempt}: device {dead} down"))

@@ -116,6 +116,7 @@ class LocalExecutor:
         record["latency"] = time.perf_counter() - start
         record["exit"] = exited[0] if exited else None  # the exit head it left by
         self.records.append(record)
+        fut.record = record  # type: ignore[attr-defined]  # as RemoteExecutor's futures
         fut.set_result(outputs)
 
     def close(self) -> None:

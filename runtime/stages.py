@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 MAIN = "main"
+# folders of the bundle whose sub-bundles are served too: fail-over plans
+# (runtime.replan) and live adaptation's re-planned ones (runtime.adapt)
+PLAN_FOLDERS = ("fallback", "adapt")
 MAX_TIMINGS = 64  # timing records a request carries at most
 _SLACK = 64  # per-tensor alignment padding of a frame body (runtime.protocol.ALIGN)
 
@@ -111,19 +114,23 @@ def open_bundle(path: str | Path, key: str = MAIN) -> BundleView:
 
 
 def open_bundles(path: str | Path) -> dict[str, BundleView]:
-    """The main bundle and every fallback bundle under ``path/fallback/*``.
+    """The main bundle and every bundle under ``path/fallback/*`` and ``path/adapt/*``
+    (keys ``"fallback/<name>"``, ``"adapt/<name>"``; names starting with a dot are skipped:
+    a bundle being written).
 
     A fallback directory must stay inside the bundle (a symlink leading out is refused).
     """
     path = Path(path)
     views = {MAIN: open_bundle(path)}
-    fb = path / "fallback"
-    if fb.is_dir():
-        safe_path(path, "fallback", "fallback bundles")
+    for folder in PLAN_FOLDERS:
+        fb = path / folder
+        if not fb.is_dir():
+            continue
+        safe_path(path, folder, f"{folder} bundles")
         for sub in sorted(p for p in fb.iterdir() if not p.name.startswith(".")):
             if (sub / MANIFEST).is_file():
-                safe_path(path, f"fallback/{sub.name}", f"fallback {sub.name}")
-                key = f"fallback/{sub.name}"
+                safe_path(path, f"{folder}/{sub.name}", f"{folder} {sub.name}")
+                key = f"{folder}/{sub.name}"
                 views[key] = open_bundle(sub, key=key)
     return views
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.protocol import Frame
+from runtime.metrics import WorkerMetrics
+from runtime.protocol import Frame, ProtocolError
 from runtime.security import check_bind, token_matches
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import (
@@ -97,6 +98,10 @@ class Worker:
         queue_depth: requests queued per unit before senders are held back.
         max_inboxes: requests waiting for more senders at once; more are refused busy.
         max_inbox_bytes: tensor bytes those may hold together; more are refused busy.
+        slowdown: test/benchmark aid only: every unit run takes this many times its
+            compute time (the worker sleeps the difference), so a slow-but-alive host can
+            be simulated; the executor may change it with an authenticated ``debug``
+            frame, which is refused when this is ``None`` (the default).
     """
 
     inline = True
@@ -106,7 +111,7 @@ class Worker:
                  threads: int | None = None, grpc_port: int | None = None,
                  send_timeout: float = 10.0, tls: TLSConfig | None = None,
                  spin: bool = False, queue_depth: int = 64, max_inboxes: int = 1024,
-                 max_inbox_bytes: int = 256 << 20) -> None:
+                 max_inbox_bytes: int = 256 << 20, slowdown: float | None = None) -> None:
         check_bind(listen[0], token)
         if queue_depth < 1 or max_inboxes < 1:
             fail("queue depth and inbox cap must be at least 1")
@@ -127,6 +132,10 @@ class Worker:
         self.stats = {"accepted": 0, "rejected": 0, "completed": 0, "failed": 0, "busy": 0,
                       "expired": 0, "exited": 0}
         self.received: dict[str, int] = {}  # tensor name -> bytes received over the network
+        self.metrics = WorkerMetrics(device)  # per-unit times, per-link sends, CPU, memory
+        if slowdown is not None and not 1.0 <= slowdown <= 1000.0:
+            fail(f"--debug-slowdown {slowdown}: must be in [1, 1000]")
+        self.slowdown = slowdown
         self._stats_lock = threading.Lock()
         self.tls = tls
         self.pool = ConnectionPool(timeout=send_timeout,
@@ -217,6 +226,25 @@ class Worker:
             self.server.max_body = max(self.server.max_body, self._max_body())
             return added
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        with self._stats_lock:
+            stats = dict(self.stats)
+        return self.metrics.snapshot(stats)
+
+    def _debug(self, h: Mapping[str, Any]) -> dict[str, Any]:
+        """Change the simulated slowdown (only a worker started with one accepts it)."""
+        value = h.get("slowdown")
+        if self.slowdown is None:
+            return {"type": "error", "code": "bad_request",
+                    "message": "debug frames need a worker started with --debug-slowdown"}
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not 1.0 <= value <= 1000.0):
+            return {"type": "error", "code": "bad_request",
+                    "message": "slowdown must be a number in [1, 1000]"}
+        self.slowdown = float(value)
+        log.warning("device %s: simulated slowdown x%g (debug)", self.device, value)
+        return {"type": "debug", "slowdown": self.slowdown}
+
     # ------------------------------------------------------------------ requests
     def stage_list(self) -> list[dict[str, Any]]:
         return [{"plan": k, "stage": s, "inputs": [t.to_json() for t in r.unit.inputs],
@@ -227,8 +255,11 @@ class Worker:
         h = frame.header
         kind = h.get("type")
         if kind == "health":  # liveness needs no token and says nothing sensitive
-            return {"type": "health", "live": True, "ready": self.ready,
-                    "device": self.device}
+            reply = {"type": "health", "live": True, "ready": self.ready,
+                     "device": self.device}
+            if h.get("token") is not None and token_matches(self.token, h.get("token")):
+                reply["metrics"] = self.metrics_snapshot()  # figures only for the executor
+            return reply
         if not token_matches(self.token, h.get("token")):
             self._count("rejected")
             log.warning("rejected a %r frame from %s: missing or wrong token", kind, peer)
@@ -244,6 +275,10 @@ class Worker:
                     "stages": self.stage_list(), "stats": stats, "received": received,
                     "waiting": waiting, "waiting_bytes": held,
                     "queued": {f"{p}:{u}": q.qsize() for (p, u), q in self.queues.items()}}
+        if kind == "metrics":
+            return {"type": "metrics", **self.metrics_snapshot()}
+        if kind == "debug":
+            return self._debug(h)
         if kind == "reload":
             try:
                 added = self.reload()
@@ -355,7 +390,7 @@ class Worker:
         first = box.header
         header = {"id": rid, "attempt": attempt, "plan": plan, "unit": unit_key,
                   "route": first.get("route"), "reply": first.get("reply"),
-                  "timings": box.timings}
+                  "timings": box.timings, "timed": first.get("timed") is True}
         return Job(header, assembled, box.deadline, box.opened, now)
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
@@ -420,6 +455,11 @@ class Worker:
             return
         produced = runner.run(job.tensors)
         done = time.monotonic()
+        if self.slowdown is not None and self.slowdown > 1.0:  # test/benchmark aid
+            time.sleep((self.slowdown - 1.0) * (done - start))
+            done = time.monotonic()
+        self.metrics.record_unit(key[0], key[1], done - start, start - job.ready,
+                                 job.ready - job.received)
         timings = list(h["timings"])[:MAX_TIMINGS - 1]
         # "start" is wall-clock (for traces across hosts with synchronised clocks);
         # "wait": for the other senders, "queue": behind earlier requests
@@ -456,14 +496,15 @@ class Worker:
         header: dict[str, Any] = {
             "id": h["id"], "attempt": h["attempt"], "plan": plan, "from": h["unit"],
             "rows": {n: None if r is None else list(r) for n, (r, _) in message.items()},
-            "timings": timings, "token": self.token}
+            "timings": timings, "token": self.token, "timed": h.get("timed", False)}
         arrays = {n: a for n, (_, a) in message.items()}
         if to == OUTPUT:
             header["type"] = "result"
             if exit_name is not None:
                 header["exit"] = exit_name
             try:
-                self.pool.send(parse_address(h["reply"]), header, arrays, timeout=budget)
+                self._timed_send(self.views[plan].bundle.destination or "reply",
+                                 parse_address(h["reply"]), header, arrays, budget)
             except OSError as err:
                 log.warning("request %s: cannot return the result to %s: %s", h["id"],
                             h["reply"], err)
@@ -485,7 +526,7 @@ class Worker:
                        failed_device=target.device)
             return False
         try:
-            self.pool.send(addr, header, arrays, timeout=min(budget, 10.0))
+            self._timed_send(target.device, addr, header, arrays, min(budget, 10.0))
         except OSError as err:
             self.pool.drop(addr)
             self._fail(job, "unreachable", f"request {h['id']}: stage {h['unit']} on "
@@ -493,6 +534,26 @@ class Worker:
                        f"{err.__class__.__name__}: {err}", failed_device=target.device)
             return False
         return True
+
+    def _timed_send(self, peer: str, addr: tuple[str, int], header: dict[str, Any],
+                    arrays: Mapping[str, np.ndarray], timeout: float) -> None:
+        """Send and measure (:mod:`runtime.metrics`): for a request the executor marked
+        ``timed`` (live adaptation: it answers results too), one transfer in
+        ``LINK_SAMPLE`` per peer waits for the receiver's ``accepted``."""
+        nbytes = sum(a.nbytes for a in arrays.values())
+        t0 = time.monotonic()
+        if not header.get("timed") or not self.metrics.sample(peer):
+            self.pool.send(addr, header, arrays, timeout=timeout)
+            self.metrics.record_send(peer, nbytes, time.monotonic() - t0)
+            return
+        try:
+            reply = self.pool.request(addr, {**header, "ack": True}, arrays, timeout=timeout)
+        except ProtocolError as err:
+            raise OSError(f"bad answer from {format_address(addr)}: {err}") from None
+        seconds = time.monotonic() - t0
+        self.metrics.record_send(peer, nbytes, seconds)
+        if reply.header.get("type") == "accepted":  # a refusal was reported by the peer
+            self.metrics.record_transfer(peer, nbytes, seconds)
 
     def _hand_over(self, job: Job, header: dict[str, Any],
                    arrays: Mapping[str, np.ndarray]) -> bool:
