@@ -378,6 +378,20 @@ def _prefer_direct(graph: ir.LayerGraph, plan: ir.Plan, table: ir.CostTable,
     return routes
 
 
+def plan_frequencies(table: ir.CostTable, plan: ir.Plan) -> dict[str, str | None]:
+    """Every device's frequency in ``plan``: the table's first, the plan's, then a stage's
+    or part's own choice."""
+    freqs: dict[str, str | None] = {d: (f or (None,))[0] for d, f in table.frequencies.items()}
+    freqs.update(plan.frequencies)
+    for s in plan.stages:
+        for dev in s.devices:
+            chosen = s.frequency if s.parts is None else next(
+                p.frequency for p in s.parts if p.device == dev)
+            if chosen is not None:
+                freqs[dev] = chosen
+    return freqs
+
+
 def reprice(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
             unit_rows: UnitRows | None = None) -> ir.Estimate:
     """The plan's estimate with its routes' messages as the communication between devices
@@ -390,14 +404,7 @@ def reprice(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
     msgs = messages(graph, plan, plan.routes, table, unit_rows)
     routed = [(m.sender_device, m.receiver_device, m.nbytes) for m in msgs
               if m.sender_device is not None and m.receiver_device is not None]
-    freqs = {d: (f or (None,))[0] for d, f in table.frequencies.items()}
-    freqs.update(plan.frequencies)
-    for s in plan.stages:
-        for dev in s.devices:
-            chosen = s.frequency if s.parts is None else next(
-                p.frequency for p in s.parts if p.device == dev)
-            if chosen is not None:
-                freqs[dev] = chosen
+    freqs = plan_frequencies(table, plan)
     if any(s.parts for s in plan.stages):  # (a split stage holds no int8 layer)
         from partitioner.analysis.spatial_estimate import estimate_plan
 

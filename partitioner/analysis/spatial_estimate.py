@@ -6,6 +6,7 @@ them."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,77 @@ def _flat_volume(graph: ir.LayerGraph, stage: ir.Stage, why: str) -> Volume:
 
 
 
+class _Recorder:
+    """Collects the steps :func:`estimate_plan` prices, in walk order (a no-op without a
+    list): pseudo steps before the first layer, the stages (a split stage's parts each
+    scatter, compute, gather), messages into ``"output"``, pseudo steps after the last."""
+
+    def __init__(self, out: list[dict[str, Any]] | None) -> None:
+        self.out = out
+        self.received: dict[str, list[dict[str, Any]]] = {}
+        self.sent: dict[str, list[dict[str, Any]]] = {}
+        self.before: list[dict[str, Any]] = []
+        self.after: list[dict[str, Any]] = []
+        self.stages: list[dict[str, Any]] = []
+        self.parts: list[dict[str, Any]] = []
+        self.critical = 0
+
+    @staticmethod
+    def transfer(src: str, dst: str, time: float, nbytes: int | None, sender: str | None,
+                 receiver: str | None, after: int | None = None) -> dict[str, Any]:
+        return {"kind": "transfer", "from": src, "to": dst, "stage": None, "part": None,
+                "critical": True, "after": after, "duration": time, "bytes": nbytes,
+                "sender": sender, "receiver": receiver}
+
+    @staticmethod
+    def compute(table: ir.CostTable, span: tuple[int, int], dev: str, stage: int | None,
+                c: ir.BundleCost, hidden: float = 0.0) -> dict[str, Any]:
+        names = [table.positions[k].name for k in span]
+        return {"kind": "compute", "device": dev, "stage": stage, "part": None,
+                "critical": True, "name": names[0] if span[0] == span[1]
+                else f"{names[0]}..{names[1]}", "positions": list(span),
+                "duration": c.time - hidden, "compute": c.compute,
+                "weight_loading": c.weight_loading - hidden, "internal": c.internal}
+
+    def pseudo(self, before: bool, seg: dict[str, Any]) -> None:
+        (self.before if before else self.after).append(seg)
+
+    def stage(self, sid: int, seg: dict[str, Any]) -> None:
+        self.stages.append({**seg, "stage": sid})
+
+    def internal(self, sid: int, dev: str, tr: ir.TransferCost | None, after: int) -> None:
+        if tr is not None:
+            self.stage(sid, self.transfer(dev, dev, tr.time, None, None, None, after=after))
+
+    def receive(self, sid: int, key: str) -> None:
+        for hop in self.received.get(key, ()):
+            self.stage(sid, {**hop, "receive": True})
+
+    def part(self, sid: int, k: int, key: str, dev: str, span: tuple[int, int],
+             time: float) -> None:
+        """One part: its incoming messages, its compute, its messages to layer-wise
+        receivers (DISTREDGE's scatter, compute, gather)."""
+        compute = {"kind": "compute", "device": dev, "stage": sid, "name": f"part {key}",
+                   "positions": list(span), "duration": time, "compute": time,
+                   "weight_loading": 0.0, "internal": 0.0}
+        received = [{**hop, "receive": True} for hop in self.received.get(key, ())]
+        for seg in (*received, compute, *self.sent.get(key, ())):
+            self.parts.append({**seg, "stage": sid, "part": k})
+
+    def close_split(self, sid: int) -> None:
+        self.stages += [{**seg, "critical": seg["part"] == self.critical}
+                        for seg in self.parts]
+        self.parts, self.critical = [], 0
+
+    def finish(self) -> None:
+        if self.out is None:
+            return
+        tail = [{**hop, "stage": None if hop["sender"] == "input"
+                 else int(str(hop["sender"]).split(".")[0])}
+                for hop in self.sent.get("output", ())]
+        self.out += [*self.before, *self.stages, *tail, *self.after]
+
+
 def _bundle(table: ir.CostTable, pos: int, last: int, dev: str, freq: str | None
             ) -> ir.BundleCost:
     cost = table.bundles.get((pos, last, dev, freq))
@@ -41,14 +113,22 @@ def _bundle(table: ir.CostTable, pos: int, last: int, dev: str, freq: str | None
 
 def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                   msgs: Sequence[object], placement: Sequence[str],
-                  freqs: Mapping[str, str | None]) -> ir.Estimate:
+                  freqs: Mapping[str, str | None],
+                  segments: list[dict[str, Any]] | None = None) -> ir.Estimate:
     """The estimate of a plan with split stages (the timing model of the module
     docstring), from routing's messages (:func:`partitioner.analysis.routing.messages`).
 
     ``placement`` gives the pseudo positions' devices (the split stages' entries are not
     read). Latency = pseudo bundles and their transfers + per stage its time + messages
     into ``"output"`` from layer-wise stages.
+
+    ``segments``, when given, receives every priced step of this same walk (the timeline
+    of :mod:`partitioner.backend.timeline`): ``{"kind": "compute"|"transfer", "stage",
+    "part", "critical", "duration", ...}`` in the order of the walk, without start times;
+    a split stage's parts carry ``part`` (their index) and ``critical`` (the part whose
+    scatter + compute + gather is the stage's time), everything else ``critical`` True.
     """
+    rec = _Recorder(segments)
     system = table.system
     split = {s.id: s for s in plan.stages if s.parts}
     t_in: dict[str, float] = {}
@@ -74,13 +154,17 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                 energy[end] = energy.get(end, 0.0) + e
                 known.add(end)
         sender, receiver = m.sender, m.receiver  # type: ignore[attr-defined]
+        hop = rec.transfer(src, dst, cost.time, m.nbytes, sender, receiver)  # type: ignore[attr-defined]
         if sender in unit_is_part and receiver not in unit_is_part:
             t_out[sender] = t_out.get(sender, 0.0) + cost.time
+            rec.sent.setdefault(sender, []).append(hop)
         elif receiver == "output":
             to_output += cost.time
             comm += cost.time
+            rec.sent.setdefault("output", []).append(hop)
         else:
             t_in[receiver] = t_in.get(receiver, 0.0) + cost.time
+            rec.received.setdefault(receiver, []).append(hop)
     latency = compute = weight = 0.0
     # pseudo positions and the transfers between them (not routed)
     positions = table.positions
@@ -88,6 +172,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
     pseudo_runs = [k for k in range(len(positions)) if positions[k].kind != "layer"]
     for k in pseudo_runs:
         c = _bundle(table, k, k, placement[k], freqs.get(placement[k]))
+        rec.pseudo(k < layer_pos[0], rec.compute(table, (k, k), placement[k], None, c))
         latency += c.time
         compute += c.compute
         weight += c.weight_loading
@@ -103,6 +188,8 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
             if tr is None:
                 fail(f"no path from {placement[k]!r} to {placement[nxt]!r}",
                      error=InfeasibleError)
+            rec.pseudo(k < layer_pos[0], rec.transfer(placement[k], placement[nxt], tr.time,
+                                                      None, None, None, after=k))
             latency += tr.time
             comm += tr.time
     first_layer = layer_pos[0]
@@ -128,9 +215,13 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                     energy[p.device] = energy.get(p.device, 0.0) + float(pc.energy[a, b])
                     known.add(p.device)
                 moved = t_in.get(key, 0.0) + t_out.get(key, 0.0)
+                rec.part(s.id, k, key, p.device, (layer_pos[s.first], layer_pos[s.last]),
+                         part_time)
                 if moved + part_time >= worst:
                     worst, worst_compute, worst_comm = moved + part_time, part_time, moved
+                    rec.critical = k
             # the critical part's compute and transfers (the parts overlap in time)
+            rec.close_split(s.id)
             latency += worst
             compute += worst_compute
             comm += worst_comm
@@ -145,15 +236,18 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         if lo > 0 and not prev_split and prev_dev == dev and positions[lo - 1].kind != "layer":
             # a pseudo layer on the same device hands over in memory (as evaluate prices it)
             tr = table.transfers.get((lo - 1, dev, dev))
+            rec.internal(s.id, dev, tr, lo - 1)
             latency += tr.time if tr is not None else 0.0
             comm += tr.time if tr is not None else 0.0
         # the canonical split of a run: chunks of mbs layers from its start
         bundles = [(b, min(b + table.mbs - 1, hi)) for b in range(lo, hi + 1, table.mbs)]
         latency += t_in.get(str(s.id), 0.0)
         comm += t_in.get(str(s.id), 0.0)
+        rec.receive(s.id, str(s.id))
         for idx, (b_first, b_last) in enumerate(bundles):
             c = _bundle(table, b_first, b_last, dev, freq)
             hidden = c.hidden if (table.preload and idx == 0 and starts) else 0.0
+            rec.stage(s.id, rec.compute(table, (b_first, b_last), dev, s.id, c, hidden))
             latency += c.time - hidden
             compute += c.compute
             weight += c.weight_loading - hidden
@@ -164,6 +258,7 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
                 known.add(dev)
             if idx + 1 < len(bundles):
                 tr = table.transfers.get((b_last, dev, dev))
+                rec.internal(s.id, dev, tr, b_last)
                 if tr is not None:
                     latency += tr.time
                     comm += tr.time
@@ -172,9 +267,11 @@ def estimate_plan(graph: ir.LayerGraph, table: ir.CostTable, plan: ir.Plan,
         if nxt_pos < len(positions) and positions[nxt_pos].kind != "layer" \
                 and placement[nxt_pos] == dev:
             tr = table.transfers.get((hi, dev, dev))
+            rec.internal(s.id, dev, tr, hi)
             latency += tr.time if tr is not None else 0.0
             comm += tr.time if tr is not None else 0.0
         prev_dev, prev_split = dev, False
+    rec.finish()
     latency += to_output
     bottleneck = max(busy.values()) if busy else 0.0
     return ir.Estimate(latency=latency, compute=compute, communication=comm,

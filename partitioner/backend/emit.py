@@ -50,6 +50,7 @@ from partitioner.backend.sends import (
     tensor_specs,
     transfer_kind,
 )
+from partitioner.backend.timeline import stage_figures
 from partitioner.backend.units import build_unit
 from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
 from partitioner.errors import fail
@@ -232,7 +233,7 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
         common = dict(id=s.id, first=s.first, last=s.last, quantized=s.quantized,
                       exit=None if s.exit is None else s.exit.to_json(),
                       next=s.id + 1 if s.id + 1 < len(plan.stages) else None,
-                      estimate=_stage_estimate(timeline, s.id))
+                      estimate=stage_figures(timeline, s.id))
         if s.parts:
             stages.append(_split_stage(prepared, s, parts[s.id], tmp, msgs, routes, reads,
                                        common))
@@ -319,19 +320,6 @@ def _split_stage(prepared: Any, s: Stage, parts: list[Any], tmp: Path,
     ins, outs = tensor_specs(files, routes)
     return StageSpec(device=None, frequency=None, file=None, sha256=None, inputs=ins,
                      outputs=outs, parts=tuple(specs), **common)
-
-def _stage_estimate(timeline: list[dict[str, Any]] | None, i: int) -> dict[str, float] | None:
-    """A stage's share of the estimate; the parts add up to the plan's totals (with the
-    pseudo layers' segments): compute, weight loading after ODIWeP hiding, transfers inside
-    the stage's device (``internal``) and the transfers it sends (``send``)."""
-    if timeline is None:
-        return None
-    mine = [s for s in timeline if s["stage"] == i]
-    return {"compute": sum(s["compute"] for s in mine if s["kind"] == "compute"),
-            "weight_loading": sum(s["weight_loading"] for s in mine if s["kind"] == "compute"),
-            "internal": sum(s["internal"] for s in mine if s["kind"] == "compute"),
-            "send": sum(s["duration"] for s in mine if s["kind"] == "transfer")}
-
 
 def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int,
               quantized: tuple[Any, Any] | None = None) -> Bundle:

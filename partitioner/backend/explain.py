@@ -7,8 +7,10 @@ gathered from each part), layers (by name), what each unit receives
 (from which stage, ``direct`` or ``forwarded``) and what it sends to whom, with bytes;
 per link between two devices the bytes that cross it (each routed tensor counted once
 per receiving device); and the plan's latency and energy breakdown (plus the per-stage
-timeline when the bundle was compiled with a cost table), whose parts add up: the
-stages' compute, weight loading and transfers plus the pseudo layers' are the totals.
+timeline when the bundle was compiled with a cost table; a split stage: its time and per
+part the scatter, compute and gather of the one spatial estimate, the critical part's
+counting), whose parts add up: the stages' compute, weight loading and transfers plus the
+pseudo layers' are the totals.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def explain(bundle: Bundle) -> dict[str, Any]:
                     "from": u.device, "to": s["to_device"], "bytes": 0, "tensors": []})
                 link["bytes"] += s["bytes"]
                 link["tensors"] += [t["name"] for t in s["tensors"]]
-        return {"key": u.key, "device": u.device, "frequency": u.frequency,
+        return {"key": u.key, "part": u.part, "device": u.device, "frequency": u.frequency,
                 "rows": None if rows is None else list(rows), "file": u.file,
                 "file_bytes": _file_bytes(bundle, u),
                 "inputs": [{"name": t.name, "from": t.source,
@@ -235,9 +237,15 @@ def format_text(doc: dict[str, Any]) -> str:
             lines.append("    int8 layers: " + ", ".join(
                 f"{k} {m_names[k]}" if k < len(m_names) else str(k) for k in s["quantized"]))
         est = s["estimate"]
-        if est and not s["split"]:  # the timeline prices whole stages, not parallel parts
-            lines.append(f"    compute {_seconds(est.get('compute'))} + weight loading "
-                         f"{_seconds(est.get('weight_loading'))} + internal "
+        parts = {p["part"]: p for p in (est or {}).get("parts") or ()}
+        if est and s["split"] and parts:
+            crit = next((k for k, p in parts.items() if p["critical"]), None)
+            lines.append(f"    stage time {_seconds(est.get('time'))} (parts in parallel; "
+                         f"critical part {s['id']}.{crit})")
+        elif est:
+            received = f"receives {_seconds(est['receive'])}; " if "receive" in est else ""
+            lines.append(f"    {received}compute {_seconds(est.get('compute'))} + weight "
+                         f"loading {_seconds(est.get('weight_loading'))} + internal "
                          f"{_seconds(est.get('internal'))}; sends {_seconds(est.get('send'))}")
         for u in s["units"]:
             if s["split"]:
@@ -247,6 +255,11 @@ def format_text(doc: dict[str, Any]) -> str:
                              f"({rows[1] - rows[0] + 1} rows; halo rows: {halo}; scattered "
                              f"{size_text(u['scatter_bytes'])}, gathered "
                              f"{size_text(u['gather_bytes'])})")
+                p = parts.get(u["part"])
+                if p is not None:
+                    lines.append(f"        scatter {_seconds(p['receive'])} + compute "
+                                 f"{_seconds(p['compute'])} + gather {_seconds(p['send'])} "
+                                 f"= {_seconds(p['time'])}")
                 lines += _unit_lines(u, "        ")
             else:
                 lines += _unit_lines(u, "    ")

@@ -5,8 +5,11 @@ plan's placement over the extended chain with the same pricing rules as
 :func:`partitioner.analysis.estimate.evaluate` (canonical bundles, ODIWeP hiding, one
 transfer per bundle boundary; with routes, the routed messages replace the transfers
 between devices, sent when their sender's stage ends) and lays the bundles and transfers
-end to end: segment ``start`` times are the single-inference critical path (DISS eq.
-4.1-4.3 summed), and the segments add up to the estimate's parts: ``compute``,
+end to end (a plan with split stages: the steps
+:func:`partitioner.analysis.spatial_estimate.estimate_plan` prices, the parts of a split
+stage side by side from the stage's start, each its scatter, compute and gather, the next
+stage after the slowest part): segment ``start`` times are the single-inference critical
+path (DISS eq. 4.1-4.3 summed), and the segments add up to the estimate's parts: ``compute``,
 ``weight_loading`` (after ODIWeP hiding) and ``internal`` of the compute segments plus
 the transfer segments' durations are the estimate's compute, weight loading and
 communication.
@@ -21,7 +24,7 @@ from partitioner.analysis.routing import Message, placement_of
 from partitioner.errors import UserError
 from partitioner.ir import CostTable, LayerGraph, Plan
 
-__all__ = ["placement_of", "timeline"]
+__all__ = ["placement_of", "stage_figures", "timeline"]
 
 
 def timeline(plan: Plan, table: CostTable, graph: LayerGraph | None = None,
@@ -41,6 +44,8 @@ def timeline(plan: Plan, table: CostTable, graph: LayerGraph | None = None,
     placement = placement_of(plan, table)
     if placement is None:
         return None
+    if graph is not None and messages is not None and any(s.parts for s in plan.stages):
+        return _split_timeline(plan, table, graph, messages, placement)
     stage_of: dict[int, int] = {}
     for i, s in enumerate(plan.stages):
         for k in range(s.first, s.last + 1):
@@ -142,3 +147,71 @@ def _walk(plan: Plan, table: CostTable, bundles: Sequence[Any], stage: Any, cut_
 def _default_freq(table: CostTable, device: str) -> str | None:
     freqs = table.frequencies.get(device, (None,))
     return freqs[0] if freqs else None
+
+
+def _split_timeline(plan: Plan, table: CostTable, graph: LayerGraph,
+                    messages: Sequence[Message], placement: Sequence[str]
+                    ) -> list[dict[str, Any]] | None:
+    """The timeline of a plan with split stages: the steps of the one spatial estimate,
+    laid out in time (segments of a split stage also carry ``part`` and ``critical``)."""
+    from partitioner.analysis.routing import plan_frequencies
+    from partitioner.analysis.spatial_estimate import estimate_plan
+
+    steps: list[dict[str, Any]] = []
+    try:
+        estimate_plan(graph, table, plan, messages, placement,
+                      plan_frequencies(table, plan), segments=steps)
+    except UserError:
+        return None
+    t = 0.0
+    lanes: dict[int, float] = {}  # the open split stage: part -> its clock
+    open_stage: int | None = None
+    for seg in steps:
+        if lanes and (seg["part"] is None or seg["stage"] != open_stage):
+            t, lanes = max(lanes.values()), {}  # a barrier: the slowest part
+        if seg["part"] is None:
+            seg["start"] = t
+            t += seg["duration"]
+            continue
+        open_stage = seg["stage"]
+        seg["start"] = lanes.get(seg["part"], t)
+        lanes[seg["part"]] = seg["start"] + seg["duration"]
+    return steps
+
+
+def stage_figures(segments: Sequence[dict[str, Any]] | None, stage: int
+                  ) -> dict[str, Any] | None:
+    """A stage's share of the estimate (the manifest's per-stage ``estimate``): compute,
+    weight loading after ODIWeP hiding, transfers inside the device (``internal``), the
+    transfers it sends (``send``) and, in a plan with split stages, those it receives
+    (``receive``, a split stage's scatter) and its ``time``. A split stage counts its
+    critical part (the estimate's), plus ``parts``: per part its device, receive, compute,
+    send and time. With the pseudo layers' segments the stages add up to the totals."""
+    if segments is None:
+        return None
+    mine = [s for s in segments if s["stage"] == stage]
+    split = any(s.get("part") is not None for s in mine)
+    spatial = any("part" in s for s in segments)
+
+    def sums(segs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        comp = [s for s in segs if s["kind"] == "compute"]
+        sent = [s for s in segs if s["kind"] == "transfer"
+                and not s.get("receive", False)]
+        out = {"compute": sum(s["compute"] for s in comp),
+               "weight_loading": sum(s["weight_loading"] for s in comp),
+               "internal": sum(s["internal"] for s in comp),
+               "send": sum(s["duration"] for s in sent)}
+        if spatial:
+            out["receive"] = sum(s["duration"] for s in segs if s["kind"] == "transfer"
+                                 and s.get("receive", False))
+            out["time"] = sum(s["duration"] for s in segs)
+        return out
+
+    doc = sums([s for s in mine if s.get("critical", True)])
+    if split:
+        parts = sorted({s["part"] for s in mine})
+        doc["parts"] = [{"part": k, "device": next(s["device"] for s in mine
+                                                   if s["part"] == k and s["kind"] == "compute"),
+                         "critical": any(s["critical"] for s in mine if s["part"] == k),
+                         **sums([s for s in mine if s["part"] == k])} for k in parts]
+    return doc
