@@ -12,15 +12,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().with_name("results")
 
-__all__ = ["ROOT", "RESULTS", "result_paths", "save_figure", "split_by_flops", "spawn_worker",
-           "stop_processes", "rss_bytes", "open_fds", "linear_slope"]
+__all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
+           "spawn_worker", "stop_processes", "rss_bytes", "open_fds", "linear_slope"]
 
 
 def result_paths(name: str, quick: bool, out: str | Path | None = None) -> tuple[Path, Path]:
@@ -34,6 +34,19 @@ def result_paths(name: str, quick: bool, out: str | Path | None = None) -> tuple
     folder = RESULTS if out is None else Path(out)
     stem = f"{name}_quick" if quick else name
     return folder / f"{stem}.json", folder / f"{stem}.png"
+
+
+def write_results(name: str, quick: bool, out: str | Path | None, doc: Any,
+                  plot: Callable[[Any, Path], None]) -> int:
+    """Write ``doc`` as the benchmark's JSON (atomically) and ``plot(doc, png)``, print the
+    two paths as one JSON line on stdout and return 0 (the script's exit code)."""
+    from partitioner.analysis.profiles import write_json_atomic
+
+    json_path, png_path = result_paths(name, quick, out)
+    write_json_atomic(json_path, doc)
+    plot(doc, png_path)
+    print(json.dumps({"json": str(json_path), "png": str(png_path)}))
+    return 0
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -40,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import result_paths, save_figure, spawn_worker, stop_processes  # noqa: E402
+from benchmarks.common import save_figure, spawn_worker, stop_processes, write_results  # noqa: E402
 
 P_EXIT = 0.656  # DISS §6.4
 C2 = """
@@ -301,13 +300,7 @@ def main() -> int:
             print("[exits] measured part skipped: needs root and tc", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from partitioner.analysis.profiles import write_json_atomic
-
-    json_path, png_path = result_paths("exits", args.quick, args.out)
-    write_json_atomic(json_path, doc)
-    plot(doc, png_path)
-    print(json.dumps({"json": str(json_path), "png": str(png_path)}))
-    return 0
+    return write_results("exits", args.quick, args.out, doc, plot)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -50,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, result_paths, save_figure, spawn_worker, stop_processes  # noqa: E402
+from benchmarks.common import ROOT, save_figure, spawn_worker, stop_processes, write_results  # noqa: E402
 from benchmarks.partition_sweep import host_addresses, sh, whole_model_latency  # noqa: E402
 
 WORKERS = ("w1", "w2", "w3")
@@ -348,13 +347,7 @@ def main() -> int:
             print("[spatial_measured] skipped: needs root and tc", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from partitioner.analysis.profiles import write_json_atomic
-
-    json_path, png_path = result_paths("spatial_measured", args.quick, args.out)
-    write_json_atomic(json_path, doc)
-    plot(doc, png_path)
-    print(json.dumps({"json": str(json_path), "png": str(png_path)}))
-    return 0
+    return write_results("spatial_measured", args.quick, args.out, doc, plot)
 
 
 if __name__ == "__main__":
