@@ -383,6 +383,9 @@ class CostTable:
             output's size (what a request that exits sends to the destination). A bundle never
             runs past such a position (the exit decision is taken there); see
             docs/EXITS.md.
+        row_latency: ``(model layer, device, frequency) -> ((rows, seconds), ...)``: the
+            measured row parts of ``profile --spatial``, rows ascending, for the spatial
+            cost model (:mod:`partitioner.analysis.row_profile`); empty without them.
     """
 
     graph_name: str
@@ -398,6 +401,8 @@ class CostTable:
     weight_sizes: Mapping[str, int] = field(default_factory=dict)
     variants: VariantCosts | None = None
     exits: tuple[tuple[int, ExitHead, int], ...] = ()
+    row_latency: Mapping[tuple[int, str, str | None], tuple[tuple[int, float], ...]] = \
+        field(default_factory=dict)
 
     @property
     def device_names(self) -> tuple[str, ...]:

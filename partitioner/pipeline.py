@@ -163,6 +163,7 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
     """
     from partitioner.analysis.costs import build_cost_table
+    from partitioner.analysis.row_profile import with_row_profiles
 
     if mbs is not None and mbs < 1:
         fail(f"--mbs must be >= 1, got {mbs}")
@@ -182,9 +183,10 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         from partitioner.frontend.exits import resolve_exits
 
         prepared, heads = resolve_exits(prepared, exits, calibration)
-    table = build_cost_table(prepared.graph, loaded_system,
-                             profiles=_profiles(profiles, prepared.graph), mbs=mbs,
-                             preload=preload, private=private)
+    loaded_profiles = _profiles(profiles, prepared.graph)
+    table = build_cost_table(prepared.graph, loaded_system, profiles=loaded_profiles,
+                             mbs=mbs, preload=preload, private=private)
+    table = with_row_profiles(table, prepared.graph, loaded_profiles)  # profile --spatial
     if heads:
         from partitioner.analysis.exits import with_exits
 
@@ -327,14 +329,16 @@ def bundle_context(bundle_dir: str | Path, model: str | Path | PreparedModel | A
     a freshly built cost table; the objective is the plan's kind, caps dropped (as for
     :func:`replan`)."""
     from partitioner.analysis.costs import build_cost_table
+    from partitioner.analysis.row_profile import with_row_profiles
     from stagebundle import load_bundle
 
     bundle_dir = Path(bundle_dir)
     main = load_bundle(bundle_dir)
     loaded_system = _load_system(system)
     prepared = _bundle_model(main, model, bundle_dir)
-    table = build_cost_table(prepared.graph, loaded_system,
-                             profiles=_profiles(profiles, prepared.graph))
+    loaded_profiles = _profiles(profiles, prepared.graph)
+    table = build_cost_table(prepared.graph, loaded_system, profiles=loaded_profiles)
+    table = with_row_profiles(table, prepared.graph, loaded_profiles)  # profile --spatial
     kind = str(main.plan.get("objective", "latency"))
     return PlanResult(prepared, loaded_system, table, ir.Plan.from_json(main.plan),
                       ir.Objective(kind=kind), bundle_dir)  # type: ignore[arg-type]

@@ -389,8 +389,15 @@ class BundleTimer:
         """
         t0 = time.perf_counter()
         once = self.runner(first, last)
+        self.setup_seconds += time.perf_counter() - t0
+        stats, energy = self.time_runs(once)
+        return ProfiledBundle(first=first, last=last, frequency=frequency, energy=energy,
+                              **stats)
+
+    def time_runs(self, once: Callable[[], float]) -> tuple[dict[str, float], float | None]:
+        """Warm-up, then the timed runs of ``once``: :func:`trimmed_stats` and the joules
+        per run (None without a meter); the seconds are added to ``run_seconds``."""
         t1 = time.perf_counter()
-        self.setup_seconds += t1 - t0
         for _ in range(self.settings.warmup):
             once()
         if self.meter is not None:
@@ -401,8 +408,7 @@ class BundleTimer:
         if self.meter is not None:
             energy = self.meter.stop(self.settings.runs, stats["latency"])
         self.run_seconds += time.perf_counter() - t1
-        return ProfiledBundle(first=first, last=last, frequency=frequency, energy=energy,
-                              **stats)
+        return stats, energy
 
 
 def host_info(threads: int | None) -> dict[str, Any]:

@@ -6,6 +6,10 @@ level, ``warmup``, ``energy_meter`` and ``lazy``. A *lazy* profile (see
 :mod:`partitioner.analysis.lazy`) holds every single layer but only some longer bundles;
 the cost model estimates its missing bundles from the single layers.
 
+``partitioner profile --spatial`` adds ``rows``: per row-splittable layer, the latency of
+the back end's row part that computes ``rows`` of the layer's output rows (halo included),
+for the spatial cost model (:mod:`partitioner.analysis.row_profile`).
+
 A profile is tied to one model file by ``model.sha256`` (SHA-256 of the ONNX file's bytes)
 and to its layer list; :func:`load_profile` refuses a profile of another model and says
 which of the two differs.
@@ -27,6 +31,7 @@ from partitioner.ir import LayerGraph
 
 __all__ = [
     "ProfiledBundle",
+    "ProfiledRows",
     "Profile",
     "read_profile",
     "load_profile",
@@ -63,6 +68,22 @@ class ProfiledBundle:
 
 
 @dataclass(frozen=True)
+class ProfiledRows:
+    """One measured row part: ``rows`` output rows of model layers ``first..last`` (today
+    always one layer) at ``frequency``; ``latency`` is the trimmed mean, s."""
+
+    first: int
+    last: int
+    rows: int
+    frequency: str | None
+    latency: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "rows": self.rows,
+                "frequency": self.frequency, "latency": self.latency}
+
+
+@dataclass(frozen=True)
 class Profile:
     """The measurements of one device for one model.
 
@@ -74,6 +95,7 @@ class Profile:
         bundles: the measured bundles.
         energy_meter: the ``--energy-meter`` spec used, or None.
         lazy: missing bundles may be estimated from single layers (lazy profiling).
+        rows: measured row parts (``profile --spatial``), empty otherwise.
         path: the file it was read from (for messages), or None.
     """
 
@@ -89,6 +111,7 @@ class Profile:
     host: Mapping[str, Any] = field(default_factory=dict)
     energy_meter: str | None = None
     lazy: bool = False
+    rows: tuple[ProfiledRows, ...] = ()
     path: str | None = None
 
     @property
@@ -106,15 +129,24 @@ class Profile:
         kept = tuple(b for b in self.bundles if (b.first, b.last, b.frequency) != key)
         return replace(self, bundles=(*kept, bundle))
 
+    def with_rows(self, entry: ProfiledRows) -> Profile:
+        """A copy with ``entry`` added (replacing one of the same layers, rows, frequency)."""
+        key = (entry.first, entry.last, entry.rows, entry.frequency)
+        kept = tuple(r for r in self.rows if (r.first, r.last, r.rows, r.frequency) != key)
+        return replace(self, rows=(*kept, entry))
+
     def to_json(self) -> dict[str, Any]:
         """The profile document of docs/INTERFACES.md (plus the additive fields)."""
-        return {"device": self.device,
-                "model": {"sha256": self.sha256, "granularity": self.granularity,
-                          "layers": list(self.layers)},
-                "runs": self.runs, "warmup": self.warmup, "trim": self.trim,
-                "host": dict(self.host), "energy_meter": self.energy_meter,
-                "lazy": self.lazy,
-                "bundles": [b.to_json() for b in self.bundles]}
+        doc = {"device": self.device,
+               "model": {"sha256": self.sha256, "granularity": self.granularity,
+                         "layers": list(self.layers)},
+               "runs": self.runs, "warmup": self.warmup, "trim": self.trim,
+               "host": dict(self.host), "energy_meter": self.energy_meter,
+               "lazy": self.lazy,
+               "bundles": [b.to_json() for b in self.bundles]}
+        if self.rows:  # additive: only profiles measured with --spatial carry it
+            doc["rows"] = [r.to_json() for r in self.rows]
+        return doc
 
 
 def write_json_atomic(path: str | Path, doc: Any) -> None:
@@ -206,6 +238,30 @@ def _bundle(file: str, i: int, doc: Any, n_layers: int) -> ProfiledBundle:
                                          optional=True), **spread)
 
 
+def _rows_entry(file: str, i: int, doc: Any, n_layers: int) -> ProfiledRows:
+    where = f"rows[{i}]"
+    if not isinstance(doc, Mapping):
+        fail(f"{file}: {where} must be an object")
+    for key in ("first", "last", "rows", "latency"):
+        if key not in doc:
+            fail(f"{file}: {where}: missing key {key!r}")
+    for key in ("first", "last", "rows"):
+        v = doc[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail(f"{file}: {where}.{key} must be an integer, got {v!r}")
+    first, last, rows = doc["first"], doc["last"], doc["rows"]
+    if not 0 <= first <= last < n_layers:
+        fail(f"{file}: {where}: layers {first}..{last} outside 0..{n_layers - 1}")
+    if rows < 1:
+        fail(f"{file}: {where}.rows must be at least 1, got {rows}")
+    freq = doc.get("frequency")
+    if freq is not None and not isinstance(freq, str):
+        fail(f"{file}: {where}.frequency must be a string or null, got {freq!r}")
+    latency = _number(file, f"{where}.latency", doc["latency"], positive=True)
+    assert latency is not None
+    return ProfiledRows(first, last, rows, freq, latency)
+
+
 def read_profile(path: str | Path) -> Profile:
     """Read and validate a profile file without checking it against a model.
 
@@ -250,6 +306,10 @@ def read_profile(path: str | Path) -> Profile:
             fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} "
                  f"is listed twice")
         seen.add(bkey)
+    rows_doc = doc.get("rows", [])
+    if not isinstance(rows_doc, list):
+        fail(f"{file}: rows must be a list")
+    rows = tuple(_rows_entry(file, i, r, len(layers)) for i, r in enumerate(rows_doc))
     host = doc.get("host") or {}
     threads = host.get("threads") if isinstance(host, Mapping) else None
     return Profile(
@@ -259,7 +319,7 @@ def read_profile(path: str | Path) -> Profile:
         threads=threads if isinstance(threads, int) else None,
         host=dict(host) if isinstance(host, Mapping) else {},
         energy_meter=doc.get("energy_meter"), lazy=bool(doc.get("lazy", False)),
-        path=file)
+        rows=rows, path=file)
 
 
 def check_profile(profile: Profile, graph: LayerGraph) -> None:

@@ -13,7 +13,10 @@ backwards layer by layer through the volume (the halo included):
 * **compute** (halo recompute included): each layer's single-layer price on the device
   (the cost table's bundle ``k..k``: analytic FLOPs / FLOPS, or the profiled latency)
   times the share of its output rows the part computes (the largest share over the ops
-  of the layer, so a Conv + pool layer is priced by its Conv's wider band), plus the
+  of the layer, so a Conv + pool layer is priced by its Conv's wider band) -- or, where
+  ``profile --spatial`` measured the layer's row parts on the device, the measured
+  latency interpolated at the part's output rows of the layer
+  (:mod:`partitioner.analysis.row_profile`) -- plus the
   volume's weights loaded in full and its internal cuts scaled like the compute, minus
   the first layer's preloaded weights (ODIWeP) as for a layer-wise run. One part over
   every row costs exactly what the layer-wise run of the volume costs (analytic device,
@@ -51,6 +54,7 @@ import numpy as np
 from partitioner import ir
 from partitioner.analysis.costs import network_transfer
 from partitioner.analysis.energy import compute_power
+from partitioner.analysis.row_profile import curve_for, row_compute
 from partitioner.errors import fail
 
 __all__ = ["upper_mask", "Volume", "volume", "unit_rows", "PartCosts", "part_costs", "message_time",
@@ -338,7 +342,12 @@ def part_costs(table: ir.CostTable, vol: Volume, device: str, frequency: str | N
         b = table.bundles.get((pos, pos, device, frequency))
         if b is None:
             return None
-        total += b.compute * share[i]
+        curve = curve_for(table, k, device, frequency)
+        if curve is not None and vol.bands[i]:
+            # profiled (profile --spatial): the layer's measured part at its rows
+            total += row_compute(curve, vol.bands[i][0])
+        else:
+            total += b.compute * share[i]
         fixed += b.weight_loading
         if i == 0 and table.preload:
             hidden = b.hidden

@@ -5,6 +5,9 @@ SYSTEM`` measures single layers, then only the bundles that successive plans use
 :mod:`partitioner.analysis.lazy`); the file it writes is marked ``"lazy": true`` and
 ``partitioner plan`` estimates its unmeasured bundles from the single layers (as plain
 sums, also after ``--lazy-estimate adaptive``, which only steers what gets measured).
+``--spatial [--row-counts R ...]`` also measures, per row-splittable layer, the back end's
+row part at several output-row counts (:mod:`partitioner.analysis.row_profile`); the
+spatial planner then prices parts from them.
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="open every bundle from its own in-memory copy of its weights "
                              "(slower set-up; default: the weights are written once to a "
                              "temporary file that every bundle maps)")
+    parser.add_argument("--spatial", action="store_true",
+                        help="also measure every row-splittable layer's row parts at several "
+                             "output-row counts (for plan --spatial)")
+    parser.add_argument("--row-counts", type=int, nargs="+", default=None, metavar="R",
+                        help="output-row counts for --spatial (those that fit each layer, "
+                             "plus its whole height; default: 1, a quarter, a half)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -85,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
     settings = ProfileSettings(runs=args.runs, warmup=args.warmup, trim=args.trim,
                                threads=args.threads)
     settings.check()
+    if args.row_counts is not None:
+        if not args.spatial:
+            fail("--row-counts needs --spatial")
+        bad = [r for r in args.row_counts if r < 1]
+        if bad:
+            fail(f"--row-counts {bad[0]}: a part computes at least 1 row")
     if args.mbs is not None and args.mbs < 1:
         fail(f"--mbs {args.mbs}: the maximum bundle size must be at least 1")
     system = None
@@ -114,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['layers']} layers on {args.device} ({summary['measured_now']} "
               f"measured now; the full set at MBS {summary['mbs']} is "
               f"{summary['full_set']})")
+        if args.spatial:
+            print(f"{summary['output']}: {summary['rows_in_file']} row parts of "
+                  f"{summary['splittable_layers']} row-splittable layers")
         if "lazy" in summary:
             lazy = summary["lazy"]
             print(f"lazy: {lazy['rounds']} rounds, {lazy['measured']} of {lazy['full']} "
@@ -166,6 +184,19 @@ def _profile(args: argparse.Namespace, prepared: Any, settings: Any, meter: Any,
         else:
             profile, summary["lazy"] = _lazy(args, graph, system, profile, timer, mbs,
                                              progress)
+        if args.spatial:
+            from partitioner.analysis.row_profile import (
+                measure_row_part,
+                profile_rows,
+                splittable_layers,
+            )
+
+            profile = profile_rows(
+                profile, graph, args.row_counts,
+                lambda k, r: measure_row_part(timer, k, r, args.frequency), out,
+                frequency=args.frequency)
+            summary["splittable_layers"] = len(splittable_layers(graph))
+            summary["rows_in_file"] = len(profile.rows)
     finally:
         if weights is not None:
             weights.close()
