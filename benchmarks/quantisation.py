@@ -67,11 +67,11 @@ TOLERANCE = 0.20
 # rounding (about 1e-6): below this a measured rho counts as no noise.
 ROUNDING = 1e-5
 CLASSIFIERS = ("resnet18",)
-QUICK = {"models": [("resnet18", 96, 6), ("yolo11", 160, 6), ("yolo_small", 160, 6)],
+QUICK = {"models": [("resnet18", 96, 6), ("yolo11_small", 160, 6), ("yolo_small", 160, 6)],
          "runs": 10, "caps": 6, "samples": 4}
 # K = 8 candidates (QUANT and the CLI default use 12): the noise design is 8 + 28 + 12
 # quantised models instead of 96 + 18, which the loaded host could not afford.
-FULL = {"models": [("resnet18", 160, 8), ("yolo11", 256, 8), ("yolo_small", 256, 8)],
+FULL = {"models": [("resnet18", 160, 8), ("yolo11_small", 256, 8), ("yolo_small", 256, 8)],
         "runs": 20, "caps": 7, "samples": 8}
 
 DEVICES = [
