@@ -15,7 +15,10 @@ from the device and 12.5 MB/s, 20 ms from the edge).
   random: no real data set exists for them), the fit's held-out error reported; each
   distinct plan is compiled (the back end slices the int8 variant) and run by the local
   runtime on *held-out* random inputs: its measured rho is compared with the cap and with
-  ``estimate.noise``; for the classifier also the top-1 agreement with fp32.
+  ``estimate.noise`` (the set's noise measured on the calibration inputs when the set
+  was measured, which ``check_noise`` makes true of every chosen set, else the fit;
+  the fit's own prediction is recorded as ``noise_fit``); for the classifier also the
+  top-1 agreement with fp32.
 
 The host is shared by several agents (2 cores, loaded): absolute times are noisy.
 
@@ -67,11 +70,11 @@ TOLERANCE = 0.20
 # rounding (about 1e-6): below this a measured rho counts as no noise.
 ROUNDING = 1e-5
 CLASSIFIERS = ("resnet18",)
-QUICK = {"models": [("resnet18", 96, 6), ("yolo11", 160, 6), ("yolo_small", 160, 6)],
+QUICK = {"models": [("resnet18", 96, 6), ("yolo11_small", 160, 6), ("yolo_small", 160, 6)],
          "runs": 10, "caps": 6, "samples": 4}
 # K = 8 candidates (QUANT and the CLI default use 12): the noise design is 8 + 28 + 12
 # quantised models instead of 96 + 18, which the loaded host could not afford.
-FULL = {"models": [("resnet18", 160, 8), ("yolo11", 256, 8), ("yolo_small", 256, 8)],
+FULL = {"models": [("resnet18", 160, 8), ("yolo11_small", 256, 8), ("yolo_small", 256, 8)],
         "runs": 20, "caps": 7, "samples": 8}
 
 DEVICES = [
@@ -231,6 +234,8 @@ def run_model(name: str, size: int, k: int, cfg: dict[str, Any], work: Path) -> 
             m = compiled[key]
             rows.append({"cap": cap, "latency": plan.estimate.latency,
                          "noise_predicted": plan.estimate.noise, "noise_measured": m["rho"],
+                         "noise_fit": res.quant.fit.predict(q) if res.quant and res.quant.fit
+                         else None,
                          "top1_agreement": m["top1"] if name in CLASSIFIERS else None,
                          "quantized": list(q),
                          "stages": [[s.device, s.first, s.last] for s in plan.stages],
@@ -278,7 +283,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
             ax.plot([0, hi], [0, 2 * hi], "k:", lw=0.8, label="2x")
             ax.plot([0, hi], [0, 0.5 * hi], "k:", lw=0.8)
             ax.legend()
-        ax.set_xlabel("predicted noise (estimate.noise)")
+        ax.set_xlabel("estimate.noise (calibration inputs)")
         ax.set_ylabel("measured noise, compiled bundle, held-out inputs")
     fig.suptitle("Per-layer int8 chosen by the planner (QUANT network); loaded host")
     fig.tight_layout()

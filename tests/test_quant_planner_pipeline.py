@@ -65,7 +65,10 @@ def test_max_noise_zero_quantises_nothing_and_a_loose_cap_lowers_the_estimate(
     assert quantized
     assert loose.plan.estimate.latency < fp32.plan.estimate.latency
     assert loose.quant is not None and loose.quant.fit is not None
-    assert loose.plan.estimate.noise == pytest.approx(loose.quant.fit.predict(quantized))
+    measured = loose.quant.fit.measured
+    conf = tuple(sorted(quantized))
+    expected = measured[conf] if conf in measured else loose.quant.fit.predict(quantized)
+    assert loose.plan.estimate.noise == pytest.approx(expected)
     assert loose.quant.fit.heldout_error is not None  # the fit reports its error
 
 
@@ -180,3 +183,29 @@ def test_the_planned_int8_set_is_measured_within_the_cap(prepared, calibration) 
             assert q in measured and measured[q] <= cap
         v = result.table.variants
         assert v is not None and dict(v.checked) == measured
+
+
+def test_estimate_noise_is_the_measured_noise_of_a_measured_set(prepared, calibration) -> None:
+    """A least-squares fit need not pass through its design points: the plan's
+    estimate.noise is the set's noise measured on the calibration inputs (the same
+    NoiseMeter), not the fit, whenever the set was measured."""
+    result = _plan(prepared, calibration, max_noise=10.0)
+    q = tuple(sorted(k for s in result.plan.stages for k in s.quantized))
+    assert q and result.quant is not None and result.quant.fit is not None
+    fit = result.quant.fit
+    assert q in fit.measured  # check_noise measured the chosen set
+    again = Q.NoiseMeter(prepared, calibration, calibration).noise(q)
+    assert result.plan.estimate.noise == pytest.approx(again, rel=1e-6)
+    assert result.plan.estimate.noise == pytest.approx(fit.measured[q], rel=1e-12)
+    # every measured set is priced by its measurement, an unmeasured one by the fit
+    from partitioner.analysis.variants import plan_noise
+
+    v = result.table.variants
+    assert v is not None
+    for conf, rho in fit.measured.items():
+        assert plan_noise(v, conf) == (pytest.approx(rho), True)
+    unmeasured = [c for r in range(1, len(v.candidates) + 1)
+                  for c in itertools.combinations(v.candidates, r) if c not in fit.measured]
+    for conf in unmeasured:
+        assert plan_noise(v, conf) == (pytest.approx(fit.predict(conf)), False)
+    assert plan_noise(v, ()) == (0.0, False)

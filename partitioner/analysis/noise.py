@@ -15,7 +15,10 @@ measures a design and fits a polynomial over the binary ``q``:
 * checked: the solver seeks the configurations the fit underestimates, so the set a
   solve picks is measured too (:func:`partitioner.analysis.variants.check_noise`), added
   to the fit (:meth:`NoiseFit.with_point`) and, when above the cap, cut off; the solve
-  repeats until it picks a measured set.
+  repeats until it picks a measured set;
+* used: a plan's ``estimate.noise`` is the measured rho of its int8 set when that set is
+  one of the measured configurations (least squares does not interpolate its design
+  points), the fit ``eta`` otherwise (:func:`partitioner.analysis.variants.plan_noise`).
 
 The measurements and the fit are cached in a JSON file keyed by the model's fingerprint
 (SHA-256 of the ONNX bytes), the calibration digest, the candidates, degree and design
