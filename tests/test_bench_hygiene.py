@@ -32,9 +32,11 @@ def test_every_benchmark_with_quick_writes_quick_files_apart(script: Path) -> No
     text = script.read_text()
     if "--quick" not in text:
         pytest.skip("no --quick mode")
-    # The shared helper, or (scripts of other owners) an explicit `<name>_quick` stem;
-    # never the old `-quick` suffix nor a quick mode that only changes the sizes.
-    assert "result_paths(" in text or re.search(r"_quick[\"'.]", text), script.name
+    # The shared helpers (result_paths, or write_results which calls it with the run's
+    # quick flag), or (scripts of other owners) an explicit `<name>_quick` stem; never the
+    # old `-quick` suffix nor a quick mode that only changes the sizes.
+    assert "result_paths(" in text or re.search(r"write_results\([^)]*args\.quick", text) \
+        or re.search(r"_quick[\"'.]", text), script.name
     assert "-quick" not in text.replace("--quick", ""), script.name
 
 
@@ -88,3 +90,14 @@ def test_linear_slope() -> None:
     assert linear_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
     assert linear_slope([0, 1, 2], [4, 4, 4]) == 0.0
     assert linear_slope([1], [3]) == 0.0
+
+
+def test_write_results_writes_the_quick_files_beside_the_full_ones(tmp_path) -> None:
+    from benchmarks.common import write_results
+
+    def plot(doc: object, png: Path) -> None:
+        png.write_bytes(b"png")
+
+    assert write_results("x", True, tmp_path, {"quick": True}, plot) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_quick.json", "x_quick.png"]
+    assert json.loads((tmp_path / "x_quick.json").read_text()) == {"quick": True}
