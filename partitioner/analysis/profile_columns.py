@@ -118,12 +118,9 @@ def _columns(entries: list[dict[str, Any]]) -> dict[str, Sequence[Any]]:
         # the common case, one writer: every entry has the keys of the first (same count
         # and each one present) and C-level loops read them
         try:
-            rows = list(map(operator.itemgetter(*keys), entries))
+            return {k: list(map(operator.itemgetter(k), entries)) for k in keys}
         except KeyError:
             pass
-        else:
-            values = list(zip(*rows, strict=True)) if len(keys) > 1 else [tuple(rows)]
-            return dict(zip(keys, values, strict=True))
     wanted = ("first", "last", "frequency", "latency", *_OPTIONAL)
     return {k: [e.get(k) for e in entries] for k in wanted}
 
