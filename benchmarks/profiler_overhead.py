@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, result_paths, save_figure  # noqa: E402
+from benchmarks.common import ROOT, machine, result_paths, save_figure  # noqa: E402
 
 # model -> MBS (None: every layer)
 DEFAULT = {"alexnet": None, "resnet18": 4}
@@ -139,8 +139,11 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     ax.axhline(1.2, color="r", ls="--", lw=1, label="goal 1.2x")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("wall / sum(latency x runs)")
+    loaded = doc.get("machine_before", {}).get("loaded") or doc.get("machine_after", {}).get(
+        "loaded")
     ax.set_title(f"partitioner profile overhead (runs {doc['settings']['runs']}, warm-up "
-                 f"{doc['settings']['warmup']}; loaded host)", fontsize=10)
+                 f"{doc['settings']['warmup']}; {'loaded' if loaded else 'quiet'} host)",
+                 fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, png)
@@ -168,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     from partitioner.analysis.profiler import host_info
     from partitioner.analysis.profiles import write_json_atomic
 
+    before = machine()
     with tempfile.TemporaryDirectory(prefix="profiler-overhead-") as tmp:
         rows = [bench_model(name, mbs, args, Path(tmp)) for name, mbs in plan.items()]
     doc = {"benchmark": "profiler_overhead", "quick": args.quick,
            "settings": {"runs": args.runs, "warmup": args.warmup, "threads": args.threads,
                         "repeats": args.repeats},
-           "host": host_info(args.threads), "load_average_after": os.getloadavg(),
-           "note": "shared 2-core dev host, other work running: loaded", "models": rows}
+           "host": host_info(args.threads), "machine_before": before,
+           "machine_after": machine(), "models": rows}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, doc)
     plot(doc, png_path)
