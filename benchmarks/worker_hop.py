@@ -7,7 +7,8 @@ ONNX Runtime, the outgoing message encoded and sent (``sendmsg``) to a draining 
 another process — and timed, against the same unit run by ONNX Runtime alone. The
 difference is the worker's own work per hop (Python and system calls); the receive side
 (reading the frame) and waking the next process are not in it, so a chain's hop costs at
-least this.
+least this. Also, interleaved: the whole zoo model in one ONNX Runtime session against its
+three units chained in this thread (what cutting the graph costs, with no transport).
 
 Usage: ``python benchmarks/worker_hop.py [--quick] [--models a,b] [--runs 500]``; writes
 ``results/worker_hop[_quick].json`` (no plot: one figure per model).
@@ -108,11 +109,42 @@ def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
     stats = pstats.Stats(prof)
     top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:8]  # type: ignore[attr-defined]
     hop_ms, ort_ms = statistics.median(hops) * 1e3, statistics.median(ort_runs) * 1e3
-    return {"model": name, "tensor_bytes": int(sum(a.nbytes for a in tensors.values())),
+    whole_ms, chain_ms = _split_cost(path, view, feeds, runs)
+    return {"model": name, "whole_ms": whole_ms, "chained_units_ms": chain_ms,
+            "split_ratio": chain_ms / whole_ms,
+            "tensor_bytes": int(sum(a.nbytes for a in tensors.values())),
             "hop_ms": hop_ms, "ort_ms": ort_ms, "worker_ms": hop_ms - ort_ms,
             "profiled_top_tottime": [
                 {"function": f"{Path(f).name}:{line}({fn})", "ms_per_hop":
                  v[2] / min(runs, 200) * 1e3} for (f, line, fn), v in top]}
+
+
+def _split_cost(path: Path, view: Any, feeds: dict[str, np.ndarray], runs: int
+                ) -> tuple[float, float]:
+    """Median ms of the whole model (one session) and of its units chained, interleaved."""
+    import onnxruntime as ort
+
+    from runtime.stages import StageRunner
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    whole = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    runners = [StageRunner(u, view.root, threads=1) for u in view.units()]
+
+    def chained() -> None:
+        have = dict(feeds)
+        for r in runners:
+            have.update(r.run({n: have[n] for n in r.input_names}))
+
+    times: tuple[list[float], list[float]] = ([], [])
+    for k in range(runs // 2 + 10):
+        for f, out in ((lambda: whole.run(None, feeds), times[0]), (chained, times[1])):
+            t0 = time.perf_counter()
+            f()
+            if k >= 10:  # warm-up
+                out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["machine_after"] = machine()
     for m in doc["models"]:
         print(f"{m['model']:>14}: {m['tensor_bytes'] / 1e3:8.1f} kB in, hop {m['hop_ms']:.3f} ms"
-              f" = ORT {m['ort_ms']:.3f} + worker {m['worker_ms']:.3f} ms")
+              f" = ORT {m['ort_ms']:.3f} + worker {m['worker_ms']:.3f} ms; whole model "
+              f"{m['whole_ms']:.2f} ms, 3 units chained {m['chained_units_ms']:.2f} ms "
+              f"({m['split_ratio']:.3f}x)")
     out, _ = result_paths("worker_hop", ns.quick, ns.out)
     write_json_atomic(out, doc)
     print(f"wrote {out}")
