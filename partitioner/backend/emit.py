@@ -52,7 +52,14 @@ from partitioner.backend.sends import (
 )
 from partitioner.backend.timeline import stage_figures
 from partitioner.backend.units import build_unit
-from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
+from partitioner.backend.verify import (
+    TOLERANCE,
+    compare,
+    release_freed_memory,
+    run_bundle,
+    sample_inputs,
+    session,
+)
 from partitioner.errors import fail
 from partitioner.frontend.slicing import save_model
 from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
@@ -111,7 +118,10 @@ def _reference(prepared: Any, work: Path, feeds: dict[str, Any]) -> dict[str, An
     save_model(model, path, base_dir=getattr(prepared, "base_dir", None),
                external_data="full.onnx.data")
     sess = session(path, what)
-    return dict(zip(names, sess.run(names, feeds), strict=True))
+    outputs = dict(zip(names, sess.run(names, feeds), strict=True))
+    del sess  # only its outputs are kept: the stage sessions come after it
+    release_freed_memory()
+    return outputs
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

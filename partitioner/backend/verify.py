@@ -8,6 +8,9 @@ devices.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +22,8 @@ from partitioner.backend.manifest import Bundle, StageSpec, TensorSpec, Unit, lo
 from partitioner.errors import fail
 from stagebundle.graph import run_graph
 
-__all__ = ["sample_inputs", "session", "run_bundle", "run_chain", "compare", "TOLERANCE"]
+__all__ = ["sample_inputs", "session", "run_bundle", "run_chain", "compare", "TOLERANCE",
+           "release_freed_memory"]
 
 # Largest accepted |chain - full| relative to the output's scale (max(1, max|full|)): the
 # stages run the same kernels, only fusions across a cut may round differently.
@@ -62,6 +66,29 @@ def session(path: str | os.PathLike[str] | bytes, what: str, *, threads: int | N
         fail(f"{what}: ONNX Runtime cannot load it: {msg}")
 
 
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory a closed session freed back to the OS (glibc only).
+
+    glibc keeps freed heap pages for reuse (ONNX Runtime's buffers of up to 32 MiB come
+    from the heap once its mmap threshold has grown), and the next session's peak would
+    stack on them: +110 MiB verifying vgg16 (benchmarks/compile_memory.py). A no-op where
+    the C library has no ``malloc_trim``.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run every unit of ``bundle`` in this process with the stage graph's message rules
     (:func:`stagebundle.graph.run_graph`, what the runtime obeys); the model outputs.
@@ -72,7 +99,10 @@ def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray]) -> dict[str, np.
     def run(unit: Unit, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = session(bundle.unit_path(unit), f"stage {unit.key} ({unit.file})")
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, dict(inputs)), strict=True))
+        outputs = dict(zip(names, sess.run(names, dict(inputs)), strict=True))
+        del sess
+        release_freed_memory()
+        return outputs
 
     return run_graph(bundle, feeds, run)
 

@@ -1,8 +1,10 @@
 """Reading a model: an ``.onnx`` file (weights left on disk) or a PyTorch module (exported).
 
-Weights are never loaded to analyse a graph: ``onnx.load(..., load_external_data=False)``
-keeps external initialisers as references, so a model over 2 GB (whose weights must be
-external) is read as a small proto, and one whose ``.data`` file is gone still inspects.
+Weights are never loaded to analyse a graph: external initialisers stay references, so a
+model over 2 GB (whose weights must be external) is read as a small proto, and one whose
+``.data`` file is gone still inspects; big *inline* initialisers stay in the ``.onnx``
+file as inline references (:mod:`partitioner.frontend.inline_weights`), so the proto never
+holds them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from partitioner.errors import fail
+from partitioner.frontend.inline_weights import read_model
 
 __all__ = ["read_onnx", "export_torch", "file_sha256", "check_proto"]
 
@@ -51,7 +54,9 @@ def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
         path: the ``.onnx`` file.
 
     Returns:
-        The model proto (external initialisers left as references) and the file's SHA-256.
+        The model proto (external initialisers, and inline ones above
+        :data:`~partitioner.frontend.inline_weights.LAZY_MIN_BYTES`, left as references)
+        and the file's SHA-256.
 
     Raises:
         UserError: the file is missing, unreadable, not ONNX or truncated.
@@ -63,7 +68,7 @@ def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
         fail(f"{path}: not a file")
     try:
         sha = file_sha256(path)
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model(path)
     except OSError as err:
         fail(f"{path}: cannot read ({err.strerror or err})")
     except (DecodeError, RuntimeError, ValueError, TypeError) as err:

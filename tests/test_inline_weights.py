@@ -1,0 +1,126 @@
+"""Inline weights left in the model file at load (issue 16): same model, same bundle.
+
+``read_model`` leaves every big inline initialiser in the ``.onnx`` file as an inline
+reference; the threshold is lowered here so that the small test models have some.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from partitioner.backend import compile_bundle
+from partitioner.backend.units import write_unit
+from partitioner.errors import UserError
+from partitioner.frontend import inline_weights, load_model
+from partitioner.frontend.inline_weights import is_inline_ref, read_model
+from partitioner.frontend.slicing import extract_layers
+from partitioner.ir import Estimate, Plan, Stage
+
+
+def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inline_weights, "LAZY_MIN_BYTES", 1 << 62)
+
+
+def _lazy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inline_weights, "LAZY_MIN_BYTES", 256)
+
+
+def _halves(n: int) -> Plan:
+    return Plan("optimal", "latency", (Stage("a", None, 0, n // 2 - 1), Stage("b", None, n // 2,
+                                                                               n - 1)),
+                Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+
+
+def _files(bundle: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(bundle.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "src" / "tiny.onnx"
+    path.parent.mkdir()
+    models.save_model("tiny_cnn", path)
+    return path
+
+
+def test_read_model_equals_onnx_load_below_the_threshold(tiny, tmp_path):
+    want = onnx.load(str(tiny), load_external_data=False).SerializeToString()
+    assert read_model(tiny, lazy_min_bytes=1 << 62).SerializeToString() == want
+    # a file with the graph field twice (the stage writer's inline layout) reads the same
+    prepared = load_model(tiny)
+    stage = extract_layers(prepared, 0, len(prepared.graph.layers) - 1)
+    stage.save(tmp_path / "stage.onnx")
+    assert (read_model(tmp_path / "stage.onnx", lazy_min_bytes=1 << 62).SerializeToString()
+            == onnx.load(str(tmp_path / "stage.onnx")).SerializeToString())
+
+
+def test_big_weights_stay_in_the_file_and_resolve_to_the_same_bytes(tiny):
+    eager = onnx.load(str(tiny))
+    lazy = read_model(tiny, lazy_min_bytes=256)
+    refs = [t for t in lazy.graph.initializer if is_inline_ref(t)]
+    assert refs, "tiny_cnn has weights above 256 bytes"
+    assert all(not t.HasField("raw_data") for t in refs)  # the proto holds no weight bytes
+    by_name = {t.name: t for t in eager.graph.initializer}
+    for t in lazy.graph.initializer:
+        got = inline_weights.load_inline_ref(t, tiny.parent)
+        assert got.SerializeToString() == by_name[t.name].SerializeToString()
+
+
+def test_bundle_is_byte_identical_with_lazy_and_eager_loading(tiny, tmp_path, monkeypatch):
+    _eager(monkeypatch)
+    eager = load_model(tiny)
+    assert not any(is_inline_ref(t) for t in eager.model.graph.initializer)
+    plan = _halves(len(eager.graph.layers))
+    want = _files(compile_bundle(eager, plan, None, tmp_path / "eager"))
+    _lazy(monkeypatch)
+    lazy = load_model(tiny)
+    assert any(is_inline_ref(t) for t in lazy.model.graph.initializer)
+    got = _files(compile_bundle(lazy, plan, None, tmp_path / "lazy"))
+    assert got == want  # stage files (inline, no .data files) and the manifest
+    assert not any(name.endswith(".data") for name in got)
+
+
+def _folding_model() -> onnx.ModelProto:
+    """y = x * ReduceSum(w): the sum of a big weight folds into a scalar constant."""
+    w = numpy_helper.from_array(np.arange(512, dtype=np.float32) / 7, "w")
+    nodes = [helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["x", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_constants_folded_from_a_left_out_weight_are_the_same(tmp_path, monkeypatch):
+    path = tmp_path / "fold.onnx"
+    onnx.save(_folding_model(), str(path))
+    _eager(monkeypatch)
+    eager = load_model(path)
+    _lazy(monkeypatch)
+    lazy = load_model(path)
+    assert eager.folded == lazy.folded == 1
+    assert lazy.model.graph.node[0].op_type == "Mul"
+    assert lazy.model.SerializeToString() == eager.model.SerializeToString()
+
+
+def test_truncated_file_is_a_user_error(tiny, tmp_path):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    with pytest.raises(UserError, match="not a valid ONNX file"):
+        load_model(cut)
+
+
+def test_checker_still_refuses_a_bad_inline_unit(tiny, tmp_path, monkeypatch):
+    _lazy(monkeypatch)
+    prepared = load_model(tiny)
+    sub = extract_layers(prepared, 0, 0)
+    sub.shell.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(UserError, match="fails the ONNX checker"):
+        write_unit(sub, tmp_path, "bad.onnx", "stage 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "src"]  # no stub left
