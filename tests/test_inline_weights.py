@@ -124,3 +124,29 @@ def test_checker_still_refuses_a_bad_inline_unit(tiny, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="fails the ONNX checker"):
         write_unit(sub, tmp_path, "bad.onnx", "stage 0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "src"]  # no stub left
+
+
+def test_verification_opens_big_units_through_an_identical_external_view(tiny, tmp_path,
+                                                                         monkeypatch):
+    from partitioner.backend.verify import _unit_source, session
+
+    _lazy(monkeypatch)
+    prepared = load_model(tiny)
+    stage = extract_layers(prepared, 0, len(prepared.graph.layers) - 1)
+    unit = tmp_path / "unit.onnx"
+    stage.save(unit)
+    feeds = {"input": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(
+        np.float32)}
+    name = prepared.model.graph.input[0].name
+    feeds = {name: feeds["input"]}
+    want = session(unit, "unit").run(None, feeds)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with _unit_source(unit, scratch) as view:
+        assert view != unit and (view.parent / "unit.onnx.data").is_file()
+        got = session(view, "view").run(None, feeds)
+    assert not any(scratch.iterdir())  # the view is gone with its session
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with _unit_source(unit, None) as plain:  # no scratch: the file itself
+        assert plain == unit

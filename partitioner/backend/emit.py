@@ -336,13 +336,17 @@ def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int,
     """Chained units against the whole model (the quantised one for a plan with int8
     layers: ``quantized`` = (float model, variant); then rho vs the float one too)."""
     feeds = sample_inputs(bundle.model.inputs, seed)
+    release_freed_memory()  # the buffers of writing the units
     work = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
     try:
+        # The units first: the largest one's session is the peak of compiling a large
+        # model (its weights twice over while ORT pre-packs them), so it opens before
+        # anything else has left memory behind; the whole model's session comes after.
+        chained = run_bundle(bundle, feeds, scratch=work)
         full = _reference(prepared, work, feeds)
         floats = None if quantized is None else _reference(quantized[0], work, feeds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    chained = run_bundle(bundle, feeds)
     worst_abs, worst_rel, name = compare(full, chained)
     if worst_rel > TOLERANCE:
         fail(f"verification: model output {name!r} differs between the chained stages and "
