@@ -6,6 +6,7 @@ reference; the threshold is lowered here so that the small test models have some
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,8 @@ from partitioner.errors import UserError
 from partitioner.frontend import inline_weights, load_model
 from partitioner.frontend.inline_weights import is_inline_ref, read_model
 from partitioner.frontend.slicing import extract_layers
+from partitioner.frontend.stagefile import loaded
 from partitioner.ir import Estimate, Plan, Stage
-
-
-def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inline_weights, "LAZY_MIN_BYTES", 1 << 62)
 
 
 def _lazy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,35 +49,36 @@ def tiny(tmp_path: Path) -> Path:
 
 def test_read_model_equals_onnx_load_below_the_threshold(tiny, tmp_path):
     want = onnx.load(str(tiny), load_external_data=False).SerializeToString()
-    assert read_model(tiny, lazy_min_bytes=1 << 62).SerializeToString() == want
+    assert read_model(tiny, lazy=False).SerializeToString() == want
     # a file with the graph field twice (the stage writer's inline layout) reads the same
     prepared = load_model(tiny)
     stage = extract_layers(prepared, 0, len(prepared.graph.layers) - 1)
     stage.save(tmp_path / "stage.onnx")
-    assert (read_model(tmp_path / "stage.onnx", lazy_min_bytes=1 << 62).SerializeToString()
+    assert (read_model(tmp_path / "stage.onnx", lazy=False).SerializeToString()
             == onnx.load(str(tmp_path / "stage.onnx")).SerializeToString())
 
 
-def test_big_weights_stay_in_the_file_and_resolve_to_the_same_bytes(tiny):
+def test_big_weights_stay_in_the_file_and_resolve_to_the_same_bytes(tiny, monkeypatch):
+    _lazy(monkeypatch)
     eager = onnx.load(str(tiny))
-    lazy = read_model(tiny, lazy_min_bytes=256)
+    assert not any(is_inline_ref(t) for t in read_model(tiny, lazy=False).graph.initializer)
+    lazy = read_model(tiny)
     refs = [t for t in lazy.graph.initializer if is_inline_ref(t)]
     assert refs, "tiny_cnn has weights above 256 bytes"
     assert all(not t.HasField("raw_data") for t in refs)  # the proto holds no weight bytes
     by_name = {t.name: t for t in eager.graph.initializer}
     for t in lazy.graph.initializer:
-        got = inline_weights.load_inline_ref(t, tiny.parent)
+        got = loaded(t, tiny.parent)
         assert got.SerializeToString() == by_name[t.name].SerializeToString()
 
 
 def test_bundle_is_byte_identical_with_lazy_and_eager_loading(tiny, tmp_path, monkeypatch):
-    _eager(monkeypatch)
+    _lazy(monkeypatch)
     eager = load_model(tiny)
     assert not any(is_inline_ref(t) for t in eager.model.graph.initializer)
     plan = _halves(len(eager.graph.layers))
     want = _files(compile_bundle(eager, plan, None, tmp_path / "eager"))
-    _lazy(monkeypatch)
-    lazy = load_model(tiny)
+    lazy = load_model(tiny, lazy_weights=True)
     assert any(is_inline_ref(t) for t in lazy.model.graph.initializer)
     got = _files(compile_bundle(lazy, plan, None, tmp_path / "lazy"))
     assert got == want  # stage files (inline, no .data files) and the manifest
@@ -100,10 +99,9 @@ def _folding_model() -> onnx.ModelProto:
 def test_constants_folded_from_a_left_out_weight_are_the_same(tmp_path, monkeypatch):
     path = tmp_path / "fold.onnx"
     onnx.save(_folding_model(), str(path))
-    _eager(monkeypatch)
-    eager = load_model(path)
     _lazy(monkeypatch)
-    lazy = load_model(path)
+    eager = load_model(path)
+    lazy = load_model(path, lazy_weights=True)
     assert eager.folded == lazy.folded == 1
     assert lazy.model.graph.node[0].op_type == "Mul"
     assert lazy.model.SerializeToString() == eager.model.SerializeToString()
@@ -118,7 +116,7 @@ def test_truncated_file_is_a_user_error(tiny, tmp_path):
 
 def test_checker_still_refuses_a_bad_inline_unit(tiny, tmp_path, monkeypatch):
     _lazy(monkeypatch)
-    prepared = load_model(tiny)
+    prepared = load_model(tiny, lazy_weights=True)
     sub = extract_layers(prepared, 0, 0)
     sub.shell.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(UserError, match="fails the ONNX checker"):
@@ -131,7 +129,7 @@ def test_verification_opens_big_units_through_an_identical_external_view(tiny, t
     from partitioner.backend.verify import _unit_source, session
 
     _lazy(monkeypatch)
-    prepared = load_model(tiny)
+    prepared = load_model(tiny, lazy_weights=True)
     stage = extract_layers(prepared, 0, len(prepared.graph.layers) - 1)
     unit = tmp_path / "unit.onnx"
     stage.save(unit)
@@ -150,3 +148,30 @@ def test_verification_opens_big_units_through_an_identical_external_view(tiny, t
         np.testing.assert_array_equal(a, b)
     with _unit_source(unit, None) as plain:  # no scratch: the file itself
         assert plain == unit
+
+
+def test_compile_keeps_the_weights_in_the_model_file(tiny, tmp_path, monkeypatch):
+    """``pipeline.compile`` (``partitioner compile``) loads lazily, ``plan`` does not; the
+    bundles are the same."""
+    from partitioner import pipeline
+    from tests.test_pipeline import SYSTEM
+
+    _lazy(monkeypatch)
+    system = tmp_path / "system.toml"
+    system.write_text(SYSTEM)
+    compiled = pipeline.compile(tiny, system, tmp_path / "bundle")
+    raw = [t for t in compiled.prepared.model.graph.initializer if t.HasField("raw_data")]
+    assert all(len(t.raw_data) <= 256 for t in raw)  # no weight above the threshold held
+    planned = pipeline.plan(tiny, system)
+    assert not any(is_inline_ref(t) for t in planned.prepared.model.graph.initializer)
+    pipeline.compile(planned.prepared, system, tmp_path / "again")
+    got, want = _files(tmp_path / "bundle"), _files(tmp_path / "again")
+    assert _timeless(got.pop("manifest.json")) == _timeless(want.pop("manifest.json"))
+    assert got == want
+
+
+def _timeless(manifest: bytes) -> dict:
+    """The manifest without the solver's wall time (two solves never take the same)."""
+    doc = json.loads(manifest)
+    doc["plan"].pop("solve_seconds")
+    return doc

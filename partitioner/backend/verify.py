@@ -129,7 +129,7 @@ def _unit_source(path: Path, scratch: Path | None) -> Iterator[Path]:
     from partitioner.frontend.inline_weights import is_inline_ref, read_model
     from partitioner.frontend.stagefile import save_model
 
-    model = None if scratch is None else read_model(path)
+    model = None if scratch is None else read_model(path, lazy=True)
     if model is None or not any(is_inline_ref(t) for t in model.graph.initializer):
         yield path
         return

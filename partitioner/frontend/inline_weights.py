@@ -27,10 +27,10 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto
 
-from partitioner.errors import InternalError, fail
 from partitioner.frontend.tensors import tensor_nbytes
 
-__all__ = ["read_model", "is_inline_ref", "load_inline_ref", "INLINE_KEY", "LAZY_MIN_BYTES"]
+__all__ = ["read_model", "is_inline_ref", "encode_varint", "INLINE_KEY", "LAZY_MIN_BYTES",
+           "MODEL_GRAPH", "GRAPH_INITIALIZER", "TENSOR_RAW_DATA"]
 
 # Not below inference._SKELETON_MAX_BYTES: shape inference reads the values of smaller
 # initialisers (Reshape targets, pads), larger ones it sees as typed inputs either way. The
@@ -40,7 +40,7 @@ LAZY_MIN_BYTES = 64 << 10
 # the stage writer rewrites every external-data entry).
 INLINE_KEY = "partitioner.inline"
 _BATCH = 4 << 20  # merge small fields in batches of this many bytes
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 
 
@@ -48,7 +48,8 @@ class _Unsupported(Exception):
     """A wire type this reader does not walk (groups): the caller parses eagerly."""
 
 
-def _varint_bytes(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """``n`` as a protobuf varint."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -123,36 +124,16 @@ def is_inline_ref(t: TensorProto) -> bool:
         e.key == INLINE_KEY for e in t.external_data)
 
 
-def load_inline_ref(t: TensorProto, base_dir: Path | None) -> TensorProto:
-    """The tensor an inline reference stands for, its bytes read from the model file in
-    ``base_dir`` (a copy); any other tensor as it is."""
-    if not is_inline_ref(t):
-        return t
-    fields = {e.key: e.value for e in t.external_data}
-    if base_dir is None:
-        raise InternalError(f"tensor {t.name!r}: inline reference without its folder")
-    out = TensorProto()
-    out.CopyFrom(t)
-    out.ClearField("external_data")
-    out.ClearField("data_location")
-    with open(base_dir / fields["location"], "rb") as f:
-        f.seek(int(fields["offset"]))
-        out.raw_data = f.read(int(fields["length"]))
-    if len(out.raw_data) != int(fields["length"]):
-        fail(f"tensor {t.name!r}: {fields['location']!r} is shorter than when it was loaded")
-    return out
-
-
-def read_model(path: str | os.PathLike[str], *, lazy_min_bytes: int | None = None
-               ) -> ModelProto:
-    """The model in ``path``, its top-level initialisers above ``lazy_min_bytes``
-    (default :data:`LAZY_MIN_BYTES`) left in the file as inline references.
+def read_model(path: str | os.PathLike[str], *, lazy: bool = True) -> ModelProto:
+    """The model in ``path``; with ``lazy``, its top-level initialisers above
+    :data:`LAZY_MIN_BYTES` left in the file as inline references. Either way the file is
+    parsed piece by piece, so its bytes and the parsed model are never held together.
 
     Raises:
         DecodeError: the file is truncated or not protobuf; OSError: unreadable.
     """
     path = Path(path)
-    threshold = LAZY_MIN_BYTES if lazy_min_bytes is None else lazy_min_bytes
+    threshold = LAZY_MIN_BYTES if lazy else 1 << 62
     try:
         with open(path, "rb", buffering=1 << 20) as f:
             return _walk(_Reader(f, os.fstat(f.fileno()).st_size), path.resolve().name,
@@ -166,7 +147,7 @@ def _walk(r: _Reader, location: str, threshold: int) -> ModelProto:
     batch = bytearray()
     while r.pos < r.size:
         field, wire, key = r.key()
-        if field == _MODEL_GRAPH and wire == _LEN:
+        if field == MODEL_GRAPH and wire == _LEN:
             if batch:
                 model.MergeFromString(bytes(batch))
                 batch.clear()
@@ -185,14 +166,14 @@ def _walk_graph(r: _Reader, end: int, model: ModelProto, location: str,
     batch = bytearray()
 
     def merge() -> None:
-        model.MergeFromString(_varint_bytes(_MODEL_GRAPH << 3 | _LEN)
-                              + _varint_bytes(len(batch)) + bytes(batch))
+        model.MergeFromString(encode_varint(MODEL_GRAPH << 3 | _LEN)
+                              + encode_varint(len(batch)) + bytes(batch))
         batch.clear()
 
     merged = False
     while r.pos < end:
         field, wire, key = r.key()
-        if field == _GRAPH_INITIALIZER and wire == _LEN:
+        if field == GRAPH_INITIALIZER and wire == _LEN:
             n, length_raw = r.length()
             start = r.pos
             stub = _inline_ref(r, start + n, location) if n > threshold else None
@@ -201,7 +182,7 @@ def _walk_graph(r: _Reader, end: int, model: ModelProto, location: str,
                 batch += key + length_raw + r.read(n)
             else:
                 encoded = stub.SerializeToString()
-                batch += key + _varint_bytes(len(encoded)) + encoded
+                batch += key + encode_varint(len(encoded)) + encoded
         else:
             batch += key + r.value(wire)
         if len(batch) >= _BATCH:
@@ -220,7 +201,7 @@ def _inline_ref(r: _Reader, end: int, location: str) -> TensorProto | None:
     raw: tuple[int, int] | None = None
     while r.pos < end:
         field, wire, key = r.key()
-        if field == _TENSOR_RAW_DATA and wire == _LEN:
+        if field == TENSOR_RAW_DATA and wire == _LEN:
             if raw is not None:
                 return None
             n, _ = r.length()

@@ -35,8 +35,9 @@ from onnx.external_data_helper import load_external_data_for_tensor
 
 from partitioner.errors import fail
 from partitioner.frontend.inference import infer_types
-from partitioner.frontend.inline_weights import is_inline_ref, load_inline_ref
+from partitioner.frontend.inline_weights import is_inline_ref
 from partitioner.frontend.inputs import fix_input_shapes, model_inputs
+from partitioner.frontend.stagefile import loaded
 from partitioner.frontend.subgraphs import (
     describe_control_flow,
     hoist_subgraph_constants,
@@ -212,7 +213,7 @@ class _SameConstant:
     def _index(self, key: tuple[int, tuple[int, ...]]) -> dict[bytes, str]:
         index = self._by_bytes.setdefault(key, {})
         for t in self._pending.pop(key, ()):
-            index.setdefault(numpy_helper.to_array(load_inline_ref(t, self.base_dir)).tobytes(),
+            index.setdefault(numpy_helper.to_array(loaded(t, self.base_dir)).tobytes(),
                              t.name)
         return index
 
@@ -243,7 +244,7 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto],
         if name in values:
             return values[name]
         if name in protos:
-            values[name] = numpy_helper.to_array(load_inline_ref(protos[name], base_dir))
+            values[name] = numpy_helper.to_array(loaded(protos[name], base_dir))
             return values[name]
         return None
 

@@ -28,7 +28,13 @@ from typing import Any
 from onnx import ModelProto, TensorProto
 
 from partitioner.errors import InternalError, fail
-from partitioner.frontend.inline_weights import is_inline_ref
+from partitioner.frontend.inline_weights import (
+    GRAPH_INITIALIZER,
+    MODEL_GRAPH,
+    TENSOR_RAW_DATA,
+    encode_varint,
+    is_inline_ref,
+)
 from partitioner.frontend.tensors import tensor_nbytes
 from stagebundle.load import iter_tensors
 
@@ -42,6 +48,7 @@ __all__ = [
     "load_externals",
     "checkable",
     "stored_externally",
+    "loaded",
 ]
 
 # Tensors at least this big go to the external data file when a stage is saved with one;
@@ -181,21 +188,11 @@ def save_split(shell: ModelProto, weights: Sequence[TensorProto], path: str | os
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _field(number: int, size: int) -> bytes:
     """Key and length of a length-delimited protobuf field of ``size`` bytes."""
-    return _varint(number << 3 | 2) + _varint(size)
+    return encode_varint(number << 3 | 2) + encode_varint(size)
 
 
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
 
 
 def _meta(t: TensorProto) -> TensorProto:
@@ -256,7 +253,7 @@ def _encoded_size(t: TensorProto) -> int:
     raw = _raw_size(t)
     if raw is None:
         return int(t.ByteSize())
-    return int(_meta(t).ByteSize()) + len(_field(_TENSOR_RAW_DATA, raw)) + raw
+    return int(_meta(t).ByteSize()) + len(_field(TENSOR_RAW_DATA, raw)) + raw
 
 
 def write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any, *,
@@ -272,13 +269,13 @@ def write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any, *,
     if not weights:
         return
     sizes = [_encoded_size(t) for t in weights]
-    body = sum(len(_field(_GRAPH_INITIALIZER, n)) + n for n in sizes)
-    f.write(_field(_MODEL_GRAPH, body))
+    body = sum(len(_field(GRAPH_INITIALIZER, n)) + n for n in sizes)
+    f.write(_field(MODEL_GRAPH, body))
     for t, n in zip(weights, sizes, strict=True):
-        f.write(_field(_GRAPH_INITIALIZER, n))
+        f.write(_field(GRAPH_INITIALIZER, n))
         if is_inline_ref(t):
             src, offset, length = _ref_range(t, base_dir)
-            f.write(_meta(t).SerializeToString() + _field(_TENSOR_RAW_DATA, length))
+            f.write(_meta(t).SerializeToString() + _field(TENSOR_RAW_DATA, length))
             _copy_range(src, offset, length, f)
             continue
         if not t.HasField("raw_data"):
@@ -287,7 +284,7 @@ def write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any, *,
         # the metadata, then raw_data from its one Python copy (SerializeToString of the
         # whole tensor would hold it two more times: upb's buffer and the bytes object)
         raw = t.raw_data
-        head = _meta(t).SerializeToString() + _field(_TENSOR_RAW_DATA, len(raw))
+        head = _meta(t).SerializeToString() + _field(TENSOR_RAW_DATA, len(raw))
         if len(head) + len(raw) != n:  # raw_data disagrees with dims: refuse, write nothing
             fail(f"tensor {t.name!r}: raw_data holds {len(raw)} bytes, its dims and type "
                  f"say {_raw_size(t)}")
@@ -357,17 +354,36 @@ def inline_model(model: ModelProto, base_dir: Path | None) -> ModelProto:
 
 def load_externals(model: ModelProto, base_dir: Path | None) -> None:
     for t in _externals(iter_tensors(model)):
-        fields = _external_fields(t)
-        src = _resolve(base_dir, fields["location"], t.name)
-        with open(src, "rb") as f:
-            f.seek(int(fields.get("offset", 0)))
-            length = int(fields["length"]) if "length" in fields else -1
-            t.raw_data = f.read(length)
-        if is_inline_ref(t):  # the tensor it stands for: no data_location field
-            t.ClearField("data_location")
-        else:
-            t.data_location = TensorProto.DEFAULT
-        del t.external_data[:]
+        _load_external(t, base_dir)
+
+
+def loaded(t: TensorProto, base_dir: Path | None) -> TensorProto:
+    """``t`` itself, or for an inline reference a copy with its bytes read in (the
+    tensor it stands for, field for field)."""
+    if not is_inline_ref(t):
+        return t
+    out = TensorProto()
+    out.CopyFrom(t)
+    _load_external(out, base_dir)
+    return out
+
+
+def _load_external(t: TensorProto, base_dir: Path | None) -> None:
+    """Read an external tensor's bytes into ``t`` (in place)."""
+    fields = _external_fields(t)
+    src = _resolve(base_dir, fields["location"], t.name)
+    with open(src, "rb") as f:
+        f.seek(int(fields.get("offset", 0)))
+        length = int(fields["length"]) if "length" in fields else -1
+        t.raw_data = f.read(length)
+    if length >= 0 and len(t.raw_data) != length:
+        fail(f"tensor {t.name!r}: external data file {str(src)!r} holds fewer than the "
+             f"{length} bytes at offset {fields.get('offset', 0)}")
+    if is_inline_ref(t):  # the tensor it stands for has no data_location field
+        t.ClearField("data_location")
+    else:
+        t.data_location = TensorProto.DEFAULT
+    del t.external_data[:]
 
 
 def _externals(tensors: Iterable[TensorProto]) -> list[TensorProto]:
