@@ -281,6 +281,7 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
     else:
         for unit in bundle.units():  # still prove every unit loads in ONNX Runtime
             session(tmp / unit.file, f"stage {unit.key} ({unit.file})")
+            release_freed_memory()
     if triton:
         from partitioner.backend.triton import write_repository
 
