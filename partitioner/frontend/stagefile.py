@@ -193,8 +193,6 @@ def _field(number: int, size: int) -> bytes:
     return encode_varint(number << 3 | 2) + encode_varint(size)
 
 
-
-
 def _meta(t: TensorProto) -> TensorProto:
     """``t`` without its ``raw_data`` (name, type, dims, external-data entries); for an
     inline reference, the tensor it stands for without ``raw_data``."""
