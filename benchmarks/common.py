@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -20,7 +21,29 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().with_name("results")
 
 __all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
-           "spawn_worker", "stop_processes", "rss_bytes", "open_fds", "linear_slope"]
+           "spawn_worker", "stop_processes", "rss_bytes", "open_fds", "linear_slope",
+           "machine"]
+
+
+def machine() -> dict[str, Any]:
+    """The measuring host, for a result file: CPU model, cores, memory, Python, and the
+    load average now (``loaded``: above half the cores, i.e. other work shared them)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = None
+    load = os.getloadavg()
+    cores = os.cpu_count() or 1
+    return {"cpu": cpu, "cores": cores, "memory_gib": None if mem_gib is None
+            else round(mem_gib, 1), "python": platform.python_version(),
+            "load_average": list(load), "loaded": load[0] > cores / 2}
 
 
 def result_paths(name: str, quick: bool, out: str | Path | None = None) -> tuple[Path, Path]:

@@ -19,7 +19,6 @@ writes ``results/solver_objectives[_quick].json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save_figure  # noqa: E402
+from benchmarks.common import machine, save_figure  # noqa: E402
 from partitioner import ir  # noqa: E402
 from partitioner.analysis.estimate import edge_energy
 from partitioner.analysis.profiles import write_json_atomic
@@ -167,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     seeds = [0] if quick else [0, 1, 2]
     layers = 20 if quick else 60
-    doc: dict[str, Any] = {"quick": quick, "host": "2 cores shared with ~8 agents (loaded)",
-                           "cpu": os.cpu_count(), "layers": layers, "seeds": seeds,
-                           "repeats": args.repeats}
+    doc: dict[str, Any] = {"quick": quick, "machine_before": machine(), "layers": layers,
+                           "seeds": seeds, "repeats": args.repeats}
     doc["carbon_time_limit_s"] = args.carbon_limit  # only if it hands over to the MIP
     doc["objectives"] = objectives(layers, seeds, args.repeats, args.mip_limit,
                                    args.carbon_limit)
     doc["latency_vs_dp"] = latency_vs_dp(50 if quick else 200, seeds, args.repeats)
+    doc["machine_after"] = machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "solver_objectives_quick" if quick else "solver_objectives"

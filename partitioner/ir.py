@@ -369,6 +369,9 @@ class CostTable:
             without DVFS has ``(None,)``.
         bundles: ``(first, last, device, frequency) -> BundleCost`` for every legal bundle:
             a pseudo position alone, or a run of model-layer positions at most ``mbs`` long.
+            ``build_cost_table`` makes it a :class:`partitioner.bundle_prices.BundlePrices`
+            (the same mapping, held as numpy columns that the solver reads directly); any
+            other mapping (a dict) is accepted too.
         transfers: ``(after, src, dst) -> TransferCost`` for the cut after position
             ``after``; a missing key means ``src`` and ``dst`` are not connected.
         mbs: maximum bundle size in model layers.

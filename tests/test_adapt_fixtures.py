@@ -11,19 +11,15 @@ slow-but-alive while serving (an authenticated ``debug`` frame), and with
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 import pytest
 
-from tests.test_runtime_fixtures import ROOT, SYSTEM_TOML, TOKEN, Built
+from tests.test_runtime_fixtures import SYSTEM_TOML, TOKEN, Built, Cluster
 
 # the devices that run a stage of the bundle or of a fail-over bundle (a worker needs
 # one); the cloud has no worker, so re-planning must leave it out
@@ -51,51 +47,11 @@ def build_solved(root: Path, *, fallbacks: bool = True) -> Built:
 
 
 @dataclass
-class Workers:
-    """``runtime serve`` processes, one per device."""
+class Workers(Cluster):
+    """Workers that a test can slow down (``--debug-slowdown``) and scrape
+    (``--metrics-port``)."""
 
-    built: Built
-    work: Path
-    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS)
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    info: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def hosts(self) -> dict[str, str]:
-        return {d: f"{i['host']}:{i['port']}" for d, i in self.info.items()}
-
-    def start(self, device: str, timeout: float = 60.0, host: str = "127.0.0.1"
-              ) -> dict[str, Any]:
-        pf = self.work / f"{device}.port.json"
-        pf.unlink(missing_ok=True)
-        log = open(self.work / f"{device}.log", "ab")  # noqa: SIM115 (the child owns it)
-        proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "runtime.cli", "serve",
-             str(self.built.bundle), "--device", device, "--listen", f"{host}:0", "--token-file",
-             str(self.built.token_file), "--port-file", str(pf), "--threads", "1",
-             "--debug-slowdown", "1", "--metrics-port", "0", "--quiet"],
-            cwd=ROOT, stdout=log, stderr=log)
-        log.close()
-        self.procs[device] = proc
-        end = time.monotonic() + timeout
-        while not pf.exists():
-            if proc.poll() is not None or time.monotonic() > end:
-                self.kill(device)
-                raise RuntimeError(f"worker {device} did not start: "
-                                   + (self.work / f"{device}.log").read_text()[-2000:])
-            time.sleep(0.05)
-        self.info[device] = json.loads(pf.read_text())
-        return self.info[device]
-
-    def kill(self, device: str) -> None:
-        proc = self.procs.pop(device, None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-    def stop(self) -> None:
-        for device in list(self.procs):
-            self.kill(device)
+    extra: tuple[str, ...] = ("--debug-slowdown", "1", "--metrics-port", "0")
 
     def frame(self, device: str, header: dict[str, Any]) -> dict[str, Any]:
         """One authenticated request/reply frame to ``device``'s worker."""

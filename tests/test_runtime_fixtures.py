@@ -119,50 +119,51 @@ def sample(seed: int = 0) -> np.ndarray:
 
 @dataclass
 class Cluster:
-    """Worker processes, one per device, on loopback."""
+    """``runtime serve`` processes, one per device (``prefix`` runs them elsewhere, e.g.
+    ``("ip", "netns", "exec", NS)``; ``extra`` adds serve arguments)."""
 
     built: Built
     work: Path
+    prefix: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, dict[str, object]] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def hosts(self) -> dict[str, str]:
-        return {d: f"127.0.0.1:{i['port']}" for d, i in self.info.items()}
+        return {d: f"{i.get('host', '127.0.0.1')}:{i['port']}" for d, i in self.info.items()}
 
-    def start(self, device: str, port: int = 0, grpc: bool = False,
-              timeout: float = 30.0) -> dict[str, object]:
+    def start(self, device: str, port: int = 0, grpc: bool = False, timeout: float = 60.0,
+              host: str = "127.0.0.1") -> dict[str, Any]:
         pf = self.work / f"{device}.port.json"
         pf.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "runtime.cli", "serve", str(self.built.bundle),
-               "--device", device, "--listen", f"127.0.0.1:{port}",
+        cmd = [*self.prefix, sys.executable, "-m", "runtime.cli", "serve",
+               str(self.built.bundle), "--device", device, "--listen", f"{host}:{port}",
                "--token-file", str(self.built.token_file), "--port-file", str(pf),
-               "--threads", "1", "--quiet"]
+               "--threads", "1", "--quiet", *self.extra]
         if grpc:
             cmd += ["--grpc-port", "0"]
-        log = open(self.work / f"{device}.log", "ab")  # noqa: SIM115 (closed in kill())
+        log = open(self.work / f"{device}.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
+        log.close()
         self.procs[device] = proc
-        self.logs[device] = log
         end = time.monotonic() + timeout
         while not pf.exists():
-            if proc.poll() is not None:
+            if proc.poll() is not None or time.monotonic() > end:
                 self.kill(device)
-                raise RuntimeError(f"worker {device} exited: "
+                why = "exited" if proc.poll() is not None else f"did not start in {timeout} s"
+                raise RuntimeError(f"worker {device} {why}: "
                                    + (self.work / f"{device}.log").read_text()[-2000:])
-            if time.monotonic() > end:
-                self.kill(device)
-                raise RuntimeError(f"worker {device} did not start in {timeout} s")
             time.sleep(0.05)
         self.info[device] = json.loads(pf.read_text())
         return self.info[device]
 
     def kill(self, device: str) -> None:
-        proc = self.procs.pop(device)
-        proc.kill()
-        proc.wait(10)
-        self.logs.pop(device).close()
+        proc = self.procs.pop(device, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait(10)
 
     def stop(self) -> None:
         for device in list(self.procs):

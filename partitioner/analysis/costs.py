@@ -32,11 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from partitioner.analysis.energy import compute_flops, compute_power, transfer_energy
+import numpy as np
+
+from partitioner.analysis.energy import transfer_energy
+from partitioner.analysis.pricing import Measured, price_bundles
+from partitioner.analysis.profile_columns import BundleColumns, columns_of
 from partitioner.analysis.profiles import Profile, ProfiledBundle, check_profile
 from partitioner.errors import fail
 from partitioner.ir import (
-    BundleCost,
     CostTable,
     Device,
     LayerGraph,
@@ -104,24 +107,6 @@ def build_positions(graph: LayerGraph, system: System, private: int = 0
     return tuple(positions), tuple(out_bytes), tuple(flops)
 
 
-def _analytic(device: Device, freq: str | None, flops: float, weights: float,
-              first_weight: float, internal_bytes: float, preload: bool) -> BundleCost:
-    speed = compute_flops(device, freq)
-    bw = device.memory_bandwidth
-    compute = flops / speed
-    power = compute_power(device, freq)
-    loading, internal = weights / bw, internal_bytes / bw
-    return BundleCost(
-        compute=compute,
-        weight_loading=loading,
-        internal=internal,
-        # ODIWeP: the first layer's weights load while the previous device computes.
-        hidden=first_weight / bw if preload else 0.0,
-        # Energy is spent for the whole bundle time (DISS eq. 4.3 prices only compute,
-        # which left out 17 % on AlexNet); a hidden load still draws power.
-        energy=None if power is None else power * (compute + loading + internal))
-
-
 def estimate_bundle(singles: Sequence[ProfiledBundle], internal_seconds: float
                     ) -> tuple[float, float | None]:
     """Lazy estimate of an unmeasured bundle: sum of singles plus internal cut transfers.
@@ -135,27 +120,49 @@ def estimate_bundle(singles: Sequence[ProfiledBundle], internal_seconds: float
     return latency, energy
 
 
-_Measured = dict[tuple[int, int, str | None], tuple[ProfiledBundle, Profile]]
-
-
-def _profile_index(profiles: Iterable[Profile], graph: LayerGraph, system: System
-                   ) -> dict[str, _Measured]:
-    index: dict[str, _Measured] = {}
+def _measured(profiles: Iterable[Profile], graph: LayerGraph, system: System
+              ) -> tuple[dict[str, Measured], dict[str, list[Profile]]]:
+    """Per profiled device its bundles in one set of columns (and its profiles)."""
     names = {d.name for d in system.devices}
+    per: dict[str, list[Profile]] = {}
     for prof in profiles:
         check_profile(prof, graph)
-        file = prof.path or f"profile of {prof.device}"
         if prof.device not in names:
-            fail(f"{file}: device {prof.device!r} is not in {system.path or 'the system'}")
-        per = index.setdefault(prof.device, {})
-        for b in prof.bundles:
-            key = (b.first, b.last, b.frequency)
-            if key in per:
-                other = per[key][1].path or "another profile"
-                fail(f"{file}: bundle {b.first}..{b.last} of device {prof.device!r} at "
-                     f"frequency {b.frequency} is also in {other}")
-            per[key] = (b, prof)
-    return index
+            fail(f"{_file(prof)}: device {prof.device!r} is not in "
+                 f"{system.path or 'the system'}")
+        per.setdefault(prof.device, []).append(prof)
+    n_layers = len(graph.layers)
+    out: dict[str, Measured] = {}
+    for dev, profs in per.items():
+        cols = [columns_of(p.bundles) for p in profs]
+        labels = tuple(dict.fromkeys(f for c in cols for f in c.present_labels()))
+        def cat(attr: str, cols: list[BundleColumns] = cols) -> np.ndarray:
+            return np.concatenate([getattr(c, attr) for c in cols])
+
+        joined = BundleColumns(
+            first=cat("first"), last=cat("last"),
+            freq=np.concatenate([c.relabelled(labels) for c in cols]), labels=labels,
+            latency=cat("latency"), energy=cat("energy"), std=cat("std"), min=cat("min"),
+            max=cat("max"), p50=cat("p50"))
+        owner = np.concatenate([np.full(len(c), k) for k, c in enumerate(cols)])
+        keys = joined.keys(n_layers)
+        _, first_seen = np.unique(keys, return_index=True)
+        if len(first_seen) != len(keys):
+            again = np.ones(len(keys), dtype=bool)
+            again[first_seen] = False
+            r = int(np.argmax(again))
+            b = joined[r]
+            other = profs[int(owner[int(np.argmax(keys == keys[r]))])]
+            fail(f"{_file(profs[int(owner[r])])}: bundle {b.first}..{b.last} of device "
+                 f"{dev!r} at frequency {b.frequency} is also in "
+                 f"{other.path or 'another profile'}")
+        files = ", ".join(dict.fromkeys(_file(p) for p in profs if len(p.bundles)))
+        out[dev] = Measured(joined, files, any(p.lazy for p in profs))
+    return out, per
+
+
+def _file(prof: Profile) -> str:
+    return prof.path or f"profile of {prof.device}"
 
 
 def _frequencies(device: Device, measured: set[str | None] | None) -> tuple[str | None, ...]:
@@ -168,56 +175,55 @@ def _frequencies(device: Device, measured: set[str | None] | None) -> tuple[str 
     return (None,)
 
 
-def _files(measured: _Measured) -> str:
-    return ", ".join(dict.fromkeys(p.path or f"profile of {p.device}"
-                                   for _, p in measured.values()))
-
-
-def _check_frequencies(device: Device, measured: _Measured, system: System) -> None:
+def _check_frequencies(device: Device, measured: Measured, profs: Sequence[Profile],
+                       system: System) -> None:
     """Profiles of a device with DVFS must carry exactly its frequency labels."""
     if not device.frequencies:
         return
     where = system.path or "the system file"
-    have = {k[2] for k in measured}
-    # (the entries are walked for the message only when a label is unknown)
-    for (_, _, freq), (_, prof) in (measured.items() if have - set(device.frequencies)
-                                    else ()):
-        if freq not in device.frequencies:
-            fail(f"{prof.path or f'profile of {device.name}'}: device {device.name!r}: "
-                 f"frequency {freq!r} is not one of its frequencies in {where} "
-                 f"({', '.join(device.frequencies)})")
+    have = set(measured.columns.labels)
+    for prof in profs if have - set(device.frequencies) else ():
+        for freq in columns_of(prof.bundles).present_labels():
+            if freq not in device.frequencies:
+                fail(f"{_file(prof)}: device {device.name!r}: "
+                     f"frequency {freq!r} is not one of its frequencies in {where} "
+                     f"({', '.join(device.frequencies)})")
     for freq in device.frequencies:
         if freq not in have:
-            fail(f"{_files(measured)}: device {device.name!r} has no measurements at "
+            fail(f"{measured.files}: device {device.name!r} has no measurements at "
                  f"frequency {freq!r} (listed in {where}); profile it with "
                  f"--frequency {freq} or remove the frequency")
 
 
+def _covered(first: np.ndarray, last: np.ndarray, n_layers: int) -> int:
+    """The largest MBS whose every bundle is among the spans ``first[k]..last[k]``."""
+    have = np.zeros((n_layers, n_layers), dtype=bool)
+    have[first, last] = True
+    i = np.arange(n_layers)[:, None]
+    j = i + np.arange(n_layers + 1)[None, :]
+    run = have[i, np.minimum(j, n_layers - 1)] & (j < n_layers)  # run[i, c]: i..i+c there
+    lengths = np.argmin(run, axis=1)  # every row has a False (at c = n_layers - i)
+    short = lengths < n_layers - np.arange(n_layers)
+    return int(min(n_layers, lengths[short].min())) if short.any() else n_layers
+
+
 def covered_mbs(spans: Iterable[tuple[int, int]], n_layers: int) -> int:
     """The largest MBS whose every bundle is among ``spans`` (``(first, last)`` pairs)."""
-    have = set(spans)
-    mbs = n_layers
-    for i in range(n_layers):
-        c = 0
-        while c < mbs and i + c < n_layers and (i, i + c) in have:
-            c += 1
-        if c < min(mbs, n_layers - i):
-            mbs = c
-    return mbs
+    pairs = np.array(list(spans), dtype=np.int64).reshape(-1, 2)
+    return _covered(pairs[:, 0], pairs[:, 1], n_layers)
 
 
-def _default_mbs(index: dict[str, _Measured], lazy: set[str], n_layers: int) -> int:
+def _default_mbs(measured: dict[str, Measured], n_layers: int) -> int:
     """The largest MBS that the (full, not lazy) profiles of every device and frequency
     cover, so that profiles measured with ``--mbs 4`` plan without repeating it."""
     mbs = n_layers
-    for dev, measured in index.items():
-        if dev in lazy:
+    for m in measured.values():
+        if m.lazy:
             continue  # unmeasured bundles are estimated from the single layers
-        per_freq: dict[str | None, list[tuple[int, int]]] = {}
-        for first, last, freq in measured:
-            per_freq.setdefault(freq, []).append((first, last))
-        for spans in per_freq.values():
-            mbs = min(mbs, covered_mbs(spans, n_layers))
+        cols = m.columns
+        for q in np.unique(cols.freq):
+            at = cols.freq == q
+            mbs = min(mbs, _covered(cols.first[at], cols.last[at], n_layers))
     return max(mbs, 1)  # a missing single layer is reported by name when it is priced
 
 
@@ -236,7 +242,9 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
         private: model layers ``0..private-1`` only on trusted devices.
 
     Returns:
-        The :class:`ir.CostTable` the solver consumes.
+        The :class:`ir.CostTable` the solver consumes; its ``bundles`` are
+        :class:`~partitioner.bundle_prices.BundlePrices` (priced by
+        :mod:`partitioner.analysis.pricing`).
 
     Raises:
         UserError: a profile of another model or an unknown device, a profiled device
@@ -248,76 +256,24 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
     if mbs is not None and mbs < 1:
         fail(f"--mbs {mbs}: the maximum bundle size must be at least 1")
     positions, out_bytes, flops = build_positions(graph, system, private)
-    index = _profile_index(profiles, graph, system)
-    lazy = {p.device for p in profiles if p.lazy}
+    measured, per_device = _measured(profiles, graph, system)
     for dev in system.devices:
-        if dev.name in index:
-            _check_frequencies(dev, index[dev.name], system)
-    mbs = _default_mbs(index, lazy, n_layers) if mbs is None else min(mbs, n_layers)
-    freqs = {d.name: _frequencies(d, {k[2] for k in index.get(d.name, {})})
+        if dev.name in measured:
+            _check_frequencies(dev, measured[dev.name], per_device[dev.name], system)
+    mbs = _default_mbs(measured, n_layers) if mbs is None else min(mbs, n_layers)
+    freqs = {d.name: _frequencies(d, set(measured[d.name].columns.labels)
+                                  if d.name in measured else None)
              for d in system.devices}
-    bundles: dict[tuple[int, int, str, str | None], BundleCost] = {}
-    n = len(positions)
-    for dev in system.devices:
-        measured = index.get(dev.name)
-        for freq in freqs[dev.name]:
-            power = compute_power(dev, freq)
-            for i in range(n):
-                pos_i = positions[i]
-                last_j = i if pos_i.kind != "layer" else min(n - 1, i + mbs - 1)
-                total_flops = total_weights = internal = 0.0
-                for j in range(i, last_j + 1):
-                    pos_j = positions[j]
-                    # Runs grow one position at a time: stop at the first position that is
-                    # a pseudo layer or may not run on this device (pins, --private).
-                    if (j > i and pos_j.kind != "layer") or (
-                            pos_j.allowed is not None and dev.name not in pos_j.allowed):
-                        break
-                    if j > i:
-                        internal += out_bytes[j - 1]
-                    total_flops += flops[j]
-                    total_weights += pos_j.weight_bytes
-                    if measured is None or pos_i.kind != "layer":
-                        # Pseudo layers are never profiled: their analytic price is exact
-                        # for the 0-FLOP source/destination and an estimate for preprocess.
-                        cost = _analytic(dev, freq, total_flops, total_weights,
-                                         pos_i.weight_bytes, internal,
-                                         preload and pos_i.kind == "layer")
-                    else:
-                        cost = _profiled(dev, freq, graph, pos_i, pos_j, measured, internal,
-                                         dev.name in lazy, power)
-                    bundles[(i, j, dev.name, freq)] = cost
+    bundles = price_bundles(graph, system.devices, freqs, positions, out_bytes, flops, mbs,
+                            preload, measured)
     transfers = _transfers(system, out_bytes)
     return CostTable(
         graph_name=graph.name, graph_sha256=graph.sha256, positions=positions,
         system=system, frequencies=freqs, bundles=bundles, transfers=transfers, mbs=mbs,
         preload=preload,
-        sources={d.name: "profile" if d.name in index else "analytic" for d in system.devices},
+        sources={d.name: "profile" if d.name in measured else "analytic"
+                 for d in system.devices},
         weight_sizes=dict(graph.initializer_bytes))
-
-
-def _profiled(dev: Device, freq: str | None, graph: LayerGraph, pos_i: Position,
-              pos_j: Position, measured: _Measured, internal_bytes: float, lazy: bool,
-              power: float | None) -> BundleCost:
-    first, last = pos_i.layer, pos_j.layer
-    assert first is not None and last is not None
-    hit = measured.get((first, last, freq))
-    if hit is not None:
-        latency, energy = hit[0].latency, hit[0].energy
-    else:
-        singles = [measured.get((k, k, freq)) for k in range(first, last + 1)]
-        if not lazy or any(s is None for s in singles):
-            missing = f"layers {first}..{last}" if first != last else f"layer {first}"
-            fail(f"{_files(measured)}: device {dev.name!r} at frequency {freq}: the "
-                 f"profiles lack bundle {missing} ({graph.layers[first].name}.."
-                 f"{graph.layers[last].name}); profile with a --mbs at least "
-                 f"{last - first + 1} or lower --mbs")
-        latency, energy = estimate_bundle([s[0] for s in singles if s is not None],
-                                          internal_bytes / dev.memory_bandwidth)
-    if energy is None and power is not None:
-        energy = power * latency
-    # A measured latency already contains weight loading and internal cuts (DISS §4.4).
-    return BundleCost(compute=latency, energy=energy)
 
 
 def network_transfer(system: System, src: Device, dst: Device, nbytes: float

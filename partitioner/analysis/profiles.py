@@ -17,15 +17,20 @@ which of the two differs.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from partitioner.analysis.profile_columns import BundleColumns, columns_from_entries, columns_of
 from partitioner.errors import fail
 from partitioner.ir import LayerGraph
 
@@ -92,7 +97,8 @@ class Profile:
         sha256 / granularity / layers: the model fingerprint and its layer names.
         runs / warmup / trim / threads: the measurement settings.
         host: description of the measuring host (cpu, onnxruntime version, threads, ...).
-        bundles: the measured bundles.
+        bundles: the measured bundles (a tuple, or the :class:`BundleColumns` a file is
+            read into: the same sequence, held as arrays).
         energy_meter: the ``--energy-meter`` spec used, or None.
         lazy: missing bundles may be estimated from single layers (lazy profiling).
         rows: measured row parts (``profile --spatial``), empty otherwise.
@@ -105,7 +111,7 @@ class Profile:
     layers: tuple[str, ...]
     runs: int
     trim: float
-    bundles: tuple[ProfiledBundle, ...] = ()
+    bundles: Sequence[ProfiledBundle] = ()
     warmup: int = 0
     threads: int | None = None
     host: Mapping[str, Any] = field(default_factory=dict)
@@ -117,7 +123,7 @@ class Profile:
     @property
     def frequencies(self) -> tuple[str | None, ...]:
         """The frequency labels measured, in first-seen order."""
-        return tuple(dict.fromkeys(b.frequency for b in self.bundles))
+        return columns_of(self.bundles).present_labels()
 
     def bundle_map(self) -> dict[tuple[int, int, str | None], ProfiledBundle]:
         """``(first, last, frequency) -> bundle``."""
@@ -181,39 +187,8 @@ def _number(file: str, where: str, value: Any, *, optional: bool = False,
     return float(value)
 
 
-def _plain(v: Any) -> bool:
-    """A finite non-negative float or int (not bool), or None."""
-    return v is None or (type(v) in (float, int) and 0 <= v < math.inf)
-
-
-def _bundle_fast(doc: Any, n_layers: int) -> ProfiledBundle | None:
-    """The common, well-formed entry without per-key messages (None: check it slowly).
-
-    A 200-layer profile at MBS = L holds 20,100 entries per frequency; this keeps
-    reading it a fraction of the detailed checks' time.
-    """
-    if type(doc) is not dict:
-        return None
-    entry: dict[str, Any] = doc
-    first: Any = entry.get("first")
-    last: Any = entry.get("last")
-    lat: Any = entry.get("latency")
-    freq: Any = entry.get("frequency")
-    get = entry.get
-    if (type(first) is int and type(last) is int and 0 <= first <= last < n_layers
-            and (freq is None or type(freq) is str) and type(lat) in (float, int)
-            and 0 < lat < math.inf and _plain(get("energy")) and _plain(get("std"))
-            and _plain(get("min")) and _plain(get("max")) and _plain(get("p50"))):
-        opt = [None if (v := get(k)) is None else float(v)
-               for k in ("energy", "std", "min", "max", "p50")]
-        return ProfiledBundle(first, last, freq, float(lat), *opt)
-    return None
-
-
 def _bundle(file: str, i: int, doc: Any, n_layers: int) -> ProfiledBundle:
-    fast = _bundle_fast(doc, n_layers)
-    if fast is not None:
-        return fast
+    """Entry ``i``, checked key by key (the path of a file with a malformed entry)."""
     where = f"bundles[{i}]"
     if not isinstance(doc, Mapping):
         fail(f"{file}: {where} must be an object")
@@ -270,6 +245,25 @@ def read_profile(path: str | Path) -> Profile:
             names the file and the key).
     """
     file = str(path)
+    with _collector_paused():
+        return _read_profile(path, file)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Reading creates ~10^5 dicts and lists per 20,000-bundle file and no cycles; the
+    cyclic collector would walk them again at every threshold (a third of the reading
+    time, issue 16). Paused for the read only; what was enabled is enabled again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_profile(path: str | Path, file: str) -> Profile:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -298,14 +292,11 @@ def read_profile(path: str | Path) -> Profile:
         fail(f"{file}: trim must be below 0.5, got {trim!r}")
     if not isinstance(doc["bundles"], list):
         fail(f"{file}: bundles must be a list")
-    bundles = tuple(_bundle(file, i, b, len(layers)) for i, b in enumerate(doc["bundles"]))
-    seen: set[tuple[int, int, str | None]] = set()
-    for b in bundles:
-        bkey = (b.first, b.last, b.frequency)
-        if bkey in seen:
-            fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} "
-                 f"is listed twice")
-        seen.add(bkey)
+    bundles = columns_from_entries(doc["bundles"], len(layers))
+    if bundles is None:  # some entry is malformed: find it and say which key
+        bundles = columns_of(tuple(_bundle(file, i, b, len(layers))
+                                   for i, b in enumerate(doc["bundles"])))
+    _refuse_duplicates(file, bundles, len(layers))
     rows_doc = doc.get("rows", [])
     if not isinstance(rows_doc, list):
         fail(f"{file}: rows must be a list")
@@ -320,6 +311,17 @@ def read_profile(path: str | Path) -> Profile:
         host=dict(host) if isinstance(host, Mapping) else {},
         energy_meter=doc.get("energy_meter"), lazy=bool(doc.get("lazy", False)),
         rows=rows, path=file)
+
+
+def _refuse_duplicates(file: str, bundles: BundleColumns, n_layers: int) -> None:
+    keys = bundles.keys(n_layers)
+    _, first_seen = np.unique(keys, return_index=True)
+    if len(first_seen) == len(keys):
+        return
+    again = np.ones(len(keys), dtype=bool)
+    again[first_seen] = False
+    b = bundles[int(np.argmax(again))]  # the first entry whose key was seen before
+    fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} is listed twice")
 
 
 def check_profile(profile: Profile, graph: LayerGraph) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner import ir
+from partitioner.bundle_prices import BundlePrices
 
 __all__ = ["RunArrays", "run_arrays"]
 
@@ -61,6 +62,25 @@ def _first_bundle_ends(table: ir.CostTable) -> list[int]:
     return ends
 
 
+def _flat(table: ir.CostTable, devices: tuple[str, ...], f_index: list[dict[str | None, int]],
+          preload: bool) -> tuple[np.ndarray, ...]:
+    """A table whose bundles are a plain dict, walked once into flat arrays (a Python
+    pass over its entries is the floor; numpy does the checks and the scatter)."""
+    count = len(table.bundles)
+    slot = {(d, f): (k, q) for k, fs in enumerate(f_index) for f, q in fs.items()
+            for d in (devices[k],)}
+    keys = table.bundles.keys()
+    dk = np.fromiter((slot.get((key[2], key[3]), (-1, -1))[0] for key in keys), int, count)
+    fq = np.fromiter((slot.get((key[2], key[3]), (-1, -1))[1] for key in keys), int, count)
+    bi = np.fromiter((key[0] for key in keys), int, count)
+    bj = np.fromiter((key[1] for key in keys), int, count)
+    costs = table.bundles.values()
+    bt = np.fromiter((c.compute + c.weight_loading + c.internal for c in costs), float, count)
+    bh = np.fromiter((c.hidden for c in costs), float, count) if preload else np.zeros(count)
+    be = np.fromiter((c.energy or 0.0 for c in costs), float, count)
+    return dk, fq, bi, bj, bt, bh, be
+
+
 def run_arrays(table: ir.CostTable) -> RunArrays:
     """Price every run and every cut of ``table`` as arrays (O(n^2 D F) numbers)."""
     pos = table.positions
@@ -80,20 +100,24 @@ def run_arrays(table: ir.CostTable) -> RunArrays:
                                 np.cumsum(allowed, axis=1)], axis=1)
     ends = _first_bundle_ends(table)
     preload = table.preload
-    # The table's dict, walked once into flat arrays (a Python pass over its entries
-    # is the floor; numpy does the checks and the scatter).
-    count = len(table.bundles)
-    slot = {(d, f): (k, q) for k, fs in enumerate(f_index) for f, q in fs.items()
-            for d in (devices[k],)}
-    keys = table.bundles.keys()
-    dk = np.fromiter((slot.get((key[2], key[3]), (-1, -1))[0] for key in keys), int, count)
-    fq = np.fromiter((slot.get((key[2], key[3]), (-1, -1))[1] for key in keys), int, count)
-    bi = np.fromiter((key[0] for key in keys), int, count)
-    bj = np.fromiter((key[1] for key in keys), int, count)
-    costs = table.bundles.values()
-    bt = np.fromiter((c.compute + c.weight_loading + c.internal for c in costs), float, count)
-    bh = np.fromiter((c.hidden for c in costs), float, count) if preload else np.zeros(count)
-    be = np.fromiter((c.energy or 0.0 for c in costs), float, count)
+    prices = table.bundles
+    if isinstance(prices, BundlePrices):
+        # columns already (build_cost_table): map its device and frequency indices
+        dev_map = np.array([dev_index.get(d, -1) for d in prices.devices] or [-1])
+        q_map = [np.array([f_index[dev_index[d]].get(f, -1) if d in dev_index else -1
+                           for f in prices.freqs[k]] or [-1])
+                 for k, d in enumerate(prices.devices)]
+        dk = dev_map[prices.device]
+        fq = np.full(len(prices), -1)
+        for k, qm in enumerate(q_map):
+            at = prices.device == k
+            fq[at] = qm[prices.freq[at]]
+        bi, bj, bt = prices.first, prices.last, prices.time()
+        bh = prices.hidden if preload else np.zeros(len(prices))
+        be = np.nan_to_num(prices.energy, nan=0.0)
+        dk = np.where(fq >= 0, dk, -1)
+    else:
+        dk, fq, bi, bj, bt, bh, be = _flat(table, devices, f_index, preload)
     ok = (dk >= 0) & (bi >= 0) & (bi <= bj) & (bj < n)
     dk, fq, bi, bj, bt, bh, be = (x[ok] for x in (dk, fq, bi, bj, bt, bh, be))
     # Only the bundles canonical pricing can use: a first bundle of a run, i.e. one

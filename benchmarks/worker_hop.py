@@ -1,0 +1,149 @@
+"""What one hop costs *inside* a worker, without the scheduler: the floor of the 3-stage chain.
+
+For each model, the bundle is cut in three by FLOPs (as ``runtime_overhead.py`` does) and
+the middle stage's worker (``hub``) runs in this process. One request's message is fed
+straight to the worker's frame handler — the header checks, the inbox, the unit run by
+ONNX Runtime, the outgoing message encoded and sent (``sendmsg``) to a draining sink in
+another process — and timed, against the same unit run by ONNX Runtime alone. The
+difference is the worker's own work per hop (Python and system calls); the receive side
+(reading the frame) and waking the next process are not in it, so a chain's hop costs at
+least this.
+
+Usage: ``python benchmarks/worker_hop.py [--quick] [--models a,b] [--runs 500]``; writes
+``results/worker_hop[_quick].json`` (no plot: one figure per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, machine, result_paths, split_by_flops  # noqa: E402
+from partitioner.analysis.profiles import write_json_atomic  # noqa: E402
+
+SINK = """
+import socket, sys, threading
+sys.path.insert(0, sys.argv[1])
+from runtime.transport import ConnectionClosed, recv_frame
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen()
+print(lst.getsockname()[1], flush=True)
+def drain(c):
+    try:
+        while True:
+            recv_frame(c, max_body=1 << 31)
+    except (ConnectionClosed, OSError):
+        c.close()
+while True:
+    c, _ = lst.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+"""
+
+
+def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
+    import onnx
+
+    import models
+    from partitioner import ir
+    from partitioner.backend import compile_bundle
+    from partitioner.frontend import load_model
+    from runtime.protocol import Frame
+    from runtime.stages import StageRunner, open_bundle
+    from runtime.worker import Worker
+
+    path = work / f"{name}.onnx"
+    onnx.save(models.build_model(name), str(path))
+    prepared = load_model(path)
+    bounds = split_by_flops([layer.flops for layer in prepared.graph.layers], 3)
+    stages = tuple(ir.Stage(d, None, a, b)
+                   for d, (a, b) in zip(("edge", "hub", "cloud"), bounds, strict=True))
+    plan = ir.Plan("optimal", "latency", stages, ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    bundle = compile_bundle(prepared, plan, None, work / f"{name}-bundle", verify=False)
+    view = open_bundle(bundle)
+    first, middle = list(view.units())[:2]
+    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
+             for t in view.inputs}
+    produced = StageRunner(first, view.root, threads=1).run(feeds)
+    tensors = {t.name: produced[t.name] for t in middle.inputs}
+    worker = Worker(bundle, "hub", token="bench", threads=1)
+    route = {d: sink for d in ("edge", "hub", "cloud")}
+
+    def hop(k: int) -> None:
+        header = {"type": "infer", "id": f"r{k}", "attempt": 0, "plan": "main",
+                  "unit": middle.key, "from": first.key, "route": route, "reply": sink,
+                  "budget": 30.0, "rows": {n: None for n in tensors}, "timings": [],
+                  "token": "bench", "timed": False}
+        reply = worker._handle(Frame(header, tensors), "bench")
+        reply[1]()  # the idle unit runs in the receiving thread (Worker.inline)
+
+    runner = worker.runners[("main", middle.key)]
+    feed = {n: tensors[n] for n in runner.input_names}
+    for k in range(20):
+        hop(k)
+    hops, ort_runs = [], []
+    for k in range(runs):  # interleaved, so the host's load hits both alike
+        t0 = time.perf_counter()
+        hop(100 + k)
+        t1 = time.perf_counter()
+        runner.run(feed)
+        t2 = time.perf_counter()
+        hops.append(t1 - t0)
+        ort_runs.append(t2 - t1)
+    prof = cProfile.Profile()
+    prof.enable()
+    for k in range(min(runs, 200)):
+        hop(10_000 + k)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:8]  # type: ignore[attr-defined]
+    hop_ms, ort_ms = statistics.median(hops) * 1e3, statistics.median(ort_runs) * 1e3
+    return {"model": name, "tensor_bytes": int(sum(a.nbytes for a in tensors.values())),
+            "hop_ms": hop_ms, "ort_ms": ort_ms, "worker_ms": hop_ms - ort_ms,
+            "profiled_top_tottime": [
+                {"function": f"{Path(f).name}:{line}({fn})", "ms_per_hop":
+                 v[2] / min(runs, 200) * 1e3} for (f, line, fn), v in top]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny_cnn only, 100 runs")
+    parser.add_argument("--models", default="tiny_cnn,alexnet,resnet18,mobilenet_v2")
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--out", default=None)
+    ns = parser.parse_args(argv)
+    names = ["tiny_cnn"] if ns.quick else ns.models.split(",")
+    runs = 100 if ns.quick else ns.runs
+    doc: dict[str, Any] = {"quick": ns.quick, "runs": runs, "machine_before": machine()}
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(ROOT)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert sink.stdout is not None
+        address = f"127.0.0.1:{int(sink.stdout.readline())}"
+        with tempfile.TemporaryDirectory(prefix="worker-hop-") as tmp:
+            doc["models"] = [measure(n, runs, Path(tmp), address) for n in names]
+    finally:
+        sink.kill()
+        sink.wait(10)
+    doc["machine_after"] = machine()
+    for m in doc["models"]:
+        print(f"{m['model']:>14}: {m['tensor_bytes'] / 1e3:8.1f} kB in, hop {m['hop_ms']:.3f} ms"
+              f" = ORT {m['ort_ms']:.3f} + worker {m['worker_ms']:.3f} ms")
+    out, _ = result_paths("worker_hop", ns.quick, ns.out)
+    write_json_atomic(out, doc)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
