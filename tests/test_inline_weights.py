@@ -175,3 +175,25 @@ def _timeless(manifest: bytes) -> dict:
     doc = json.loads(manifest)
     doc["plan"].pop("solve_seconds")
     return doc
+
+
+def test_compile_with_int8_layers_is_the_same_with_lazy_weights(tiny, tmp_path, monkeypatch):
+    """The int8 variant (QUANT) is built from a lazily loaded model as from an eager one."""
+    from partitioner import pipeline
+    from partitioner.frontend import quantize
+    from tests.test_pipeline import SYSTEM
+
+    _lazy(monkeypatch)
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path / "cache"))
+    system = tmp_path / "system.toml"
+    system.write_text(SYSTEM)
+    eager = load_model(tiny)
+    calibration = quantize.random_calibration(eager, n=4, seed=1)
+    options = dict(quantize=True, quantize_layers=4, calibration=calibration, max_noise=10.0)
+    lazy = pipeline.compile(tiny, system, tmp_path / "lazy", **options)
+    assert any(is_inline_ref(t) for t in lazy.prepared.model.graph.initializer)
+    assert any(s.quantized for s in lazy.plan.stages)
+    pipeline.compile(eager, system, tmp_path / "eager", **options)
+    got, want = _files(tmp_path / "lazy"), _files(tmp_path / "eager")
+    assert _timeless(got.pop("manifest.json")) == _timeless(want.pop("manifest.json"))
+    assert got == want
