@@ -1,7 +1,8 @@
 """Peak memory of compiling a bundle, relative to the model's bytes (issue 16).
 
 For each model (weights inline in the ``.onnx`` file, and as external data) and each
-setting, a fresh Python process loads the model with the front end, cuts it into two
+setting, a fresh Python process loads the model with the front end (as ``partitioner
+compile`` does: ``lazy_weights``, where the measured tree has it), cuts it into two
 stages (the plan is fixed: the layers split in half, so no solver time or memory is
 counted) and runs the back end (``compile_bundle``) with verification on, then off; a
 third setting only extracts and saves the stages (``partitioner.frontend.slicing``, the
@@ -55,11 +56,15 @@ def _peak_mb() -> float:
 
 def _child(model_path: str, mode: str, out_dir: str) -> dict[str, Any]:
     """Runs in the fresh process: load, plan in halves, compile (or only slice)."""
+    import inspect
+
     from partitioner.frontend import load_model
 
     t0 = time.perf_counter()
     phases: dict[str, float] = {"start": _peak_mb()}
-    prepared = load_model(model_path)
+    # as `partitioner compile` loads (pipeline.compile); older trees have no such option
+    lazy = "lazy_weights" in inspect.signature(load_model).parameters
+    prepared = load_model(model_path, **({"lazy_weights": True} if lazy else {}))
     phases["load"] = _peak_mb()
     n = len(prepared.graph.layers)
     halves = ((0, n // 2 - 1), (n // 2, n - 1))

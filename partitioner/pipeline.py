@@ -94,13 +94,13 @@ def _load_system(system: str | Path | ir.System) -> ir.System:
 
 
 def _prepare(model: Any, shapes: Mapping[str, tuple[int, ...]] | None, granularity: str,
-             example_inputs: Any) -> PreparedModel:
+             example_inputs: Any, lazy_weights: bool = False) -> PreparedModel:
     from partitioner.frontend import PreparedModel, load_model
 
     if isinstance(model, PreparedModel):
         return model
     return load_model(model, shapes=shapes, granularity=granularity,
-                      example_inputs=example_inputs)
+                      example_inputs=example_inputs, lazy_weights=lazy_weights)
 
 
 def _profiles(profiles: Sequence[str | Path | Profile], graph: ir.LayerGraph
@@ -121,8 +121,8 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
          spatial_baseline: str | None = None,
          quantize: bool = False, quantize_layers: int | str | Sequence[str] | None = None,
          max_noise: float | None = None,
-         int8_speedups: Mapping[tuple[int, str, str | None], float] | None = None
-         ) -> PlanResult:
+         int8_speedups: Mapping[tuple[int, str, str | None], float] | None = None,
+         lazy_weights: bool = False) -> PlanResult:
     """Load a model, price it on a system and solve for the best plan.
 
     Args:
@@ -158,6 +158,8 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
         max_parts: the most parts of one split stage (default: every device).
         spatial_baseline: plan by one of DISTREDGE's baselines instead
             (:mod:`partitioner.solver.spatial_baselines`).
+        lazy_weights: an ``.onnx`` model's big inline weights stay in its file
+            (:func:`~partitioner.frontend.load_model`); :func:`compile` sets it.
 
     Raises:
         UserError: bad model, system or profile; InfeasibleError when no plan meets the caps.
@@ -177,7 +179,7 @@ def plan(model: str | Path | PreparedModel | Any, system: str | Path | ir.System
     if objective.max_noise is not None and not objective.max_noise >= 0:
         fail(f"--max-noise {objective.max_noise}: must be >= 0")
     loaded_system = _load_system(system)
-    prepared = _prepare(model, shapes, granularity, example_inputs)
+    prepared = _prepare(model, shapes, granularity, example_inputs, lazy_weights)
     heads: tuple[Any, ...] = ()
     if exits:
         from partitioner.frontend.exits import resolve_exits
@@ -282,7 +284,9 @@ def compile(model: str | Path | PreparedModel | Any,  # noqa: A001 - the API's v
         force: replace a non-empty ``out_dir``.
         triton: also write a Triton model repository per device.
         progress: a progress bar over the stages on stderr.
-        **plan_options: the keyword arguments of :func:`plan`.
+        **plan_options: the keyword arguments of :func:`plan` (``lazy_weights``
+            defaults to True here: ``result.prepared.model`` then holds references into
+            the model file instead of its big inline weights).
 
     Returns:
         The :class:`PlanResult`, with ``bundle`` set.
@@ -290,7 +294,8 @@ def compile(model: str | Path | PreparedModel | Any,  # noqa: A001 - the API's v
     from partitioner.backend.emit import check_output
 
     check_output(out_dir, force=force)  # before the (slow) load and solve
-    result = plan(model, system, **plan_options)
+    # big inline weights stay in the model file: the proto holds none (issue 16)
+    result = plan(model, system, **{"lazy_weights": True, **plan_options})
     return _write(result, out_dir, verify=verify, force=force, triton=triton,
                   progress=progress)
 

@@ -16,9 +16,9 @@ from partitioner.analysis.costs import build_cost_table, covered_mbs
 from partitioner.analysis.profile_columns import BundleColumns, columns_from_entries
 from partitioner.analysis.profiles import Profile, ProfiledBundle, read_profile
 from partitioner.analysis.system import parse_system
-from partitioner.bundle_prices import BundlePrices
 from partitioner.errors import UserError
 from partitioner.ir import BundleCost, Cut, Layer, LayerGraph, TensorInfo
+from partitioner.ir.prices import BundlePrices
 from partitioner.solver.runs import run_arrays
 
 

@@ -243,7 +243,7 @@ def build_cost_table(graph: LayerGraph, system: System, *, profiles: Sequence[Pr
 
     Returns:
         The :class:`ir.CostTable` the solver consumes; its ``bundles`` are
-        :class:`~partitioner.bundle_prices.BundlePrices` (priced by
+        :class:`~partitioner.ir.prices.BundlePrices` (priced by
         :mod:`partitioner.analysis.pricing`).
 
     Raises:

@@ -19,9 +19,9 @@ import numpy as np
 
 from partitioner.analysis.energy import compute_flops, compute_power
 from partitioner.analysis.profile_columns import BundleColumns
-from partitioner.bundle_prices import BundlePrices
 from partitioner.errors import fail
 from partitioner.ir import Device, LayerGraph, Position
+from partitioner.ir.prices import BundlePrices
 
 __all__ = ["Measured", "price_bundles"]
 
@@ -91,7 +91,7 @@ def price_bundles(graph: LayerGraph, devices: Sequence[Device],
                   freqs: dict[str, tuple[str | None, ...]], positions: Sequence[Position],
                   out_bytes: Sequence[int], flops: Sequence[float], mbs: int, preload: bool,
                   measured: dict[str, Measured]) -> BundlePrices:
-    """The price of every legal bundle, as :class:`~partitioner.bundle_prices.BundlePrices`.
+    """The price of every legal bundle, as :class:`~partitioner.ir.prices.BundlePrices`.
 
     Raises:
         UserError: a profiled device lacks a bundle it needs (named by device, frequency,

@@ -52,7 +52,14 @@ from partitioner.backend.sends import (
 )
 from partitioner.backend.timeline import stage_figures
 from partitioner.backend.units import build_unit
-from partitioner.backend.verify import TOLERANCE, compare, run_bundle, sample_inputs, session
+from partitioner.backend.verify import (
+    TOLERANCE,
+    compare,
+    release_freed_memory,
+    run_bundle,
+    sample_inputs,
+    session,
+)
 from partitioner.errors import fail
 from partitioner.frontend.slicing import save_model
 from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
@@ -111,7 +118,10 @@ def _reference(prepared: Any, work: Path, feeds: dict[str, Any]) -> dict[str, An
     save_model(model, path, base_dir=getattr(prepared, "base_dir", None),
                external_data="full.onnx.data")
     sess = session(path, what)
-    return dict(zip(names, sess.run(names, feeds), strict=True))
+    outputs = dict(zip(names, sess.run(names, feeds), strict=True))
+    del sess  # only its outputs are kept: the stage sessions come after it
+    release_freed_memory()
+    return outputs
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -271,6 +281,7 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
     else:
         for unit in bundle.units():  # still prove every unit loads in ONNX Runtime
             session(tmp / unit.file, f"stage {unit.key} ({unit.file})")
+            release_freed_memory()
     if triton:
         from partitioner.backend.triton import write_repository
 
@@ -326,13 +337,17 @@ def _verified(prepared: Any, bundle: Bundle, tmp: Path, seed: int,
     """Chained units against the whole model (the quantised one for a plan with int8
     layers: ``quantized`` = (float model, variant); then rho vs the float one too)."""
     feeds = sample_inputs(bundle.model.inputs, seed)
+    release_freed_memory()  # the buffers of writing the units
     work = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
     try:
+        # The units first: the largest one's session is the peak of compiling a large
+        # model (its weights twice over while ORT pre-packs them), so it opens before
+        # anything else has left memory behind; the whole model's session comes after.
+        chained = run_bundle(bundle, feeds, scratch=work)
         full = _reference(prepared, work, feeds)
         floats = None if quantized is None else _reference(quantized[0], work, feeds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    chained = run_bundle(bundle, feeds)
     worst_abs, worst_rel, name = compare(full, chained)
     if worst_rel > TOLERANCE:
         fail(f"verification: model output {name!r} differs between the chained stages and "

@@ -15,6 +15,8 @@ Nothing here depends on the solver or on ``tqdm``: it needs ``onnx`` and ``numpy
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import onnx
 
 from partitioner.errors import fail
+from partitioner.frontend.stagefile import checkable
 from partitioner.ir import ExitHead, Part, Stage
 
 __all__ = ["write_unit", "stage_of", "unit_file_name", "build_unit"]
@@ -34,11 +37,33 @@ def write_unit(model: Any, out_dir: Path, name: str, what: str) -> str | None:
     model); its weights are streamed, one tensor at a time.
     """
     model.save(out_dir / name)
+    data = name + ".data" if (out_dir / (name + ".data")).exists() else None
     try:
-        onnx.checker.check_model(str(out_dir / name))
+        if data is not None:  # the checker reads the file's graph, not its data file
+            onnx.checker.check_model(str(out_dir / name))
+        else:
+            _check_inline(model, out_dir, name)
     except onnx.checker.ValidationError as err:
         fail(f"{what}: {name} fails the ONNX checker: {str(err).splitlines()[0]}")
-    return name + ".data" if (out_dir / (name + ".data")).exists() else None
+    return data
+
+
+def _check_inline(model: Any, out_dir: Path, name: str) -> None:
+    """The ONNX checker on a unit whose weights are inline, without loading them.
+
+    Checking the file would hold its bytes and the parsed model at once (twice the unit);
+    the checker instead reads the unit's graph with its raw payloads declared as external
+    data of the unit file itself (:func:`~partitioner.frontend.stagefile.checkable`),
+    written next to it for the moment of the check. The file itself is then loaded by
+    ONNX Runtime (verification, or the ``--no-verify`` load check).
+    """
+    fd, stub = tempfile.mkstemp(prefix=".check-", suffix=".onnx", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(checkable(model.shell, model.weights, name).SerializeToString())
+        onnx.checker.check_model(stub)
+    finally:
+        os.unlink(stub)
 
 
 def stage_of(spec: Any) -> Stage:

@@ -8,8 +8,14 @@ devices.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,8 @@ from partitioner.backend.manifest import Bundle, StageSpec, TensorSpec, Unit, lo
 from partitioner.errors import fail
 from stagebundle.graph import run_graph
 
-__all__ = ["sample_inputs", "session", "run_bundle", "run_chain", "compare", "TOLERANCE"]
+__all__ = ["sample_inputs", "session", "run_bundle", "run_chain", "compare", "TOLERANCE",
+           "release_freed_memory"]
 
 # Largest accepted |chain - full| relative to the output's scale (max(1, max|full|)): the
 # stages run the same kernels, only fusions across a cut may round differently.
@@ -62,19 +69,78 @@ def session(path: str | os.PathLike[str] | bytes, what: str, *, threads: int | N
         fail(f"{what}: ONNX Runtime cannot load it: {msg}")
 
 
-def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory a closed session freed back to the OS (glibc only).
+
+    glibc keeps freed heap pages for reuse (ONNX Runtime's buffers of up to 32 MiB come
+    from the heap once its mmap threshold has grown), and the next session's peak would
+    stack on them: +110 MiB verifying vgg16 (benchmarks/compile_memory.py). A no-op where
+    the C library has no ``malloc_trim``.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray], *,
+               scratch: Path | None = None) -> dict[str, np.ndarray]:
     """Run every unit of ``bundle`` in this process with the stage graph's message rules
     (:func:`stagebundle.graph.run_graph`, what the runtime obeys); the model outputs.
 
     One session is alive at a time, so verifying a large model needs the memory of its
-    largest unit, not of all of them.
+    largest unit, not of all of them. With ``scratch`` (a folder), a unit whose file holds
+    big inline weights is opened through an external-data view of that file (see
+    :func:`_unit_source`).
     """
     def run(unit: Unit, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sess = session(bundle.unit_path(unit), f"stage {unit.key} ({unit.file})")
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, dict(inputs)), strict=True))
+        with _unit_source(bundle.unit_path(unit), scratch) as path:
+            sess = session(path, f"stage {unit.key} ({unit.file})")
+            names = [o.name for o in sess.get_outputs()]
+            outputs = dict(zip(names, sess.run(names, dict(inputs)), strict=True))
+            del sess
+        release_freed_memory()
+        return outputs
 
     return run_graph(bundle, feeds, run)
+
+
+@contextlib.contextmanager
+def _unit_source(path: Path, scratch: Path | None) -> Iterator[Path]:
+    """The file ONNX Runtime opens for the unit at ``path``.
+
+    The unit file itself, unless ``scratch`` is given and the file holds inline weights
+    above :data:`~partitioner.frontend.inline_weights.LAZY_MIN_BYTES`: then a view of it in
+    ``scratch``, its graph as read from the file and every such weight's bytes copied from
+    the file into an external-data file. ORT memory-maps external data instead of parsing
+    it with the graph, which spares ~60 MiB of the peak on vgg16's 517 MiB second half
+    (issue 16); the graph, the weights and the kernels ORT picks are the same, so the
+    outputs are bit for bit those of the file (tests/test_inline_weights.py).
+    """
+    from partitioner.frontend.inline_weights import is_inline_ref, read_model
+    from partitioner.frontend.stagefile import save_model
+
+    model = None if scratch is None else read_model(path, lazy=True)
+    if model is None or not any(is_inline_ref(t) for t in model.graph.initializer):
+        yield path
+        return
+    work = Path(tempfile.mkdtemp(prefix=".unit-", dir=scratch))
+    try:
+        view = work / path.name
+        save_model(model, view, base_dir=path.parent, external_data=path.name + ".data")
+        del model
+        yield view
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_chain(root: Path, stages: Sequence[StageSpec], feeds: Mapping[str, np.ndarray]

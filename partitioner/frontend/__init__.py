@@ -37,7 +37,8 @@ class PreparedModel:
         model: the prepared ONNX model: dynamic dims fixed, shapes inferred (in
             ``graph.value_info``), shape sub-graphs and ``Constant`` nodes folded into
             initialisers, nodes ordered layer by layer. External initialisers are *not*
-            loaded (resolve them against ``base_dir``).
+            loaded (resolve them against ``base_dir``), nor, when loaded with
+            ``lazy_weights``, big inline ones (inline references into the model file).
         graph: its layers and cuts; ``graph.layers[k].nodes`` index ``model.graph.node``.
         path: the original ``.onnx`` file, or None for a PyTorch module.
         base_dir: folder for resolving external data, or None.
@@ -62,7 +63,8 @@ def _is_torch_module(source: Any) -> bool:
 
 
 def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
-               granularity: str = "major", example_inputs: Any = None) -> PreparedModel:
+               granularity: str = "major", example_inputs: Any = None,
+               lazy_weights: bool = False) -> PreparedModel:
     """Load and prepare a model.
 
     Args:
@@ -72,6 +74,11 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
         granularity: ``"major"`` (partition points between major layers) or ``"node"``.
         example_inputs: for a PyTorch module, the ``forward`` arguments (a tensor or a
             tuple) used to export it.
+        lazy_weights: for an ``.onnx`` path, leave its big inline weights in the file
+            (inline references, :mod:`partitioner.frontend.inline_weights`): the model
+            proto then holds none of them (``partitioner compile`` loads so, issue 16);
+            every reader of weights resolves them against ``base_dir`` like external data,
+            and the stage files written are byte for byte the same.
 
     Returns:
         The prepared model and its layer graph.
@@ -85,7 +92,7 @@ def load_model(source: str | Path | Any, *, shapes: Mapping[str, tuple[int, ...]
     shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
     if isinstance(source, (str, Path)):
         file = Path(source)
-        model, sha = read_onnx(file)
+        model, sha = read_onnx(file, lazy_weights=lazy_weights)
         path: Path | None = file
         base_dir: Path | None = file.resolve().parent
         name, label = file.stem, str(file)

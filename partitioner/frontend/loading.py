@@ -1,8 +1,11 @@
 """Reading a model: an ``.onnx`` file (weights left on disk) or a PyTorch module (exported).
 
-Weights are never loaded to analyse a graph: ``onnx.load(..., load_external_data=False)``
-keeps external initialisers as references, so a model over 2 GB (whose weights must be
-external) is read as a small proto, and one whose ``.data`` file is gone still inspects.
+Weights are never loaded to analyse a graph: external initialisers stay references, so a
+model over 2 GB (whose weights must be external) is read as a small proto, and one whose
+``.data`` file is gone still inspects. The file is parsed piece by piece (never its bytes
+and the parsed proto at once), and for compiling (``lazy_weights``) big *inline*
+initialisers stay in the ``.onnx`` file as inline references
+(:mod:`partitioner.frontend.inline_weights`), so the proto does not hold them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from partitioner.errors import fail
+from partitioner.frontend.inline_weights import read_model
 
 __all__ = ["read_onnx", "export_torch", "file_sha256", "check_proto"]
 
@@ -44,14 +48,19 @@ def check_proto(model: onnx.ModelProto, label: str) -> None:
         fail(f"{label}: the ONNX graph has no nodes")
 
 
-def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
+def read_onnx(path: str | Path, *, lazy_weights: bool = False) -> tuple[onnx.ModelProto, str]:
     """Read an ONNX file without its external data.
 
     Args:
         path: the ``.onnx`` file.
+        lazy_weights: leave big inline initialisers in the file as inline references
+            (:mod:`partitioner.frontend.inline_weights`).
 
     Returns:
-        The model proto (external initialisers left as references) and the file's SHA-256.
+        The model proto (external initialisers left as references, and with
+        ``lazy_weights`` inline ones above
+        :data:`~partitioner.frontend.inline_weights.LAZY_MIN_BYTES`) and the file's
+        SHA-256.
 
     Raises:
         UserError: the file is missing, unreadable, not ONNX or truncated.
@@ -63,7 +72,7 @@ def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
         fail(f"{path}: not a file")
     try:
         sha = file_sha256(path)
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model(path, lazy=lazy_weights)
     except OSError as err:
         fail(f"{path}: cannot read ({err.strerror or err})")
     except (DecodeError, RuntimeError, ValueError, TypeError) as err:

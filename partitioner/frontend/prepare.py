@@ -35,7 +35,9 @@ from onnx.external_data_helper import load_external_data_for_tensor
 
 from partitioner.errors import fail
 from partitioner.frontend.inference import infer_types
+from partitioner.frontend.inline_weights import is_inline_ref
 from partitioner.frontend.inputs import fix_input_shapes, model_inputs
+from partitioner.frontend.stagefile import loaded
 from partitioner.frontend.subgraphs import (
     describe_control_flow,
     hoist_subgraph_constants,
@@ -122,7 +124,7 @@ def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
     if base_dir is None:
         return
     for tensor in graph.initializer:
-        if not is_external(tensor):
+        if not is_external(tensor) or is_inline_ref(tensor):  # inline ones: read on demand
             continue
         info = {e.key: e.value for e in tensor.external_data}
         try:
@@ -140,8 +142,9 @@ def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    """In-memory (not external) initialisers by name; their values are read on demand."""
-    return {t.name: t for t in graph.initializer if not is_external(t)}
+    """In-memory initialisers, and inline ones the loader left in the model file (inline
+    references: folded exactly as if loaded), by name; their values are read on demand."""
+    return {t.name: t for t in graph.initializer if not is_external(t) or is_inline_ref(t)}
 
 
 def _shape_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
@@ -198,18 +201,20 @@ class _SameConstant:
     ever loaded to compare.
     """
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path | None = None) -> None:
         overridable = {v.name for v in graph.input}
+        self.base_dir = base_dir  # inline references are read from their model file
         self._pending: dict[tuple[int, tuple[int, ...]], list[TensorProto]] = {}
         for t in graph.initializer:
-            if not is_external(t) and t.name not in overridable:
+            if (not is_external(t) or is_inline_ref(t)) and t.name not in overridable:
                 self._pending.setdefault((t.data_type, tuple(t.dims)), []).append(t)
         self._by_bytes: dict[tuple[int, tuple[int, ...]], dict[bytes, str]] = {}
 
     def _index(self, key: tuple[int, tuple[int, ...]]) -> dict[bytes, str]:
         index = self._by_bytes.setdefault(key, {})
         for t in self._pending.pop(key, ()):
-            index.setdefault(numpy_helper.to_array(t).tobytes(), t.name)
+            index.setdefault(numpy_helper.to_array(loaded(t, self.base_dir)).tobytes(),
+                             t.name)
         return index
 
     def find(self, tensor: TensorProto, array: np.ndarray) -> str | None:
@@ -222,7 +227,8 @@ class _SameConstant:
             np.asarray(array).tobytes(), tensor.name)
 
 
-def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> int:
+def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto],
+                base_dir: Path | None = None) -> int:
     """Fold every node computable from constants and static shapes; returns how many."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -230,7 +236,7 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> 
     constants = {t.name for t in graph.initializer}
     values: dict[str, np.ndarray] = {}
     outputs = {o.name for o in graph.output}
-    same = _SameConstant(graph)
+    same = _SameConstant(graph, base_dir)
     # A folded name that reuses an existing constant: consumers read that one instead.
     alias: dict[str, str] = {}
 
@@ -238,7 +244,7 @@ def _fold_round(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> 
         if name in values:
             return values[name]
         if name in protos:
-            values[name] = numpy_helper.to_array(protos[name])
+            values[name] = numpy_helper.to_array(loaded(protos[name], base_dir))
             return values[name]
         return None
 
@@ -407,7 +413,7 @@ def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...
     for _ in range(MAX_ROUNDS):
         types, control = infer_types(model, label)
         count = inline_constant_ifs(graph, constant, label)
-        count += _fold_round(model, types)
+        count += _fold_round(model, types, base_dir)
         folded += count
         if count == 0:
             break

@@ -51,6 +51,7 @@ from partitioner.frontend.stagefile import (
     load_externals,
     save_model,
     save_split,
+    stored_externally,
     uses_external_data,
     write_inline,
 )
@@ -125,10 +126,10 @@ class SubModel:
     def to_bytes(self) -> bytes:
         """The serialised stage (for ``onnxruntime.InferenceSession(bytes)``), built one
         weight at a time; external weights are read in. Below protobuf's 2 GB only."""
-        if self.has_external_data:
+        if uses_external_data(self.shell) or any(stored_externally(t) for t in self.weights):
             return self.inlined().SerializeToString()
         buf = io.BytesIO()
-        write_inline(self.shell, self.weights, buf)
+        write_inline(self.shell, self.weights, buf, base_dir=self.base_dir)
         return buf.getvalue()
 
     def inlined(self) -> ModelProto:

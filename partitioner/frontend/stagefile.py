@@ -9,6 +9,11 @@ are avoided on the way, both measured on vgg16's 392 MB ``classifier.0.weight``:
 ``TensorProto.ByteSize()`` encodes the message to size it (+799 MB for a moment) and
 ``ListFields()`` materialises ``raw_data`` (+399 MB); sizes come from the dims instead and
 fields are copied by descriptor.
+
+An *inline reference* (:mod:`partitioner.frontend.inline_weights`: a big inline weight the
+loader left in the model file) is written back inline, byte for byte as the tensor it
+stands for, its bytes copied chunk by chunk from the model file; into a data file like any
+external tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from typing import Any
 from onnx import ModelProto, TensorProto
 
 from partitioner.errors import InternalError, fail
+from partitioner.frontend.inline_weights import (
+    GRAPH_INITIALIZER,
+    MODEL_GRAPH,
+    TENSOR_RAW_DATA,
+    encode_varint,
+    is_inline_ref,
+)
 from partitioner.frontend.tensors import tensor_nbytes
 from stagebundle.load import iter_tensors
 
@@ -34,6 +46,9 @@ __all__ = [
     "write_inline",
     "inline_model",
     "load_externals",
+    "checkable",
+    "stored_externally",
+    "loaded",
 ]
 
 # Tensors at least this big go to the external data file when a stage is saved with one;
@@ -50,8 +65,14 @@ def is_external(t: TensorProto) -> bool:
 
 
 def uses_external_data(model: ModelProto) -> bool:
-    """Whether any tensor of ``model`` is stored as external data."""
+    """Whether any tensor of ``model`` is stored as external data (inline references
+    included: their bytes too are resolved against the model's folder)."""
     return any(is_external(t) for t in iter_tensors(model))
+
+
+def stored_externally(t: TensorProto) -> bool:
+    """External data proper: an inline reference is an inline tensor of its model file."""
+    return is_external(t) and not is_inline_ref(t)
 
 
 def _external_fields(t: TensorProto) -> dict[str, str]:
@@ -140,7 +161,7 @@ def save_split(shell: ModelProto, weights: Sequence[TensorProto], path: str | os
           base_dir: Path | None, external_data: str | None) -> None:
     path = Path(path)
     if external_data is None and (
-            uses_external_data(shell) or any(is_external(t) for t in weights)
+            uses_external_data(shell) or any(stored_externally(t) for t in weights)
             or shell.ByteSize() + sum(_encoded_size(t) for t in weights) > _PROTO_LIMIT):
         external_data = path.name + ".data"
     out = ModelProto()
@@ -149,7 +170,7 @@ def save_split(shell: ModelProto, weights: Sequence[TensorProto], path: str | os
     try:
         with open(tmp_dir / path.name, "wb") as f:
             if external_data is None:
-                write_inline(out, weights, f)
+                write_inline(out, weights, f, base_dir=base_dir)
             else:
                 if Path(external_data).name != external_data:
                     raise InternalError(f"external data name {external_data!r} must be a "
@@ -167,35 +188,61 @@ def save_split(shell: ModelProto, weights: Sequence[TensorProto], path: str | os
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _field(number: int, size: int) -> bytes:
     """Key and length of a length-delimited protobuf field of ``size`` bytes."""
-    return _varint(number << 3 | 2) + _varint(size)
-
-
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+    return encode_varint(number << 3 | 2) + encode_varint(size)
 
 
 def _meta(t: TensorProto) -> TensorProto:
-    """``t`` without its ``raw_data`` (name, type, dims, external-data entries)."""
+    """``t`` without its ``raw_data`` (name, type, dims, external-data entries); for an
+    inline reference, the tensor it stands for without ``raw_data``."""
     meta = TensorProto()
     _copy_except(t, meta, "raw_data")
+    if is_inline_ref(t):  # the loader added exactly these two fields (inline_weights)
+        meta.ClearField("external_data")
+        meta.ClearField("data_location")
     return meta
 
 
 def _raw_size(t: TensorProto) -> int | None:
-    """Bytes of ``t.raw_data`` from its dims and type, without reading it (None: no raw)."""
-    if not t.HasField("raw_data"):
+    """Bytes of ``t.raw_data`` from its dims and type, without reading it (None: no raw;
+    an inline reference has raw bytes, in its model file)."""
+    if not t.HasField("raw_data") and not is_inline_ref(t):
         return None
     return tensor_nbytes(tuple(int(d) for d in t.dims), t.data_type)
+
+
+def _ref_range(t: TensorProto, base_dir: Path | None) -> tuple[Path, int, int]:
+    """Source file, offset and length of an external tensor's bytes."""
+    fields = _external_fields(t)
+    src = _resolve(base_dir, fields["location"], t.name)
+    return src, int(fields.get("offset", 0)), int(fields["length"])
+
+
+def checkable(shell: ModelProto, weights: Sequence[TensorProto], stand_in: str) -> ModelProto:
+    """``shell`` plus ``weights`` whose raw payloads are left out, for the ONNX checker.
+
+    Each raw payload becomes an external-data entry pointing at the file ``stand_in``
+    (offset 0, its length): the checker only requires that such a file exists, and reads
+    every tensor's metadata as it would inline. Checking this instead of an inline unit
+    file spares the checker loading the file's weights (the file's bytes and the parsed
+    model, twice the unit for a moment: issue 16); the sizes of the payloads hold by
+    construction (:func:`write_inline` refuses a ``raw_data`` that disagrees with its dims).
+    """
+    out = ModelProto()
+    out.CopyFrom(shell)
+    for t in weights:
+        stub = out.graph.initializer.add()
+        raw = _raw_size(t)
+        if raw is None:  # typed fields or external data: small, as they are
+            stub.CopyFrom(t)
+            continue
+        stub.CopyFrom(_meta(t))
+        for key, value in (("location", stand_in), ("offset", "0"), ("length", str(raw))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        stub.data_location = TensorProto.EXTERNAL
+    return out
 
 
 def _encoded_size(t: TensorProto) -> int:
@@ -204,31 +251,38 @@ def _encoded_size(t: TensorProto) -> int:
     raw = _raw_size(t)
     if raw is None:
         return int(t.ByteSize())
-    return int(_meta(t).ByteSize()) + len(_field(_TENSOR_RAW_DATA, raw)) + raw
+    return int(_meta(t).ByteSize()) + len(_field(TENSOR_RAW_DATA, raw)) + raw
 
 
-def write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any) -> None:
+def write_inline(shell: ModelProto, weights: Sequence[TensorProto], f: Any, *,
+                 base_dir: Path | None = None) -> None:
     """The model ``shell`` plus ``weights`` as its graph's initialisers, one at a time.
 
     Protobuf merges a message field that occurs twice (and concatenates repeated fields),
     so the weights go in a second ``graph`` field after the shell; every parser reads the
-    file as the one model, and only one tensor is ever held in a second copy.
+    file as the one model, and only one tensor is ever held in a second copy (an inline
+    reference's bytes are copied from its model file in ``base_dir``, none held).
     """
     f.write(shell.SerializeToString())
     if not weights:
         return
     sizes = [_encoded_size(t) for t in weights]
-    body = sum(len(_field(_GRAPH_INITIALIZER, n)) + n for n in sizes)
-    f.write(_field(_MODEL_GRAPH, body))
+    body = sum(len(_field(GRAPH_INITIALIZER, n)) + n for n in sizes)
+    f.write(_field(MODEL_GRAPH, body))
     for t, n in zip(weights, sizes, strict=True):
-        f.write(_field(_GRAPH_INITIALIZER, n))
+        f.write(_field(GRAPH_INITIALIZER, n))
+        if is_inline_ref(t):
+            src, offset, length = _ref_range(t, base_dir)
+            f.write(_meta(t).SerializeToString() + _field(TENSOR_RAW_DATA, length))
+            _copy_range(src, offset, length, f)
+            continue
         if not t.HasField("raw_data"):
             f.write(t.SerializeToString())
             continue
         # the metadata, then raw_data from its one Python copy (SerializeToString of the
         # whole tensor would hold it two more times: upb's buffer and the bytes object)
         raw = t.raw_data
-        head = _meta(t).SerializeToString() + _field(_TENSOR_RAW_DATA, len(raw))
+        head = _meta(t).SerializeToString() + _field(TENSOR_RAW_DATA, len(raw))
         if len(head) + len(raw) != n:  # raw_data disagrees with dims: refuse, write nothing
             fail(f"tensor {t.name!r}: raw_data holds {len(raw)} bytes, its dims and type "
                  f"say {_raw_size(t)}")
@@ -298,14 +352,36 @@ def inline_model(model: ModelProto, base_dir: Path | None) -> ModelProto:
 
 def load_externals(model: ModelProto, base_dir: Path | None) -> None:
     for t in _externals(iter_tensors(model)):
-        fields = _external_fields(t)
-        src = _resolve(base_dir, fields["location"], t.name)
-        with open(src, "rb") as f:
-            f.seek(int(fields.get("offset", 0)))
-            length = int(fields["length"]) if "length" in fields else -1
-            t.raw_data = f.read(length)
-        del t.external_data[:]
+        _load_external(t, base_dir)
+
+
+def loaded(t: TensorProto, base_dir: Path | None) -> TensorProto:
+    """``t`` itself, or for an inline reference a copy with its bytes read in (the
+    tensor it stands for, field for field)."""
+    if not is_inline_ref(t):
+        return t
+    out = TensorProto()
+    out.CopyFrom(t)
+    _load_external(out, base_dir)
+    return out
+
+
+def _load_external(t: TensorProto, base_dir: Path | None) -> None:
+    """Read an external tensor's bytes into ``t`` (in place)."""
+    fields = _external_fields(t)
+    src = _resolve(base_dir, fields["location"], t.name)
+    with open(src, "rb") as f:
+        f.seek(int(fields.get("offset", 0)))
+        length = int(fields["length"]) if "length" in fields else -1
+        t.raw_data = f.read(length)
+    if length >= 0 and len(t.raw_data) != length:
+        fail(f"tensor {t.name!r}: external data file {str(src)!r} holds fewer than the "
+             f"{length} bytes at offset {fields.get('offset', 0)}")
+    if is_inline_ref(t):  # the tensor it stands for has no data_location field
+        t.ClearField("data_location")
+    else:
         t.data_location = TensorProto.DEFAULT
+    del t.external_data[:]
 
 
 def _externals(tensors: Iterable[TensorProto]) -> list[TensorProto]:

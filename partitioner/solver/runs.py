@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner import ir
-from partitioner.bundle_prices import BundlePrices
+from partitioner.ir.prices import BundlePrices
 
 __all__ = ["RunArrays", "run_arrays"]
 

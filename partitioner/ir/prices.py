@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from partitioner.ir import BundleCost
+from partitioner.ir.costs import BundleCost
 
 __all__ = ["BundleKey", "BundlePrices"]
 
