@@ -110,7 +110,10 @@ class ModelBuilder:
             from partitioner.frontend import load_model
 
             try:
-                prepared = load_model(self.path, shapes=shapes, granularity=spec.granularity)
+                # big inline weights stay in the model file (read when a unit is
+                # written): the worker keeps the prepared model for later plans
+                prepared = load_model(self.path, shapes=shapes, granularity=spec.granularity,
+                                      lazy_weights=True)
             except CompilerError as err:
                 fail(f"--model {self.path.name}: {err}")
             names = tuple(layer.name for layer in prepared.graph.layers)
