@@ -115,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shape)
     from partitioner.frontend import load_model
 
-    prepared = load_model(args.model, shapes=shapes or None, granularity=args.granularity)
+    # big inline weights stay in the model file: the profiler copies them once into its
+    # shared weight file anyway (faster and half the memory of parsing them eagerly)
+    prepared = load_model(args.model, shapes=shapes or None, granularity=args.granularity,
+                          lazy_weights=True)
     with cpu_frequency(args.frequency) as note:
         if note:
             print(f"partitioner profile: {note}", file=sys.stderr)
