@@ -2,10 +2,11 @@
 
 Weights are never loaded to analyse a graph: external initialisers stay references, so a
 model over 2 GB (whose weights must be external) is read as a small proto, and one whose
-``.data`` file is gone still inspects. The file is parsed piece by piece (never its bytes
-and the parsed proto at once), and for compiling (``lazy_weights``) big *inline*
-initialisers stay in the ``.onnx`` file as inline references
-(:mod:`partitioner.frontend.inline_weights`), so the proto does not hold them.
+``.data`` file is gone still inspects. With ``lazy_weights`` (compiling, profiling) the
+file is parsed piece by piece (never its bytes and the parsed proto at once) and big
+*inline* initialisers stay in the ``.onnx`` file as inline references
+(:mod:`partitioner.frontend.inline_weights`), so the proto does not hold them; otherwise
+it is ``onnx.load`` (one C-level parse, 2x the model for a moment).
 """
 
 from __future__ import annotations
