@@ -69,14 +69,7 @@ class Workers(Cluster):
 
 
 def start_workers(built: Built, work: Path) -> Workers:
-    workers = Workers(built, work)
-    try:
-        for d in DEVICES:
-            workers.start(d)
-    except BaseException:
-        workers.stop()
-        raise
-    return workers
+    return Workers(built, work).start_all(DEVICES)
 
 
 @pytest.fixture

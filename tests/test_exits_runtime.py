@@ -119,8 +119,7 @@ def test_workers_return_the_exit_and_later_stages_see_no_work(setup, tmp_path: P
     built, threshold, xs = setup
     cluster = Cluster(built, tmp_path)
     try:
-        for d in ("edge", "hub", "cloud"):
-            cluster.start(d)
+        cluster.start_all(("edge", "hub", "cloud"))
         with RemoteExecutor(built.bundle, cluster.hosts, token=TOKEN, timeout=30) as ex:
             futs = [ex.submit({"input": x}) for x in xs]  # pipelined
             outs = [f.result(60) for f in futs]
@@ -204,8 +203,7 @@ def test_fail_over_keeps_the_exit_rule(setup, tmp_path: Path) -> None:
     assert next(s.exit for s in fallback.stages if s.exit)["threshold"] == threshold
     cluster = Cluster(replace(built, bundle=copy), tmp_path)
     try:
-        for d in ("edge", "cloud"):
-            cluster.start(d)
+        cluster.start_all(("edge", "cloud"))
         hosts = dict(cluster.hosts, hub="127.0.0.1:1")  # nothing listens there
         with RemoteExecutor(copy, hosts, token=TOKEN, timeout=30) as ex:
             outs = [ex.infer({"input": x}) for x in xs]

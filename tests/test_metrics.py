@@ -27,13 +27,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def workers(chain: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    w = Workers(chain, tmp_path_factory.mktemp("metrics-workers"))
-    try:
-        for d in ("edge", "hub", "cloud"):
-            w.start(d)
-    except BaseException:
-        w.stop()
-        raise
+    w = Workers(chain, tmp_path_factory.mktemp("metrics-workers")).start_all(
+        ("edge", "hub", "cloud"))
     yield w
     w.stop()
 

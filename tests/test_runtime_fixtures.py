@@ -14,10 +14,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import onnx
@@ -169,16 +169,19 @@ class Cluster:
         for device in list(self.procs):
             self.kill(device)
 
+    def start_all(self, devices: Iterable[str], grpc: tuple[str, ...] = ()) -> Self:
+        """A worker per device; if one fails to start, the others are stopped too."""
+        try:
+            for d in devices:
+                self.start(d, grpc=d in grpc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
 
 def start_cluster(built: Built, work: Path, grpc: tuple[str, ...] = ()) -> Cluster:
-    cluster = Cluster(built, work)
-    try:
-        for d in DEVICES:
-            cluster.start(d, grpc=d in grpc)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
+    return Cluster(built, work).start_all(DEVICES, grpc)
 
 
 @pytest.fixture(scope="session")

@@ -25,14 +25,7 @@ def _x(seed: int, height: int) -> np.ndarray:
 
 
 def _cluster(built: Built, devices: list[str], work: Path) -> Cluster:
-    cluster = Cluster(built, work)
-    try:
-        for d in devices:
-            cluster.start(d)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
+    return Cluster(built, work).start_all(devices)
 
 
 def _ready(cluster: Cluster, device: str) -> dict:
