@@ -148,8 +148,7 @@ def test_uint8_travels_between_real_workers(compiled, yolo11, tmp_path):
     cluster = Cluster(Built(path, path, bundle.root, token), tmp_path)
     xs = [sample_inputs(bundle.inputs, 10 + i) for i in range(3)]
     try:
-        for d in DEVICES:
-            cluster.start(d)
+        cluster.start_all(DEVICES)
         with RemoteExecutor(bundle.root, cluster.hosts, token=TOKEN, timeout=60) as ex:
             outs = [ex.submit(x).result(120) for x in xs]
         received = {d: _ready(cluster, d)["received"] for d in DEVICES}
