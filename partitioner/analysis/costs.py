@@ -145,13 +145,10 @@ def _measured(profiles: Iterable[Profile], graph: LayerGraph, system: System
             latency=cat("latency"), energy=cat("energy"), std=cat("std"), min=cat("min"),
             max=cat("max"), p50=cat("p50"))
         owner = np.concatenate([np.full(len(c), k) for k, c in enumerate(cols)])
-        keys = joined.keys(n_layers)
-        _, first_seen = np.unique(keys, return_index=True)
-        if len(first_seen) != len(keys):
-            again = np.ones(len(keys), dtype=bool)
-            again[first_seen] = False
-            r = int(np.argmax(again))
+        r = joined.first_repeat(n_layers)
+        if r is not None:
             b = joined[r]
+            keys = joined.keys(n_layers)
             other = profs[int(owner[int(np.argmax(keys == keys[r]))])]
             fail(f"{_file(profs[int(owner[r])])}: bundle {b.first}..{b.last} of device "
                  f"{dev!r} at frequency {b.frequency} is also in "

@@ -103,6 +103,16 @@ class BundleColumns(Sequence[Any]):
         ``(label * n + first) * n + last``."""
         return (self.freq * n_layers + self.first) * n_layers + self.last
 
+    def first_repeat(self, n_layers: int) -> int | None:
+        """The first entry whose (first, last, label) an earlier entry has, or None."""
+        keys = self.keys(n_layers)
+        _, first_seen = np.unique(keys, return_index=True)
+        if len(first_seen) == len(keys):
+            return None
+        again = np.ones(len(keys), dtype=bool)
+        again[first_seen] = False
+        return int(np.argmax(again))
+
     def relabelled(self, labels: Sequence[str | None]) -> np.ndarray:
         """``freq`` as indices into ``labels`` (-1 where a label is not among them)."""
         where = {f: q for q, f in enumerate(labels)}

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from partitioner.analysis.profile_columns import BundleColumns, columns_from_entries, columns_of
 from partitioner.errors import fail
 from partitioner.ir import LayerGraph
@@ -314,14 +312,10 @@ def _read_profile(path: str | Path, file: str) -> Profile:
 
 
 def _refuse_duplicates(file: str, bundles: BundleColumns, n_layers: int) -> None:
-    keys = bundles.keys(n_layers)
-    _, first_seen = np.unique(keys, return_index=True)
-    if len(first_seen) == len(keys):
-        return
-    again = np.ones(len(keys), dtype=bool)
-    again[first_seen] = False
-    b = bundles[int(np.argmax(again))]  # the first entry whose key was seen before
-    fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} is listed twice")
+    again = bundles.first_repeat(n_layers)
+    if again is not None:
+        b = bundles[again]
+        fail(f"{file}: bundle {b.first}..{b.last} at frequency {b.frequency} is listed twice")
 
 
 def check_profile(profile: Profile, graph: LayerGraph) -> None:
