@@ -24,13 +24,26 @@ stage id, or ``"input"``) and ``transfer`` (``"direct"``: straight from the prod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from stagebundle.dtypes import is_known_dtype, nbytes
 from stagebundle.errors import fail
+from stagebundle.fields import (
+    INPUT,
+    OUTPUT,
+    Endpoint,
+    Rows,
+    as_endpoint,
+    as_int,
+    as_list,
+    as_object,
+    as_rows,
+    as_str,
+    required,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -60,11 +73,6 @@ READABLE_VERSIONS = (1, 2)
 # the models this project targets (ViT-B/16's largest is 2.4 MB at batch 1).
 MAX_TENSOR_BYTES = 1 << 32
 MANIFEST = "manifest.json"
-INPUT, OUTPUT = "input", "output"
-
-# Where a tensor comes from / goes to: a stage id, the model input, the model output.
-Endpoint = int | Literal["input", "output"]
-Rows = tuple[int, int]
 
 
 def unit_key(stage: int, part: int | None = None) -> str:
@@ -83,59 +91,6 @@ def dumps(doc: Any, indent: int = 0) -> str:
             return "[" + ", ".join(json.dumps(x) for x in doc) + "]"
         return "[\n" + ",\n".join(inner + dumps(x, indent + 1) for x in doc) + "\n" + pad + "]"
     return json.dumps(doc)
-
-
-# --------------------------------------------------------------------------- parsing helpers
-
-
-def _obj(doc: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(doc, Mapping):
-        fail(f"{where}: expected an object, found {type(doc).__name__}")
-    return doc
-
-
-def _need(doc: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in _obj(doc, where):
-        fail(f"{where}: missing required key {key!r}")
-    return doc[key]
-
-
-def _int(value: Any, where: str, *, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        fail(f"{where}: {value!r} is not an integer >= {minimum}")
-    return value
-
-
-def _str(value: Any, where: str, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value or "\x00" in value:
-        fail(f"{where}: {value!r} is not a non-empty string")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        fail(f"{where}: expected a list, found {type(value).__name__}")
-    return value
-
-
-def _endpoint(value: Any, where: str) -> Endpoint:
-    if value in (INPUT, OUTPUT):
-        return value  # type: ignore[no-any-return]
-    return _int(value, f"{where}: endpoint")
-
-
-def _rows(value: Any, where: str) -> Rows | None:
-    if value is None:
-        return None
-    items = _list(value, f"{where}: rows")
-    if len(items) != 2:
-        fail(f"{where}: rows must be [first, last]")
-    a, b = (_int(x, f"{where}: rows") for x in items)
-    if a > b:
-        fail(f"{where}: rows [{a}, {b}] are empty")
-    return a, b
 
 
 # --------------------------------------------------------------------------- tensors
@@ -181,11 +136,11 @@ class TensorSpec:
 
     @staticmethod
     def from_json(doc: Any, where: str = "tensor") -> TensorSpec:
-        name = _str(_need(doc, "name", where), f"{where}: name")
+        name = as_str(required(doc, "name", where), f"{where}: name")
         where = f"{where} {name!r}"
-        shape = _list(_need(doc, "shape", where), f"{where}: shape")
-        shape_t = tuple(_int(d, f"{where}: shape") for d in shape)
-        dtype = _need(doc, "dtype", where)
+        shape = as_list(required(doc, "shape", where), f"{where}: shape")
+        shape_t = tuple(as_int(d, f"{where}: shape") for d in shape)
+        dtype = required(doc, "dtype", where)
         if not is_known_dtype(dtype):
             fail(f"{where}: unknown dtype {dtype!r}")
         if len(shape_t) > 16 or nbytes(shape_t, dtype) > MAX_TENSOR_BYTES:
@@ -195,18 +150,18 @@ class TensorSpec:
         transfer = doc.get("transfer")
         if transfer not in (None, "direct", "forwarded"):
             fail(f"{where}: transfer {transfer!r} is not 'direct' or 'forwarded'")
-        rows = _rows(doc.get("rows"), where)
+        rows = as_rows(doc.get("rows"), where)
         if rows is not None and (len(shape_t) < 3 or shape_t[2] != rows[1] - rows[0] + 1):
             fail(f"{where}: rows {list(rows)} do not match the height of shape "
                  f"{list(shape_t)}")
         return TensorSpec(str(name), shape_t, str(dtype),
-                          None if src is None else _endpoint(src, where),
-                          tuple(_endpoint(t, where) for t in _list(doc.get("to", []), where)),
+                          None if src is None else as_endpoint(src, where),
+                          tuple(as_endpoint(t, where) for t in as_list(doc.get("to", []), where)),
                           transfer, rows)
 
 
 def _tensors(docs: Any, where: str) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec.from_json(d, where) for d in _list(docs, where))
+    return tuple(TensorSpec.from_json(d, where) for d in as_list(docs, where))
 
 
 @dataclass(frozen=True)
@@ -232,16 +187,16 @@ class Send:
 
     @staticmethod
     def from_json(doc: Any, where: str) -> Send:
-        to = _str(_need(doc, "to", where), f"{where}: to")
+        to = as_str(required(doc, "to", where), f"{where}: to")
         pieces = []
-        for p in _list(_need(doc, "tensors", where), f"{where}: tensors"):
-            name = _str(_need(p, "name", where), f"{where}: tensor name")
-            pieces.append(Piece(str(name), _rows(p.get("rows"), f"{where} {name!r}")))
+        for p in as_list(required(doc, "tensors", where), f"{where}: tensors"):
+            name = as_str(required(p, "name", where), f"{where}: tensor name")
+            pieces.append(Piece(str(name), as_rows(p.get("rows"), f"{where} {name!r}")))
         return Send(str(to), tuple(pieces))
 
 
 def _sends(docs: Any, where: str) -> tuple[Send, ...]:
-    return tuple(Send.from_json(d, f"{where} send") for d in _list(docs, f"{where}: sends"))
+    return tuple(Send.from_json(d, f"{where} send") for d in as_list(docs, f"{where}: sends"))
 
 
 # --------------------------------------------------------------------------- model, stages
@@ -267,12 +222,12 @@ class ModelSpec:
     @staticmethod
     def from_json(doc: Any) -> ModelSpec:
         w = "manifest model"
-        return ModelSpec(str(_str(_need(doc, "name", w), f"{w}: name")),
-                         str(_str(_need(doc, "sha256", w), f"{w}: sha256")),
-                         str(_str(_need(doc, "granularity", w), f"{w}: granularity")),
-                         _tensors(_need(doc, "inputs", w), f"{w} inputs"),
-                         _tensors(_need(doc, "outputs", w), f"{w} outputs"),
-                         tuple(str(x) for x in _list(doc.get("layers", []), f"{w}: layers")))
+        return ModelSpec(str(as_str(required(doc, "name", w), f"{w}: name")),
+                         str(as_str(required(doc, "sha256", w), f"{w}: sha256")),
+                         str(as_str(required(doc, "granularity", w), f"{w}: granularity")),
+                         _tensors(required(doc, "inputs", w), f"{w} inputs"),
+                         _tensors(required(doc, "outputs", w), f"{w} outputs"),
+                         tuple(str(x) for x in as_list(doc.get("layers", []), f"{w}: layers")))
 
 
 @dataclass(frozen=True)
@@ -331,21 +286,21 @@ class PartSpec:
 
     @staticmethod
     def from_json(doc: Any, where: str) -> PartSpec:
-        index = _int(_need(doc, "index", where), f"{where}: index")
+        index = as_int(required(doc, "index", where), f"{where}: index")
         where = f"{where} part {index}"
-        rows = _rows(_need(doc, "rows", where), where)
+        rows = as_rows(required(doc, "rows", where), where)
         assert rows is not None
         return PartSpec(
-            index=index, device=str(_str(_need(doc, "device", where), f"{where}: device")),
-            frequency=_str(doc.get("frequency"), f"{where}: frequency", optional=True),
-            rows=rows, file=str(_str(_need(doc, "file", where), f"{where}: file")),
-            sha256=str(_str(_need(doc, "sha256", where), f"{where}: sha256")),
-            inputs=_tensors(_need(doc, "inputs", where), f"{where} inputs"),
-            outputs=_tensors(_need(doc, "outputs", where), f"{where} outputs"),
+            index=index, device=str(as_str(required(doc, "device", where), f"{where}: device")),
+            frequency=as_str(doc.get("frequency"), f"{where}: frequency", optional=True),
+            rows=rows, file=str(as_str(required(doc, "file", where), f"{where}: file")),
+            sha256=str(as_str(required(doc, "sha256", where), f"{where}: sha256")),
+            inputs=_tensors(required(doc, "inputs", where), f"{where} inputs"),
+            outputs=_tensors(required(doc, "outputs", where), f"{where} outputs"),
             sends=_sends(doc.get("sends", []), where),
-            external_data=_str(doc.get("external_data"), f"{where}: external_data",
+            external_data=as_str(doc.get("external_data"), f"{where}: external_data",
                                optional=True),
-            external_data_sha256=_str(doc.get("external_data_sha256"),
+            external_data_sha256=as_str(doc.get("external_data_sha256"),
                                       f"{where}: external_data_sha256", optional=True))
 
 
@@ -413,50 +368,50 @@ class StageSpec:
 
     @staticmethod
     def from_json(doc: Any, where: str = "manifest stage") -> StageSpec:
-        sid = _int(_need(doc, "id", where), f"{where}: id")
+        sid = as_int(required(doc, "id", where), f"{where}: id")
         where = f"manifest stage {sid}"
-        layers = _list(_need(doc, "layers", where), f"{where}: layers")
+        layers = as_list(required(doc, "layers", where), f"{where}: layers")
         if len(layers) != 2:
             fail(f"{where}: layers must be [first, last] with first <= last")
-        first, last = (_int(x, f"{where}: layers") for x in layers)
+        first, last = (as_int(x, f"{where}: layers") for x in layers)
         if first > last:
             fail(f"{where}: layers must be [first, last] with first <= last")
         nxt = doc.get("next")
         if nxt is not None:
-            _int(nxt, f"{where}: next")
+            as_int(nxt, f"{where}: next")
         parts_doc = doc.get("parts")
         parts = None if parts_doc is None else tuple(
-            PartSpec.from_json(p, where) for p in _list(parts_doc, f"{where}: parts"))
+            PartSpec.from_json(p, where) for p in as_list(parts_doc, f"{where}: parts"))
         if parts is not None and not parts:
             fail(f"{where}: parts must be null or a non-empty list")
         split = parts is not None
         if not split:  # a whole stage names its device and file
             for key in ("device", "file", "sha256"):
-                _need(doc, key, where)
+                required(doc, key, where)
         ex = doc.get("exit")
         if ex is not None:
-            _obj(ex, f"{where}: exit")
+            as_object(ex, f"{where}: exit")
         estimate = doc.get("estimate")
         if estimate is not None:
-            _obj(estimate, f"{where}: estimate")
+            as_object(estimate, f"{where}: estimate")
         return StageSpec(
-            id=sid, device=_str(doc.get("device"), f"{where}: device", optional=split),
-            frequency=_str(doc.get("frequency"), f"{where}: frequency", optional=True),
+            id=sid, device=as_str(doc.get("device"), f"{where}: device", optional=split),
+            frequency=as_str(doc.get("frequency"), f"{where}: frequency", optional=True),
             first=first, last=last,
-            file=_str(doc.get("file"), f"{where}: file", optional=split),
-            sha256=_str(doc.get("sha256"), f"{where}: sha256", optional=split),
-            inputs=_tensors(_need(doc, "inputs", where), f"{where} inputs"),
-            outputs=_tensors(_need(doc, "outputs", where), f"{where} outputs"),
+            file=as_str(doc.get("file"), f"{where}: file", optional=split),
+            sha256=as_str(doc.get("sha256"), f"{where}: sha256", optional=split),
+            inputs=_tensors(required(doc, "inputs", where), f"{where} inputs"),
+            outputs=_tensors(required(doc, "outputs", where), f"{where} outputs"),
             forward=_tensors(doc.get("forward", []), f"{where} forward"),
             next=nxt,
-            external_data=_str(doc.get("external_data"), f"{where}: external_data",
+            external_data=as_str(doc.get("external_data"), f"{where}: external_data",
                                optional=True),
-            external_data_sha256=_str(doc.get("external_data_sha256"),
+            external_data_sha256=as_str(doc.get("external_data_sha256"),
                                       f"{where}: external_data_sha256", optional=True),
-            triton=_str(doc.get("triton"), f"{where}: triton", optional=True),
+            triton=as_str(doc.get("triton"), f"{where}: triton", optional=True),
             estimate=estimate, parts=parts,
-            quantized=tuple(_int(q, f"{where}: quantized")
-                            for q in _list(doc.get("quantized", []), f"{where}: quantized")),
+            quantized=tuple(as_int(q, f"{where}: quantized")
+                            for q in as_list(doc.get("quantized", []), f"{where}: quantized")),
             exit=ex, sends=_sends(doc.get("sends", []), where))
 
 
@@ -534,62 +489,31 @@ class Bundle:
     @staticmethod
     def from_json(doc: Any, path: Path) -> Bundle:
         where = str(path / MANIFEST)
-        version = _need(_obj(doc, where), "schema_version", where)
+        version = required(as_object(doc, where), "schema_version", where)
         if version not in READABLE_VERSIONS:
             fail(f"{where}: schema_version {version!r} is not supported (this version reads "
                  f"{', '.join(map(str, READABLE_VERSIONS))})")
-        stages_doc = _list(_need(doc, "stages", where), f"{where}: stages")
+        stages_doc = as_list(required(doc, "stages", where), f"{where}: stages")
         if not stages_doc:
             fail(f"{where}: 'stages' must be a non-empty list")
-        plan = _obj(_need(doc, "plan", where), f"{where}: plan")
+        plan = as_object(required(doc, "plan", where), f"{where}: plan")
         verification = doc.get("verification")
         if verification is not None:
-            _obj(verification, f"{where}: verification")
+            as_object(verification, f"{where}: verification")
         known = {"schema_version", "producer", "model", "plan", "source", "destination",
                  "transfer", "stages", "verification", "input_sends"}
         bundle = Bundle(
-            path=path, model=ModelSpec.from_json(_need(doc, "model", where)),
+            path=path, model=ModelSpec.from_json(required(doc, "model", where)),
             plan=dict(plan), stages=tuple(StageSpec.from_json(s) for s in stages_doc),
             input_sends=_sends(doc.get("input_sends", []), where),
-            source=_str(doc.get("source"), f"{where}: source", optional=True),
-            destination=_str(doc.get("destination"), f"{where}: destination", optional=True),
+            source=as_str(doc.get("source"), f"{where}: source", optional=True),
+            destination=as_str(doc.get("destination"), f"{where}: destination", optional=True),
             verification=verification,
             transfer=str(doc.get("transfer", "forwarded")), schema_version=version,
             producer=str(doc.get("producer", "")),
             extra={k: v for k, v in doc.items() if k not in known})
-        return upgrade_chain(bundle) if version == 1 else bundle
+        if version == 1:
+            from stagebundle.schema1 import upgrade_chain
 
-
-def upgrade_chain(bundle: Bundle) -> Bundle:
-    """A schema-1 bundle with the sends its chain semantics imply.
-
-    Schema 1: the source sends the model inputs to stage 0; stage ``i`` sends every tensor
-    it has (received or produced) that a later stage reads or that is a model output to
-    stage ``i + 1``; the last stage sends the model outputs to the destination.
-    """
-    from dataclasses import replace
-
-    stages = bundle.stages
-    needed_after: list[set[str]] = []
-    need = {t.name for t in bundle.outputs}
-    for s in reversed(stages):
-        needed_after.append(set(need))
-        need |= {t.name for t in s.inputs}
-    needed_after.reverse()
-    have = {t.name for t in bundle.inputs}
-    input_sends = (Send(unit_key(0), tuple(Piece(t.name) for t in bundle.inputs
-                                           if t.name in need)),)
-    out: list[StageSpec] = []
-    for i, s in enumerate(stages):
-        have |= {t.name for t in s.outputs}
-        target = unit_key(i + 1) if i + 1 < len(stages) else OUTPUT
-        carry = [n for n in _ordered(bundle, s) if n in have and n in needed_after[i]]
-        out.append(replace(s, sends=(Send(target, tuple(Piece(n) for n in carry)),)))
-    return replace(bundle, stages=tuple(out), input_sends=input_sends)
-
-
-def _ordered(bundle: Bundle, stage: StageSpec) -> Sequence[str]:
-    """Names a stage may hold, in a deterministic order (inputs, received, produced)."""
-    names = [t.name for t in bundle.inputs] + [t.name for t in stage.inputs]
-    names += [t.name for t in stage.forward] + [t.name for t in stage.outputs]
-    return list(dict.fromkeys(names))
+            return upgrade_chain(bundle)
+        return bundle
