@@ -161,27 +161,26 @@ def _profiled_prices(graph: LayerGraph, dev: Device, freq: str | None, prof: Mea
     at_freq = cols.freq == code
     keys = cols.first[at_freq] * n_layers + cols.last[at_freq]
     order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    lat_m, en_m = cols.latency[at_freq][order], cols.energy[at_freq][order]
+    # one sentinel entry past every key (-1 matches no bundle), so a lookup always indexes
+    keys = np.append(keys[order], -1)
+    lat_m = np.append(cols.latency[at_freq][order], math.nan)
+    en_m = np.append(cols.energy[at_freq][order], math.nan)
+
+    def lookup(want: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Measured or not, latency and energy (NaN where not) of the bundles ``want``."""
+        k = np.minimum(np.searchsorted(keys[:-1], want), len(keys) - 1)
+        hit = keys[k] == want
+        return hit, np.where(hit, lat_m[k], math.nan), np.where(hit, en_m[k], math.nan)
+
     first, last = layer_of[starts], layer_of[lasts]
-
-    def lookup(want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
-        hit = (keys[k] == want) if len(keys) else np.zeros(len(want), bool)
-        return hit, k
-
-    hit, k = lookup(first * n_layers + last)
-    latency = np.where(hit, lat_m[k] if len(keys) else 0.0, math.nan)
-    energy = np.where(hit, en_m[k] if len(keys) else 0.0, math.nan)
+    hit, latency, energy = lookup(first * n_layers + last)
     if hit.all():
         return latency, energy
     missing_ok = np.zeros(len(hit), dtype=bool)
     if prof.lazy:
         # single layer latencies and energies of the positions, then running sums
-        s_hit, s_k = lookup(layer_of.clip(min=0) * n_layers + layer_of.clip(min=0))
-        s_hit &= layer_of >= 0
-        s_lat = np.where(s_hit, lat_m[s_k] if len(keys) else 0.0, math.nan)
-        s_en = np.where(s_hit, en_m[s_k] if len(keys) else 0.0, math.nan)
+        # (a pseudo position, layer -1, asks for key -1 - n: never measured)
+        _, s_lat, s_en = lookup(layer_of * n_layers + layer_of)
         width = int(cs.max()) + 1
         run_lat = _running(s_lat, width)[starts, cs]
         # energy: None when any single has none (NaN propagates)
