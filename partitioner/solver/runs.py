@@ -81,6 +81,24 @@ def _flat(table: ir.CostTable, devices: tuple[str, ...], f_index: list[dict[str 
     return dk, fq, bi, bj, bt, bh, be
 
 
+def _from_columns(prices: BundlePrices, devices: tuple[str, ...],
+                  f_index: list[dict[str | None, int]], preload: bool
+                  ) -> tuple[np.ndarray, ...]:
+    """The same flat arrays from a table already held as columns (``build_cost_table``):
+    only its device and frequency indices are mapped to the run arrays' (-1: none)."""
+    slot = np.full((len(prices.devices) + 1, max(map(len, prices.freqs), default=0) + 1), -1)
+    for k, d in enumerate(prices.devices):
+        if d in devices:
+            for q, f in enumerate(prices.freqs[k]):
+                slot[k, q] = f_index[devices.index(d)].get(f, -1)
+    fq = slot[prices.device, prices.freq]
+    dk = np.where(fq >= 0, np.array([devices.index(d) if d in devices else -1
+                                     for d in prices.devices] or [-1])[prices.device], -1)
+    bh = prices.hidden if preload else np.zeros(len(prices))
+    return (dk, fq, prices.first, prices.last, prices.time(), bh,
+            np.nan_to_num(prices.energy, nan=0.0))
+
+
 def run_arrays(table: ir.CostTable) -> RunArrays:
     """Price every run and every cut of ``table`` as arrays (O(n^2 D F) numbers)."""
     pos = table.positions
@@ -100,22 +118,8 @@ def run_arrays(table: ir.CostTable) -> RunArrays:
                                 np.cumsum(allowed, axis=1)], axis=1)
     ends = _first_bundle_ends(table)
     preload = table.preload
-    prices = table.bundles
-    if isinstance(prices, BundlePrices):
-        # columns already (build_cost_table): map its device and frequency indices
-        dev_map = np.array([dev_index.get(d, -1) for d in prices.devices] or [-1])
-        q_map = [np.array([f_index[dev_index[d]].get(f, -1) if d in dev_index else -1
-                           for f in prices.freqs[k]] or [-1])
-                 for k, d in enumerate(prices.devices)]
-        dk = dev_map[prices.device]
-        fq = np.full(len(prices), -1)
-        for k, qm in enumerate(q_map):
-            at = prices.device == k
-            fq[at] = qm[prices.freq[at]]
-        bi, bj, bt = prices.first, prices.last, prices.time()
-        bh = prices.hidden if preload else np.zeros(len(prices))
-        be = np.nan_to_num(prices.energy, nan=0.0)
-        dk = np.where(fq >= 0, dk, -1)
+    if isinstance(table.bundles, BundlePrices):
+        dk, fq, bi, bj, bt, bh, be = _from_columns(table.bundles, devices, f_index, preload)
     else:
         dk, fq, bi, bj, bt, bh, be = _flat(table, devices, f_index, preload)
     ok = (dk >= 0) & (bi >= 0) & (bi <= bj) & (bj < n)
