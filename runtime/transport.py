@@ -13,6 +13,7 @@ tensor bytes are never copied in Python. Receiving reads the whole body into one
 
 from __future__ import annotations
 
+import functools
 import math
 import select
 import socket
@@ -55,6 +56,7 @@ class ConnectionClosed(Exception):
     """The peer closed the connection cleanly between two frames."""
 
 
+@functools.lru_cache(maxsize=1024)  # every message names its reply address and route
 def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` also accepted) -> ``(host, port)``."""
     host, sep, port = text.strip().rpartition(":")
