@@ -73,16 +73,22 @@ class BundleView:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self.bundle.outputs
 
-    @property
+    # made once: the manifest's Bundle builds its Unit objects afresh on every call, and
+    # the executor asks for the devices of a plan on every request
+    @cached_property
     def devices(self) -> tuple[str, ...]:
         return self.bundle.devices
 
+    @cached_property
+    def _units(self) -> tuple[Unit, ...]:
+        return tuple(self.bundle.units())
+
     def units(self) -> Iterator[Unit]:
-        return self.bundle.units()
+        return iter(self._units)
 
     @cached_property
     def unit_map(self) -> dict[str, Unit]:
-        return {u.key: u for u in self.bundle.units()}
+        return {u.key: u for u in self._units}
 
     @cached_property
     def senders(self) -> dict[str, tuple[str, ...]]:
