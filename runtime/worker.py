@@ -18,6 +18,7 @@ Request flow (push style: the executor never relays intermediate tensors):
    request (workers need no static configuration of each other), or is handed over
    in-process when the receiving unit is served here; messages for ``"output"`` go to
    ``reply`` (the executor). A skip tensor thus goes straight to the units that read it.
+   (The sending side is :mod:`runtime.sending`, the base class of :class:`Worker`.)
 
 Memory is bounded: at most ``max_inboxes`` inboxes wait for senders, an inbox whose
 deadline passed is dropped, and each unit's queue holds ``queue_depth`` requests; a full
@@ -35,18 +36,17 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtime.metrics import WorkerMetrics
-from runtime.protocol import Frame, ProtocolError
+from runtime.protocol import Frame
 from runtime.security import check_bind, token_matches
+from runtime.sending import Job, Sending, UnitKey
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import (
-    MAX_TIMINGS,
     BundleView,
     StageRunner,
     check_message,
@@ -57,29 +57,14 @@ from runtime.tls import TLSConfig
 from runtime.transport import ConnectionPool, format_address, parse_address
 from runtime.waiting import Busy, WaitingRoom
 from stagebundle.errors import UserError, fail
-from stagebundle.exits import exit_after
-from stagebundle.graph import Message, exit_messages, held_after, outgoing
-from stagebundle.manifest import OUTPUT, Unit
+from stagebundle.graph import Message
 
 __all__ = ["Worker", "Job", "Busy"]
 
 log = logging.getLogger("runtime.worker")
 
-UnitKey = tuple[str, str]  # (plan key, unit key)
 
-
-@dataclass
-class Job:
-    """A request whose inbox is complete, queued for one unit."""
-
-    header: dict[str, Any]
-    tensors: dict[str, np.ndarray]
-    deadline: float  # time.monotonic() by which the request must be done
-    received: float = field(default_factory=time.monotonic)  # its first message arrived
-    ready: float = field(default_factory=time.monotonic)  # its last message arrived
-
-
-class Worker:
+class Worker(Sending):
     """Serve the units of ``device`` from the bundle at ``bundle_dir``.
 
     ``inline`` (class attribute): run an idle unit in the receiving connection's thread.
@@ -214,19 +199,22 @@ class Worker:
             for unit in view.units():
                 if unit.device != self.device:
                     continue
-                k = (key, unit.key)
-                self.runners[k] = StageRunner(unit, view.root,
-                                              threads=self.threads, spin=self.spin)
-                self.queues[k] = queue.Queue(self.queue_depth)
-                self.locks[k] = threading.Lock()
-                t = threading.Thread(target=self._unit_loop, args=(k,),
-                                     name=f"unit-{unit.key}", daemon=True)
-                self._threads.append(t)
-                if start:
-                    t.start()
+                self._serve_unit((key, unit.key), StageRunner(
+                    unit, view.root, threads=self.threads, spin=self.spin), start)
             self.views[key] = view
             added.append(key)
         return added
+
+    def _serve_unit(self, key: UnitKey, runner: StageRunner, start: bool) -> None:
+        """Serve ``runner``'s unit under ``key``: its queue, lock and thread."""
+        self.runners[key] = runner
+        self.queues[key] = queue.Queue(self.queue_depth)
+        self.locks[key] = threading.Lock()
+        t = threading.Thread(target=self._unit_loop, args=(key,), name=f"unit-{key[1]}",
+                             daemon=True)
+        self._threads.append(t)
+        if start:
+            t.start()
 
     def reload(self) -> list[str]:
         """Rescan the bundle directory for new fallback bundles and serve their units.
@@ -254,13 +242,7 @@ class Worker:
                                                 spin=self.spin)
                       for u in view.units() if u.device == self.device}
             for k, runner in staged.items():
-                self.runners[k] = runner
-                self.queues[k] = queue.Queue(self.queue_depth)
-                self.locks[k] = threading.Lock()
-                t = threading.Thread(target=self._unit_loop, args=(k,),
-                                     name=f"unit-{k[1]}", daemon=True)
-                self._threads.append(t)
-                t.start()
+                self._serve_unit(k, runner, start=True)
             self.views[key] = view
             self.server.max_body = max(self.server.max_body, self._max_body())
 
@@ -436,17 +418,6 @@ class Worker:
                   "timings": box.timings, "timed": first.get("timed") is True}
         return Job(header, assembled, box.deadline, box.opened, now)
 
-    def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
-        """Send a message to the request's reply address (best effort)."""
-        reply = h.get("reply")
-        if not isinstance(reply, str):
-            return
-        try:
-            addr = parse_address(reply)
-            self.pool.send(addr, {**msg, "token": self.token}, timeout=2.0)
-        except (OSError, ValueError) as err:
-            log.warning("cannot report to %s: %s", reply, err)
-
     def _reap_loop(self) -> None:
         """Drop the inboxes whose deadline passed (their other senders never came)."""
         while not self._stop.wait(0.5):
@@ -482,13 +453,6 @@ class Worker:
         finally:
             self.locks[key].release()
 
-    def _fail(self, job: Job, code: str, message: str, **extra: Any) -> None:
-        self._count("failed")
-        h = job.header
-        self._notify(h, {"type": "error", "code": code, "id": h["id"],
-                         "attempt": h.get("attempt"), "stage": h.get("unit"),
-                         "device": self.device, "message": message, **extra})
-
     def _process(self, key: UnitKey, runner: StageRunner, job: Job) -> None:
         h = job.header
         start = time.monotonic()
@@ -506,120 +470,6 @@ class Worker:
         finally:  # off the critical path: once the messages are out
             self.metrics.record_unit(key[0], key[1], done - start, start - job.ready,
                                      job.ready - job.received)
-
-    def _forward(self, key: UnitKey, unit: Unit, job: Job, produced: dict[str, np.ndarray],
-                 start: float, done: float) -> None:
-        """Send what ``unit`` produced for ``job`` to the units (or destination) next."""
-        h = job.header
-        timings = list(h["timings"])[:MAX_TIMINGS - 1]
-        # "start" is wall-clock (for traces across hosts with synchronised clocks);
-        # "wait": for the other senders, "queue": behind earlier requests
-        timings.append({"stage": key[1], "device": self.device,
-                        "wait": job.ready - job.received, "queue": start - job.ready,
-                        "compute": done - start, "start": time.time() - (done - start)})
-        if job.deadline - done <= 0:
-            self._fail(job, "deadline", f"request {h['id']}: deadline passed during stage "
-                       f"{key[1]} on {self.device}")
-            return
-        what = f"request {h['id']}: stage {unit.key} on {self.device}"
-        messages = outgoing(unit, held_after(unit, job.tensors, produced), what)
-        # an early-exit head whose rule holds: only the head's output goes out, to the
-        # destination, naming the exit; the later units never see this request
-        taken = exit_after(unit, produced, h["id"])
-        if taken is not None:
-            messages = exit_messages(messages)
-            self._count("exited")
-        for to, message in messages:
-            if not self._send(key[0], job, to, message, timings, taken):
-                return
-        self._count("completed")
-
-    def _send(self, plan: str, job: Job, to: str, message: Message,
-              timings: list[dict[str, Any]], exit_name: str | None = None) -> bool:
-        """Send one message of ``job``'s unit to unit ``to`` (or the destination)."""
-        h = job.header
-        budget = job.deadline - time.monotonic()
-        if budget <= 0:
-            self._fail(job, "deadline", f"request {h['id']}: deadline passed sending from "
-                       f"stage {h['unit']} on {self.device}")
-            return False
-        header: dict[str, Any] = {
-            "id": h["id"], "attempt": h["attempt"], "plan": plan, "from": h["unit"],
-            "rows": {n: None if r is None else list(r) for n, (r, _) in message.items()},
-            "timings": timings, "token": self.token, "timed": h.get("timed", False)}
-        arrays = {n: a for n, (_, a) in message.items()}
-        if to == OUTPUT:
-            header["type"] = "result"
-            if exit_name is not None:
-                header["exit"] = exit_name
-            try:
-                self._timed_send(self.views[plan].bundle.destination or "reply",
-                                 parse_address(h["reply"]), header, arrays, budget)
-            except OSError as err:
-                log.warning("request %s: cannot return the result to %s: %s", h["id"],
-                            h["reply"], err)
-            return True
-        header.update(type="infer", unit=to, route=h["route"], reply=h["reply"],
-                      budget=budget)
-        target = self.views[plan].unit_map[to]
-        if target.device == self.device and (plan, to) in self.runners:
-            return self._hand_over(job, header, arrays)  # no network hop
-        host = h["route"].get(target.device)
-        if host is None:
-            self._fail(job, "no_route", f"request {h['id']}: the route names no host for "
-                       f"device {target.device} (stage {to})", failed_device=target.device)
-            return False
-        try:
-            addr = parse_address(host)
-        except ValueError as err:
-            self._fail(job, "no_route", f"request {h['id']}: {err}",
-                       failed_device=target.device)
-            return False
-        try:
-            self._timed_send(target.device, addr, header, arrays, min(budget, 10.0))
-        except OSError as err:
-            self.pool.drop(addr)
-            self._fail(job, "unreachable", f"request {h['id']}: stage {h['unit']} on "
-                       f"{self.device} cannot reach device {target.device} at {host}: "
-                       f"{err.__class__.__name__}: {err}", failed_device=target.device)
-            return False
-        return True
-
-    def _timed_send(self, peer: str, addr: tuple[str, int], header: dict[str, Any],
-                    arrays: Mapping[str, np.ndarray], timeout: float) -> None:
-        """Send and measure (:mod:`runtime.metrics`): for a request the executor marked
-        ``timed`` (live adaptation: it answers results too), one transfer in
-        ``LINK_SAMPLE`` per peer waits for the receiver's ``accepted``."""
-        nbytes = sum(a.nbytes for a in arrays.values())
-        t0 = time.monotonic()
-        if not header.get("timed") or not self.metrics.sample(peer):
-            self.pool.send(addr, header, arrays, timeout=timeout)
-            self.metrics.record_send(peer, nbytes, time.monotonic() - t0)
-            return
-        try:
-            reply = self.pool.request(addr, {**header, "ack": True}, arrays, timeout=timeout)
-        except ProtocolError as err:
-            raise OSError(f"bad answer from {format_address(addr)}: {err}") from None
-        seconds = time.monotonic() - t0
-        self.metrics.record_send(peer, nbytes, seconds)
-        if reply.header.get("type") == "accepted":  # a refusal was reported by the peer
-            self.metrics.record_transfer(peer, nbytes, seconds)
-
-    def _hand_over(self, job: Job, header: dict[str, Any],
-                   arrays: Mapping[str, np.ndarray]) -> bool:
-        """Deliver a message to a unit served by this worker, without the network."""
-        try:
-            nxt = self._admit(header, arrays, checked=True)
-            if nxt is not None:
-                self._enqueue((header["plan"], header["unit"]), nxt)
-        except Busy as err:
-            self._count("busy")
-            self._fail(job, "busy", str(err))
-            return False
-        except UserError as err:
-            self._fail(job, "stage_failed", str(err))
-            return False
-        return True
 
 
 def _id(h: Mapping[str, Any]) -> str:
