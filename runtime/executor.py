@@ -6,7 +6,8 @@ ONNX Runtime in one process (``runtime run --local``), by the very rules the wor
 :func:`stagebundle.graph.take_rows`) to the host of each receiving unit, with the route
 (device -> host:port) and a reply address, and gathers every message the units send to
 ``"output"`` in an :class:`~stagebundle.graph.Inbox` (the row pieces of a split last
-stage are assembled there); it never relays intermediate tensors.
+stage are assembled there; the receiving side is :mod:`runtime.gathering`, the base class
+of :class:`RemoteExecutor`); it never relays intermediate tensors.
 
 Reliability (issue 5): every request has an id and a deadline. The executor probes the
 hosts of the requests in flight (liveness frames) every ``probe_interval`` seconds; when a
@@ -31,12 +32,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.gathering import Gathering, Pending, set_exception
 from runtime.local import (
     LocalExecutor,
     RequestError,
@@ -45,15 +46,12 @@ from runtime.local import (
     views_of,
 )
 from runtime.metrics import WorkerMetrics
-from runtime.protocol import Frame, ProtocolError
-from runtime.security import check_bind, token_matches
+from runtime.protocol import ProtocolError
+from runtime.security import check_bind
 from runtime.server import FrameServer, bind_listener
 from runtime.stages import (
     BundleView,
-    check_message,
-    merge_timings,
     open_bundle,
-    piece_rows,
 )
 from runtime.tls import TLSConfig
 from runtime.transport import (
@@ -65,16 +63,13 @@ from runtime.transport import (
     send_frame,
 )
 from stagebundle.errors import UserError, fail
-from stagebundle.graph import Inbox, Message, outgoing
+from stagebundle.graph import Inbox, outgoing
 from stagebundle.manifest import INPUT, OUTPUT
 
 __all__ = ["RequestError", "LocalExecutor", "RemoteExecutor", "check_model_inputs", "probe",
            "probe_status"]
 
 log = logging.getLogger("runtime.executor")
-
-RETRYABLE = frozenset({"unreachable", "no_route", "deadline"})
-
 
 def probe_status(addr: tuple[str, int], timeout: float = 1.0,
                  tls: ssl.SSLContext | None = None) -> str:
@@ -97,26 +92,7 @@ def probe(addr: tuple[str, int], timeout: float = 1.0,
     return probe_status(addr, timeout, tls) == "ok"
 
 
-@dataclass
-class _Pending:
-    id: str
-    inputs: dict[str, np.ndarray]
-    future: cf.Future[dict[str, np.ndarray]]
-    deadline: float
-    start: float = field(default_factory=time.perf_counter)
-    attempt: int = 0
-    plan: str = "main"
-    devices: frozenset[str] = frozenset()
-    attempt_deadline: float = 0.0
-    history: list[str] = field(default_factory=list)
-    retrying: bool = False  # a retry is scheduled: no second one for the same attempt
-    pinned: str | None = None  # only this plan (a switch's trial request), no fail-over
-    # per attempt: its plan, the inbox gathering its "output" messages, their timings
-    gathering: dict[int, tuple[str, Inbox, list[dict[str, Any]]]] = field(
-        default_factory=dict)
-
-
-class RemoteExecutor:
+class RemoteExecutor(Gathering):
     """Drive workers: ``infer`` / ``submit`` as with :class:`LocalExecutor`.
 
     Args:
@@ -169,7 +145,7 @@ class RemoteExecutor:
         self.down: set[str] = set()
         self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.duplicates = 0
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._id_prefix, self._ids = secrets.token_hex(8), itertools.count(1)
         self._lock = threading.RLock()
         # live adaptation (runtime.adapt): the plan new requests start on, the number of
@@ -221,7 +197,7 @@ class RemoteExecutor:
         # worker serves, without an os.urandom call per request
         rid, fut, feeds = new_request(self.view, inputs,
                                       request_id or f"{self._id_prefix}-{next(self._ids)}")
-        p = _Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout, pinned=plan)
+        p = Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout, pinned=plan)
         with self._lock:
             if rid in self._pending:
                 fail(f"request {rid}: id already in flight")
@@ -266,7 +242,7 @@ class RemoteExecutor:
             pending = list(self._pending.values())
             self._pending.clear()
         for p in pending:
-            _set_exception(p.future, RequestError(f"request {p.id}: executor closed"))
+            set_exception(p.future, RequestError(f"request {p.id}: executor closed"))
 
     def __enter__(self) -> RemoteExecutor:
         return self
@@ -311,7 +287,7 @@ class RemoteExecutor:
         self.open_plan(new)
         return True
 
-    def _dispatch(self, p: _Pending, reason: str | None) -> None:
+    def _dispatch(self, p: Pending, reason: str | None) -> None:
         """Send attempt ``p.attempt + 1`` of ``p`` (or fail it when it cannot be)."""
         tried_replan: set[frozenset[str]] = set()
         while True:
@@ -395,118 +371,7 @@ class RemoteExecutor:
                                            f"{str(h.get('message'))[:300]}")
                 return
 
-    def _finish_error(self, p: _Pending, why: str) -> None:
-        self._pending.pop(p.id, None)
-        p.future.record = {  # type: ignore[attr-defined]
-            "id": p.id, "plan": p.plan if p.attempt else None, "attempts": p.attempt,
-            "latency": time.perf_counter() - p.start, "timings": [], "retries": p.history,
-            "trial": p.pinned is not None, "error": why}
-        _set_exception(p.future, RequestError(f"request {p.id}: {why}"))
-
-    # ------------------------------------------------------------------ messages
-    def _on_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
-        reply = self._handle_message(frame, peer)
-        if reply is None and frame.header.get("ack") and frame.header.get("type") == "result":
-            return {"type": "accepted", "id": frame.header.get("id")}  # a timed transfer
-        return reply
-
-    def _handle_message(self, frame: Frame, peer: str) -> dict[str, Any] | None:
-        h = frame.header
-        if h.get("type") == "health":
-            return {"type": "health", "live": True}
-        if not token_matches(self.token, h.get("token")):
-            log.warning("dropped a frame from %s: missing or wrong token", peer)
-            return {"type": "error", "code": "unauthorized", "close": True}
-        rid = h.get("id")
-        with self._lock:
-            p = self._pending.get(rid) if isinstance(rid, str) else None
-            if p is None:
-                self.duplicates += h.get("type") == "result"
-                return None
-            if h.get("type") == "result":
-                self._on_result(p, frame, peer)
-                return None
-            if h.get("type") != "error" or h.get("attempt") != p.attempt:
-                return None  # a stale attempt's error: the newer attempt decides
-            code, msg = h.get("code"), str(h.get("message", ""))[:500]
-            failed = h.get("failed_device")
-            if code not in RETRYABLE:
-                self._finish_error(p, msg or str(code))
-                return None
-            if isinstance(failed, str):
-                self.down.add(failed)
-            if p.retrying:
-                return None
-            p.retrying = True
-        self._retry_async(p, f"attempt {p.attempt}: {msg}")
-        return None
-
-    def _on_result(self, p: _Pending, frame: Frame, peer: str) -> None:
-        """File one "output" message of ``p`` (the lock is held)."""
-        h = frame.header
-        attempt = h.get("attempt")
-        sender = h.get("from")
-        if not isinstance(attempt, int) or attempt not in p.gathering:
-            self.duplicates += 1
-            return
-        plan = p.gathering[attempt][0]
-        where = f"result of request {p.id} from {peer}"
-        try:
-            if not isinstance(sender, str):
-                fail(f"{where}: no sender ('from')")
-            rows = piece_rows(h, frame.tensors, where)
-            check_message(self.views[plan], sender, OUTPUT, frame.tensors, rows, where)
-        except UserError as err:
-            self._finish_error(p, f"bad result: {err}")
-            return
-        message = {n: (rows[n], a) for n, a in frame.tensors.items()}
-        exit_name = h.get("exit")
-        if exit_name is not None:
-            unit = self.views[plan].unit_map.get(sender)
-            rule = getattr(unit, "exit", None) or {}
-            if exit_name != rule.get("output"):
-                self._finish_error(p, f"bad result: {where} names exit {exit_name!r}, which "
-                                   f"is not the head of stage {sender}")
-                return
-        self._gather(p, attempt, sender, message, h.get("timings"), where, exit_name)
-
-    def _gather(self, p: _Pending, attempt: int, sender: str, message: Message,
-                timings: Any, where: str, exit_name: str | None = None) -> None:
-        """Add a message for ``"output"``; the first attempt complete answers ``p``. A
-        message that names an exit head completes the request with that output alone."""
-        with self._lock:
-            if p.id not in self._pending:
-                self.duplicates += 1
-                return
-            plan, inbox, merged = p.gathering[attempt]
-            try:
-                if sender in inbox.received:  # a repeat: never answered twice
-                    self.duplicates += 1
-                    return
-                inbox.add(sender, message)
-                merge_timings(merged, timings)
-                if exit_name is not None:
-                    spec = [t for t in self.views[plan].outputs if t.name == exit_name]
-                    outputs = Inbox((sender,), {sender: message}).tensors(spec, where)
-                elif not inbox.complete:
-                    return
-                else:
-                    outputs = inbox.tensors(self.views[plan].outputs, where)
-            except UserError as err:
-                self._finish_error(p, f"bad result: {err}")
-                return
-            self._pending.pop(p.id)
-            record = {"id": p.id, "plan": plan, "attempts": attempt,
-                      "latency": time.perf_counter() - p.start,
-                      "timings": merged, "retries": p.history, "exit": exit_name,
-                      "trial": p.pinned is not None}
-            self.records.append(record)
-            p.future.record = record  # type: ignore[attr-defined]
-            for observe in self.observers:
-                observe(record)
-            p.future.set_result(outputs)
-
-    def _retry_async(self, p: _Pending, reason: str) -> None:
+    def _retry_async(self, p: Pending, reason: str) -> None:
         threading.Thread(target=self._dispatch, args=(p, reason), daemon=True).start()
 
     # ------------------------------------------------------------------ monitor
@@ -522,7 +387,7 @@ class RemoteExecutor:
                 probe_status, addrs, [self.probe_timeout] * len(addrs),
                 [self.tls] * len(addrs)), strict=True))
             now = time.monotonic()
-            retry: list[tuple[_Pending, str]] = []
+            retry: list[tuple[Pending, str]] = []
             with self._lock:
                 for d, state in states.items():
                     # a refused connection is final; a slow answer must repeat before the
@@ -552,8 +417,3 @@ class RemoteExecutor:
             for p, why in retry:
                 log.warning("request %s: %s; retrying", p.id, why)
                 self._retry_async(p, why)
-
-
-def _set_exception(fut: cf.Future[Any], err: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(err)
