@@ -9,8 +9,9 @@ difference is the worker's own work per hop (Python and system calls); the recei
 (reading the frame) and waking the next process are not in it, so a chain's hop costs at
 least this. Both are measured twice: back to back (warm caches), and with a 64 MiB buffer
 swept between hops, as a stage's compute or another process leaves this core's caches in
-a real chain (the interpreter then runs from memory: the cold figures). Also, interleaved: the whole zoo model in one ONNX Runtime session against its
-three units chained in this thread (what cutting the graph costs, with no transport).
+a real chain (the interpreter then runs from memory: the cold figures). Also,
+interleaved: the whole zoo model in one ONNX Runtime session against its three units
+chained in this thread (what cutting the graph costs, with no transport).
 
 Usage: ``python benchmarks/worker_hop.py [--quick] [--models a,b] [--runs 500]``; writes
 ``results/worker_hop[_quick].json`` (no plot: one figure per model).
