@@ -124,3 +124,29 @@ def test_bad_model_files_are_one_line_and_exit_2(work, tmp_path) -> None:
         assert done.returncode == 2, done.stderr
         assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], done.stderr
         assert done.stdout == ""
+
+
+_MODULES_AFTER_PLAN = """
+import sys
+from partitioner.cli import main
+rc = main(["plan", *sys.argv[1:]])
+print(rc, " ".join(sorted(m for m in sys.modules if m == "mip" or m.startswith("mip."))))
+"""
+
+
+@pytest.mark.parametrize("extra, integer_program", [([], False),
+                                                    (["--max-latency", "10"], True)])
+def test_mip_is_imported_only_when_an_integer_program_is_solved(work, extra,
+                                                                integer_program) -> None:
+    """The fast paths (no caps, memories that hold any placement) never load python-mip;
+    a latency cap needs the integer program, and it still solves."""
+    done = subprocess.run([sys.executable, "-c", _MODULES_AFTER_PLAN,
+                           str(work / "tiny_cnn.onnx"), "--system", str(work / "system.toml"),
+                           "--json", *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    *doc, last = done.stdout.strip().splitlines()
+    assert json.loads("\n".join(doc))["status"] == "optimal"
+    rc, *loaded = last.split()
+    assert rc == "0"
+    assert ("mip" in loaded) is integer_program, loaded
