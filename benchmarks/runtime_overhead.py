@@ -137,9 +137,11 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
                 [lambda: full.run(None, feeds), lambda: lx.infer(feeds),
                  lambda: rx.infer(feeds)], iters)
             recs = list(rx.records)[-iters:]
-            served_compute = sum(statistics.median(t["compute"] for r in recs
-                                                   for t in r["timings"] if t["stage"] == u.key)
-                                 for u in units)
+            served = [statistics.median(t["compute"] for r in recs
+                                        for t in r["timings"] if t["stage"] == u.key)
+                      for u in units]
+            served_compute = sum(served)
+            breakdown = _breakdown(recs)
             n_pipe = max(2 * iters, 40)
             t0 = time.perf_counter()
             inflight: list[Any] = []
@@ -169,6 +171,13 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         # hops: executor -> stage 0 -> ... -> last stage -> executor
         "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(units) + 1),
         "served_compute_ms": served_compute * 1e3,
+        # where a served request's time goes, from the workers' own timing records (one
+        # host, one clock): each stage's compute as served against the same unit alone,
+        # the hops between stages (sender's work after its compute to the receiver's
+        # compute start) and the executor's two ends (send the input, take the result)
+        "served_compute_per_stage_ms": [t * 1e3 for t in served],
+        "alone_compute_per_stage_ms": [t * 1e3 for t in stage_t],
+        **breakdown,
         "pipelined_images_per_s": n_pipe / pipe_wall,
         "bottleneck_bound_images_per_s": 1.0 / max(stage_t),
         "cpu_bound_images_per_s": min(os.cpu_count() or 1, len(stage_t)) / sum(stage_t),
@@ -177,12 +186,32 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         # stages of different requests ran at the same time
         "pipelined_stage_overlap": overlap,
     }
+    print(f"{name}: served compute {served_compute * 1e3:.2f} ms (stages alone "
+          f"{sum(stage_t) * 1e3:.2f}), hops between stages "
+          f"{', '.join(f'{g:.3f}' for g in breakdown['inner_hop_ms'])} ms, executor's ends "
+          f"{breakdown['executor_ends_ms']:.3f} ms", file=sys.stderr)
     print(f"{name}: full {row['full_ms']:.2f} ms, local chain {row['local_chain_ms']:.2f} ms,"
           f" remote chain {row['remote_chain_ms']:.2f} ms; pipelined "
           f"{row['pipelined_images_per_s']:.1f}/s (bound "
           f"{row['bottleneck_bound_images_per_s']:.1f}/s, cpu bound "
           f"{row['cpu_bound_images_per_s']:.1f}/s, overlap {overlap:.2f})", file=sys.stderr)
     return row
+
+
+def _breakdown(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over requests: each hop between consecutive stages (one stage's compute end
+    to the next one's compute start, wall clock) and the executor's two ends together
+    (latency minus first compute start to last compute end)."""
+    inner: list[list[float]] = []
+    ends: list[float] = []
+    for r in records:
+        ts = sorted(r["timings"], key=lambda t: t["start"])
+        gaps = [b["start"] - (a["start"] + a["compute"]) for a, b in zip(ts, ts[1:], strict=False)]
+        inner.append(gaps)
+        ends.append(r["latency"] - (ts[-1]["start"] + ts[-1]["compute"] - ts[0]["start"]))
+    n = min(map(len, inner)) if inner else 0
+    return {"inner_hop_ms": [statistics.median(g[k] for g in inner) * 1e3 for k in range(n)],
+            "executor_ends_ms": statistics.median(ends) * 1e3 if ends else float("nan")}
 
 
 # --------------------------------------------------------------------------- report

@@ -7,7 +7,9 @@ ONNX Runtime, the outgoing message encoded and sent (``sendmsg``) to a draining 
 another process — and timed, against the same unit run by ONNX Runtime alone. The
 difference is the worker's own work per hop (Python and system calls); the receive side
 (reading the frame) and waking the next process are not in it, so a chain's hop costs at
-least this. Also, interleaved: the whole zoo model in one ONNX Runtime session against its
+least this. Both are measured twice: back to back (warm caches), and with a 64 MiB buffer
+swept between hops, as a stage's compute or another process leaves this core's caches in
+a real chain (the interpreter then runs from memory: the cold figures). Also, interleaved: the whole zoo model in one ONNX Runtime session against its
 three units chained in this thread (what cutting the graph costs, with no transport).
 
 Usage: ``python benchmarks/worker_hop.py [--quick] [--models a,b] [--runs 500]``; writes
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, machine, result_paths, split_by_flops  # noqa: E402
 from partitioner.analysis.profiles import write_json_atomic  # noqa: E402
 
+EVICT_BYTES = 64 << 20  # larger than this host's last-level cache (32 MiB)
 SINK = """
 import socket, sys, threading
 sys.path.insert(0, sys.argv[1])
@@ -101,6 +104,21 @@ def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
         t2 = time.perf_counter()
         hops.append(t1 - t0)
         ort_runs.append(t2 - t1)
+    # the same, with this core's caches swept between hops (as a stage's compute, or
+    # another process, leaves them in a chain): what the worker's own work costs cold
+    sweep = np.ones(EVICT_BYTES // 8)
+    cold_hops, cold_ort = [], []
+    for k in range(max(20, runs // 5)):
+        sweep += 1.0
+        t0 = time.perf_counter()
+        hop(50_000 + k)
+        t1 = time.perf_counter()
+        sweep += 1.0
+        t2 = time.perf_counter()
+        runner.run(feed)
+        t3 = time.perf_counter()
+        cold_hops.append(t1 - t0)
+        cold_ort.append(t3 - t2)
     prof = cProfile.Profile()
     prof.enable()
     for k in range(min(runs, 200)):
@@ -114,6 +132,9 @@ def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
             "split_ratio": chain_ms / whole_ms,
             "tensor_bytes": int(sum(a.nbytes for a in tensors.values())),
             "hop_ms": hop_ms, "ort_ms": ort_ms, "worker_ms": hop_ms - ort_ms,
+            "cold_hop_ms": statistics.median(cold_hops) * 1e3,
+            "cold_ort_ms": statistics.median(cold_ort) * 1e3,
+            "cold_worker_ms": (statistics.median(cold_hops) - statistics.median(cold_ort)) * 1e3,
             "profiled_top_tottime": [
                 {"function": f"{Path(f).name}:{line}({fn})", "ms_per_hop":
                  v[2] / min(runs, 200) * 1e3} for (f, line, fn), v in top]}
@@ -170,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["machine_after"] = machine()
     for m in doc["models"]:
         print(f"{m['model']:>14}: {m['tensor_bytes'] / 1e3:8.1f} kB in, hop {m['hop_ms']:.3f} ms"
-              f" = ORT {m['ort_ms']:.3f} + worker {m['worker_ms']:.3f} ms; whole model "
+              f" = ORT {m['ort_ms']:.3f} + worker {m['worker_ms']:.3f} ms (caches swept: "
+              f"{m['cold_ort_ms']:.3f} + {m['cold_worker_ms']:.3f} ms); whole model "
               f"{m['whole_ms']:.2f} ms, 3 units chained {m['chained_units_ms']:.2f} ms "
               f"({m['split_ratio']:.3f}x)")
     out, _ = result_paths("worker_hop", ns.quick, ns.out)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import itertools
 import logging
+import secrets
 import ssl
 import threading
 import time
@@ -168,6 +170,7 @@ class RemoteExecutor:
         self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.duplicates = 0
         self._pending: dict[str, _Pending] = {}
+        self._id_prefix, self._ids = secrets.token_hex(8), itertools.count(1)
         self._lock = threading.RLock()
         # live adaptation (runtime.adapt): the plan new requests start on, the number of
         # requests submitted so far (a switch's request boundary), callbacks that see
@@ -214,7 +217,10 @@ class RemoteExecutor:
         is answered its ``record`` attribute holds the request's record (plan, attempts,
         latency, timings). ``plan``: run on that plan only, without fail-over (the trial
         request of a plan switch); it is not counted in :attr:`submitted`."""
-        rid, fut, feeds = new_request(self.view, inputs, request_id)
+        # a random prefix per executor and a counter: unique among the executors a
+        # worker serves, without an os.urandom call per request
+        rid, fut, feeds = new_request(self.view, inputs,
+                                      request_id or f"{self._id_prefix}-{next(self._ids)}")
         p = _Pending(rid, feeds, fut, deadline=time.monotonic() + self.timeout, pinned=plan)
         with self._lock:
             if rid in self._pending:

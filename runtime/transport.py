@@ -13,6 +13,7 @@ tensor bytes are never copied in Python. Receiving reads the whole body into one
 
 from __future__ import annotations
 
+import functools
 import math
 import select
 import socket
@@ -55,6 +56,7 @@ class ConnectionClosed(Exception):
     """The peer closed the connection cleanly between two frames."""
 
 
+@functools.lru_cache(maxsize=1024)  # every message names its reply address and route
 def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` also accepted) -> ``(host, port)``."""
     host, sep, port = text.strip().rpartition(":")
@@ -135,7 +137,7 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
     The deadline bounds the whole read, not each ``recv``: a peer that dribbles a byte
     now and then cannot keep a frame open. Leaves the socket in timeout mode.
     """
-    got, size = 0, len(view)
+    got, size = _take_ready(sock, view, deadline, what), len(view)
     while got < size:
         if got and _bulk_path(sock, size - got):
             _fill_bulk(sock, view[got:], deadline, what)
@@ -148,6 +150,24 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
         got += n
 
 
+def _take_ready(sock: socket.socket, view: memoryview | list[memoryview],
+                deadline: float | None, what: str) -> int:
+    """What already waits in the socket, in one call: :func:`recv_frame` leaves a plain
+    socket non-blocking while it reads the rest of a frame that has a deadline, so a
+    read that has its bytes costs no ``poll`` and no timeout change. 0 when nothing is
+    there (the caller then waits, bounded by the deadline)."""
+    if deadline is None or sock.gettimeout() != 0.0:
+        return 0
+    try:
+        n = sock.recvmsg_into(view)[0] if isinstance(view, list) else sock.recv_into(view)
+    except BlockingIOError:
+        return 0
+    if not n:
+        size = sum(map(len, view)) if isinstance(view, list) else len(view)
+        raise _truncated(0, size, what)
+    return n
+
+
 def _fill_pair(sock: socket.socket, head: memoryview, body: memoryview,
                deadline: float | None) -> None:
     """Fill a small frame's header and body with one ``recvmsg_into`` (both usually wait
@@ -156,7 +176,8 @@ def _fill_pair(sock: socket.socket, head: memoryview, body: memoryview,
         _fill(sock, head, deadline, "header")
         _fill(sock, body, deadline, "body")
         return
-    size, got = len(head) + len(body), 0
+    size = len(head) + len(body)
+    got = _take_ready(sock, [head, body], deadline, "header and body")
     while got < size:
         if deadline is not None:
             sock.settimeout(_time_left(deadline, "header"))
@@ -274,6 +295,9 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
         frame_deadline = None if frame_timeout is None else start + frame_timeout
         head_deadline = frame_deadline if header_timeout is None else min(
             start + header_timeout, math.inf if frame_deadline is None else frame_deadline)
+    if frame_deadline is not None and head_deadline is not None \
+            and type(sock) is socket.socket:
+        sock.settimeout(0.0)  # the rest usually waits in the socket already: _take_ready
     try:
         try:
             if n < PREFIX.size:
@@ -409,7 +433,7 @@ class ConnectionPool:
             fresh = sock is None
             if sock is None:
                 sock = connect(addr, limit, self.tls)
-            else:
+            elif sock.gettimeout() != limit:  # (a system call: usually the same limit)
                 sock.settimeout(limit)
             try:
                 result, keep = exchange(sock, limit)

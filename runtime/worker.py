@@ -59,7 +59,7 @@ from runtime.waiting import Busy, WaitingRoom
 from stagebundle.errors import UserError, fail
 from stagebundle.exits import exit_after
 from stagebundle.graph import Message, exit_messages, held_after, outgoing
-from stagebundle.manifest import OUTPUT
+from stagebundle.manifest import OUTPUT, Unit
 
 __all__ = ["Worker", "Job", "Busy"]
 
@@ -501,8 +501,16 @@ class Worker:
         if self.slowdown is not None and self.slowdown > 1.0:  # test/benchmark aid
             time.sleep((self.slowdown - 1.0) * (done - start))
             done = time.monotonic()
-        self.metrics.record_unit(key[0], key[1], done - start, start - job.ready,
-                                 job.ready - job.received)
+        try:
+            self._forward(key, runner.unit, job, produced, start, done)
+        finally:  # off the critical path: once the messages are out
+            self.metrics.record_unit(key[0], key[1], done - start, start - job.ready,
+                                     job.ready - job.received)
+
+    def _forward(self, key: UnitKey, unit: Unit, job: Job, produced: dict[str, np.ndarray],
+                 start: float, done: float) -> None:
+        """Send what ``unit`` produced for ``job`` to the units (or destination) next."""
+        h = job.header
         timings = list(h["timings"])[:MAX_TIMINGS - 1]
         # "start" is wall-clock (for traces across hosts with synchronised clocks);
         # "wait": for the other senders, "queue": behind earlier requests
@@ -513,7 +521,6 @@ class Worker:
             self._fail(job, "deadline", f"request {h['id']}: deadline passed during stage "
                        f"{key[1]} on {self.device}")
             return
-        unit = runner.unit
         what = f"request {h['id']}: stage {unit.key} on {self.device}"
         messages = outgoing(unit, held_after(unit, job.tensors, produced), what)
         # an early-exit head whose rule holds: only the head's output goes out, to the
