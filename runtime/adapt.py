@@ -16,6 +16,8 @@ fail-over). Every ``window`` seconds it
    re-estimate exceeds the new optimum's by more than ``margin`` (relative) for
    ``windows`` consecutive windows with the *same* better plan, and at least
    ``min_interval`` seconds after the previous switch - no flapping on noise.
+   The rule, its options and the plan names are in :mod:`runtime.drift` (re-exported
+   here).
 
 A switch is lossless: the new plan is compiled (verified) into ``BUNDLE/adapt/<name>/``
 (``name`` from the plan's stages, so the same plan is compiled once and a folder is never
@@ -38,7 +40,6 @@ fail-over assumes); then ``ready`` must list every unit.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -46,138 +47,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.calibrate import BASELINES, Calibration, unit_estimates
+from runtime.calibrate import Calibration, unit_estimates
+from runtime.drift import (
+    AdaptOptions,
+    DriftRule,
+    PlanNames,
+    Switch,
+    drift_metric,
+    plan_folder,
+    plan_signature,
+)
 from stagebundle.errors import UserError, fail
 
+# the drift rule and the plan names live in runtime.drift, re-exported here
 __all__ = ["AdaptOptions", "Adapter", "DriftRule", "Switch", "PlanNames", "EnsureUnits",
-           "ADAPT_DIR"]
+           "ADAPT_DIR", "plan_folder"]
 
 log = logging.getLogger("runtime.adapt")
 
 ADAPT_DIR = "adapt"
 # (device, address, plan key, unit keys, manifest sha256) -> None, raises on failure
 EnsureUnits = Callable[[str, tuple[str, int], str, Sequence[str], str], None]
-
-
-@dataclass(frozen=True)
-class AdaptOptions:
-    """The drift rule's constants (see runtime/README.md for the measurements behind the
-    defaults).
-
-    Attributes:
-        window: seconds per calibration window.
-        margin: switch when current > (1 + margin) * optimum (re-estimated, relative).
-        windows: consecutive windows the same better plan must win by the margin.
-        min_interval: seconds between two switches.
-        alpha: EWMA weight of the newest window in the calibration.
-        baseline: ``"first"`` (drift from the first windows) or ``"file"`` (absolute
-            measured / estimated), see :mod:`runtime.calibrate`.
-        min_samples: unit runs a device needs in a window for it to count.
-        forget: half-life in windows of a factor no longer measured (0: never), so a
-            host the plan left is tried again once it may have recovered.
-    """
-
-    window: float = 1.0
-    margin: float = 0.5
-    windows: int = 5
-    min_interval: float = 10.0
-    alpha: float = 0.5
-    baseline: str = "first"
-    min_samples: int = 3
-    forget: float = 30.0
-
-    def check(self) -> AdaptOptions:
-        if self.window <= 0 or self.min_interval < 0 or self.margin < 0:
-            fail("--adapt-window must be positive, --adapt-margin and "
-                 "--adapt-min-interval not negative")
-        if self.windows < 1 or self.min_samples < 1:
-            fail("--adapt-windows and --adapt-min-samples must be at least 1")
-        if self.forget < 0:
-            fail("--adapt-forget must not be negative")
-        if not 0 < self.alpha <= 1:
-            fail("--adapt-alpha must be in (0, 1]")
-        if self.baseline not in BASELINES:
-            fail(f"--adapt-baseline must be one of {', '.join(BASELINES)}")
-        return self
-
-
-@dataclass
-class Switch:
-    """One plan switch: the first request index on the new plan, and why."""
-
-    at_request: int
-    from_plan: str
-    to_plan: str
-    reason: str
-    time: float
-
-
-class DriftRule:
-    """Margin, consecutive windows and a minimum interval (see the module doc)."""
-
-    def __init__(self, margin: float, windows: int, min_interval: float,
-                 start: float | None = None) -> None:
-        self.margin, self.windows, self.min_interval = margin, windows, min_interval
-        # the interval runs between switches; the first may come as soon as the windows
-        # agree (the calibration's reference windows already hold the start back)
-        self.last_switch = float("-inf") if start is None else start
-        self.candidate: Any = None
-        self.count = 0
-
-    def step(self, now: float, current: float, best: float, candidate: Any,
-             current_sig: Any) -> bool:
-        """Whether to switch to ``candidate`` after this window."""
-        if candidate == current_sig or not current > (1.0 + self.margin) * best:
-            self.candidate, self.count = None, 0
-            return False
-        if candidate != self.candidate:
-            self.candidate, self.count = candidate, 0
-        self.count += 1
-        return self.count >= self.windows and now - self.last_switch >= self.min_interval
-
-    def switched(self, now: float) -> None:
-        self.last_switch = now
-        self.candidate, self.count = None, 0
-
-
-class PlanNames:
-    """Epoch names of plan keys: the bundle's own plan is ``p0``, then ``p1``, ``p2``...
-    in the order they are first named."""
-
-    def __init__(self) -> None:
-        self._names: dict[str, str] = {"main": "p0"}
-        self._lock = threading.Lock()
-
-    def __call__(self, key: str | None) -> str | None:
-        if key is None:
-            return None
-        with self._lock:
-            if key not in self._names:
-                self._names[key] = f"p{len(self._names)}"
-            return self._names[key]
-
-
-def _signature(plan: Any) -> tuple[Any, ...]:
-    """What makes two plans the same deployment (devices, layers, parts, variants)."""
-    return tuple((s.device, s.first, s.last,
-                  None if s.parts is None else tuple((p.device, p.rows) for p in s.parts),
-                  tuple(s.quantized), None if s.exit is None else s.exit.output)
-                 for s in plan.stages)
-
-
-def plan_folder(model_sha: str, plan: Any) -> str:
-    """The folder name of a re-planned bundle: a digest of the model and the stages."""
-    text = json.dumps([model_sha, _signature(plan)], default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _metric(objective: str, est: Any) -> float:
-    """The figure the drift rule compares: the bottleneck for throughput, else latency."""
-    return float(est.bottleneck if objective == "throughput" else est.latency)
 
 
 class Adapter:
@@ -264,7 +157,7 @@ class Adapter:
         if key not in self._filed_costs:
             from partitioner.analysis.routing import reprice
 
-            self._filed_costs[key] = _metric(self.context.objective.kind, reprice(
+            self._filed_costs[key] = drift_metric(self.context.objective.kind, reprice(
                 self.context.prepared.graph, self.context.table, self._plan(key)))
         return self._filed_costs[key]
 
@@ -354,15 +247,15 @@ class Adapter:
         t0 = time.perf_counter()
         table = self.calibration.table()
         current_plan = self._plan(key)
-        current = _metric(self.context.objective.kind,
+        current = drift_metric(self.context.objective.kind,
                           reprice(self.context.prepared.graph, table, current_plan))
         best = solve_on(self.context, table)
-        best_cost = _metric(self.context.objective.kind, best.plan.estimate)
-        sig = _signature(best.plan)
+        best_cost = drift_metric(self.context.objective.kind, best.plan.estimate)
+        sig = plan_signature(best.plan)
         entry.update(current=current, best=best_cost, state="steady",
                      filed=self._filed(key), solve_seconds=time.perf_counter() - t0)
         now = time.monotonic()
-        if not self.rule.step(now, current, best_cost, sig, _signature(current_plan)):
+        if not self.rule.step(now, current, best_cost, sig, plan_signature(current_plan)):
             if self.rule.count:
                 entry["state"] = f"drift {self.rule.count}/{self.options.windows}"
             return None
@@ -410,9 +303,9 @@ class Adapter:
 
     def _key_for(self, plan: Any) -> str | None:
         """A loaded plan with the same stages (going back to ``main``, say), if any."""
-        sig = _signature(plan)
+        sig = plan_signature(plan)
         for key in list(self.executor.views):
-            if _signature(self._plan(key)) == sig:
+            if plan_signature(self._plan(key)) == sig:
                 return key
         return None
 
@@ -426,8 +319,8 @@ class Adapter:
         self.calibration.end_window(min_samples=1)
         table = self.calibration.table()
         kind, graph = self.context.objective.kind, self.context.prepared.graph
-        before = _metric(kind, reprice(graph, table, self._plan(old)))
-        after = _metric(kind, reprice(graph, table, self._plan(new)))
+        before = drift_metric(kind, reprice(graph, table, self._plan(old)))
+        after = drift_metric(kind, reprice(graph, table, self._plan(new)))
         if not before > (1.0 + self.options.margin) * after:
             raise RuntimeError(f"the trial request measured {self.names(new)} at "
                                f"{after * 1e3:.3g} ms against {before * 1e3:.3g} ms: not "

@@ -29,20 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebundle.dtypes import is_known_dtype, nbytes
 from stagebundle.errors import fail
 from stagebundle.fields import (
     INPUT,
     OUTPUT,
     Endpoint,
     Rows,
-    as_endpoint,
     as_int,
     as_list,
     as_object,
     as_rows,
     as_str,
     required,
+)
+from stagebundle.tensors import (  # re-exported: the schema's names stay here
+    MAX_TENSOR_BYTES,
+    Piece,
+    Send,
+    TensorSpec,
+    send_list,
+    tensor_list,
 )
 
 __all__ = [
@@ -68,10 +74,6 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# A declared tensor sizes a worker's receive buffers: bound it so that a manifest cannot
-# make a worker accept (or allocate) an absurd body. 4 GiB is far above any activation of
-# the models this project targets (ViT-B/16's largest is 2.4 MB at batch 1).
-MAX_TENSOR_BYTES = 1 << 32
 MANIFEST = "manifest.json"
 
 
@@ -91,112 +93,6 @@ def dumps(doc: Any, indent: int = 0) -> str:
             return "[" + ", ".join(json.dumps(x) for x in doc) + "]"
         return "[\n" + ",\n".join(inner + dumps(x, indent + 1) for x in doc) + "\n" + pad + "]"
     return json.dumps(doc)
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor crossing a boundary: name, static shape, dtype name.
-
-    Attributes:
-        source: where it comes from (JSON ``from``): a stage id or ``"input"``; None for
-            the model's own lists and for outputs.
-        targets: where it goes (JSON ``to``): stage ids and/or ``"output"``.
-        transfer: ``"direct"`` or ``"forwarded"`` for a routed input, else None.
-        rows: the rows of the full tensor's height axis (axis 2) this spec covers (its
-            ``shape`` is then the sliced shape); None for the whole tensor.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    source: Endpoint | None = None
-    targets: tuple[Endpoint, ...] = ()
-    transfer: str | None = None
-    rows: Rows | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.shape, self.dtype)
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"name": self.name, "shape": list(self.shape),
-                               "dtype": self.dtype}
-        if self.source is not None:
-            doc["from"] = self.source
-        if self.transfer is not None:
-            doc["transfer"] = self.transfer
-        if self.targets:
-            doc["to"] = list(self.targets)
-        if self.rows is not None:
-            doc["rows"] = list(self.rows)
-        return doc
-
-    @staticmethod
-    def from_json(doc: Any, where: str = "tensor") -> TensorSpec:
-        name = as_str(required(doc, "name", where), f"{where}: name")
-        where = f"{where} {name!r}"
-        shape = as_list(required(doc, "shape", where), f"{where}: shape")
-        shape_t = tuple(as_int(d, f"{where}: shape") for d in shape)
-        dtype = required(doc, "dtype", where)
-        if not is_known_dtype(dtype):
-            fail(f"{where}: unknown dtype {dtype!r}")
-        if len(shape_t) > 16 or nbytes(shape_t, dtype) > MAX_TENSOR_BYTES:
-            fail(f"{where}: shape {list(shape_t)} declares more than {MAX_TENSOR_BYTES} bytes "
-                 f"(or over 16 dimensions)")
-        src = doc.get("from")
-        transfer = doc.get("transfer")
-        if transfer not in (None, "direct", "forwarded"):
-            fail(f"{where}: transfer {transfer!r} is not 'direct' or 'forwarded'")
-        rows = as_rows(doc.get("rows"), where)
-        if rows is not None and (len(shape_t) < 3 or shape_t[2] != rows[1] - rows[0] + 1):
-            fail(f"{where}: rows {list(rows)} do not match the height of shape "
-                 f"{list(shape_t)}")
-        return TensorSpec(str(name), shape_t, str(dtype),
-                          None if src is None else as_endpoint(src, where),
-                          tuple(as_endpoint(t, where) for t in as_list(doc.get("to", []), where)),
-                          transfer, rows)
-
-
-def _tensors(docs: Any, where: str) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec.from_json(d, where) for d in as_list(docs, where))
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One tensor of a send: the whole tensor (``rows`` None) or rows of its height."""
-
-    name: str
-    rows: Rows | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": None if self.rows is None else list(self.rows)}
-
-
-@dataclass(frozen=True)
-class Send:
-    """What one unit sends to another unit (key) or to ``"output"``, as one frame."""
-
-    to: str
-    tensors: tuple[Piece, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"to": self.to, "tensors": [p.to_json() for p in self.tensors]}
-
-    @staticmethod
-    def from_json(doc: Any, where: str) -> Send:
-        to = as_str(required(doc, "to", where), f"{where}: to")
-        pieces = []
-        for p in as_list(required(doc, "tensors", where), f"{where}: tensors"):
-            name = as_str(required(p, "name", where), f"{where}: tensor name")
-            pieces.append(Piece(str(name), as_rows(p.get("rows"), f"{where} {name!r}")))
-        return Send(str(to), tuple(pieces))
-
-
-def _sends(docs: Any, where: str) -> tuple[Send, ...]:
-    return tuple(Send.from_json(d, f"{where} send") for d in as_list(docs, f"{where}: sends"))
 
 
 # --------------------------------------------------------------------------- model, stages
@@ -225,8 +121,8 @@ class ModelSpec:
         return ModelSpec(str(as_str(required(doc, "name", w), f"{w}: name")),
                          str(as_str(required(doc, "sha256", w), f"{w}: sha256")),
                          str(as_str(required(doc, "granularity", w), f"{w}: granularity")),
-                         _tensors(required(doc, "inputs", w), f"{w} inputs"),
-                         _tensors(required(doc, "outputs", w), f"{w} outputs"),
+                         tensor_list(required(doc, "inputs", w), f"{w} inputs"),
+                         tensor_list(required(doc, "outputs", w), f"{w} outputs"),
                          tuple(str(x) for x in as_list(doc.get("layers", []), f"{w}: layers")))
 
 
@@ -295,9 +191,9 @@ class PartSpec:
             frequency=as_str(doc.get("frequency"), f"{where}: frequency", optional=True),
             rows=rows, file=str(as_str(required(doc, "file", where), f"{where}: file")),
             sha256=str(as_str(required(doc, "sha256", where), f"{where}: sha256")),
-            inputs=_tensors(required(doc, "inputs", where), f"{where} inputs"),
-            outputs=_tensors(required(doc, "outputs", where), f"{where} outputs"),
-            sends=_sends(doc.get("sends", []), where),
+            inputs=tensor_list(required(doc, "inputs", where), f"{where} inputs"),
+            outputs=tensor_list(required(doc, "outputs", where), f"{where} outputs"),
+            sends=send_list(doc.get("sends", []), where),
             external_data=as_str(doc.get("external_data"), f"{where}: external_data",
                                optional=True),
             external_data_sha256=as_str(doc.get("external_data_sha256"),
@@ -400,9 +296,9 @@ class StageSpec:
             first=first, last=last,
             file=as_str(doc.get("file"), f"{where}: file", optional=split),
             sha256=as_str(doc.get("sha256"), f"{where}: sha256", optional=split),
-            inputs=_tensors(required(doc, "inputs", where), f"{where} inputs"),
-            outputs=_tensors(required(doc, "outputs", where), f"{where} outputs"),
-            forward=_tensors(doc.get("forward", []), f"{where} forward"),
+            inputs=tensor_list(required(doc, "inputs", where), f"{where} inputs"),
+            outputs=tensor_list(required(doc, "outputs", where), f"{where} outputs"),
+            forward=tensor_list(doc.get("forward", []), f"{where} forward"),
             next=nxt,
             external_data=as_str(doc.get("external_data"), f"{where}: external_data",
                                optional=True),
@@ -412,7 +308,7 @@ class StageSpec:
             estimate=estimate, parts=parts,
             quantized=tuple(as_int(q, f"{where}: quantized")
                             for q in as_list(doc.get("quantized", []), f"{where}: quantized")),
-            exit=ex, sends=_sends(doc.get("sends", []), where))
+            exit=ex, sends=send_list(doc.get("sends", []), where))
 
 
 # --------------------------------------------------------------------------- bundle
@@ -505,7 +401,7 @@ class Bundle:
         bundle = Bundle(
             path=path, model=ModelSpec.from_json(required(doc, "model", where)),
             plan=dict(plan), stages=tuple(StageSpec.from_json(s) for s in stages_doc),
-            input_sends=_sends(doc.get("input_sends", []), where),
+            input_sends=send_list(doc.get("input_sends", []), where),
             source=as_str(doc.get("source"), f"{where}: source", optional=True),
             destination=as_str(doc.get("destination"), f"{where}: destination", optional=True),
             verification=verification,

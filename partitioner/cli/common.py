@@ -210,13 +210,15 @@ def plan_from_args(args: argparse.Namespace) -> PlanResult:
     """:func:`partitioner.pipeline.plan` with the plan options of ``args``.
 
     The solver's C code may log on stdout; it is sent to stderr so that ``--json`` output
-    stays one document.
+    stays one document. The model's big inline weights stay in its file (``lazy_weights``,
+    as ``partitioner compile`` loads it): planning reads shapes and sizes, not weight bytes,
+    and the plan is the same as from an eager load (tests/test_plan_lazy.py, issue 16).
     """
     from partitioner import pipeline
 
     options = plan_options(args)
     with stdout_to_stderr():
-        return pipeline.plan(args.model, args.system, **options)
+        return pipeline.plan(args.model, args.system, lazy_weights=True, **options)
 
 
 # --------------------------------------------------------------------------- outputs

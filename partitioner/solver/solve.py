@@ -17,6 +17,10 @@ exact label search of :mod:`.bottleneck` and ``carbon`` by Dinkelbach's method o
 same programs (:mod:`.carbon`), all over the run arrays of :mod:`.runs` (numpy, no
 network, no MIP). Everything else (caps, binding memories, a carbon instance whose bounds
 cannot decide) is the integer program over the pruned state network.
+
+python-mip (and :mod:`.milp`, :mod:`.quant`, :mod:`.diagnose`, which build models) is
+imported only once a solve needs the integer program: a plan the fast paths find never
+loads it (about 50 ms of ``partitioner plan``'s start-up, issue 16).
 """
 
 from __future__ import annotations
@@ -24,15 +28,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-
-import mip
+from typing import TYPE_CHECKING
 
 from partitioner import ir
 from partitioner.analysis.estimate import carbon_duration, edge_energy, evaluate
 from partitioner.errors import InfeasibleError, fail
-from partitioner.solver import fast, quant
-from partitioner.solver.diagnose import explain_infeasible
-from partitioner.solver.milp import Formulation
+from partitioner.solver import fast
 from partitioner.solver.network import Network, build_network, reachable
 from partitioner.solver.prune import (
     bottleneck_plan,
@@ -43,6 +44,11 @@ from partitioner.solver.prune import (
     shortest_plan,
     time_costs,
 )
+
+if TYPE_CHECKING:
+    import mip
+
+    from partitioner.solver.milp import Formulation
 
 __all__ = ["solve", "build_plan", "energy_known"]
 
@@ -113,6 +119,8 @@ def _tol(value: float) -> float:
 
 def _bottleneck_var(form: Formulation, exact: bool) -> mip.Var:
     """``B >= busy_d`` for every used device; with ``exact`` also ``B <= busy_d`` for one."""
+    import mip
+
     m = form.model
     b = m.add_var(name="B", lb=0.0)
     upper = form.bottleneck_upper() * 1.01 + 1e-9
@@ -131,7 +139,7 @@ def _bottleneck_var(form: Formulation, exact: bool) -> mip.Var:
 
 Chosen = tuple[tuple[str, ...], dict[str, str | None]]
 Outcome = tuple[str, "Chosen | None"]
-Make = Callable[[], Formulation]
+Make = Callable[[], "Formulation"]
 
 
 def _worst(*statuses: str) -> str:
@@ -147,6 +155,8 @@ def _once(make: Make, objective_of: Callable[[Formulation], mip.LinExpr]) -> Out
 
 
 def _as_expr(e: mip.LinExpr | mip.Var) -> mip.LinExpr:
+    import mip
+
     return e if isinstance(e, mip.LinExpr) else mip.LinExpr([e], [1.0])
 
 
@@ -188,6 +198,8 @@ def _throughput(make: Callable[..., Formulation], net: Network,
 
 def _carbon_model(form: Formulation, table: ir.CostTable) -> tuple[mip.LinExpr, mip.Var]:
     """Numerator N(x) (mgCO2-eq per second of service / U) and the exact bottleneck B."""
+    import mip
+
     m = form.model
     b = _bottleneck_var(form, exact=True)
     upper = form.bottleneck_upper() * 1.01 + 1e-9
@@ -212,6 +224,8 @@ def _carbon_model(form: Formulation, table: ir.CostTable) -> tuple[mip.LinExpr, 
 
 def _carbon(make: Make, table: ir.CostTable, objective: ir.Objective) -> Outcome:
     """Dinkelbach: min N(x)/B(x) by solving min N(x) - lam B(x) until that reaches 0."""
+    from partitioner.solver import quant
+
     u_dur = carbon_duration(table, objective)
     assert u_dur is not None
 
@@ -250,6 +264,8 @@ def _carbon(make: Make, table: ir.CostTable, objective: ir.Objective) -> Outcome
 
 def _weighted(make: Make, objective: ir.Objective) -> Outcome:
     """QUANT: normalise T and E by their min and max over the feasible set."""
+    import mip
+
     bounds = []
     status = "optimal"
     for pick in (lambda f: f.latency, lambda f: f.edge_energy()):
@@ -367,13 +383,22 @@ def solve(table: ir.CostTable, objective: ir.Objective | None = None) -> ir.Plan
     deadline = t0 + objective.time_limit if objective.time_limit else None
     # Variants (QUANT) are priced by the MIP only: the fast paths and the pruning below
     # bound plans with fp32 prices, which int8 layers undercut.
-    variants = quant.formulation(table, objective)
+    variants = None
+    if table.variants is not None:
+        from partitioner.solver import quant
+
+        variants = quant.formulation(table, objective)
     if variants is None and fast.applies(table, objective):
         status, chosen = fast.solve_fast(table, objective, deadline)
         if chosen is not None:
             return build_plan(table, objective, chosen[0], chosen[1], status,
                               time.perf_counter() - t0)
         # no plan at all: the network below says why
+    # the integer program from here on (and the diagnosis of an infeasible one)
+    from partitioner.solver import quant
+    from partitioner.solver.diagnose import explain_infeasible
+    from partitioner.solver.milp import Formulation
+
     net = build_network(table)
     if not _has_path(net):
         fail(explain_infeasible(table, objective, net, deadline), error=InfeasibleError)
