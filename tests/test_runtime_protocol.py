@@ -131,6 +131,34 @@ def test_stalled_frame_times_out_as_truncated() -> None:
             recv_frame(b, max_body=1, frame_timeout=0.2)
 
 
+@pytest.mark.parametrize("nbytes", [1000, 300_000])  # read with its header / after it
+@pytest.mark.parametrize("cuts", [(3,), (20, 27), (25, -700), (-1,)])
+def test_a_frame_arriving_in_bursts_is_read_whole(nbytes: int, cuts: tuple[int, ...]
+                                                  ) -> None:
+    """The rest of a frame is first taken as far as it already waits in the socket, then
+    waited for: any split of the bytes (in the prefix, the header, the body) gives the
+    same frame, and the socket keeps its own timeout."""
+    arr = np.arange(nbytes // 4, dtype=np.float32)
+    data = b"".join(bytes(b) for b in encode({"type": "x", "id": "r1"}, {"t": arr}))
+    bounds = [0, *sorted(c % len(data) for c in cuts), len(data)]
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(7.0)
+
+        def dribble() -> None:
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                a.sendall(data[lo:hi])
+                threading.Event().wait(0.05)
+
+        t = threading.Thread(target=dribble)
+        t.start()
+        frame = recv_frame(b, max_body=1 << 22, frame_timeout=5.0)
+        t.join()
+        assert b.gettimeout() == 7.0
+    assert frame.header["id"] == "r1"
+    np.testing.assert_array_equal(frame.tensors["t"], arr)
+
+
 def test_deeply_nested_header_is_malformed_not_a_crash() -> None:
     from runtime.protocol import parse_header
 
