@@ -269,7 +269,7 @@ class RemoteExecutor(Gathering):
             return (item[0] != "main", est if isinstance(est, (int, float)) else float("inf"))
 
         for key, view in sorted(self.views.items(), key=order):
-            if all(d in self.hosts and d not in self.down for d in view.devices):
+            if live(view):
                 return key
         return None
 
