@@ -37,7 +37,7 @@ def _hub_count(workers: Workers) -> int:
 
 
 def test_cli_adapt_switches_at_a_request_boundary(built, workers, tmp_path) -> None:
-    n = 3000
+    n = 6000
     proc = _run(built, workers, tmp_path, "--repeat", str(n), "--concurrency", "2",
                 "--adapt", "--model", str(built.model), "--system", str(built.system),
                 "--adapt-window", "0.3", "--adapt-windows", "2",
@@ -46,11 +46,13 @@ def test_cli_adapt_switches_at_a_request_boundary(built, workers, tmp_path) -> N
     def drift() -> None:
         # once the client has been calibrating for a while (the reference windows of
         # the hub are taken at the start: 2 windows of 0.3 s), the hub becomes slow but
-        # stays alive
+        # stays alive; at the latest half-way through the stream, however fast the host
+        # serves it
         while proc.poll() is None and _hub_count(workers) == 0:
             time.sleep(0.05)
         start = time.monotonic()
-        while proc.poll() is None and time.monotonic() - start < 1.5:
+        while proc.poll() is None and time.monotonic() - start < 1.5 \
+                and _hub_count(workers) < n // 2:
             time.sleep(0.05)
         if proc.poll() is None:
             workers.slow_down("hub", 100.0)

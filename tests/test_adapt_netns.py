@@ -93,7 +93,7 @@ def test_shaped_link_to_the_hub_is_replanned_away_from(namespace, built, tmp_pat
         workers.start("hub", host="127.0.0.2")
         np.save(tmp_path / "x.npy", sample(3))
         hosts = ",".join(f"{d}={a}" for d, a in workers.hosts.items())
-        n = 4000
+        n = 8000
         proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "runtime.cli", "run", str(built.bundle),
              "--hosts", hosts, "--input", f"input={tmp_path / 'x.npy'}", "--token-file",
@@ -108,7 +108,9 @@ def test_shaped_link_to_the_hub_is_replanned_away_from(namespace, built, tmp_pat
             while proc.poll() is None and _hub_requests(namespace, workers) == 0:
                 time.sleep(0.1)
             start = time.monotonic()
-            while proc.poll() is None and time.monotonic() - start < 1.2:
+            # at the latest half-way through the stream, however fast the host serves it
+            while proc.poll() is None and time.monotonic() - start < 1.2 \
+                    and _hub_requests(namespace, workers) < n // 2:
                 time.sleep(0.05)
             if proc.poll() is None:
                 _shape_hub(namespace, "2mbit")
