@@ -46,6 +46,7 @@ from runtime.local import (
     views_of,
 )
 from runtime.metrics import WorkerMetrics
+from runtime.pool import ConnectionPool
 from runtime.protocol import ProtocolError
 from runtime.security import check_bind
 from runtime.server import FrameServer, bind_listener
@@ -55,7 +56,6 @@ from runtime.stages import (
 )
 from runtime.tls import TLSConfig
 from runtime.transport import (
-    ConnectionPool,
     connect,
     format_address,
     parse_address,

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from runtime.metrics import WorkerMetrics
+from runtime.pool import ConnectionPool
 from runtime.protocol import ProtocolError
 from runtime.stages import MAX_TIMINGS, BundleView, StageRunner
-from runtime.transport import ConnectionPool, format_address, parse_address
+from runtime.transport import format_address, parse_address
 from runtime.waiting import Busy
 from stagebundle.errors import UserError
 from stagebundle.exits import exit_after

@@ -37,7 +37,7 @@ from typing import Any
 
 from runtime.protocol import MAX_HEADER, Frame, ProtocolError
 from runtime.security import token_matches
-from runtime.transport import ConnectionClosed, recv_frame, send_frame
+from runtime.transport import ConnectionClosed, recv_frame, send_frame, set_timeout
 
 __all__ = ["Handler", "FrameServer", "bind_listener"]
 
@@ -204,7 +204,7 @@ class FrameServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            conn.settimeout(self.first_frame_timeout)
+            set_timeout(conn, self.first_frame_timeout)
             name = f"{peer[0]}:{peer[1]}"
             threading.Thread(target=self._serve, args=(conn, name), name=f"conn-{name}",
                              daemon=True).start()
@@ -212,7 +212,7 @@ class FrameServer:
     def _refuse_busy(self, conn: socket.socket) -> None:
         if self.tls is None:  # a TLS peer cannot read a frame before the handshake
             try:
-                conn.settimeout(1.0)
+                set_timeout(conn, 1.0)
                 send_frame(conn, {"type": "error", "code": "busy", "close": True,
                                   "message": f"server busy: {self.max_connections} "
                                              f"connections open"})
@@ -270,7 +270,7 @@ class FrameServer:
             return None
         finally:
             watchdog.cancel()
-        conn.settimeout(self.first_frame_timeout)
+        set_timeout(conn, self.first_frame_timeout)
         return conn
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
@@ -342,7 +342,7 @@ class FrameServer:
                 with self._lock:
                     state.proven = True
                 try:
-                    conn.settimeout(self.idle_timeout)
+                    set_timeout(conn, self.idle_timeout)
                 except OSError:  # closed meanwhile (server shutting down)
                     return
             if reply is not None and not self._reply(conn, reply):
@@ -377,7 +377,7 @@ def _linger(conn: socket.socket, limit: int = 1 << 20, seconds: float = 0.5) -> 
     """
     try:
         conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(seconds)
+        set_timeout(conn, seconds)
         deadline = time.monotonic() + seconds
         drained = 0
         while drained < limit and time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""TCP transport for frames: send without copies, receive into one buffer, pool connections.
+"""TCP transport for frames: send without copies, receive into one buffer (pooled
+connections: :mod:`runtime.pool`).
 
 Why raw TCP and not gRPC for the hops: the per-hop overhead of a 1x3x224x224 float32 tensor
 was measured with ``benchmarks/runtime_overhead.py`` (framed TCP is several times cheaper than
@@ -15,15 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
-import select
 import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -45,11 +44,8 @@ __all__ = [
     "connect",
     "send_frame",
     "recv_frame",
-    "ConnectionPool",
+    "set_timeout",
 ]
-
-
-T = TypeVar("T")
 
 
 class ConnectionClosed(Exception):
@@ -81,8 +77,10 @@ def connect(addr: tuple[str, int], timeout: float,
     """
     sock = socket.create_connection(addr, timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(timeout)
-    if tls is not None:
+    if tls is None:
+        set_timeout(sock, timeout)  # blocking, the kernel keeping the time
+    else:  # the TLS layer needs Python's timeouts
+        sock.settimeout(timeout)
         try:
             sock = tls.wrap_socket(sock)
         except BaseException:
@@ -98,13 +96,16 @@ def _time_left(deadline: float, what: str) -> float:
     return left
 
 
-# Reads and writes use Python's timeouts (a poll() + recv() pair per call), with
-# ``settimeout(time left)`` before each so the deadline covers the whole frame. When the
-# first call leaves a large rest (a body still arriving over a real network), Linux
-# switches to a blocking socket whose SO_RCVTIMEO / SO_SNDTIMEO bounds one whole call (the
-# kernel counts the wait down across wake-ups) and MSG_WAITALL: one call for the rest
-# instead of a pair per chunk. On loopback a body is usually there at once, and the
-# switch (4 more calls) is not made.
+# Timeouts. A plain socket on Linux (the runtime's own connections: see set_timeout) is
+# kept blocking, and the kernel times each call (SO_RCVTIMEO / SO_SNDTIMEO): a read or a
+# write is then one system call. Python's own timeouts make every call a poll() and the
+# call, and switching a socket's mode is one more (ioctl): benchmarks/hops.py measured the
+# difference on loopback. The rest of a frame is read with MSG_DONTWAIT (it usually waits
+# in the socket already); only when it does not is the wait bounded by the frame's
+# deadline, by setting SO_RCVTIMEO to the time left for one MSG_WAITALL call (the kernel
+# counts the wait down across wake-ups) and back afterwards. Sockets in Python's timeout
+# mode (TLS, other platforms, a caller's settimeout) still work: their rest is read with
+# the socket switched to non-blocking, and a large rest the kernel way.
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux") and hasattr(socket, "MSG_WAITALL")
 _BULK = 64 * 1024  # bytes from which the kernel-timeout path pays for its extra calls
 _TIMEVAL = struct.Struct("@ll")
@@ -113,17 +114,40 @@ _TIMEVAL = struct.Struct("@ll")
 _SMALL_BODY = 16 * 1024
 
 
+def set_timeout(sock: socket.socket, seconds: float | None) -> None:
+    """Bound each read and write on ``sock`` by ``seconds`` (None: no bound).
+
+    A plain socket on Linux stays blocking and the kernel keeps the time (see above);
+    any other socket (TLS, other platforms) gets Python's ``settimeout``. Either way a
+    read or write that runs out raises ``TimeoutError`` from this module's functions.
+    """
+    if not _kernel_socket(sock):
+        sock.settimeout(seconds)
+        return
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
+    _kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
+    _kernel_timeout(sock, socket.SO_SNDTIMEO, seconds)
+
+
+def _kernel_socket(sock: socket.socket) -> bool:
+    return _KERNEL_TIMEOUTS and type(sock) is socket.socket
+
+
 def _bulk_path(sock: socket.socket, size: int) -> bool:
-    return _KERNEL_TIMEOUTS and size >= _BULK and type(sock) is socket.socket
+    return size >= _BULK and _kernel_socket(sock)
 
 
-def _kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
-    """Set SO_RCVTIMEO / SO_SNDTIMEO (0 means none, so a tiny positive value stays 1 us)."""
-    whole = int(seconds)
-    micros = int((seconds - whole) * 1e6)
-    if seconds > 0 and not (whole or micros):
-        micros = 1
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros))
+def _kernel_timeout(sock: socket.socket, option: int, seconds: float | None) -> None:
+    """Set SO_RCVTIMEO / SO_SNDTIMEO; None clears it (the kernel's 0), and a timeout too
+    small for a timeval stays 1 us, not none."""
+    if seconds is None:
+        sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(0, 0))
+        return
+    whole = int(max(seconds, 0.0))
+    micros = int((seconds - whole) * 1e6) if seconds > 0 else 0
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros or
+                                                            (0 if whole else 1)))
 
 
 def _truncated(got: int, size: int, what: str) -> ProtocolError:
@@ -135,11 +159,12 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
     """Fill ``view`` before ``deadline`` (monotonic seconds; None: the socket's timeout).
 
     The deadline bounds the whole read, not each ``recv``: a peer that dribbles a byte
-    now and then cannot keep a frame open. Leaves the socket in timeout mode.
+    now and then cannot keep a frame open. Leaves the socket's mode as it was.
     """
     got, size = _take_ready(sock, view, deadline, what), len(view)
     while got < size:
-        if got and _bulk_path(sock, size - got):
+        blocking = sock.gettimeout() is None
+        if (blocking or got) and _bulk_path(sock, _BULK if blocking else size - got):
             _fill_bulk(sock, view[got:], deadline, what)
             return
         if deadline is not None:
@@ -152,14 +177,20 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
 
 def _take_ready(sock: socket.socket, view: memoryview | list[memoryview],
                 deadline: float | None, what: str) -> int:
-    """What already waits in the socket, in one call: :func:`recv_frame` leaves a plain
-    socket non-blocking while it reads the rest of a frame that has a deadline, so a
-    read that has its bytes costs no ``poll`` and no timeout change. 0 when nothing is
-    there (the caller then waits, bounded by the deadline)."""
-    if deadline is None or sock.gettimeout() != 0.0:
+    """What already waits in the socket, in one call and without waiting: a blocking
+    socket is read with MSG_DONTWAIT; a socket in timeout mode only when
+    :func:`recv_frame` made it non-blocking for the rest of a frame with a deadline. 0
+    when nothing is there (the caller then waits, bounded by the deadline)."""
+    timeout = sock.gettimeout()
+    if timeout is None and _kernel_socket(sock):
+        flags = int(socket.MSG_DONTWAIT)
+    elif deadline is not None and timeout == 0.0:
+        flags = 0
+    else:
         return 0
     try:
-        n = sock.recvmsg_into(view)[0] if isinstance(view, list) else sock.recv_into(view)
+        n = (sock.recvmsg_into(view, 0, flags)[0] if isinstance(view, list)
+             else sock.recv_into(view, 0, flags))
     except BlockingIOError:
         return 0
     if not n:
@@ -172,32 +203,34 @@ def _fill_pair(sock: socket.socket, head: memoryview, body: memoryview,
                deadline: float | None) -> None:
     """Fill a small frame's header and body with one ``recvmsg_into`` (both usually wait
     in the socket already), else one after the other."""
-    if type(sock) is not socket.socket or not hasattr(sock, "recvmsg_into"):
-        _fill(sock, head, deadline, "header")
+    got = 0
+    if type(sock) is socket.socket and hasattr(sock, "recvmsg_into"):
+        got = _take_ready(sock, [head, body], deadline, "header and body")
+    if got < len(head):
+        _fill(sock, head[got:], deadline, "header")
         _fill(sock, body, deadline, "body")
-        return
-    size = len(head) + len(body)
-    got = _take_ready(sock, [head, body], deadline, "header and body")
-    while got < size:
-        if deadline is not None:
-            sock.settimeout(_time_left(deadline, "header"))
-        parts = [head[got:], body] if got < len(head) else [body[got - len(head):]]
-        n = sock.recvmsg_into(parts)[0]
-        if not n:
-            raise _truncated(got, size, "header and body")
-        got += n
+    elif got < len(head) + len(body):
+        _fill(sock, body[got - len(head):], deadline, "body")
 
 
 def _fill_bulk(sock: socket.socket, view: memoryview, deadline: float | None,
                what: str) -> None:
-    """:func:`_fill` for large bodies on Linux (see ``_KERNEL_TIMEOUTS``)."""
+    """Wait for the rest of ``view`` on a blocking socket, one MSG_WAITALL call bounded
+    by SO_RCVTIMEO (the time left before ``deadline``, else the socket's timeout); a
+    socket in timeout mode is made blocking for it and put back."""
     old = sock.gettimeout()
-    sock.settimeout(None)
+    saved = None  # a blocking socket's own SO_RCVTIMEO, put back afterwards
+    if old is not None:
+        sock.settimeout(None)
+    elif deadline is not None:
+        saved = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
     got, size = 0, len(view)
     try:
         while got < size:
-            _kernel_timeout(sock, socket.SO_RCVTIMEO,
-                            (old or 0.0) if deadline is None else _time_left(deadline, what))
+            if deadline is not None:
+                _kernel_timeout(sock, socket.SO_RCVTIMEO, _time_left(deadline, what))
+            elif old is not None:
+                _kernel_timeout(sock, socket.SO_RCVTIMEO, old)
             try:
                 n = sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
             except BlockingIOError:  # SO_RCVTIMEO ran out before any byte came
@@ -206,9 +239,13 @@ def _fill_bulk(sock: socket.socket, view: memoryview, deadline: float | None,
                 raise _truncated(got, size, what)
             got += n
     finally:
-        if old is None:  # a socket kept blocking by its owner must not keep our timeout
-            _kernel_timeout(sock, socket.SO_RCVTIMEO, 0.0)
-        sock.settimeout(old)  # in timeout mode (non-blocking) SO_RCVTIMEO has no effect
+        if saved is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, saved)
+        elif old is not None:
+            # timeout mode again, where SO_RCVTIMEO has no effect; cleared, so that a
+            # later settimeout(None) by the socket's owner does not inherit it
+            _kernel_timeout(sock, socket.SO_RCVTIMEO, None)
+            sock.settimeout(old)
 
 
 def _allocate_body(body_len: int) -> np.ndarray:
@@ -285,10 +322,15 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
     """
     prefix = bytearray(PREFIX.size)
     view = memoryview(prefix)
-    n = sock.recv_into(view)
+    old_timeout = sock.gettimeout()
+    try:
+        n = sock.recv_into(view)
+    except BlockingIOError:  # a blocking socket's SO_RCVTIMEO ran out (set_timeout)
+        if old_timeout is None:
+            raise TimeoutError("timed out") from None
+        raise
     if n == 0:
         raise ConnectionClosed()
-    old_timeout = sock.gettimeout()
     frame_deadline = head_deadline = None
     if frame_timeout is not None or header_timeout is not None:
         start = time.monotonic()
@@ -296,7 +338,7 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
         head_deadline = frame_deadline if header_timeout is None else min(
             start + header_timeout, math.inf if frame_deadline is None else frame_deadline)
     if frame_deadline is not None and head_deadline is not None \
-            and type(sock) is socket.socket:
+            and old_timeout is not None and type(sock) is socket.socket:
         sock.settimeout(0.0)  # the rest usually waits in the socket already: _take_ready
     try:
         try:
@@ -324,164 +366,8 @@ def recv_frame(sock: socket.socket, *, max_body: int, max_header: int = MAX_HEAD
             raise ProtocolError(f"truncated frame: the {err or 'frame'} did not arrive in "
                                 f"time", "truncated") from None
     finally:
-        sock.settimeout(old_timeout)
+        if sock.gettimeout() != old_timeout:  # (a system call: only when it was changed)
+            sock.settimeout(old_timeout)
     tensors = decode_tensors(header, body)
     return Frame(header=header, tensors=tensors, body_len=body_len)
 
-
-def _is_stale(sock: socket.socket) -> bool:
-    """A pooled connection is stale when the peer closed it or sent something unasked.
-
-    Hops are one-way (nothing is expected back on them), so anything readable means the
-    peer went away (EOF/RST, e.g. a restarted worker) or rejected a frame: drop it.
-    """
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-class ConnectionPool:
-    """Idle persistent connections per address; a stale one is replaced transparently.
-
-    ``send`` retries once on a fresh connection when a reused one turns out to be broken,
-    which is how a restarted worker is picked up without restarting anyone else.
-
-    Idle connections to addresses that are never used again (an executor's reply address
-    after it closed: a new ephemeral port per client) must not pile up: returning a
-    connection sweeps the pool for peers that went away (at most every ``sweep_every``
-    seconds), and at most ``max_addresses`` addresses are kept, the least recently used
-    dropped first. benchmarks/soak.py found the last stage's descriptors growing by one per
-    client before this.
-    """
-
-    def __init__(self, timeout: float = 10.0, max_idle: int = 8,
-                 tls: ssl.SSLContext | None = None, max_addresses: int = 64,
-                 sweep_every: float = 1.0) -> None:
-        self.timeout = timeout
-        self.tls = tls
-        self.max_idle = max_idle
-        self.max_addresses = max_addresses
-        self.sweep_every = sweep_every
-        self._idle: dict[tuple[str, int], list[socket.socket]] = {}  # LRU order
-        self._swept = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _take(self, addr: tuple[str, int]) -> socket.socket | None:
-        with self._lock:
-            conns = self._idle.get(addr, [])
-            while conns:
-                sock = conns.pop()
-                if not _is_stale(sock):
-                    return sock
-                sock.close()
-        return None
-
-    def _give(self, addr: tuple[str, int], sock: socket.socket) -> None:
-        closing: list[socket.socket] = []
-        with self._lock:
-            conns = self._idle.pop(addr, [])
-            self._idle[addr] = conns  # most recently used last
-            if len(conns) < self.max_idle:
-                conns.append(sock)
-            else:
-                closing.append(sock)
-            closing += self._sweep_locked()
-            while len(self._idle) > self.max_addresses:
-                closing += self._idle.pop(next(iter(self._idle)))
-        for s in closing:
-            s.close()
-
-    def _sweep_locked(self) -> list[socket.socket]:
-        """Idle connections whose peer went away (lock held); they are removed."""
-        now = time.monotonic()
-        if now - self._swept < self.sweep_every:
-            return []
-        self._swept = now
-        stale = []
-        for a, conns in list(self._idle.items()):
-            keep = [c for c in conns if not _is_stale(c)]
-            stale += [c for c in conns if c not in keep]
-            if keep:
-                self._idle[a] = keep
-            else:
-                del self._idle[a]
-        return stale
-
-    @property
-    def idle_count(self) -> int:
-        """Idle pooled connections held now (every one is an open descriptor)."""
-        with self._lock:
-            return sum(len(c) for c in self._idle.values())
-
-    def _exchange(self, addr: tuple[str, int], timeout: float | None,
-                  exchange: Callable[[socket.socket, float], tuple[T, bool]],
-                  stale: tuple[type[BaseException], ...]) -> T:
-        """Run ``exchange(sock, limit)`` on a pooled connection to ``addr``, else a new one.
-
-        A pooled connection may have been closed by the peer (a restarted worker) since it
-        was used: an error of the ``stale`` types on it closes it and retries once on a
-        fresh connection; on a fresh connection the error is raised. ``exchange`` returns
-        its result and whether the connection may go back to the pool.
-        """
-        limit = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
-        for attempt in (0, 1):
-            sock = self._take(addr)
-            fresh = sock is None
-            if sock is None:
-                sock = connect(addr, limit, self.tls)
-            elif sock.gettimeout() != limit:  # (a system call: usually the same limit)
-                sock.settimeout(limit)
-            try:
-                result, keep = exchange(sock, limit)
-            except stale as err:
-                sock.close()
-                if fresh or attempt:
-                    if isinstance(err, ConnectionClosed):
-                        raise ConnectionResetError("peer closed the connection") from None
-                    raise
-                continue
-            if keep:
-                self._give(addr, sock)
-            else:
-                sock.close()
-            return result
-        raise OSError(f"cannot send to {format_address(addr)}")  # pragma: no cover
-
-    def send(self, addr: tuple[str, int], header: Mapping[str, Any],
-             tensors: Mapping[str, np.ndarray] | None = None,
-             timeout: float | None = None) -> int:
-        """Send one frame to ``addr``; raises ``OSError`` when the peer cannot be reached."""
-        return self._exchange(addr, timeout,
-                              lambda sock, _: (send_frame(sock, header, tensors), True),
-                              (OSError,))
-
-    def request(self, addr: tuple[str, int], header: Mapping[str, Any],
-                tensors: Mapping[str, np.ndarray] | None = None,
-                timeout: float | None = None, max_body: int = 0) -> Frame:
-        """Send one frame and read the peer's one-frame answer on the same connection."""
-        def exchange(sock: socket.socket, limit: float) -> tuple[Frame, bool]:
-            send_frame(sock, header, tensors)
-            reply = recv_frame(sock, max_body=max_body, frame_timeout=limit)
-            return reply, not reply.header.get("close")
-
-        return self._exchange(addr, timeout, exchange,
-                              (ConnectionClosed, OSError, ProtocolError))
-
-    def drop(self, addr: tuple[str, int]) -> None:
-        """Close the idle connections to ``addr`` (after it was found dead)."""
-        with self._lock:
-            conns = self._idle.pop(addr, [])
-        for sock in conns:
-            sock.close()
-
-    def close(self) -> None:
-        """Close every idle connection."""
-        with self._lock:
-            conns = [s for lst in self._idle.values() for s in lst]
-            self._idle.clear()
-        for sock in conns:
-            sock.close()

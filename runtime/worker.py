@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from runtime.metrics import WorkerMetrics
+from runtime.pool import ConnectionPool
 from runtime.protocol import Frame
 from runtime.security import check_bind, token_matches
 from runtime.sending import Job, Sending, UnitKey
@@ -54,7 +55,7 @@ from runtime.stages import (
     piece_rows,
 )
 from runtime.tls import TLSConfig
-from runtime.transport import ConnectionPool, format_address, parse_address
+from runtime.transport import format_address, parse_address
 from runtime.waiting import Busy, WaitingRoom
 from stagebundle.errors import UserError, fail
 from stagebundle.graph import Message

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import sys
 import threading
 
 import numpy as np
@@ -13,14 +15,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from partitioner.errors import UserError
+from runtime.pool import ConnectionPool
 from runtime.protocol import MAGIC, PREFIX, VERSION, ProtocolError, decode_tensors, encode
 from runtime.security import check_bind, load_token, token_matches
 from runtime.transport import (
     ConnectionClosed,
-    ConnectionPool,
+    connect,
     parse_address,
     recv_frame,
     send_frame,
+    set_timeout,
 )
 
 
@@ -131,19 +135,33 @@ def test_stalled_frame_times_out_as_truncated() -> None:
             recv_frame(b, max_body=1, frame_timeout=0.2)
 
 
+def _kernel_timeout_of(sock: socket.socket) -> float:
+    sec, usec = struct.unpack("@ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                                     struct.calcsize("@ll")))
+    return sec + usec / 1e6
+
+
+@pytest.mark.parametrize("kernel", [False, True])  # Python's timeout mode / set_timeout's
 @pytest.mark.parametrize("nbytes", [1000, 300_000])  # read with its header / after it
 @pytest.mark.parametrize("cuts", [(3,), (20, 27), (25, -700), (-1,)])
-def test_a_frame_arriving_in_bursts_is_read_whole(nbytes: int, cuts: tuple[int, ...]
-                                                  ) -> None:
+def test_a_frame_arriving_in_bursts_is_read_whole(nbytes: int, cuts: tuple[int, ...],
+                                                  kernel: bool) -> None:
     """The rest of a frame is first taken as far as it already waits in the socket, then
     waited for: any split of the bytes (in the prefix, the header, the body) gives the
-    same frame, and the socket keeps its own timeout."""
+    same frame, and the socket keeps its own timeout (Python's, or the kernel's that
+    set_timeout gave a blocking socket)."""
+    if kernel and not sys.platform.startswith("linux"):
+        pytest.skip("kernel timeouts are used on Linux only")
     arr = np.arange(nbytes // 4, dtype=np.float32)
     data = b"".join(bytes(b) for b in encode({"type": "x", "id": "r1"}, {"t": arr}))
     bounds = [0, *sorted(c % len(data) for c in cuts), len(data)]
     a, b = socket.socketpair()
     with a, b:
-        b.settimeout(7.0)
+        if kernel:
+            set_timeout(b, 7.0)
+            assert b.gettimeout() is None and _kernel_timeout_of(b) == 7.0
+        else:
+            b.settimeout(7.0)
 
         def dribble() -> None:
             for lo, hi in zip(bounds, bounds[1:], strict=False):
@@ -154,9 +172,31 @@ def test_a_frame_arriving_in_bursts_is_read_whole(nbytes: int, cuts: tuple[int, 
         t.start()
         frame = recv_frame(b, max_body=1 << 22, frame_timeout=5.0)
         t.join()
-        assert b.gettimeout() == 7.0
+        if kernel:
+            assert b.gettimeout() is None and _kernel_timeout_of(b) == 7.0
+        else:
+            assert b.gettimeout() == 7.0
     assert frame.header["id"] == "r1"
     np.testing.assert_array_equal(frame.tensors["t"], arr)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel timeouts: Linux")
+def test_a_connection_waits_with_kernel_timeouts_and_says_timeout() -> None:
+    """connect() gives a blocking socket whose reads and writes the kernel times; an idle
+    read runs out as TimeoutError (what Python's timeouts raise), not BlockingIOError,
+    and a frame that stalls half-way is still cut off by its own deadline."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    with srv:
+        client = connect(srv.getsockname()[:2], 0.3)
+        peer, _ = srv.accept()
+        with client, peer:
+            assert client.gettimeout() is None and _kernel_timeout_of(client) == 0.3
+            with pytest.raises(TimeoutError):
+                recv_frame(client, max_body=1)
+            peer.sendall(PREFIX.pack(MAGIC, VERSION, 0, 0, 50, 0) + b"{")
+            with pytest.raises(ProtocolError, match="truncated"):
+                recv_frame(client, max_body=1, frame_timeout=0.2)
+            assert _kernel_timeout_of(client) == 0.3  # its own timeout again
 
 
 def test_deeply_nested_header_is_malformed_not_a_crash() -> None:

@@ -6,7 +6,8 @@ import socket
 import threading
 import time
 
-from runtime.transport import ConnectionPool, recv_frame
+from runtime.pool import ConnectionPool
+from runtime.transport import recv_frame
 
 
 def _listener() -> tuple[socket.socket, tuple[str, int]]:
