@@ -1,4 +1,5 @@
-"""One hop of a tensor on loopback: raw sockets, the runtime's framed TCP, gRPC.
+"""One hop of a tensor on loopback: raw sockets, the runtime's framed TCP, the floor of
+any framing written in Python (``py_min``), gRPC.
 
 The per-hop part of ``runtime_overhead.py`` (``--hops-only`` there runs it alone): echo
 servers in their own processes, interleaved rounds, wall-clock medians and CPU per hop.
@@ -41,13 +42,17 @@ SIZES = {  # name -> shape (float32)
 
 def _accept_forever(port_file: str, serve: Any, timeout: float | None = None) -> None:
     """Listen on a free loopback port (written to ``port_file``); ``serve`` each
-    connection in its own thread, as the runtime's servers do."""
+    connection in its own thread, as the runtime's servers do; ``timeout``: set as the
+    runtime's servers set theirs."""
     srv = socket.create_server(("127.0.0.1", 0))
     Path(port_file).write_text(str(srv.getsockname()[1]))
     while True:
         conn, _ = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(timeout)
+        if timeout is not None:
+            from runtime.transport import set_timeout
+
+            set_timeout(conn, timeout)
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
@@ -63,7 +68,7 @@ def _echo_tcp(port_file: str) -> None:
                     return
                 send_frame(c, {"type": "echo"}, f.tensors)
 
-    # a timeout, as on a worker's connections (Python's timeout mode, not blocking)
+    # a timeout, as on a worker's connections
     _accept_forever(port_file, serve, timeout=600.0)
 
 
@@ -94,6 +99,40 @@ def _raw_fill(sock: socket.socket, view: memoryview, waitall: bool = False) -> b
             return False
         got += n
     return True
+
+
+def _py_min_send(sock: socket.socket, header: dict[str, Any], arr: np.ndarray) -> None:
+    head = json.dumps(header).encode()
+    sock.sendmsg([len(head).to_bytes(4, "little") + arr.nbytes.to_bytes(4, "little") + head,
+                  memoryview(arr).cast("B")])  # type: ignore[arg-type]
+
+
+def _py_min_recv(sock: socket.socket) -> tuple[dict[str, Any], np.ndarray]:
+    sizes = bytearray(8)
+    if not _raw_fill(sock, memoryview(sizes), True):
+        raise ConnectionError("closed")
+    head = bytearray(int.from_bytes(sizes[:4], "little"))
+    body = np.empty(int.from_bytes(sizes[4:], "little"), np.uint8)
+    if not (_raw_fill(sock, memoryview(head), True)
+            and _raw_fill(sock, memoryview(body), True)):  # type: ignore[arg-type]
+        raise ConnectionError("closed")
+    return json.loads(head), body
+
+
+def _echo_py_min(port_file: str) -> None:
+    """The floor of any framing in Python: a length prefix and a JSON header per message,
+    a new receive buffer each time (the receiver hands the tensor on), blocking sockets,
+    ``MSG_WAITALL``; no checks, no deadlines, no tensor descriptors."""
+    def serve(c: socket.socket) -> None:
+        with c:
+            try:
+                while True:
+                    _, body = _py_min_recv(c)
+                    _py_min_send(c, {"type": "echo"}, body)
+            except (ConnectionError, OSError):
+                return
+
+    _accept_forever(port_file, serve)
 
 
 def _echo_grpc(port_file: str) -> None:
@@ -159,8 +198,10 @@ def _frame_cpu_us(arr: np.ndarray, n: int = 2000) -> dict[str, float]:
 
 
 def bench_hops(iters: int, work: Path, repeats: int = 5,
-               sizes: list[str] | None = None) -> list[dict[str, Any]]:
-    """Median one-way time (half a round trip) per size: raw sockets, frames, gRPC.
+               sizes: list[str] | None = None, warm_up: int = 500) -> list[dict[str, Any]]:
+    """Median one-way time (half a round trip) per size: raw sockets, frames, the floor
+    of any Python framing (``py_min``, see :func:`_echo_py_min`), gRPC; each connection
+    first makes ``warm_up`` round trips.
 
     The three are measured in the same run, in ``repeats`` interleaved rounds (so a load
     spike from another process hits all of them alike); each figure is the median over
@@ -173,11 +214,13 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
     rows = []
     procs = {}
     try:
-        for kind in ("tcp", "grpc", "raw"):
+        for kind in ("tcp", "grpc", "raw", "py_min"):
             pf = work / f"echo-{kind}.port"
             procs[kind] = spawn([__file__, "--echo-server", kind, "--port-file", str(pf)], pf)
         port = {k: int((work / f"echo-{k}.port").read_text()) for k in procs}
         sock = connect(("127.0.0.1", port["tcp"]), 30)
+        py_min = socket.create_connection(("127.0.0.1", port["py_min"]))
+        py_min.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         channel = grpc.insecure_channel(f"127.0.0.1:{port['grpc']}", options=[
             ("grpc.max_receive_message_length", 1 << 30),
             ("grpc.max_send_message_length", 1 << 30)])
@@ -211,16 +254,24 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
                 f = recv_frame(sock, max_body=1 << 30)
                 assert f.tensors["t"].shape == a.shape
 
+            def py_min_once(a: np.ndarray = arr, header: dict[str, Any] = header) -> None:
+                _py_min_send(py_min, header, a)
+                _py_min_recv(py_min)
+
             def grpc_once(a: np.ndarray = arr) -> None:
                 head = json.dumps({"dtype": "float32", "shape": list(a.shape)}).encode()
                 payload = len(head).to_bytes(4, "little") + head + a.tobytes()
                 back = call(payload, timeout=30)
                 np.frombuffer(back, dtype=np.float32, offset=4 + len(head)).reshape(a.shape)
 
-            rounds: dict[str, list[float]] = {"raw": [], "raw_waitall": [], "tcp": [],
-                                              "grpc": []}
             fns = (("raw", raw_once), ("raw_waitall", raw_waitall_once), ("tcp", tcp_once),
-                   ("grpc", grpc_once))
+                   ("py_min", py_min_once), ("grpc", grpc_once))
+            rounds: dict[str, list[float]] = {kind: [] for kind, _ in fns}
+            # a new loopback connection is slower for its first several hundred messages
+            # (the kernel grows its buffers): every connection is warmed up alike first
+            for _, fn in fns:
+                for _ in range(warm_up):
+                    fn()
             cpu = dict.fromkeys(rounds, 0.0)  # CPU seconds, both ends, over all rounds
             calls = dict.fromkeys(rounds, 0)
             for _ in range(repeats):
@@ -235,7 +286,7 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
             row: dict[str, Any] = {"tensor": name, "bytes": int(arr.nbytes), "rounds": rounds}
             for kind in rounds:
                 row[f"{kind}_hop_ms"] = statistics.median(rounds[kind])
-            for floor in ("raw", "raw_waitall"):
+            for floor in ("raw", "raw_waitall", "py_min"):
                 row[f"tcp_over_{floor}"] = statistics.median(
                     t / r for t, r in zip(rounds["tcp"], rounds[floor], strict=True))
             # CPU per hop (a call is a round trip: two hops) is what the load of other
@@ -243,13 +294,27 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
             row["cpu_per_hop_us"] = {k: cpu[k] / (2 * calls[k]) * 1e6 for k in rounds}
             row["cpu_us"] = _frame_cpu_us(arr)
             rows.append(row)
+            row["py_min_over_raw"] = statistics.median(
+                t / r for t, r in zip(rounds["py_min"], rounds["raw"], strict=True))
+            # the two raw loops take turns being the faster one (whether the plain loop's
+            # recv_into wakes once per segment varies from run to run): against the faster
+            # of them in each round
+            best = [min(a, b) for a, b in zip(rounds["raw"], rounds["raw_waitall"],
+                                              strict=True)]
+            for kind in ("tcp", "py_min"):
+                row[f"{kind}_over_best_raw"] = statistics.median(
+                    t / r for t, r in zip(rounds[kind], best, strict=True))
             print(f"hop {name:>14} {arr.nbytes / 1e6:7.2f} MB: raw {row['raw_hop_ms']:.3f} ms"
                   f" (waitall {row['raw_waitall_hop_ms']:.3f}), tcp {row['tcp_hop_ms']:.3f} ms"
                   f" ({row['tcp_over_raw']:.2f}x raw, {row['tcp_over_raw_waitall']:.2f}x"
-                  f" waitall), grpc {row['grpc_hop_ms']:.3f} ms; CPU per hop, both ends: raw"
+                  f" waitall, {row['tcp_over_best_raw']:.2f}x the faster), Python floor"
+                  f" {row['py_min_hop_ms']:.3f} ms ({row['py_min_over_best_raw']:.2f}x the"
+                  f" faster raw), grpc {row['grpc_hop_ms']:.3f} ms;"
+                  f" CPU per hop, both ends: raw"
                   f" {row['cpu_per_hop_us']['raw']:.0f} us, tcp"
                   f" {row['cpu_per_hop_us']['tcp']:.0f} us", file=sys.stderr)
         sock.close()
+        py_min.close()
         channel.close()
     finally:
         for p in procs.values():
@@ -281,10 +346,11 @@ def median_time(fn: Any, n: int) -> float:
 
 def _main() -> int:
     p = argparse.ArgumentParser(description="echo server for the hop benchmark")
-    p.add_argument("--echo-server", choices=("tcp", "grpc", "raw"), required=True)
+    p.add_argument("--echo-server", choices=("tcp", "grpc", "raw", "py_min"), required=True)
     p.add_argument("--port-file", required=True)
     args = p.parse_args()
-    {"tcp": _echo_tcp, "grpc": _echo_grpc, "raw": _echo_raw}[args.echo_server](args.port_file)
+    {"tcp": _echo_tcp, "grpc": _echo_grpc, "raw": _echo_raw,
+     "py_min": _echo_py_min}[args.echo_server](args.port_file)
     return 0
 
 

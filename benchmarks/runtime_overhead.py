@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import split_by_flops  # noqa: E402  (after the path)
+from benchmarks.common import machine, split_by_flops  # noqa: E402  (after the path)
 from benchmarks.hops import SIZES, bench_hops, median_time, spawn  # noqa: E402
 
 # --------------------------------------------------------------------------- models
@@ -230,10 +230,11 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     hops = doc["hops"]
     x = np.arange(len(hops))
     ax = axes[0]
-    ax.bar(x - 0.27, [h.get("raw_hop_ms", np.nan) for h in hops], 0.27,
-           label="raw sockets (floor)")
-    ax.bar(x, [h["tcp_hop_ms"] for h in hops], 0.27, label="framed TCP")
-    ax.bar(x + 0.27, [h["grpc_hop_ms"] for h in hops], 0.27, label="gRPC unary (raw bytes)")
+    for k, (key, label) in enumerate((("raw_hop_ms", "raw sockets (floor)"),
+                                      ("py_min_hop_ms", "least framing in Python"),
+                                      ("tcp_hop_ms", "framed TCP (runtime)"),
+                                      ("grpc_hop_ms", "gRPC unary (raw bytes)"))):
+        ax.bar(x + (k - 1.5) * 0.2, [h.get(key, np.nan) for h in hops], 0.2, label=label)
     ax.set_xticks(x, [h["tensor"] for h in hops], rotation=20, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("one hop, ms (median, loopback)")
@@ -296,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/runtime_overhead.py " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                     "cpu": machine()["cpu"],
                      "python": platform.python_version(), "onnxruntime": ort.__version__,
                      # other processes share this host: the load says how noisy it was
                      "load_average_before": list(os.getloadavg())},
             "iterations": iters, "threads": args.threads, "repeats": args.repeats,
             "hops": bench_hops(iters * 2, work, args.repeats,
-                               args.sizes.split(",") if args.sizes else None),
+                               args.sizes.split(",") if args.sizes else None,
+                               warm_up=50 if args.quick else 500),
             "window": args.window,
             "models": [] if args.hops_only else
                       [bench_model(n, iters, work, args.threads, args.window) for n in names],
