@@ -99,8 +99,9 @@ def _time_left(deadline: float, what: str) -> float:
 # Timeouts. A plain socket on Linux (the runtime's own connections: see set_timeout) is
 # kept blocking, and the kernel times each call (SO_RCVTIMEO / SO_SNDTIMEO): a read or a
 # write is then one system call. Python's own timeouts make every call a poll() and the
-# call, and switching a socket's mode is one more (ioctl): benchmarks/hops.py measured the
-# difference on loopback. The rest of a frame is read with MSG_DONTWAIT (it usually waits
+# call, and switching a socket's mode is one more (ioctl): 8 system calls per received
+# and answered frame became 4 (benchmarks/README.md 14.3; on loopback the time saved is
+# within the noise). The rest of a frame is read with MSG_DONTWAIT (it usually waits
 # in the socket already); only when it does not is the wait bounded by the frame's
 # deadline, by setting SO_RCVTIMEO to the time left for one MSG_WAITALL call (the kernel
 # counts the wait down across wake-ups) and back afterwards. Sockets in Python's timeout
@@ -141,13 +142,13 @@ def _bulk_path(sock: socket.socket, size: int) -> bool:
 def _kernel_timeout(sock: socket.socket, option: int, seconds: float | None) -> None:
     """Set SO_RCVTIMEO / SO_SNDTIMEO; None clears it (the kernel's 0), and a timeout too
     small for a timeval stays 1 us, not none."""
-    if seconds is None:
-        sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(0, 0))
-        return
-    whole = int(max(seconds, 0.0))
-    micros = int((seconds - whole) * 1e6) if seconds > 0 else 0
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros or
-                                                            (0 if whole else 1)))
+    whole = micros = 0
+    if seconds is not None:
+        whole = max(int(seconds), 0)
+        micros = max(int((seconds - whole) * 1e6), 0)
+        if not (whole or micros):
+            micros = 1  # (0 would mean no timeout at all)
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros))
 
 
 def _truncated(got: int, size: int, what: str) -> ProtocolError:
