@@ -174,7 +174,8 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         # where a served request's time goes, from the workers' own timing records (one
         # host, one clock): each stage's compute as served against the same unit alone,
         # the hops between stages (sender's work after its compute to the receiver's
-        # compute start) and the executor's two ends (send the input, take the result)
+        # compute start) and the executor's two ends (send the input, take the result;
+        # each apart, from the record's "sent" / "answered")
         "served_compute_per_stage_ms": [t * 1e3 for t in served],
         "alone_compute_per_stage_ms": [t * 1e3 for t in stage_t],
         **breakdown,
@@ -189,7 +190,9 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     print(f"{name}: served compute {served_compute * 1e3:.2f} ms (stages alone "
           f"{sum(stage_t) * 1e3:.2f}), hops between stages "
           f"{', '.join(f'{g:.3f}' for g in breakdown['inner_hop_ms'])} ms, executor's ends "
-          f"{breakdown['executor_ends_ms']:.3f} ms", file=sys.stderr)
+          f"{breakdown['executor_ends_ms']:.3f} ms (its sends to the first compute "
+          f"{breakdown['executor_to_first_stage_ms']:.3f}, the last compute to the result "
+          f"filed {breakdown['last_stage_to_executor_ms']:.3f})", file=sys.stderr)
     print(f"{name}: full {row['full_ms']:.2f} ms, local chain {row['local_chain_ms']:.2f} ms,"
           f" remote chain {row['remote_chain_ms']:.2f} ms; pipelined "
           f"{row['pipelined_images_per_s']:.1f}/s (bound "
@@ -204,14 +207,24 @@ def _breakdown(records: list[dict[str, Any]]) -> dict[str, Any]:
     (latency minus first compute start to last compute end)."""
     inner: list[list[float]] = []
     ends: list[float] = []
+    to_first: list[float] = []  # the executor's sends began -> the first compute start
+    from_last: list[float] = []  # the last compute end -> the result filed by the executor
     for r in records:
         ts = sorted(r["timings"], key=lambda t: t["start"])
         gaps = [b["start"] - (a["start"] + a["compute"]) for a, b in zip(ts, ts[1:], strict=False)]
         inner.append(gaps)
         ends.append(r["latency"] - (ts[-1]["start"] + ts[-1]["compute"] - ts[0]["start"]))
+        if r.get("sent") is not None and r.get("answered") is not None:
+            to_first.append(ts[0]["start"] - r["sent"])
+            from_last.append(r["answered"] - (ts[-1]["start"] + ts[-1]["compute"]))
     n = min(map(len, inner)) if inner else 0
+
+    def ms(xs: list[float]) -> float:
+        return statistics.median(xs) * 1e3 if xs else float("nan")
+
     return {"inner_hop_ms": [statistics.median(g[k] for g in inner) * 1e3 for k in range(n)],
-            "executor_ends_ms": statistics.median(ends) * 1e3 if ends else float("nan")}
+            "executor_ends_ms": ms(ends), "executor_to_first_stage_ms": ms(to_first),
+            "last_stage_to_executor_ms": ms(from_last)}
 
 
 # --------------------------------------------------------------------------- report

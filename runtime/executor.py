@@ -331,6 +331,7 @@ class RemoteExecutor(Gathering):
                         "ack": True, "timed": self.time_links}
                 p.gathering[p.attempt] = (key, Inbox(view.senders.get(OUTPUT, ())), [])
                 attempt = p.attempt
+                p.sent = time.time()
                 source = {n: (None, a) for n, a in p.inputs.items()}
                 messages = outgoing(view.bundle.input_sends, source, f"request {p.id}")
             refused = None

@@ -52,6 +52,7 @@ class Pending:
     history: list[str] = field(default_factory=list)
     retrying: bool = False  # a retry is scheduled: no second one for the same attempt
     pinned: str | None = None  # only this plan (a switch's trial request), no fail-over
+    sent: float | None = None  # wall clock: the latest attempt's sends began
     # per attempt: its plan, the inbox gathering its "output" messages, their timings
     gathering: dict[int, tuple[str, Inbox, list[dict[str, Any]]]] = field(
         default_factory=dict)
@@ -173,10 +174,13 @@ class Gathering:
                 self._finish_error(p, f"bad result: {err}")
                 return
             self._pending.pop(p.id)
+            # "sent" / "answered": wall clock, as the workers' timings, so a request's
+            # time can be taken apart across processes (benchmarks/runtime_overhead.py)
             record = {"id": p.id, "plan": plan, "attempts": attempt,
                       "latency": time.perf_counter() - p.start,
                       "timings": merged, "retries": p.history, "exit": exit_name,
-                      "trial": p.pinned is not None}
+                      "trial": p.pinned is not None, "sent": p.sent,
+                      "answered": time.time()}
             self.records.append(record)
             p.future.record = record  # type: ignore[attr-defined]
             for observe in self.observers:

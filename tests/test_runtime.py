@@ -81,6 +81,11 @@ def test_chain_equals_full_model(cluster: Cluster, built) -> None:
         assert [(t["stage"], t["device"]) for t in rec["timings"]] == [
             ("0", "edge"), ("1", "hub"), ("2", "cloud")]
         assert rec["plan"] == "main" and rec["attempts"] == 1
+        # wall clock, as the workers' timings: the sends began before the first stage
+        # started, and the result was filed after the last stage ended
+        first, last = rec["timings"][0], rec["timings"][-1]
+        assert rec["sent"] <= first["start"]
+        assert last["start"] + last["compute"] <= rec["answered"]
 
 
 def test_pipelined_requests_all_complete_once(cluster: Cluster, built) -> None:
