@@ -286,24 +286,25 @@ def bench_hops(iters: int, work: Path, repeats: int = 5,
             row: dict[str, Any] = {"tensor": name, "bytes": int(arr.nbytes), "rounds": rounds}
             for kind in rounds:
                 row[f"{kind}_hop_ms"] = statistics.median(rounds[kind])
+            def ratio(num: list[float], den: list[float]) -> float:
+                """The median over rounds of each round's ratio."""
+                return statistics.median(t / r for t, r in zip(num, den, strict=True))
+
+            # the two raw loops take turns being the faster one (whether the plain loop's
+            # recv_into wakes once per segment varies from run to run): against the faster
+            # of them in each round too
+            best = [min(a, b) for a, b in zip(rounds["raw"], rounds["raw_waitall"],
+                                              strict=True)]
             for floor in ("raw", "raw_waitall", "py_min"):
-                row[f"tcp_over_{floor}"] = statistics.median(
-                    t / r for t, r in zip(rounds["tcp"], rounds[floor], strict=True))
+                row[f"tcp_over_{floor}"] = ratio(rounds["tcp"], rounds[floor])
+            row["py_min_over_raw"] = ratio(rounds["py_min"], rounds["raw"])
+            for kind in ("tcp", "py_min"):
+                row[f"{kind}_over_best_raw"] = ratio(rounds[kind], best)
             # CPU per hop (a call is a round trip: two hops) is what the load of other
             # processes distorts least; the wall-clock figures above are medians
             row["cpu_per_hop_us"] = {k: cpu[k] / (2 * calls[k]) * 1e6 for k in rounds}
             row["cpu_us"] = _frame_cpu_us(arr)
             rows.append(row)
-            row["py_min_over_raw"] = statistics.median(
-                t / r for t, r in zip(rounds["py_min"], rounds["raw"], strict=True))
-            # the two raw loops take turns being the faster one (whether the plain loop's
-            # recv_into wakes once per segment varies from run to run): against the faster
-            # of them in each round
-            best = [min(a, b) for a, b in zip(rounds["raw"], rounds["raw_waitall"],
-                                              strict=True)]
-            for kind in ("tcp", "py_min"):
-                row[f"{kind}_over_best_raw"] = statistics.median(
-                    t / r for t, r in zip(rounds[kind], best, strict=True))
             print(f"hop {name:>14} {arr.nbytes / 1e6:7.2f} MB: raw {row['raw_hop_ms']:.3f} ms"
                   f" (waitall {row['raw_waitall_hop_ms']:.3f}), tcp {row['tcp_hop_ms']:.3f} ms"
                   f" ({row['tcp_over_raw']:.2f}x raw, {row['tcp_over_raw_waitall']:.2f}x"

@@ -164,8 +164,10 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None, what: s
     """
     got, size = _take_ready(sock, view, deadline, what), len(view)
     while got < size:
-        blocking = sock.gettimeout() is None
-        if (blocking or got) and _bulk_path(sock, _BULK if blocking else size - got):
+        # a blocking socket always waits the kernel way; one in timeout mode does so for a
+        # large rest only
+        if ((sock.gettimeout() is None and _kernel_socket(sock))
+                or (got and _bulk_path(sock, size - got))):
             _fill_bulk(sock, view[got:], deadline, what)
             return
         if deadline is not None:
