@@ -123,18 +123,23 @@ def test_profile_model_with_external_weights(tmp_path) -> None:
     assert json.loads(proc.stdout)["bundles_in_file"] == len(profile.bundles) == expected
 
 
-def test_inline_and_shared_set_ups_profile_the_same_bundles(tiny, prepared, tmp_path) -> None:
+def test_every_set_up_profiles_the_same_bundles(tiny, prepared, tmp_path) -> None:
     docs = {}
-    for setup, extra in (("shared", []), ("inline", ["--inline-weights"])):
+    for setup, extra in (("shared", []), ("inline", ["--inline-weights"]),
+                         ("one_at_a_time", ["--no-open-ahead"])):
         out = tmp_path / f"{setup}.json"
         proc = cli(str(tiny), "--device", "nano", "--mbs", "3", *FAST, "-o", str(out),
                    "--json", *extra)
         assert proc.returncode == 0, proc.stderr
         docs[setup] = (json.loads(proc.stdout), read_profile(out))
-    (shared, p_shared), (inline, p_inline) = docs["shared"], docs["inline"]
-    assert p_shared.bundle_map().keys() == p_inline.bundle_map().keys()
-    assert len(p_shared.bundles) == bundle_count(len(prepared.graph.layers), 3)
-    for summary in (shared, inline):  # where the time went, for the overhead benchmark
+    keys = {setup: p.bundle_map().keys() for setup, (_, p) in docs.items()}
+    assert keys["shared"] == keys["inline"] == keys["one_at_a_time"]
+    assert len(keys["shared"]) == bundle_count(len(prepared.graph.layers), 3)
+    for summary, _ in docs.values():  # where the time went, for the overhead benchmark
         assert summary["setup_seconds"] > 0 and summary["run_seconds"] > 0
+    # bundles after the first were opened ahead, except with --no-open-ahead
+    assert docs["shared"][0]["ahead_seconds"] > 0 and docs["inline"][0]["ahead_seconds"] > 0
+    assert docs["one_at_a_time"][0]["ahead_seconds"] == 0
+    shared, inline = docs["shared"][0], docs["inline"][0]
     assert inline["weights_file_seconds"] < shared["weights_file_seconds"]
     assert inline["reused_freed_memory"] is False

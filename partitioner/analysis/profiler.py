@@ -17,22 +17,19 @@ with its initialisers as references into that file, and ONNX Runtime maps them f
 when it opens the bundle's session. No weight is copied per bundle on our side (before,
 each bundle copied its weights three times: extraction, serialisation, session). The
 graph ONNX Runtime optimises and the kernels it runs are the same as from an inline model;
-``benchmarks/profiler_overhead.py`` checks that the latencies agree. Measuring stays
-sequential: nothing is prepared while a bundle is being timed.
+``benchmarks/profiler_overhead.py`` checks that the latencies agree. The next bundle is
+opened while the current one warms up (:mod:`partitioner.analysis.opening`), never while
+one is being timed.
 
 Int8 variants are timed by :mod:`partitioner.analysis.int8_profile`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import os
 import platform
 import sys
-import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +41,7 @@ import onnxruntime as ort
 
 from partitioner.analysis.meters import EnergyMeter
 from partitioner.analysis.profiles import Profile, ProfiledBundle, read_profile, save_profile
+from partitioner.analysis.sessions import SharedWeights, open_session, reuse_freed_memory
 from partitioner.errors import fail
 from partitioner.ir import LayerGraph
 
@@ -108,143 +106,6 @@ def trimmed_stats(samples: Sequence[float], trim: float) -> dict[str, float]:
             "min": float(data[0]), "max": float(data[-1]), "p50": float(np.median(data))}
 
 
-def _session_options(threads: int | None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    # Measure a bundle the way `runtime serve` runs it: idle threads do not spin.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    return opts
-
-
-class SharedWeights:
-    """The prepared model with its weights written once to one file, for cheap bundles.
-
-    ``prepared`` is the model whose initialisers (1 KB and larger) are references into
-    ``weights.bin`` in a private temporary folder (offsets page-aligned, so ONNX Runtime
-    can map them instead of reading them); sub-models extracted from it carry references,
-    not bytes. The folder is in ``/dev/shm`` when that has room (the file then never waits
-    for a disk), else in the system's temporary folder; it is removed by :meth:`close` (or
-    when this object is collected).
-
-    Raises:
-        UserError: the folder cannot be written (naming it and why).
-    """
-
-    def __init__(self, prepared: Any) -> None:
-        from partitioner.frontend.slicing import save_model
-
-        self._names = itertools.count()
-        base_dir = getattr(prepared, "base_dir", None)
-        for where in _weight_folders(_weight_bytes(prepared.model)):
-            self._tmp = tempfile.TemporaryDirectory(prefix="partitioner-profile-", dir=where)
-            self._cleanup = weakref.finalize(self, self._tmp.cleanup)
-            self.folder = Path(self._tmp.name)
-            try:
-                save_model(prepared.model, self.folder / "model.onnx", base_dir=base_dir,
-                           external_data="weights.bin")
-                break
-            except OSError as err:
-                self.close()
-                if where is None:  # the last resort failed too
-                    fail(f"{self.folder}: cannot write the profiler's copy of the weights: "
-                         f"{err.strerror or err}")
-        model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
-        if dataclasses.is_dataclass(prepared) and not isinstance(prepared, type):
-            self.prepared: Any = replace(prepared, model=model, base_dir=self.folder)
-        else:  # any object with model / graph / base_dir (what extract_layers reads)
-            self.prepared = _Prepared(model, prepared.graph, self.folder)
-
-    def session(self, model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
-        """An ORT session of ``model`` (references into ``weights.bin``, or inline)."""
-        # The proto is small (weights are references); ORT reads it from a file so that
-        # it resolves the references against this folder. The file is not needed after.
-        path = self.folder / f"bundle{next(self._names)}.onnx"
-        path.write_bytes(model.SerializeToString())
-        try:
-            return ort.InferenceSession(str(path), _session_options(threads),
-                                        providers=["CPUExecutionProvider"])
-        finally:
-            path.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """Remove the folder (open sessions keep their mapped weights)."""
-        self._cleanup()
-
-
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's weights: the proto's own plus its external data."""
-    external = 0
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            fields = {e.key: e.value for e in t.external_data}
-            external += int(fields.get("length", 0) or 0)
-    return model.ByteSize() + external
-
-
-def _weight_folders(size: int) -> list[str | None]:
-    """Where to put the weight file, best first (None: the system's temporary folder)."""
-    shm = Path("/dev/shm")
-    try:
-        st = os.statvfs(shm)
-        # room for the file twice over (other users of shared memory) and some slack
-        if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize > 2 * size + (64 << 20):
-            return [str(shm), None]
-    except OSError:
-        pass
-    return [None]
-
-
-def reuse_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
-
-    Every bundle's session allocates its pre-packed weights afresh and frees them when
-    the next bundle opens; by default glibc maps each large block anew and unmaps it on
-    free, so every bundle pays page faults on fresh memory for its whole weights (most of
-    a bundle's set-up on AlexNet). With the thresholds raised the next bundle reuses the
-    same pages. Kernels and their data are unchanged (the same 4 KiB anonymous pages), so
-    timings are not; the process keeps its peak memory until it exits. Returns False
-    where this is not glibc (nothing is changed).
-    """
-    import ctypes
-    import ctypes.util
-
-    if sys.platform != "linux" or not platform.libc_ver()[0] == "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-    return libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    model: onnx.ModelProto
-    graph: LayerGraph
-    base_dir: Path | None
-
-
-def _session(model: onnx.ModelProto, threads: int | None,
-             base_dir: Path | None = None) -> ort.InferenceSession:
-    from partitioner.frontend.slicing import save_model, uses_external_data
-
-    opts = _session_options(threads)
-    if not uses_external_data(model):
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    # External weights: write a self-contained copy and let ORT map it from disk.
-    with tempfile.TemporaryDirectory(prefix="partitioner-profile-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save_model(model, path, base_dir=base_dir, external_data="model.onnx.data")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def sample_inputs(graph: LayerGraph, npz: str | Path | None = None, *, seed: int = 0
                   ) -> dict[str, np.ndarray]:
     """Model inputs from ``npz`` (keys = input names), else seeded random data.
@@ -301,7 +162,7 @@ def capture_intermediates(prepared: Any, inputs: Mapping[str, np.ndarray],
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, info.shape))
     if weights is None:
-        sess = _session(model, threads, getattr(prepared, "base_dir", None))
+        sess = open_session(model, threads, getattr(prepared, "base_dir", None))
     else:
         sess = weights.session(model, threads)
     names = [o.name for o in sess.get_outputs()]
@@ -323,11 +184,17 @@ class BundleTimer:
             by default the timer writes its own on first use. ``shared=False`` opens each
             bundle from an inline copy of its weights instead (the slow set-up, kept to
             compare against).
+        ahead: open the next bundle :meth:`expect` names during the current one's warm-up
+            (:class:`~partitioner.analysis.opening.BundleOpener`); False opens each bundle
+            only when it is measured (one session alive at a time: less memory).
     """
 
     def __init__(self, prepared: Any, captured: Mapping[str, np.ndarray],
                  settings: ProfileSettings, meter: EnergyMeter | None = None, *,
-                 weights: SharedWeights | None = None, shared: bool = True) -> None:
+                 weights: SharedWeights | None = None, shared: bool = True,
+                 ahead: bool = True) -> None:
+        from partitioner.analysis.opening import BundleOpener
+
         self.prepared = prepared
         self.captured = captured
         self.settings = settings
@@ -335,8 +202,22 @@ class BundleTimer:
         self.shared = shared
         self._weights = weights
         self._own_weights = weights is None
-        self.setup_seconds = 0.0  # opening bundles, summed over measure() calls
+        self._opener = BundleOpener(self.runner) if ahead else None
+        # seconds this thread spent opening bundles or waiting for one opened ahead
+        self.setup_seconds = 0.0
         self.run_seconds = 0.0  # warm-up and timed runs, summed likewise
+
+    @property
+    def ahead_seconds(self) -> float:
+        """Seconds spent opening bundles ahead, during other bundles' warm-up."""
+        return 0.0 if self._opener is None else self._opener.ahead_seconds
+
+    def expect(self, bundles: Sequence[tuple[int, int]]) -> None:
+        """The bundles :meth:`measure` will be asked for next, in order (opened ahead)."""
+        if self._opener is not None:
+            if self.shared:
+                self.weights  # noqa: B018  (written here, not on the opening thread)
+            self._opener.expect(bundles)
 
     @property
     def weights(self) -> SharedWeights:
@@ -346,7 +227,10 @@ class BundleTimer:
         return self._weights
 
     def close(self) -> None:
-        """Remove the weight file this timer wrote itself (not one it was given)."""
+        """Stop opening ahead; remove the weight file this timer wrote itself (not one it
+        was given: close the timer before that one)."""
+        if self._opener is not None:
+            self._opener.close()
         if self._own_weights and self._weights is not None:
             self._weights.close()
             self._weights = None
@@ -370,7 +254,7 @@ class BundleTimer:
             sess = self.weights.session(sub.model, self.settings.threads)
         else:
             sub = extract_layers(self.prepared, first, last)
-            sess = _session(sub.model, self.settings.threads, sub.base_dir)
+            sess = open_session(sub.model, self.settings.threads, sub.base_dir)
         feeds = {t.name: self.captured[t.name] for t in sub.inputs}
         outputs = [o.name for o in sess.get_outputs()]
 
@@ -384,22 +268,34 @@ class BundleTimer:
     def measure(self, first: int, last: int, frequency: str | None = None) -> ProfiledBundle:
         """Measure layers ``first..last`` as one sub-model (batch 1, warm-up, N runs).
 
-        Adds the seconds spent opening the bundle to ``setup_seconds`` and those spent
-        running it (warm-up and timed runs) to ``run_seconds``.
+        Adds the seconds spent opening the bundle (or waiting for the next one, opened
+        during this one's warm-up) to ``setup_seconds`` and those spent running it
+        (warm-up and timed runs) to ``run_seconds``.
         """
         t0 = time.perf_counter()
-        once = self.runner(first, last)
+        if self._opener is None:
+            once = self.runner(first, last)
+        else:
+            once = self._opener.take(first, last)
         self.setup_seconds += time.perf_counter() - t0
-        stats, energy = self.time_runs(once)
+        stats, energy = self.time_runs(once, open_next=True)
         return ProfiledBundle(first=first, last=last, frequency=frequency, energy=energy,
                               **stats)
 
-    def time_runs(self, once: Callable[[], float]) -> tuple[dict[str, float], float | None]:
+    def time_runs(self, once: Callable[[], float], *, open_next: bool = False
+                  ) -> tuple[dict[str, float], float | None]:
         """Warm-up, then the timed runs of ``once``: :func:`trimmed_stats` and the joules
-        per run (None without a meter); the seconds are added to ``run_seconds``."""
+        per run (None without a meter); the seconds are added to ``run_seconds``.
+
+        ``open_next``: open the next expected bundle during the warm-up; it is waited for
+        (the wait added to ``setup_seconds``) before the timed runs begin."""
         t1 = time.perf_counter()
+        if open_next and self._opener is not None and self.settings.warmup > 0:
+            self._opener.start_next()
         for _ in range(self.settings.warmup):
             once()
+        waited = 0.0 if self._opener is None else self._opener.settle()
+        self.setup_seconds += waited
         if self.meter is not None:
             self.meter.start()
         samples = [once() for _ in range(self.settings.runs)]
@@ -407,7 +303,7 @@ class BundleTimer:
         energy = None
         if self.meter is not None:
             energy = self.meter.stop(self.settings.runs, stats["latency"])
-        self.run_seconds += time.perf_counter() - t1
+        self.run_seconds += time.perf_counter() - t1 - waited
         return stats, energy
 
 
@@ -461,7 +357,9 @@ def start_profile(path: str | Path, graph: LayerGraph, device: str,
 
 def profile_bundles(profile: Profile, ranges: Iterable[tuple[int, int]],
                     measure: Callable[[int, int], ProfiledBundle], path: str | Path | None,
-                    *, frequency: str | None = None, progress: bool = False) -> Profile:
+                    *, frequency: str | None = None, progress: bool = False,
+                    expect: Callable[[list[tuple[int, int]]], None] | None = None
+                    ) -> Profile:
     """Measure the ranges not yet in ``profile`` at ``frequency``, saving after each.
 
     Args:
@@ -472,6 +370,8 @@ def profile_bundles(profile: Profile, ranges: Iterable[tuple[int, int]],
         path: written atomically after every bundle (None: not written).
         frequency: the frequency label of this run.
         progress: show a tqdm bar with ETA on stderr.
+        expect: told the bundles about to be measured, in order (e.g.
+            :meth:`BundleTimer.expect`, which opens each one ahead).
 
     Returns:
         The profile with the new bundles.
@@ -480,6 +380,8 @@ def profile_bundles(profile: Profile, ranges: Iterable[tuple[int, int]],
 
     done = profile.bundle_map()
     todo = [(a, b) for a, b in ranges if (a, b, frequency) not in done]
+    if expect is not None:
+        expect(todo)
     with tqdm(total=len(todo), unit="bundle", file=sys.stderr, disable=not progress,
               desc=f"profiling {profile.device}", dynamic_ncols=True) as bar:
         for a, b in todo:

@@ -81,9 +81,9 @@ def measure_row_part(timer: Any, layer: int, rows: int,
     if timer.shared:
         sess = timer.weights.session(part.model.model, timer.settings.threads)
     else:
-        from partitioner.analysis.profiler import _session
+        from partitioner.analysis.sessions import open_session
 
-        sess = _session(part.model.model, timer.settings.threads, part.model.base_dir)
+        sess = open_session(part.model.model, timer.settings.threads, part.model.base_dir)
     what = f"layer {layer} rows 0..{rows - 1}"
     feeds = {t.name: take_rows(timer.captured[t.name], None, want, what)
              for t, want in part.inputs}

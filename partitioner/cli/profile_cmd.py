@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row-counts", type=int, nargs="+", default=None, metavar="R",
                         help="output-row counts for --spatial (those that fit each layer, "
                              "plus its whole height; default: 1, a quarter, a half)")
+    parser.add_argument("--no-open-ahead", action="store_true",
+                        help="open each bundle only when it is measured (one session alive "
+                             "at a time: less memory); by default the next bundle is opened "
+                             "during the current one's warm-up, never while one is timed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -166,6 +170,7 @@ def _profile(args: argparse.Namespace, prepared: Any, settings: Any, meter: Any,
     inputs = sample_inputs(graph, args.inputs, seed=args.seed)
     started = time.perf_counter()
     weights = None
+    timer = None
     reused = False
     if not args.inline_weights:
         # this process only profiles: let bundles reuse the memory their predecessors freed
@@ -176,14 +181,15 @@ def _profile(args: argparse.Namespace, prepared: Any, settings: Any, meter: Any,
     try:
         captured = capture_intermediates(prepared, inputs, settings.threads, weights=weights)
         timer = BundleTimer(prepared, captured, settings, meter, weights=weights,
-                            shared=weights is not None)
+                            shared=weights is not None, ahead=not args.no_open_ahead)
         progress = progress_enabled(args)
         summary: dict[str, Any] = {"output": str(out), "device": args.device,
                                    "layers": n_layers, "mbs": mbs,
                                    "full_set": bundle_count(n_layers, mbs)}
         if not args.lazy:
             profile = profile_bundles(profile, bundle_ranges(n_layers, mbs), timer.measure,
-                                      out, frequency=args.frequency, progress=progress)
+                                      out, frequency=args.frequency, progress=progress,
+                                      expect=timer.expect)
         else:
             profile, summary["lazy"] = _lazy(args, graph, system, profile, timer, mbs,
                                              progress)
@@ -201,12 +207,15 @@ def _profile(args: argparse.Namespace, prepared: Any, settings: Any, meter: Any,
             summary["splittable_layers"] = len(splittable_layers(graph))
             summary["rows_in_file"] = len(profile.rows)
     finally:
+        if timer is not None:
+            timer.close()  # no bundle is still being opened from the weight file
         if weights is not None:
             weights.close()
     # where the time went (benchmarks/profiler_overhead.py reads these)
     summary["weights_file_seconds"] = weights_seconds
     summary["reused_freed_memory"] = reused
     summary["setup_seconds"] = timer.setup_seconds
+    summary["ahead_seconds"] = timer.ahead_seconds
     summary["run_seconds"] = timer.run_seconds
     summary["bundles_in_file"] = len(profile.bundles)
     summary["measured_now"] = len(profile.bundles) - before

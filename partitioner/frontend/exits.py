@@ -174,9 +174,9 @@ def measure_probabilities(prepared: PreparedModel, heads: Sequence[ir.ExitHead],
     """Conditional exit probability of each head (in layer order) on ``samples``: of the
     samples that reach a head (left at no earlier one), the share whose softmax confidence
     is at least its threshold; a head with a probability already keeps it."""
-    from partitioner.analysis.profiler import _session
+    from partitioner.analysis.sessions import open_session
 
-    sess = _session(prepared.model, None, prepared.base_dir)
+    sess = open_session(prepared.model, None, prepared.base_dir)
     names = [h.output for h in heads]
     count = next(iter(samples.values())).shape[0]
     reached = [0] * len(heads)
