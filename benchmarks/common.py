@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().with_name("results")
 
 __all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
-           "spawn_worker", "stop_processes", "rss_bytes", "open_fds", "linear_slope",
-           "machine"]
+           "spawn_worker", "stop_processes", "rss_bytes", "peak_rss_bytes", "open_fds",
+           "linear_slope", "machine"]
 
 
 def machine() -> dict[str, Any]:
@@ -155,12 +155,29 @@ def stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = 5.0) -
             p.wait()
 
 
+def _status_bytes(pid: int | str, field: str) -> int | None:
+    """Field ``field`` (in kB) of ``/proc/PID/status``, in bytes; None where absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of process ``pid`` (``VmRSS`` in ``/proc/PID/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes(pid, "VmRSS") or 0
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int | None:
+    """Peak resident set of process ``pid`` so far (``VmHWM``), None where unknown.
+
+    ``VmHWM`` belongs to the address space, so it starts afresh at ``exec``; ``getrusage``'s
+    ``ru_maxrss`` does not (Linux carries the forking parent's over).
+    """
+    try:
+        return _status_bytes(pid, "VmHWM")
+    except OSError:  # not Linux, or the process is gone
+        return None
 
 
 def open_fds(pid: int) -> int:

@@ -6,16 +6,19 @@ runs, the profile written after every bundle) divided by ``sum(bundle latency x 
 over the bundles it wrote, the time a perfect profiler would spend on the timed runs
 alone. The warm-up runs put a floor under the ratio: ``(runs + warmup) / runs``.
 
-Each model is profiled twice by the real command, alternately, so load drift on a shared
-host hits both alike:
+Each model is profiled by the real command in three set-ups, in turn (reversed every
+other repeat), so load drift on a shared host hits them alike:
 
-* ``shared``: the default set-up (weights written once, every bundle maps them);
+* ``shared``: the default (weights written once, every bundle maps them; the next bundle
+  is opened during the current one's warm-up);
+* ``one_at_a_time``: ``--no-open-ahead``, each bundle opened only when it is measured;
 * ``inline``: ``--inline-weights``, every bundle opened from its own copy of its weights
   (the set-up before issue 16).
 
-The JSON keeps both ratios, the command's own breakdown (weight file, bundle set-up,
-runs, the rest) and, per bundle, the ratio of the two latencies (the set-up must not
-change what is measured; on a loaded host the spread is the host's noise). Usage::
+The JSON keeps every ratio, the command's own breakdown (weight file, bundle set-up and
+waiting, runs, the rest, seconds spent opening ahead), its peak memory and, per bundle,
+the ratio of the latencies the set-ups measured (a set-up must not change what is
+measured; on a loaded host the spread is the host's noise). Usage::
 
     python benchmarks/profiler_overhead.py            # alexnet (MBS 8), resnet18 (MBS 4)
     python benchmarks/profiler_overhead.py --quick    # fewer runs and bundles
@@ -40,12 +43,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine, result_paths, save_figure  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT,
+    machine,
+    peak_rss_bytes,
+    result_paths,
+    save_figure,
+)
 
 # model -> MBS (None: every layer)
 DEFAULT = {"alexnet": None, "resnet18": 4}
 QUICK = {"alexnet": 3, "resnet18": 2}
-SETUPS = ("shared", "inline")
+SETUPS = ("shared", "one_at_a_time", "inline")
 
 
 def profile_once(model: Path, setup: str, mbs: int | None, args: argparse.Namespace,
@@ -58,13 +67,23 @@ def profile_once(model: Path, setup: str, mbs: int | None, args: argparse.Namesp
         cmd += ["--mbs", str(mbs)]
     if setup == "inline":
         cmd.append("--inline-weights")
+    if setup == "one_at_a_time":
+        cmd.append("--no-open-ahead")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr[-1500:]}")
-    summary = json.loads(proc.stdout)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=env)
+        peak = None
+        while proc.poll() is None:  # the child's own high-water mark, read as it runs
+            peak = peak_rss_bytes(proc.pid) or peak
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        stdout.seek(0)
+        stderr.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: "
+                               f"{stderr.read()[-1500:]}")
+        summary = json.loads(stdout.read())
     bundles = json.loads(out.read_text())["bundles"]
     timed = sum(b["latency"] for b in bundles) * args.runs
     other = wall - summary["weights_file_seconds"] - summary["setup_seconds"] - \
@@ -74,6 +93,8 @@ def profile_once(model: Path, setup: str, mbs: int | None, args: argparse.Namesp
             "weights_file_s": summary["weights_file_seconds"],
             "bundle_setup_s": summary["setup_seconds"],
             "bundle_setup_per_bundle_s": summary["setup_seconds"] / len(bundles),
+            "opened_ahead_s": summary["ahead_seconds"],  # overlapped with warm-up runs
+            "peak_rss_mb": None if peak is None else peak / 2**20,
             "runs_s": summary["run_seconds"],
             "rest_s": other,  # interpreter start, imports, loading, intermediates, saving
             "reused_freed_memory": summary["reused_freed_memory"],
@@ -95,20 +116,25 @@ def bench_model(name: str, mbs: int | None, args: argparse.Namespace, work: Path
             print(f"[overhead] {name} {setup}: wall {row['wall_s']:.1f} s, timed runs "
                   f"{row['timed_runs_s']:.1f} s, ratio {row['ratio']:.3f} (set-up "
                   f"{row['bundle_setup_per_bundle_s'] * 1e3:.0f} ms/bundle)", file=sys.stderr)
-    shared, inline = runs["shared"][-1]["latencies"], runs["inline"][-1]["latencies"]
-    agree = np.array([shared[k] / inline[k] for k in shared])
     return {
         "model": name, "mbs": mbs, "runs": {s: [{k: v for k, v in r.items()
                                                  if k != "latencies"} for r in rows]
                                             for s, rows in runs.items()},
         "ratio": {s: float(np.median([r["ratio"] for r in rows])) for s, rows in runs.items()},
         "floor": (args.runs + args.warmup) / args.runs,
-        "latency_shared_over_inline": {"median": float(np.median(agree)),
-                                       "p10": float(np.percentile(agree, 10)),
-                                       "p90": float(np.percentile(agree, 90)),
-                                       "bundles": len(agree)},
+        "latency_shared_over_inline": _agreement(runs, "shared", "inline"),
+        "latency_shared_over_one_at_a_time": _agreement(runs, "shared", "one_at_a_time"),
         "latencies": {s: runs[s][-1]["latencies"] for s in SETUPS},
     }
+
+
+def _agreement(runs: dict[str, list[dict[str, Any]]], mine: str, theirs: str
+               ) -> dict[str, float]:
+    """Per bundle, the latency set-up ``mine`` measured over ``theirs`` (last repeats)."""
+    a, b = runs[mine][-1]["latencies"], runs[theirs][-1]["latencies"]
+    ratio = np.array([a[k] / b[k] for k in a])
+    return {"median": float(np.median(ratio)), "p10": float(np.percentile(ratio, 10)),
+            "p90": float(np.percentile(ratio, 90)), "bundles": len(ratio)}
 
 
 def plot(doc: dict[str, Any], png: Path) -> None:
@@ -118,7 +144,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = doc["models"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     parts = [("runs_s", "warm-up + timed runs", "#4c72b0"),
              ("bundle_setup_s", "bundle set-up", "#dd8452"),
              ("weights_file_s", "weight file", "#55a868"),
@@ -184,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(doc, png_path)
     print(json.dumps({r["model"]: {"ratio": r["ratio"], "floor": r["floor"],
                                    "latency_shared_over_inline":
-                                       r["latency_shared_over_inline"]["median"]}
+                                       r["latency_shared_over_inline"]["median"],
+                                   "latency_shared_over_one_at_a_time":
+                                       r["latency_shared_over_one_at_a_time"]["median"]}
                       for r in rows}, indent=1))
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     return 0
