@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -283,3 +284,34 @@ def test_timer_counts_set_up_and_runs_and_cleans_up(cnn) -> None:
     inline = BundleTimer(cnn, captured, FAST, shared=False)
     inline.measure(0, 2)
     assert inline._weights is None  # the inline set-up never writes a weight file
+
+
+def test_intermediates_captured_without_prepacking_match_a_plain_run() -> None:
+    """The capture session skips ORT's weight pre-packing (it runs once, untimed); the cut
+    tensors it returns are still the model's, from a model whose Conv and Gemm weights ORT
+    would pre-pack."""
+    import models
+    from partitioner.analysis.sessions import SharedWeights, _session_options
+    from partitioner.frontend import load_model
+
+    assert _session_options(1, prepack=False).get_session_config_entry(
+        "session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="disable_prepacking"):  # the default pre-packs
+        _session_options(1).get_session_config_entry("session.disable_prepacking")
+    prepared = load_model(models.build_model("tiny_cnn"))
+    inputs = sample_inputs(prepared.graph, seed=5)
+    weights = SharedWeights(prepared)
+    try:
+        captured = capture_intermediates(prepared, inputs, 1, weights=weights)
+    finally:
+        weights.close()
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)
+    cut = sorted({n for c in prepared.graph.cuts for n in c.tensors} - set(inputs))
+    assert cut, "tiny_cnn has cut tensors"
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in cut
+                              if n not in {o.name for o in model.graph.output})
+    ref = run_model(model, inputs)
+    for name in cut:
+        np.testing.assert_allclose(captured[name], ref[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
