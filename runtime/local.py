@@ -1,15 +1,17 @@
 """The in-process executor: every unit of a bundle in this process (``runtime run --local``).
 
 Each request walks the stage graph with :func:`stagebundle.graph.run_graph`, the very
-rules the workers follow (inboxes, sends, row pieces); each unit runs on its own thread,
-so request k+1 runs unit 0 while request k runs unit 1 (pipelining). Also here: what both
-executors share (the model-input check, :class:`RequestError`).
+rules the workers follow (inboxes, sends, row pieces), on one thread; a unit runs one
+request at a time (its lock), so request k+1 runs unit 0 while request k runs unit 1
+(pipelining). Also here: what both executors share (the model-input check,
+:class:`RequestError`).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -70,8 +72,11 @@ class LocalExecutor:
     """Every unit in this process with ONNX Runtime; ``submit`` pipelines across units.
 
     Each request walks the stage graph with :func:`stagebundle.graph.run_graph` (the
-    workers' rules: inboxes, sends, row pieces); each unit runs on its own thread, so
-    request k+1 runs unit 0 while request k runs unit 1.
+    workers' rules: inboxes, sends, row pieces) on one thread: :meth:`infer` on the
+    caller's, :meth:`submit` on one of a pool's. A unit runs one request at a time (its
+    lock), so request k+1 runs unit 0 while request k runs unit 1. (A thread per unit
+    instead cost two thread hand-offs per unit and request: 1.5-2.4 ms a request for 3
+    units on the 2-core dev host, benchmarks/README.md 14.4.)
     """
 
     def __init__(self, bundle: str | Path | BundleView | Mapping[str, BundleView], *,
@@ -80,16 +85,18 @@ class LocalExecutor:
         units = list(self.view.units())
         self.runners = {u.key: StageRunner(u, self.view.root, threads=threads)
                         for u in units}
-        self._units = {u.key: cf.ThreadPoolExecutor(1, thread_name_prefix=f"local-{u.key}")
-                       for u in units}
-        # drives the requests through the graph (each mostly waits on a unit thread)
+        self._busy = {u.key: threading.Lock() for u in units}
+        # drives submitted requests through the graph (each mostly waits on a unit's lock)
         self._requests = cf.ThreadPoolExecutor(len(units) + 1,
                                                thread_name_prefix="local-request")
         self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one request through every unit; returns the model outputs by name."""
-        return self.submit(inputs).result()
+        """Run one request through every unit, on this thread; returns the model outputs
+        by name."""
+        rid, fut, feeds = new_request(self.view, inputs, None)
+        self._request(rid, feeds, fut)
+        return fut.result()
 
     def submit(self, inputs: Mapping[str, np.ndarray], request_id: str | None = None,
                ) -> cf.Future[dict[str, np.ndarray]]:
@@ -103,9 +110,13 @@ class LocalExecutor:
 
         def run(unit: Unit, tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
             t0 = time.perf_counter()
-            out = self._units[unit.key].submit(self.runners[unit.key].run, tensors).result()
+            with self._busy[unit.key]:  # behind another request in this unit, if any
+                wall = time.time()  # "start": wall clock, as in the workers' timings
+                t1 = time.perf_counter()
+                out = self.runners[unit.key].run(tensors)
+                t2 = time.perf_counter()
             record["timings"].append({"stage": unit.key, "device": unit.device,
-                                      "queue": 0.0, "compute": time.perf_counter() - t0})
+                                      "queue": t1 - t0, "compute": t2 - t1, "start": wall})
             return out
 
         exited: list[str] = []
@@ -123,8 +134,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._requests.shutdown(wait=False)
-        for p in self._units.values():
-            p.shutdown(wait=False)
 
     def __enter__(self) -> LocalExecutor:
         return self

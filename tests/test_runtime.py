@@ -100,6 +100,29 @@ def test_pipelined_requests_all_complete_once(cluster: Cluster, built) -> None:
                                    atol=1e-5)
 
 
+def test_local_executor_pipelines_one_request_per_unit_at_a_time(built) -> None:
+    """Submitted requests all complete, right; a unit never runs two at once (each
+    unit's compute intervals, wall clock, do not overlap), while the requests are in
+    flight together."""
+    xs = [sample(200 + i) for i in range(16)]
+    with LocalExecutor(built.bundle) as ex:
+        futs = [ex.submit({"input": x}) for x in xs]
+        outs = [f.result(30) for f in futs]
+        records = list(ex.records)
+    for x, out in zip(xs, outs, strict=True):
+        np.testing.assert_allclose(out["logits"], reference(built.model, x), rtol=1e-5,
+                                   atol=1e-5)
+    assert len({r["id"] for r in records}) == len(xs)
+    for stage in ("0", "1", "2"):
+        spans = sorted((t["start"], t["start"] + t["compute"]) for r in records
+                       for t in r["timings"] if t["stage"] == stage)
+        assert len(spans) == len(xs)
+        # (a microsecond of slack: start and compute come from two clocks)
+        assert all(b[0] >= a[1] - 1e-6 for a, b in zip(spans, spans[1:], strict=False)), \
+            stage
+    assert all(t["queue"] >= 0 for r in records for t in r["timings"])
+
+
 def test_local_executor_matches(built) -> None:
     x = sample(3)
     with LocalExecutor(built.bundle) as ex:
