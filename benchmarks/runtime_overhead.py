@@ -11,7 +11,9 @@ Three measurements, written to ``benchmarks/results/runtime_overhead.json`` and 
 2. **End to end**: zoo models split into 3 stages by FLOPs (edge / hub / cloud), compiled by
    the real back end, served by three ``runtime serve`` processes on loopback; latency of
    one request (median) against one ONNX Runtime session of the whole model, and against
-   the stages chained in one process (``LocalExecutor``).
+   the stages chained in one process (``LocalExecutor``) and against the same stages in
+   three processes that pass tensors with the least framing Python does (``chain_floor.py``:
+   what any chain of Python processes pays here, apart from the runtime's own work).
 3. **Pipelined throughput**: requests kept in flight (a window of 8); images/s against the
    bottleneck bound ``1 / max(stage compute)`` (stages measured alone, same thread count).
    Note that the three workers share this host's cores, so on a machine with fewer cores
@@ -42,7 +44,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, split_by_flops  # noqa: E402  (after the path)
+from benchmarks.chain_floor import FloorChain  # noqa: E402  (after the path)
+from benchmarks.common import machine, split_by_flops  # noqa: E402
 from benchmarks.hops import SIZES, bench_hops, median_time, spawn  # noqa: E402
 
 # --------------------------------------------------------------------------- models
@@ -128,14 +131,15 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
                                  "--threads", str(threads), "--port-file", str(pf),
                                  "--quiet"], pf))
             hosts[d] = f"127.0.0.1:{json.loads(pf.read_text())['port']}"
-        with RemoteExecutor(bundle, hosts, timeout=60) as rx:
-            out = rx.infer(feeds)
-            for o, r in zip(view.outputs, ref, strict=True):
-                np.testing.assert_allclose(out[o.name], r, rtol=1e-4, atol=1e-4)
-            # interleaved, so a change in the host's load hits the three alike
-            t_full, t_local, t_remote = _interleaved(
+        with RemoteExecutor(bundle, hosts, timeout=60) as rx, \
+                FloorChain(bundle, threads=threads) as floor:
+            for out in (rx.infer(feeds), floor.infer(feeds)):
+                for o, r in zip(view.outputs, ref, strict=True):
+                    np.testing.assert_allclose(out[o.name], r, rtol=1e-4, atol=1e-4)
+            # interleaved, so a change in the host's load hits the four alike
+            t_full, t_local, t_remote, t_floor = _interleaved(
                 [lambda: full.run(None, feeds), lambda: lx.infer(feeds),
-                 lambda: rx.infer(feeds)], iters)
+                 lambda: rx.infer(feeds), lambda: floor.infer(feeds)], iters)
             recs = list(rx.records)[-iters:]
             served = [statistics.median(t["compute"] for r in recs
                                         for t in r["timings"] if t["stage"] == u.key)
@@ -168,6 +172,11 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         "full_ms": t_full * 1e3, "local_chain_ms": t_local * 1e3,
         "remote_chain_ms": t_remote * 1e3,
         "remote_overhead_ms": (t_remote - t_full) * 1e3,
+        # the same stages in the least a chain of Python processes does (chain_floor.py):
+        # what any Python transport on this host pays, against the runtime's own share
+        "floor_chain_ms": t_floor * 1e3,
+        "floor_chain_over_full": t_floor / t_full,
+        "remote_over_floor_chain": t_remote / t_floor,
         # hops: executor -> stage 0 -> ... -> last stage -> executor
         "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(units) + 1),
         "served_compute_ms": served_compute * 1e3,
@@ -194,7 +203,8 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
           f"{breakdown['executor_to_first_stage_ms']:.3f}, the last compute to the result "
           f"filed {breakdown['last_stage_to_executor_ms']:.3f})", file=sys.stderr)
     print(f"{name}: full {row['full_ms']:.2f} ms, local chain {row['local_chain_ms']:.2f} ms,"
-          f" remote chain {row['remote_chain_ms']:.2f} ms; pipelined "
+          f" remote chain {row['remote_chain_ms']:.2f} ms, floor chain "
+          f"{row['floor_chain_ms']:.2f} ms ({row['floor_chain_over_full']:.3f}x full); pipelined "
           f"{row['pipelined_images_per_s']:.1f}/s (bound "
           f"{row['bottleneck_bound_images_per_s']:.1f}/s, cpu bound "
           f"{row['cpu_bound_images_per_s']:.1f}/s, overlap {overlap:.2f})", file=sys.stderr)
@@ -264,8 +274,9 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     ax = axes[1]
     for k, (key, label) in enumerate((("full_ms", "one ORT session"),
                                       ("local_chain_ms", "3 stages, one process"),
+                                      ("floor_chain_ms", "3 processes, least framing"),
                                       ("remote_chain_ms", "3 workers, loopback"))):
-        ax.bar(x + (k - 1) * 0.27, [m[key] for m in ms], 0.27, label=label)
+        ax.bar(x + (k - 1.5) * 0.2, [m.get(key, np.nan) for m in ms], 0.2, label=label)
     ax.set_xticks(x, [m["model"] for m in ms])
     ax.set_ylabel("latency, ms (median)")
     ax.set_title("End to end, batch 1")
