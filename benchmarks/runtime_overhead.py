@@ -13,7 +13,8 @@ Three measurements, written to ``benchmarks/results/runtime_overhead.json`` and 
    one request (median) against one ONNX Runtime session of the whole model, and against
    the stages chained in one process (``LocalExecutor``) and against the same stages in
    three processes that pass tensors with the least framing Python does (``chain_floor.py``:
-   what any chain of Python processes pays here, apart from the runtime's own work).
+   what any chain of Python processes pays here, apart from the runtime's own work), and
+   the same processes with the runtime's transport (its framing, without a worker's logic).
 3. **Pipelined throughput**: requests kept in flight (a window of 8); images/s against the
    bottleneck bound ``1 / max(stage compute)`` (stages measured alone, same thread count).
    Note that the three workers share this host's cores, so on a machine with fewer cores
@@ -132,14 +133,16 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
                                  "--quiet"], pf))
             hosts[d] = f"127.0.0.1:{json.loads(pf.read_text())['port']}"
         with RemoteExecutor(bundle, hosts, timeout=60) as rx, \
-                FloorChain(bundle, threads=threads) as floor:
-            for out in (rx.infer(feeds), floor.infer(feeds)):
+                FloorChain(bundle, threads=threads) as floor, \
+                FloorChain(bundle, threads=threads, framing="runtime") as framed:
+            for out in (rx.infer(feeds), floor.infer(feeds), framed.infer(feeds)):
                 for o, r in zip(view.outputs, ref, strict=True):
                     np.testing.assert_allclose(out[o.name], r, rtol=1e-4, atol=1e-4)
-            # interleaved, so a change in the host's load hits the four alike
-            t_full, t_local, t_remote, t_floor = _interleaved(
+            # interleaved, so a change in the host's load hits them alike
+            t_full, t_local, t_remote, t_floor, t_framed = _interleaved(
                 [lambda: full.run(None, feeds), lambda: lx.infer(feeds),
-                 lambda: rx.infer(feeds), lambda: floor.infer(feeds)], iters)
+                 lambda: rx.infer(feeds), lambda: floor.infer(feeds),
+                 lambda: framed.infer(feeds)], iters)
             recs = list(rx.records)[-iters:]
             served = [statistics.median(t["compute"] for r in recs
                                         for t in r["timings"] if t["stage"] == u.key)
@@ -177,6 +180,11 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
         "floor_chain_ms": t_floor * 1e3,
         "floor_chain_over_full": t_floor / t_full,
         "remote_over_floor_chain": t_remote / t_floor,
+        # the same processes with the runtime's transport and a worker-like header, but
+        # none of a worker's logic: the framing's share of the runtime's overhead
+        "framed_floor_chain_ms": t_framed * 1e3,
+        "framed_floor_over_floor": t_framed / t_floor,
+        "remote_over_framed_floor": t_remote / t_framed,
         # hops: executor -> stage 0 -> ... -> last stage -> executor
         "remote_overhead_per_hop_ms": (t_remote - t_full) * 1e3 / (len(units) + 1),
         "served_compute_ms": served_compute * 1e3,
@@ -204,7 +212,8 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
           f"filed {breakdown['last_stage_to_executor_ms']:.3f})", file=sys.stderr)
     print(f"{name}: full {row['full_ms']:.2f} ms, local chain {row['local_chain_ms']:.2f} ms,"
           f" remote chain {row['remote_chain_ms']:.2f} ms, floor chain "
-          f"{row['floor_chain_ms']:.2f} ms ({row['floor_chain_over_full']:.3f}x full); pipelined "
+          f"{row['floor_chain_ms']:.2f} ms ({row['floor_chain_over_full']:.3f}x full; with the "
+          f"runtime's framing {row['framed_floor_chain_ms']:.2f} ms); pipelined "
           f"{row['pipelined_images_per_s']:.1f}/s (bound "
           f"{row['bottleneck_bound_images_per_s']:.1f}/s, cpu bound "
           f"{row['cpu_bound_images_per_s']:.1f}/s, overlap {overlap:.2f})", file=sys.stderr)
@@ -275,8 +284,10 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     for k, (key, label) in enumerate((("full_ms", "one ORT session"),
                                       ("local_chain_ms", "3 stages, one process"),
                                       ("floor_chain_ms", "3 processes, least framing"),
+                                      ("framed_floor_chain_ms",
+                                       "3 processes, the runtime's framing"),
                                       ("remote_chain_ms", "3 workers, loopback"))):
-        ax.bar(x + (k - 1.5) * 0.2, [m.get(key, np.nan) for m in ms], 0.2, label=label)
+        ax.bar(x + (k - 2) * 0.16, [m.get(key, np.nan) for m in ms], 0.16, label=label)
     ax.set_xticks(x, [m["model"] for m in ms])
     ax.set_ylabel("latency, ms (median)")
     ax.set_title("End to end, batch 1")

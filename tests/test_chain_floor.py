@@ -16,8 +16,9 @@ from partitioner.backend import compile_bundle
 from partitioner.frontend import load_model
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn", "resnet18"])
-def test_the_floor_chain_reproduces_the_whole_model(name, tmp_path) -> None:
+@pytest.mark.parametrize(("name", "framing"), [("tiny_cnn", "least"), ("resnet18", "least"),
+                                              ("resnet18", "runtime")])
+def test_the_floor_chain_reproduces_the_whole_model(name, framing, tmp_path) -> None:
     path = tmp_path / f"{name}.onnx"
     onnx.save(models.build_model(name, **({"image_size": 64} if name == "resnet18" else {})),
               str(path))
@@ -33,7 +34,7 @@ def test_the_floor_chain_reproduces_the_whole_model(name, tmp_path) -> None:
         [d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
         for i in sess.get_inputs()}
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
-    with FloorChain(bundle, threads=1) as floor:
+    with FloorChain(bundle, threads=1, framing=framing) as floor:
         for _ in range(3):  # the ring keeps its connections between requests
             out = floor.infer(feeds)
             assert set(out) == set(ref)
