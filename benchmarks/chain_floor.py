@@ -15,14 +15,13 @@ tensor rides along instead of going straight to its reader: the least work per m
 ``framing="runtime"`` passes the same messages with the runtime's own transport instead
 (:func:`runtime.transport.send_frame` / ``recv_frame`` on connections set up as the
 runtime's, with kernel timeouts and a header shaped like a worker's: route, reply, token,
-budget, the timings so far), still with none of the worker's logic. Between the two
-floors and ``runtime serve`` the chain's overhead splits into the Python floor, the
-runtime's framing and the runtime's per-message work.
+budget, the timings so far), still with none of the worker's logic.
 
-Run beside ``runtime serve`` on the same bundle, it splits the chain's overhead into what
-any chain of Python processes on this host pays (wake-ups on cold cores, copies through the
-kernel, an interpreter step per message) and what is the runtime's own. The stage
-processes are started by :class:`FloorChain`; this file is also their entry point::
+Run beside ``runtime serve`` on the same bundle, the two floors split the chain's overhead
+into what any chain of Python processes on this host pays (wake-ups on cold cores, copies
+through the kernel, an interpreter step per message), what the runtime's framing adds,
+and the runtime's own per-message work. The stage processes are started by
+:class:`FloorChain`; this file is also their entry point::
 
     python benchmarks/chain_floor.py --bundle DIR --device D --next HOST:PORT \\
         --forward a,b --threads 1 [--framing least|runtime] --port-file F
@@ -156,9 +155,10 @@ def _serve_stage(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             tensors.update(runner.run(tensors))
             if header:  # what a worker adds to the header it passes on
+                compute = time.perf_counter() - t0
                 header["timings"] = [*header["timings"], {
                     "stage": unit.key, "device": unit.device, "wait": 0.0, "queue": 0.0,
-                    "compute": time.perf_counter() - t0, "start": time.time()}]
+                    "compute": compute, "start": time.time() - compute}]
                 header["from"] = unit.key
             _send(nxt, args.framing, header, {n: tensors[n] for n in forward})
 
@@ -180,7 +180,7 @@ class FloorChain:
             raise ValueError(f"framing {framing!r}: one of {', '.join(FRAMINGS)}")
         self.framing = framing
         self._devices = [u.device for u in units]
-        self._count = 0
+        self._requests = 0  # numbers the headers' request ids
         self.outputs = [o.name for o in view.outputs]
         self.inputs = [i.name for i in view.inputs]
         # what travels on after unit k: what it has (the model's inputs, outputs of units
@@ -212,9 +212,9 @@ class FloorChain:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's outputs for ``feeds``, computed round the ring."""
-        self._count += 1
+        self._requests += 1
         try:
-            _send(self._first, self.framing, first_header(self._count, self._devices),
+            _send(self._first, self.framing, first_header(self._requests, self._devices),
                   {n: feeds[n] for n in self.inputs})
             return _recv(self._back, self.framing)[1]
         except (ConnectionError, OSError) as err:
