@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().with_name("results")
 
 __all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
+           "chain_plan",
            "spawn_worker", "stop_processes", "rss_bytes", "peak_rss_bytes", "open_fds",
            "linear_slope", "machine"]
 
@@ -103,6 +104,19 @@ def split_by_flops(flops: Sequence[int], parts: int) -> list[tuple[int, int]]:
         first = c + 1
     bounds.append((first, len(weights) - 1))
     return bounds
+
+
+def chain_plan(flops: Sequence[int], devices: Sequence[str]
+               ) -> tuple[Any, list[tuple[int, int]]]:
+    """A latency plan of one stage per device, in order, cut by :func:`split_by_flops`
+    (fewer stages when there are fewer layers), and its ``(first, last)`` bounds."""
+    from partitioner import ir
+
+    bounds = split_by_flops(flops, len(devices))
+    stages = tuple(ir.Stage(d, None, a, b)
+                   for d, (a, b) in zip(devices, bounds, strict=False))
+    return ir.Plan("optimal", "latency", stages, ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0),
+                   0.0), bounds
 
 
 def spawn_worker(bundle: str | Path, device: str, port_file: Path, *, threads: int = 1,

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.chain_floor import FloorChain  # noqa: E402  (after the path)
-from benchmarks.common import machine, split_by_flops  # noqa: E402
+from benchmarks.common import chain_plan, machine  # noqa: E402
 from benchmarks.hops import SIZES, bench_hops, median_time, spawn  # noqa: E402
 
 # --------------------------------------------------------------------------- models
@@ -89,7 +89,6 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     import onnxruntime as ort
 
     import models
-    from partitioner import ir
     from partitioner.backend import compile_bundle
     from partitioner.frontend import load_model
     from runtime.executor import LocalExecutor, RemoteExecutor
@@ -101,11 +100,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     onnx.save(models.build_model(name), str(path))
     prepared = load_model(path)
     devices = ("edge", "hub", "cloud")
-    bounds = split_by_flops([layer.flops for layer in prepared.graph.layers], 3)
-    plan = ir.Plan("optimal", "latency",
-                   tuple(ir.Stage(d, None, a, b) for d, (a, b) in zip(devices, bounds,
-                                                                       strict=True)),
-                   ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    plan, bounds = chain_plan([layer.flops for layer in prepared.graph.layers], devices)
     bundle = compile_bundle(prepared, plan, None, mdir / "bundle", verify=True)
     view = open_bundle(bundle)
     feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)

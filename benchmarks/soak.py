@@ -46,13 +46,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    chain_plan,
     linear_slope,
     open_fds,
     result_paths,
     rss_bytes,
     save_figure,
     spawn_worker,
-    split_by_flops,
     stop_processes,
 )
 
@@ -66,18 +66,14 @@ EDGES = np.logspace(-5, 3, 801)
 def build_bundle(model: str, stages: int, work: Path) -> tuple[Path, Any, list[tuple[int, int]]]:
     """Compile ``model`` into ``stages`` stages of about equal FLOPs (verified)."""
     import models
-    from partitioner import ir
     from partitioner.backend import compile_bundle
     from partitioner.frontend import load_model
 
     path = work / f"{model}.onnx"
     models.save_model(model, path)
     prepared = load_model(path)
-    bounds = split_by_flops([layer.flops for layer in prepared.graph.layers], stages)
-    plan = ir.Plan("optimal", "latency",
-                   tuple(ir.Stage(d, None, a, b) for d, (a, b) in zip(DEVICES, bounds,
-                                                                       strict=False)),
-                   ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    plan, bounds = chain_plan([layer.flops for layer in prepared.graph.layers],
+                              DEVICES[:stages])
     bundle = compile_bundle(prepared, plan, None, work / "bundle", verify=True)
     return bundle, prepared, bounds
 

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine, result_paths, split_by_flops  # noqa: E402
+from benchmarks.common import ROOT, chain_plan, machine, result_paths  # noqa: E402
 from partitioner.analysis.profiles import write_json_atomic  # noqa: E402
 
 EVICT_BYTES = 64 << 20  # larger than this host's last-level cache (32 MiB)
@@ -60,7 +60,6 @@ def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
     import onnx
 
     import models
-    from partitioner import ir
     from partitioner.backend import compile_bundle
     from partitioner.frontend import load_model
     from runtime.protocol import Frame
@@ -70,10 +69,8 @@ def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
     path = work / f"{name}.onnx"
     onnx.save(models.build_model(name), str(path))
     prepared = load_model(path)
-    bounds = split_by_flops([layer.flops for layer in prepared.graph.layers], 3)
-    stages = tuple(ir.Stage(d, None, a, b)
-                   for d, (a, b) in zip(("edge", "hub", "cloud"), bounds, strict=True))
-    plan = ir.Plan("optimal", "latency", stages, ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    plan, _ = chain_plan([layer.flops for layer in prepared.graph.layers],
+                         ("edge", "hub", "cloud"))
     bundle = compile_bundle(prepared, plan, None, work / f"{name}-bundle", verify=False)
     view = open_bundle(bundle)
     first, middle = list(view.units())[:2]

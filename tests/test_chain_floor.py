@@ -10,8 +10,7 @@ import pytest
 
 import models
 from benchmarks.chain_floor import FloorChain, recv_tensors, send_tensors
-from benchmarks.common import split_by_flops
-from partitioner import ir
+from benchmarks.common import chain_plan
 from partitioner.backend import compile_bundle
 from partitioner.frontend import load_model
 
@@ -23,11 +22,8 @@ def test_the_floor_chain_reproduces_the_whole_model(name, framing, tmp_path) -> 
     onnx.save(models.build_model(name, **({"image_size": 64} if name == "resnet18" else {})),
               str(path))
     prepared = load_model(path)
-    bounds = split_by_flops([layer.flops for layer in prepared.graph.layers], 3)
-    plan = ir.Plan("optimal", "latency",
-                   tuple(ir.Stage(d, None, a, b)
-                         for d, (a, b) in zip(("edge", "hub", "cloud"), bounds, strict=True)),
-                   ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    plan, _ = chain_plan([layer.flops for layer in prepared.graph.layers],
+                         ("edge", "hub", "cloud"))
     bundle = compile_bundle(prepared, plan, None, tmp_path / "bundle", verify=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: np.random.default_rng(1).standard_normal(
