@@ -162,7 +162,7 @@ def capture_intermediates(prepared: Any, inputs: Mapping[str, np.ndarray],
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, info.shape))
     # run once and never timed: not pre-packing the weights opens it several times faster
-    # (AlexNet 0.11-0.95 s -> 0.05 s on the dev hosts)
+    # (AlexNet 0.1-1.4 s -> 0.05-0.08 s on the EPYC dev host)
     if weights is None:
         sess = open_session(model, threads, getattr(prepared, "base_dir", None),
                             prepack=False)
