@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().with_name("results")
 
 __all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
-           "chain_plan",
-           "spawn_worker", "stop_processes", "rss_bytes", "peak_rss_bytes", "open_fds",
-           "linear_slope", "machine"]
+           "chain_plan", "spawn_worker", "stop_processes", "rss_bytes", "peak_rss_bytes",
+           "open_fds", "linear_slope", "machine"]
 
 
 def machine() -> dict[str, Any]:

@@ -101,9 +101,8 @@ def test_pipelined_requests_all_complete_once(cluster: Cluster, built) -> None:
 
 
 def test_local_executor_pipelines_one_request_per_unit_at_a_time(built) -> None:
-    """Submitted requests all complete, right; a unit never runs two at once (each
-    unit's compute intervals, wall clock, do not overlap), while the requests are in
-    flight together."""
+    """Requests submitted together all complete, right, once each; a unit never runs
+    two at once (each unit's compute intervals, wall clock, do not overlap)."""
     xs = [sample(200 + i) for i in range(16)]
     with LocalExecutor(built.bundle) as ex:
         futs = [ex.submit({"input": x}) for x in xs]
