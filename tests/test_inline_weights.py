@@ -200,3 +200,29 @@ def test_compile_with_int8_layers_is_the_same_with_lazy_weights(tiny, tmp_path, 
     got, want = _files(tmp_path / "lazy"), _files(tmp_path / "eager")
     assert _timeless(got.pop("manifest.json")) == _timeless(want.pop("manifest.json"))
     assert got == want
+
+
+def test_no_verify_load_check_opens_the_units_through_the_view(tiny, tmp_path, monkeypatch):
+    """``--no-verify`` still opens every unit in ORT (through the external-data view that
+    verification uses, so no more memory) and refuses one ORT cannot load, by name."""
+    from partitioner.backend.manifest import load_bundle
+    from partitioner.backend.verify import check_units_load
+
+    _lazy(monkeypatch)
+    prepared = load_model(tiny, lazy_weights=True)
+    out = compile_bundle(prepared, _halves(len(prepared.graph.layers)), None,
+                         tmp_path / "bundle", verify=False)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no view left behind
+    bundle = load_bundle(out)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    check_units_load(bundle, scratch)  # the bundle as written loads
+    unit = bundle.unit_path(bundle.stages[1])
+    model = onnx.load(unit)
+    assert any(is_inline_ref(t) for t in read_model(unit, lazy=True).graph.initializer)
+    model.graph.node[0].op_type, model.graph.node[0].domain = "NoSuchOp", "org.example"
+    model.opset_import.append(helper.make_opsetid("org.example", 1))
+    onnx.save(model, unit)
+    with pytest.raises(UserError, match=r"^stage 1 \(.*\): ONNX Runtime cannot load it"):
+        check_units_load(bundle, scratch)
+    assert not any(scratch.iterdir())

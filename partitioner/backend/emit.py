@@ -54,6 +54,7 @@ from partitioner.backend.timeline import stage_figures
 from partitioner.backend.units import build_unit
 from partitioner.backend.verify import (
     TOLERANCE,
+    check_units_load,
     compare,
     release_freed_memory,
     run_bundle,
@@ -278,10 +279,8 @@ def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verif
     if verify:
         bundle = _verified(prepared, bundle, tmp, seed,
                            None if variant is None else (float_prepared, variant))
-    else:
-        for unit in bundle.units():  # still prove every unit loads in ONNX Runtime
-            session(tmp / unit.file, f"stage {unit.key} ({unit.file})")
-            release_freed_memory()
+    else:  # still prove every unit loads in ONNX Runtime
+        check_units_load(bundle, tmp)
     if triton:
         from partitioner.backend.triton import write_repository
 

@@ -25,8 +25,8 @@ from partitioner.backend.manifest import Bundle, StageSpec, TensorSpec, Unit, lo
 from partitioner.errors import fail
 from stagebundle.graph import run_graph
 
-__all__ = ["sample_inputs", "session", "run_bundle", "run_chain", "compare", "TOLERANCE",
-           "release_freed_memory"]
+__all__ = ["sample_inputs", "session", "run_bundle", "check_units_load", "run_chain",
+           "compare", "TOLERANCE", "release_freed_memory"]
 
 # Largest accepted |chain - full| relative to the output's scale (max(1, max|full|)): the
 # stages run the same kernels, only fusions across a cut may round differently.
@@ -112,6 +112,18 @@ def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray], *,
         return outputs
 
     return run_graph(bundle, feeds, run)
+
+
+def check_units_load(bundle: Bundle, scratch: Path) -> None:
+    """Open every unit of ``bundle`` in ONNX Runtime, one at a time, as verification does
+    (big inline weights through the same external-data view in ``scratch``): the load
+    check of ``--no-verify``, at no more memory than verification's own sessions."""
+    release_freed_memory()  # the buffers of writing the units
+    for unit in bundle.units():
+        with _unit_source(bundle.unit_path(unit), scratch) as path:
+            sess = session(path, f"stage {unit.key} ({unit.file})")
+            del sess
+        release_freed_memory()
 
 
 @contextlib.contextmanager
