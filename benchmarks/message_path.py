@@ -82,25 +82,32 @@ class Marks:
                 zip(self.times[:self.n], self.codes[:self.n], strict=True)]
 
 
-def _around(marks: Marks, cls: type, name: str,
+def _around(marks: Marks, cls: type, name: str, undo: list[Callable[[], None]],
             only: Callable[..., bool] | None = None) -> None:
-    """Mark ``name`` + 0 / 1 before and after every call of ``cls.name``."""
-    orig = getattr(cls, name)
+    """Mark ``name`` + 0 / 1 before and after every call of ``cls.name``; ``undo`` gets
+    what puts the method back."""
+    orig = cls.__dict__.get(name)
+    inherited = getattr(cls, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         if only is not None and not only(*args, **kwargs):
-            return orig(*args, **kwargs)
+            return inherited(*args, **kwargs)
         marks.mark(name + "0")
         try:
-            return orig(*args, **kwargs)
+            return inherited(*args, **kwargs)
         finally:
             marks.mark(name + "1")
 
     setattr(cls, name, timed)
+    undo.append(lambda: setattr(cls, name, orig) if orig is not None else delattr(cls, name))
 
 
-def install_marks(marks: Marks) -> None:
-    """Time-stamp the message path of this process's runtime (worker or executor)."""
+def install_marks(marks: Marks) -> Callable[[], None]:
+    """Time-stamp the message path of this process's runtime (worker or executor); the
+    function returned takes the marks out again.
+
+    A body under 16 KiB is read together with its header (``runtime.transport``), so for
+    such a frame "header" and "body" come together."""
     import runtime.executor as executor
     import runtime.pool as pool
     import runtime.server as server
@@ -126,14 +133,21 @@ def install_marks(marks: Marks) -> None:
         return frame
 
     server.recv_frame = recv_frame  # type: ignore[assignment]
-    _around(marks, worker.Worker, "_handle",
+    undo: list[Callable[[], None]] = [lambda: setattr(server, "recv_frame", recv)]
+    _around(marks, worker.Worker, "_handle", undo,
             only=lambda self, frame, peer: frame.header.get("type") == "infer")
-    _around(marks, worker.Worker, "_admit")
-    _around(marks, stages.StageRunner, "run")
-    _around(marks, Sending, "_forward")
-    _around(marks, pool.ConnectionPool, "send")
-    _around(marks, pool.ConnectionPool, "request")
-    _around(marks, executor.RemoteExecutor, "_gather")
+    _around(marks, worker.Worker, "_admit", undo)
+    _around(marks, stages.StageRunner, "run", undo)
+    _around(marks, Sending, "_forward", undo)
+    _around(marks, pool.ConnectionPool, "send", undo)
+    _around(marks, pool.ConnectionPool, "request", undo)
+    _around(marks, executor.RemoteExecutor, "_gather", undo)
+
+    def uninstall() -> None:
+        for step in reversed(undo):
+            step()
+
+    return uninstall
 
 
 def _worker_main(marks_path: Path, command: Sequence[str]) -> int:
@@ -268,7 +282,7 @@ def bench_model(name: str, n_requests: int, work: Path) -> dict[str, Any]:
     feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
              for t in view.inputs}
     marks = Marks()
-    install_marks(marks)
+    uninstall = install_marks(marks)
     procs, hosts = [], {}
     try:
         for d in DEVICES:
@@ -287,6 +301,7 @@ def bench_model(name: str, n_requests: int, work: Path) -> dict[str, Any]:
                 rx.infer(feeds)
                 marks.mark("infer1")
     finally:
+        uninstall()  # so the next model's executor is marked once, not twice
         stop_processes(procs)
     streams = {"executor": marks.to_json()}
     for d in DEVICES:

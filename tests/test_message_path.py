@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.message_path import Marks, _group, step_medians
+from benchmarks.message_path import Marks, _group, install_marks, step_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,19 @@ def test_marks_keep_order_and_stop_at_capacity() -> None:
     got = marks.to_json()
     assert [t for _, t in got] == ["a", "b", "a"]
     assert got[0][0] <= got[1][0] <= got[2][0]
+
+
+def test_marks_come_out_again() -> None:
+    import runtime.server
+    from runtime.executor import RemoteExecutor
+    from runtime.worker import Worker
+
+    before = (Worker._admit, runtime.server.recv_frame)
+    uninstall = install_marks(Marks())
+    assert Worker._admit is not before[0] and "_gather" in vars(RemoteExecutor)
+    uninstall()
+    assert (Worker._admit, runtime.server.recv_frame) == before
+    assert "_gather" not in vars(RemoteExecutor)  # inherited again, not a copy
 
 
 def test_a_short_run_on_real_workers(tmp_path) -> None:
