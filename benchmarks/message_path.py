@@ -353,6 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = ["alexnet"] if args.quick else [m for m in args.models.split(",") if m]
     n = 40 if args.quick else args.requests
+    import models
+
+    unknown = [m for m in names if m not in models.list_models()]
+    if unknown or not names or n < 1:
+        p.error(f"unknown model {unknown[0]!r} (known: {', '.join(models.list_models())})"
+                if unknown else "--models names none" if not names else
+                "--requests must be at least 1")
     host = machine()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []

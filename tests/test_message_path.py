@@ -89,3 +89,12 @@ def test_a_short_run_on_real_workers(tmp_path) -> None:
     assert set(row["admission"]) == {"back_to_back_us", "after_4ms_sleep_us",
                                      "after_64MiB_written_us"}
     assert (tmp_path / "message_path.png").stat().st_size > 1000
+
+
+def test_an_unknown_model_is_one_line_and_exit_2(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "message_path.py"), "--models", "nosuch",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert "unknown model 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
