@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from benchmarks.common import result_paths, save_figure  # noqa: E402
+from benchmarks.common import result_paths, save_figure, zoo_model  # noqa: E402
 from partitioner.analysis.profiler import (  # noqa: E402
     BundleTimer,
     ProfileSettings,
@@ -177,7 +177,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (~2 min, 2 cores)")
-    parser.add_argument("--models", nargs="*", default=None, help="zoo models")
+    parser.add_argument("--models", nargs="*", type=zoo_model, default=None,
+                        help="zoo models")
     parser.add_argument("--mbs", type=int, default=None, help="MBS for every model")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)

@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().with_name("results")
 
 __all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
            "chain_plan", "spawn_worker", "stop_processes", "rss_bytes", "peak_rss_bytes",
-           "open_fds", "linear_slope", "machine"]
+           "open_fds", "linear_slope", "machine", "zoo_model", "zoo_models"]
 
 
 def machine() -> dict[str, Any]:
@@ -44,6 +44,28 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores, "memory_gib": None if mem_gib is None
             else round(mem_gib, 1), "python": platform.python_version(),
             "load_average": list(load), "loaded": load[0] > cores / 2}
+
+
+def zoo_model(name: str) -> str:
+    """An ``argparse`` type: ``name`` if it is a zoo model, else a one-line usage error."""
+    import argparse
+
+    import models
+
+    if name not in models.list_models():
+        raise argparse.ArgumentTypeError(
+            f"unknown model {name!r} (known: {', '.join(models.list_models())})")
+    return name
+
+
+def zoo_models(text: str) -> list[str]:
+    """An ``argparse`` type: comma-separated zoo models, each checked by :func:`zoo_model`."""
+    import argparse
+
+    names = [m for m in text.split(",") if m]
+    if not names:
+        raise argparse.ArgumentTypeError("names no model")
+    return [zoo_model(m) for m in names]
 
 
 def result_paths(name: str, quick: bool, out: str | Path | None = None) -> tuple[Path, Path]:

@@ -146,9 +146,13 @@ def plot(doc: dict[str, Any], baseline: dict[str, Any] | None, out: Path) -> Non
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))  # the children import from --tree; the parent from here
+    from benchmarks.common import zoo_models
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet18 only")
-    parser.add_argument("--models", default=None, help="comma-separated zoo models")
+    parser.add_argument("--models", type=zoo_models, default=None,
+                        help="comma-separated zoo models")
     parser.add_argument("--tree", type=Path, default=ROOT,
                         help="checkout whose partitioner is measured (default: this one)")
     parser.add_argument("--label", default=None, help="suffix of the results file")
@@ -169,7 +173,7 @@ def main() -> int:
         plot(json.loads(out.read_text()), baseline, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.png')}")
         return 0
-    names = (args.models.split(",") if args.models
+    names = (args.models if args.models
              else ["resnet18"] if args.quick else ["vgg16", "vit_b_16"])
     rows = []
     work = Path(tempfile.mkdtemp(prefix="compile-memory-"))

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from bundle_vs_sum import DEFAULT, QUICK, full_profile  # noqa: E402
 
-from benchmarks.common import result_paths, save_figure  # noqa: E402
+from benchmarks.common import result_paths, save_figure, zoo_model  # noqa: E402
 from partitioner.analysis.costs import build_cost_table  # noqa: E402
 from partitioner.analysis.lazy import lazy_profile  # noqa: E402
 from partitioner.analysis.profiler import ProfileSettings, host_info  # noqa: E402
@@ -156,7 +156,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (reuses profiles)")
-    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--models", nargs="*", type=zoo_model, default=None)
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "results")

@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_bytes,
     result_paths,
     save_figure,
+    zoo_models,
 )
 
 # model -> MBS (None: every layer)
@@ -177,7 +178,8 @@ def plot(doc: dict[str, Any], png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=None, help="comma-separated zoo models")
+    ap.add_argument("--models", type=zoo_models, default=None,
+                    help="comma-separated zoo models")
     ap.add_argument("--runs", type=int, default=None, help="timed runs (default 100; quick 20)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs (10; quick 3)")
     ap.add_argument("--threads", type=int, default=1)
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     plan = dict(QUICK if args.quick else DEFAULT)
     if args.models:
-        plan = {m: plan.get(m) for m in args.models.split(",")}
+        plan = {m: plan.get(m) for m in args.models}
     args.runs = args.runs or (20 if args.quick else 100)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
     args.repeats = args.repeats or (1 if args.quick else 2)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.chain_floor import FloorChain  # noqa: E402  (after the path)
-from benchmarks.common import chain_plan, machine  # noqa: E402
+from benchmarks.common import chain_plan, machine, zoo_models  # noqa: E402
 from benchmarks.hops import SIZES, bench_hops, median_time, spawn  # noqa: E402
 
 # --------------------------------------------------------------------------- models
@@ -306,7 +306,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer runs and models")
-    p.add_argument("--models", help="comma-separated zoo models")
+    p.add_argument("--models", type=zoo_models, help="comma-separated zoo models")
     p.add_argument("--threads", type=int, default=1, help="ORT threads per session")
     p.add_argument("--window", type=int, default=8, help="requests in flight when pipelined")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help=f"comma-separated hop tensors (of {', '.join(SIZES)})")
     args = p.parse_args(argv)
     iters = 30 if args.quick else 100
-    names = (args.models.split(",") if args.models else
+    names = (args.models if args.models else
              ["tiny_cnn", "resnet18"] if args.quick else
              ["tiny_cnn", "resnet18", "mobilenet_v2", "alexnet"])
     import onnxruntime as ort

@@ -34,7 +34,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, chain_plan, machine, result_paths  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT,
+    chain_plan,
+    machine,
+    result_paths,
+    zoo_models,
+)
 from partitioner.analysis.profiles import write_json_atomic  # noqa: E402
 
 EVICT_BYTES = 64 << 20  # larger than this host's last-level cache (32 MiB)
@@ -169,11 +175,12 @@ def _split_cost(path: Path, view: Any, feeds: dict[str, np.ndarray], runs: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny_cnn only, 100 runs")
-    parser.add_argument("--models", default="tiny_cnn,alexnet,resnet18,mobilenet_v2")
+    parser.add_argument("--models", type=zoo_models,
+                        default="tiny_cnn,alexnet,resnet18,mobilenet_v2")
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--out", default=None)
     ns = parser.parse_args(argv)
-    names = ["tiny_cnn"] if ns.quick else ns.models.split(",")
+    names = ["tiny_cnn"] if ns.quick else ns.models
     runs = 100 if ns.quick else ns.runs
     doc: dict[str, Any] = {"quick": ns.quick, "runs": runs, "machine_before": machine()}
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(ROOT)], stdout=subprocess.PIPE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import RESULTS, linear_slope, result_paths, split_by_flops
+from benchmarks.common import (
+    RESULTS,
+    linear_slope,
+    result_paths,
+    split_by_flops,
+    zoo_model,
+    zoo_models,
+)
 from benchmarks.partition_sweep import link_names
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -101,3 +109,12 @@ def test_write_results_writes_the_quick_files_beside_the_full_ones(tmp_path) -> 
     assert write_results("x", True, tmp_path, {"quick": True}, plot) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_quick.json", "x_quick.png"]
     assert json.loads((tmp_path / "x_quick.json").read_text()) == {"quick": True}
+
+
+def test_model_flags_take_zoo_names_only() -> None:
+    assert zoo_models("alexnet,tiny_cnn,") == ["alexnet", "tiny_cnn"]
+    assert zoo_model("resnet18") == "resnet18"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown model 'nosuch'"):
+        zoo_models("alexnet,nosuch")
+    with pytest.raises(argparse.ArgumentTypeError, match="names no model"):
+        zoo_models(",")
