@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR",
                         help="bundle directory to create")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip running the chained stages against the whole model")
+                        help="skip running the chained stages against the whole model "
+                             "(each stage is still loaded once in ONNX Runtime)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing non-empty BUNDLE_DIR")
     parser.add_argument("--triton", action="store_true",
