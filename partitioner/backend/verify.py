@@ -15,9 +15,9 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,8 @@ from stagebundle.graph import run_graph
 
 __all__ = ["sample_inputs", "session", "run_bundle", "check_units_load", "run_chain",
            "compare", "TOLERANCE", "release_freed_memory"]
+
+_T = TypeVar("_T")
 
 # Largest accepted |chain - full| relative to the output's scale (max(1, max|full|)): the
 # stages run the same kernels, only fusions across a cut may round differently.
@@ -103,13 +105,11 @@ def run_bundle(bundle: Bundle, feeds: Mapping[str, np.ndarray], *,
     :func:`_unit_source`).
     """
     def run(unit: Unit, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with _unit_source(bundle.unit_path(unit), scratch) as path:
-            sess = session(path, f"stage {unit.key} ({unit.file})")
+        def outputs(sess: Any) -> dict[str, np.ndarray]:
             names = [o.name for o in sess.get_outputs()]
-            outputs = dict(zip(names, sess.run(names, dict(inputs)), strict=True))
-            del sess
-        release_freed_memory()
-        return outputs
+            return dict(zip(names, sess.run(names, dict(inputs)), strict=True))
+
+        return _in_session(bundle, unit, scratch, outputs)
 
     return run_graph(bundle, feeds, run)
 
@@ -120,10 +120,19 @@ def check_units_load(bundle: Bundle, scratch: Path) -> None:
     check of ``--no-verify``, at no more memory than verification's own sessions."""
     release_freed_memory()  # the buffers of writing the units
     for unit in bundle.units():
-        with _unit_source(bundle.unit_path(unit), scratch) as path:
-            sess = session(path, f"stage {unit.key} ({unit.file})")
-            del sess
-        release_freed_memory()
+        _in_session(bundle, unit, scratch, lambda sess: None)
+
+
+def _in_session(bundle: Bundle, unit: Unit, scratch: Path | None,
+                use: Callable[[Any], _T]) -> _T:
+    """``use(session)`` of ``unit``'s ONNX Runtime session (opened as :func:`_unit_source`
+    says); the session is closed and its freed heap handed back before this returns."""
+    with _unit_source(bundle.unit_path(unit), scratch) as path:
+        sess = session(path, f"stage {unit.key} ({unit.file})")
+        result = use(sess)
+        del sess
+    release_freed_memory()
+    return result
 
 
 @contextlib.contextmanager
