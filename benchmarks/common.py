@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().with_name("results")
 
 __all__ = ["ROOT", "RESULTS", "result_paths", "write_results", "save_figure", "split_by_flops",
-           "chain_plan", "spawn_worker", "stop_processes", "rss_bytes", "peak_rss_bytes",
-           "open_fds", "linear_slope", "machine", "zoo_model", "zoo_models"]
+           "chain_plan", "ChainBundle", "chain_bundle", "spawn_worker", "stop_processes",
+           "rss_bytes", "peak_rss_bytes", "open_fds", "linear_slope", "machine", "zoo_model",
+           "zoo_models"]
 
 
 def machine() -> dict[str, Any]:
@@ -138,6 +140,41 @@ def chain_plan(flops: Sequence[int], devices: Sequence[str]
                    for d, (a, b) in zip(devices, bounds, strict=False))
     return ir.Plan("optimal", "latency", stages, ir.Estimate(0.0, 0.0, 0.0, 0.0, 0.0),
                    0.0), bounds
+
+
+@dataclass(frozen=True)
+class ChainBundle:
+    """A zoo model compiled as a chain (:func:`chain_bundle`)."""
+
+    model: Path  # the whole model's .onnx
+    layers: int
+    bounds: list[tuple[int, int]]  # each stage's (first, last) layer
+    bundle: Path
+    view: Any  # runtime.stages.BundleView
+    feeds: dict[str, Any]  # seeded N(0, 1) model inputs
+
+
+def chain_bundle(name: str, folder: Path, devices: Sequence[str], *, verify: bool,
+                 bundle_name: str = "bundle") -> ChainBundle:
+    """Zoo model ``name`` saved in ``folder``, compiled to ``folder/bundle_name`` as one
+    stage per device (:func:`chain_plan`), opened as the runtime opens it, with inputs."""
+    import numpy as np
+    import onnx
+
+    import models
+    from partitioner.backend import compile_bundle
+    from partitioner.frontend import load_model
+    from runtime.stages import open_bundle
+
+    path = folder / f"{name}.onnx"
+    onnx.save(models.build_model(name), str(path))
+    prepared = load_model(path)
+    plan, bounds = chain_plan([layer.flops for layer in prepared.graph.layers], devices)
+    bundle = compile_bundle(prepared, plan, None, folder / bundle_name, verify=verify)
+    view = open_bundle(bundle)
+    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
+             for t in view.inputs}
+    return ChainBundle(path, len(prepared.graph.layers), bounds, bundle, view, feeds)
 
 
 def spawn_worker(bundle: str | Path, device: str, port_file: Path, *, threads: int = 1,

@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402  (after the path)
-    chain_plan,
+    chain_bundle,
     machine,
     save_figure,
     spawn_worker,
@@ -264,24 +264,12 @@ def admission_times(bundle: Path, repeats: int = 400) -> dict[str, float]:
 
 
 def bench_model(name: str, n_requests: int, work: Path) -> dict[str, Any]:
-    import onnx
-
-    import models
-    from partitioner.backend import compile_bundle
-    from partitioner.frontend import load_model
     from runtime.executor import RemoteExecutor
-    from runtime.stages import open_bundle
 
     mdir = work / name
     mdir.mkdir()
-    path = mdir / f"{name}.onnx"
-    onnx.save(models.build_model(name), str(path))
-    prepared = load_model(path)
-    plan, _ = chain_plan([layer.flops for layer in prepared.graph.layers], DEVICES)
-    bundle = compile_bundle(prepared, plan, None, mdir / "bundle", verify=True)
-    view = open_bundle(bundle)
-    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
-             for t in view.inputs}
+    chain = chain_bundle(name, mdir, DEVICES, verify=True)
+    bundle, feeds = chain.bundle, chain.feeds
     marks = Marks()
     uninstall = install_marks(marks)
     procs, hosts = [], {}

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.chain_floor import FloorChain  # noqa: E402  (after the path)
-from benchmarks.common import chain_plan, machine, zoo_models  # noqa: E402
+from benchmarks.common import chain_bundle, machine, zoo_models  # noqa: E402
 from benchmarks.hops import SIZES, bench_hops, median_time, spawn  # noqa: E402
 
 # --------------------------------------------------------------------------- models
@@ -85,26 +85,17 @@ def _busy_overlap(records: list[dict[str, Any]]) -> float:
 
 def bench_model(name: str, iters: int, work: Path, threads: int,
                 window: int = 8) -> dict[str, Any]:
-    import onnx
     import onnxruntime as ort
 
-    import models
-    from partitioner.backend import compile_bundle
-    from partitioner.frontend import load_model
     from runtime.executor import LocalExecutor, RemoteExecutor
-    from runtime.stages import StageRunner, open_bundle
+    from runtime.stages import StageRunner
 
     mdir = work / name
     mdir.mkdir()
-    path = mdir / f"{name}.onnx"
-    onnx.save(models.build_model(name), str(path))
-    prepared = load_model(path)
     devices = ("edge", "hub", "cloud")
-    plan, bounds = chain_plan([layer.flops for layer in prepared.graph.layers], devices)
-    bundle = compile_bundle(prepared, plan, None, mdir / "bundle", verify=True)
-    view = open_bundle(bundle)
-    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
-             for t in view.inputs}
+    chain = chain_bundle(name, mdir, devices, verify=True)
+    path, bounds, bundle, view, feeds = (chain.model, chain.bounds, chain.bundle, chain.view,
+                                         chain.feeds)
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -163,7 +154,7 @@ def bench_model(name: str, iters: int, work: Path, threads: int,
     cut_bytes = [sum(view.receives(send.to)[p.name].nbytes for send in u.sends
                      if send.to != "output" for p in send.tensors) for u in units[:-1]]
     row = {
-        "model": name, "layers": len(prepared.graph.layers),
+        "model": name, "layers": chain.layers,
         "stages": [{"device": s.device, "layers": list(b), "compute_ms": t * 1e3}
                    for s, b, t in zip(units, bounds, stage_t, strict=True)],
         "cut_bytes": cut_bytes,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     ROOT,
-    chain_plan,
+    chain_bundle,
     machine,
     result_paths,
     zoo_models,
@@ -63,25 +63,14 @@ while True:
 
 
 def measure(name: str, runs: int, work: Path, sink: str) -> dict[str, Any]:
-    import onnx
-
-    import models
-    from partitioner.backend import compile_bundle
-    from partitioner.frontend import load_model
     from runtime.protocol import Frame
-    from runtime.stages import StageRunner, open_bundle
+    from runtime.stages import StageRunner
     from runtime.worker import Worker
 
-    path = work / f"{name}.onnx"
-    onnx.save(models.build_model(name), str(path))
-    prepared = load_model(path)
-    plan, _ = chain_plan([layer.flops for layer in prepared.graph.layers],
-                         ("edge", "hub", "cloud"))
-    bundle = compile_bundle(prepared, plan, None, work / f"{name}-bundle", verify=False)
-    view = open_bundle(bundle)
+    chain = chain_bundle(name, work, ("edge", "hub", "cloud"), verify=False,
+                         bundle_name=f"{name}-bundle")
+    path, bundle, view, feeds = chain.model, chain.bundle, chain.view, chain.feeds
     first, middle = list(view.units())[:2]
-    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype)
-             for t in view.inputs}
     produced = StageRunner(first, view.root, threads=1).run(feeds)
     tensors = {t.name: produced[t.name] for t in middle.inputs}
     worker = Worker(bundle, "hub", token="bench", threads=1)
