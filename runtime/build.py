@@ -89,7 +89,10 @@ class ModelBuilder:
         self._own_store = store is None
         self.store = Path(tempfile.mkdtemp(prefix="runtime-model-")) if store is None \
             else Path(store)
-        self.store.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            fail(f"--store {store}: cannot make the folder ({err.strerror or err})")
         self._prepared: dict[tuple[Any, ...], Any] = {}
 
     def close(self) -> None:

@@ -14,9 +14,11 @@ Written to ``DIR``::
     <device>.pem  <device>.key     one per device of the system file (for runtime serve)
     client.pem  client.key         for the executor and for stock clients (mutual TLS)
 
-Keys are EC P-256, written with mode 0600; every file is written atomically. The CA key is
-never overwritten (``--force`` to replace the whole set). The ``cryptography`` package is
-used when installed, else the ``openssl`` command; with neither, a one-line error.
+Keys are EC P-256, written with mode 0600; every file is written atomically once the whole
+set is made, the CA key last (a failed run leaves no CA key and removes the files it
+created). The CA key is never overwritten (``--force`` to replace the whole set). The
+``cryptography`` package is used when installed, else the ``openssl`` command; with
+neither, a one-line error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import re
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +37,13 @@ from runtime.files import write_atomic
 from stagebundle.errors import fail
 
 __all__ = ["add_arguments", "run", "make_certificates", "device_hosts"]
+
+# what goes into a certificate: name -> (PEM bytes, private)
+Files = dict[str, tuple[bytes, bool]]
+# a DNS name (A-labels; a leading "*." wildcard allowed), each label 1-63 characters
+_DNS = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                  r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_DAYS = 36500  # X.509 dates end in 9999; a century is plenty
 
 
 def device_hosts(system_path: str | Path, extra: Sequence[str] = ()) -> dict[str, list[str]]:
@@ -57,6 +67,15 @@ def device_hosts(system_path: str | Path, extra: Sequence[str] = ()) -> dict[str
     return hosts
 
 
+def check_host(host: str, what: str) -> None:
+    """``host`` is an IP address or a DNS name a certificate can carry."""
+    if _san_kind(host) == "IP":
+        return
+    if len(host) > 253 or not _DNS.fullmatch(host):
+        fail(f"{what} {host!r}: not an IP address or a DNS name (letters, digits, '-' and "
+             f"'.'; encode other characters as IDNA A-labels)")
+
+
 def _san_kind(host: str) -> str:
     try:
         ipaddress.ip_address(host)
@@ -68,7 +87,7 @@ def _san_kind(host: str) -> str:
 # --------------------------------------------------------------------------- cryptography
 
 
-def _with_cryptography(out: Path, subjects: dict[str, list[str]], days: int) -> None:
+def _with_cryptography(out: Path, subjects: dict[str, list[str]], days: int) -> Files:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -96,8 +115,7 @@ def _with_cryptography(out: Path, subjects: dict[str, list[str]], days: int) -> 
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
                          critical=False)
           .sign(ca_key, hashes.SHA256()))
-    write_atomic(out / "ca.key", key_pem(ca_key), True)
-    write_atomic(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), False)
+    files: Files = {"ca.pem": (ca.public_bytes(serialization.Encoding.PEM), False)}
     for stem, hosts in subjects.items():
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [
@@ -116,14 +134,16 @@ def _with_cryptography(out: Path, subjects: dict[str, list[str]], days: int) -> 
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        write_atomic(out / f"{stem}.key", key_pem(key), True)
-        write_atomic(out / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), False)
+        files[f"{stem}.key"] = (key_pem(key), True)
+        files[f"{stem}.pem"] = (cert.public_bytes(serialization.Encoding.PEM), False)
+    files["ca.key"] = (key_pem(ca_key), True)  # last: it marks a complete set
+    return files
 
 
 # --------------------------------------------------------------------------- openssl
 
 
-def _with_openssl(out: Path, subjects: dict[str, list[str]], days: int) -> None:
+def _with_openssl(out: Path, subjects: dict[str, list[str]], days: int) -> Files:
     with tempfile.TemporaryDirectory(dir=out, prefix=".openssl-") as tmp:
         work = Path(tmp)
 
@@ -150,9 +170,32 @@ def _with_openssl(out: Path, subjects: dict[str, list[str]], days: int) -> None:
             run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                 "-CAcreateserial", "-days", str(days), "-extfile", f"{stem}.cnf", "-out",
                 f"{stem}.pem")
-        for stem in ("ca", *subjects):
-            write_atomic(out / f"{stem}.key", (work / f"{stem}.key").read_bytes(), True)
-            write_atomic(out / f"{stem}.pem", (work / f"{stem}.pem").read_bytes(), False)
+        files: Files = {}
+        for stem in (*subjects, "ca"):  # the CA key last: it marks a complete set
+            files[f"{stem}.pem"] = ((work / f"{stem}.pem").read_bytes(), False)
+            files[f"{stem}.key"] = ((work / f"{stem}.key").read_bytes(), True)
+        return files
+
+
+def _install(out: Path, files: Files) -> None:
+    """Write ``files`` into ``out``, each atomically; if one cannot be written, the files
+    this call created are removed again (replaced ones keep their new content)."""
+    for name in files:
+        target = out / name
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            fail(f"-o {out}: {name} exists and is not a regular file")
+    created: list[Path] = []
+    try:
+        for name, (data, private) in files.items():
+            target = out / name
+            new = not target.exists()
+            write_atomic(target, data, private)
+            if new:
+                created.append(target)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _backend() -> str:
@@ -177,9 +220,15 @@ def make_certificates(system_path: str | Path, out: str | Path, *, days: int = 3
     """
     from partitioner.backend.emit import safe_name  # (not at import: `runtime serve` is lean)
 
-    if days < 1:
-        fail(f"--days {days}: must be at least 1")
+    if not 1 <= days <= MAX_DAYS:
+        fail(f"--days {days}: must be in 1..{MAX_DAYS}")
+    for host in extra_hosts:
+        check_host(host, "--host")
     hosts = device_hosts(system_path, extra_hosts)
+    for dev, names in hosts.items():
+        for host in names:
+            if host not in extra_hosts:
+                check_host(host, f"{system_path}: device {dev} address host")
     subjects: dict[str, list[str]] = {}
     for dev, names in hosts.items():
         stem = safe_name(dev)
@@ -194,8 +243,9 @@ def make_certificates(system_path: str | Path, out: str | Path, *, days: int = 3
         fail(f"-o {out}: already holds a CA (ca.key); use --force to replace every file")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (_with_cryptography if (backend or _backend()) == "cryptography" else _with_openssl)(
-            out, subjects, days)
+        make = _with_cryptography if (backend or _backend()) == "cryptography" \
+            else _with_openssl
+        _install(out, make(out, subjects, days))
     except OSError as err:
         fail(f"-o {out}: cannot write certificates ({err.strerror or err})")
     return subjects

@@ -22,21 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
-from runtime.files import write_atomic
-from stagebundle.errors import UserError, fail
+from runtime.files import check_writable, load_inputs, save_outputs, write_atomic
+from stagebundle.errors import OneLineParser, UserError, fail
 
 __all__ = ["main", "parse_hosts", "load_inputs", "save_outputs"]
+
+# the longest deadline budget a worker accepts for one attempt (runtime/worker.py)
+MAX_BUDGET = 3600.0
 
 
 def parse_hosts(text: str) -> dict[str, str]:
@@ -48,60 +49,47 @@ def parse_hosts(text: str) -> dict[str, str]:
         name, sep, addr = item.partition("=")
         if not sep or not name:
             fail(f"--hosts {item!r}: expected NAME=HOST:PORT")
+        if name in hosts:
+            fail(f"--hosts {name}: given twice ({hosts[name]} and {addr})")
         try:
-            parse_address(addr, what=f"--hosts {name}")
+            _, port = parse_address(addr, what=f"--hosts {name}")
         except ValueError as err:
             fail(str(err))
+        if port == 0:
+            fail(f"--hosts {name} {addr!r}: port 0 is not a worker's port")
         hosts[name] = addr
     if not hosts:
         fail("--hosts: no NAME=HOST:PORT given")
     return hosts
 
 
-def load_inputs(items: Sequence[str]) -> dict[str, np.ndarray]:
-    """``NAME=FILE.npy`` items -> arrays (``allow_pickle=False``: .npy data only)."""
-    out: dict[str, np.ndarray] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            fail(f"--input {item!r}: expected NAME=FILE.npy")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            fail(f"--input {name}: cannot read {path} as .npy ({err})")
-        if not isinstance(arr, np.ndarray):
-            fail(f"--input {name}: {path} is an .npz archive, expected one .npy array")
-        out[name] = arr
-    return out
+def check_known_devices(hosts: Iterable[str], known: Iterable[str], where: str) -> None:
+    """Refuse a ``--hosts`` device that no plan can use (a typo would be ignored)."""
+    names = sorted(set(known))
+    for dev in hosts:
+        if dev not in names:
+            fail(f"--hosts {dev}: not a device of {where} (devices: {', '.join(names)})")
 
 
-def check_writable(path: str | Path, what: str = "-o") -> None:
-    """Refuse an output path whose folder is missing, not a folder, or not writable
-    (before any work is done, so a long run does not fail at its very end)."""
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        fail(f"{what} {path}: folder {folder} does not exist")
-    if Path(path).is_dir():
-        fail(f"{what} {path}: is a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        fail(f"{what} {path}: folder {folder} is not writable")
+def check_port(port: int | None, what: str) -> None:
+    """``None`` (not given), or a TCP port number (0: any free port)."""
+    if port is not None and not 0 <= port <= 65535:
+        fail(f"{what} {port}: expected a port number in 0..65535 (0: any free port)")
 
 
-def save_outputs(path: str | Path, outputs: dict[str, np.ndarray]) -> None:
-    """Write ``outputs`` to ``path`` as .npz, atomically (temp file, then ``os.replace``)."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz",
-                                   dir=path.parent if str(path.parent) else ".")
-    except OSError as err:
-        fail(f"-o {path}: cannot write there ({err.strerror or err})")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, allow_pickle=False, **outputs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_timeouts(timeout: float, attempt_timeout: float | None, attempts: int) -> None:
+    """Finite, positive, and no attempt longer than a worker's budget cap."""
+    for what, value in (("--timeout", timeout), ("--attempt-timeout", attempt_timeout)):
+        if value is not None and (math.isnan(value) or value <= 0):
+            fail(f"{what} {value}: must be a positive number of seconds")
+    if math.isinf(timeout):
+        fail(f"--timeout {timeout}: must be a finite number of seconds")
+    if attempt_timeout is None and timeout / (attempts + 1) > MAX_BUDGET:
+        fail(f"--timeout {timeout:g}: its default attempt timeout ({timeout / (attempts + 1):g}"
+             f" s) is over the workers' cap of {MAX_BUDGET:g} s; give --attempt-timeout")
+    if attempt_timeout is not None and min(attempt_timeout, timeout) > MAX_BUDGET:
+        fail(f"--attempt-timeout {attempt_timeout:g}: must be at most {MAX_BUDGET:g} s (the "
+             f"workers' deadline cap)")
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:
@@ -167,13 +155,16 @@ def _serve(args: argparse.Namespace) -> int:
         from partitioner.analysis.system import load_system
 
         try:
-            listen = load_system(args.system).device(args.device).address
+            listen = load_system(args.system).device(args.device).address or None
         except KeyError:
             fail(f"--device {args.device}: not a device of {args.system}")
     try:
-        host, port = parse_address(listen or "127.0.0.1:0", what="--listen")
+        host, port = parse_address("127.0.0.1:0" if listen is None else listen,
+                                   what="--listen")
     except ValueError as err:
         fail(str(err))
+    check_port(args.grpc_port, "--grpc-port")
+    check_port(args.metrics_port, "--metrics-port")
     if args.threads is not None and args.threads < 1:
         fail("--threads must be at least 1")
     if args.queue_depth < 1:
@@ -309,8 +300,7 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.system = str(model), str(system)
     if args.adapt and (args.local or not args.model or not args.system):
         fail("--adapt needs workers (not --local), --model and --system")
-    if args.timeout <= 0 or (args.attempt_timeout is not None and args.attempt_timeout <= 0):
-        fail("--timeout and --attempt-timeout must be positive")
+    check_timeouts(args.timeout, args.attempt_timeout, attempts=3)  # RemoteExecutor's
     hosts: dict[str, str] = {}
     if not args.local:
         if args.hosts:
@@ -330,22 +320,33 @@ def _run(args: argparse.Namespace) -> int:
     if args.local:
         executor = LocalExecutor(args.bundle)
     else:
+        from runtime.stages import open_bundles
+
+        views = open_bundles(args.bundle)  # the bundle's own plans (main, fallback/*, ...)
+        if args.hosts:  # (addresses from --system may name devices no plan uses)
+            known = {d for v in views.values() for d in v.devices}
+            if args.system and args.model:  # re-plans may use any device of the system
+                from partitioner.analysis.system import load_system
+
+                known |= {d.name for d in load_system(args.system).devices}
+            check_known_devices(hosts, known, f"bundle {args.bundle}" + (
+                f" or {args.system}" if args.system and args.model else ""))
+        token = load_token(args.token_file)
         replanner = None
         if args.model:
             if not args.system:
                 fail("--model needs --system to re-plan")
             from runtime.replan import Replanner
 
-            replanner = Replanner(args.bundle, args.model, args.system,
-                                  token=load_token(args.token_file))
+            replanner = Replanner(args.bundle, args.model, args.system, token=token)
         from runtime.ensure import prepare_workers
 
         # workers started with --model get the bundle's plans to build (no-op otherwise)
-        prepare_workers(hosts, args.bundle, load_token(args.token_file),
+        prepare_workers(hosts, args.bundle, token,
                         tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca))
         try:
             executor = RemoteExecutor(
-                args.bundle, hosts, token=load_token(args.token_file), timeout=args.timeout,
+                views, hosts, token=token, timeout=args.timeout,
                 replanner=replanner, attempt_timeout=args.attempt_timeout,
                 tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca),
                 listen=args.listen)
@@ -453,7 +454,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runtime", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, _, help_) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))

@@ -162,7 +162,10 @@ class RemoteExecutor(Gathering):
         self.time_links = False
         self.tls = None if tls is None else tls.client_context()
         self._pool = ConnectionPool(timeout=5.0, tls=self.tls)
-        host, port = parse_address(listen, what="--listen")
+        try:
+            host, port = parse_address(listen, what="--listen")
+        except ValueError as err:
+            fail(str(err))
         check_bind(host, token)
         if host in ("0.0.0.0", "::"):
             fail(f"--listen {listen}: give the address the last worker can reach, not a "
@@ -298,7 +301,8 @@ class RemoteExecutor(Gathering):
                     p.history.append(reason)
                     reason = None
                 if p.attempt >= self.max_attempts or time.monotonic() >= p.deadline:
-                    self._finish_error(p, "gave up after " + "; ".join(p.history[-3:]))
+                    self._finish_error(p, "gave up after " + ("; ".join(p.history[-3:]) or (
+                        f"its deadline ({self.timeout:g} s) passed before an attempt")))
                     return
                 key = self._choose_plan(p.pinned)
                 down = frozenset(self.down)

@@ -57,7 +57,13 @@ def new_request(view: BundleView, inputs: Mapping[str, np.ndarray],
     rid = request_id or uuid.uuid4().hex
     fut: cf.Future[dict[str, np.ndarray]] = cf.Future()
     fut.request_id = rid  # type: ignore[attr-defined]
-    return rid, fut, {k: np.asarray(v) for k, v in inputs.items()}
+    return rid, fut, {k: _native(np.asarray(v)) for k, v in inputs.items()}
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in this machine's byte order (a big-endian float32 .npy is float32 too,
+    but the stages' checks and ONNX Runtime take native arrays)."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def views_of(bundle: str | Path | BundleView | Mapping[str, BundleView]) -> dict[str, BundleView]:

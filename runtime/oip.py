@@ -269,6 +269,14 @@ def start_oip_server(worker: Worker, host: str, port: int) -> OipServer:
               + sum(t.nbytes for t in r.stage.outputs)
               for (p, _), r in worker.runners.items()) + (1 << 20)
     cap = min(cap, (1 << 31) - 1)  # gRPC takes an int32
+    if port:  # a taken port: one line here, not gRPC's own log line and exception
+        from runtime.server import bind_listener
+
+        try:
+            bind_listener(host, port).close()
+        except OSError as err:
+            raise UserError(f"--grpc-port {port}: cannot listen on {host}:{port} "
+                            f"({err.strerror or err})") from err
     # bounded like the TCP port: RPCs beyond the cap get RESOURCE_EXHAUSTED (a typed
     # "busy") instead of queueing without end; idle connections are closed after a minute
     server = grpc.server(cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="oip"),
@@ -279,12 +287,17 @@ def start_oip_server(worker: Worker, host: str, port: int) -> OipServer:
                          maximum_concurrent_rpcs=_MAX_RPCS)
     pbg.add_GRPCInferenceServiceServicer_to_server(_Servicer(worker), server)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if worker.tls is not None:
-        bound = server.add_secure_port(target, worker.tls.grpc_server_credentials())
-    else:
-        bound = server.add_insecure_port(target)
+    refused = UserError(f"--grpc-port {port}: cannot listen on {host}:{port} (the port is "
+                        f"taken or the address is not this host's)")
+    try:
+        if worker.tls is not None:
+            bound = server.add_secure_port(target, worker.tls.grpc_server_credentials())
+        else:
+            bound = server.add_insecure_port(target)
+    except RuntimeError as err:  # recent grpcio raises where older ones answered 0
+        raise refused from err
     if bound == 0:
-        raise UserError(f"--grpc-port {port}: cannot listen on {host}:{port}")
+        raise refused
     server.start()
     log.info("OIP/gRPC for device %s on %s:%d", worker.device, host, bound)
     return OipServer(server, (host, bound))

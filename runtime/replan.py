@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stagebundle.errors import fail
+
 __all__ = ["compile_without", "compile_fallbacks", "Replanner"]
 
 log = logging.getLogger("runtime.replan")
@@ -75,6 +77,10 @@ class Replanner:
 
     def __init__(self, bundle_dir: str | Path, model: str | Path, system_path: str | Path,
                  *, token: str | None = None, profiles: Sequence[Any] = ()) -> None:
+        # checked now: a typo must not wait for the first failure to be reported
+        for what, path in (("--model", model), ("--system", system_path)):
+            if not Path(path).is_file():
+                fail(f"{what} {path}: no such file")
         self.bundle_dir = Path(bundle_dir)
         self.model, self.system_path = model, system_path
         self.token, self.profiles = token, profiles

@@ -28,7 +28,8 @@ def load_token(path: str | Path | None) -> str | None:
         return None
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with p.open("rb") as f:  # bounded: --token-file /dev/zero must not fill memory
+            data = f.read(_MAX_TOKEN + 1)
     except OSError as err:
         fail(f"--token-file {p}: cannot read it ({err.strerror or err})")
     if len(data) > _MAX_TOKEN:

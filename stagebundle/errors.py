@@ -2,15 +2,17 @@
 
 ``UserError`` is bad input (a missing file, a tampered bundle, an unfixed dynamic
 dimension): command-line tools print its message as one line on stderr and exit with
-``exit_code``. ``InternalError`` is a bug in this project; it is never caught to be hidden.
-Raise user errors through :func:`fail` so every message has the same shape.
+``exit_code``; :class:`OneLineParser` does the same for a bad option. ``InternalError`` is
+a bug in this project; it is never caught to be hidden. Raise user errors through
+:func:`fail` so every message has the same shape.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import NoReturn
 
-__all__ = ["UserError", "InternalError", "fail"]
+__all__ = ["UserError", "InternalError", "fail", "OneLineParser"]
 
 
 class UserError(Exception):
@@ -26,3 +28,13 @@ class InternalError(Exception):
 def fail(message: str, *, error: type[UserError] = UserError) -> NoReturn:
     """Raise a user error whose message is ``message`` folded onto one line."""
     raise error(" ".join(str(message).split()))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other user error
+    (argparse prints the whole usage first); its sub-command parsers are of this class too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
+                     f"(see {self.prog} --help)\n")

@@ -217,6 +217,8 @@ def load_bundle(path: str | os.PathLike[str], *, check_onnx: bool = True,
     if root.name == MANIFEST and root.is_file():
         root = root.parent
     manifest = root / MANIFEST
+    if manifest.is_dir():
+        fail(f"{manifest}: is a folder, not the bundle's manifest file")
     if not manifest.is_file():
         fail(f"{root}: not a bundle directory (no {MANIFEST})")
     safe_path(root, MANIFEST, "bundle")  # a symlinked manifest must not lead outside

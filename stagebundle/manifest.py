@@ -408,6 +408,11 @@ class Bundle:
             transfer=str(doc.get("transfer", "forwarded")), schema_version=version,
             producer=str(doc.get("producer", "")),
             extra={k: v for k, v in doc.items() if k not in known})
+        n_layers = len(bundle.model.layers)
+        for stage in bundle.stages:  # (a schema-1 bundle may not list the model's layers)
+            if n_layers and stage.last >= n_layers:
+                fail(f"{where}: stage {stage.id}: layers {stage.first}..{stage.last} go past "
+                     f"the model's {n_layers} layers")
         if version == 1:
             from stagebundle.schema1 import upgrade_chain
 
