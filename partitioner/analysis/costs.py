@@ -153,7 +153,8 @@ def _measured(profiles: Iterable[Profile], graph: LayerGraph, system: System
             fail(f"{_file(profs[int(owner[r])])}: bundle {b.first}..{b.last} of device "
                  f"{dev!r} at frequency {b.frequency} is also in "
                  f"{other.path or 'another profile'}")
-        files = ", ".join(dict.fromkeys(_file(p) for p in profs if len(p.bundles)))
+        files = ", ".join(dict.fromkeys(_file(p) for p in profs if len(p.bundles))) or \
+            ", ".join(dict.fromkeys(_file(p) for p in profs))  # none measured anything
         out[dev] = Measured(joined, files, any(p.lazy for p in profs))
     return out, per
 

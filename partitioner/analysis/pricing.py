@@ -194,8 +194,9 @@ def _profiled_prices(graph: LayerGraph, dev: Device, freq: str | None, prof: Mea
         r = int(np.argmax(bad))
         a, b = int(first[r]), int(last[r])
         missing = f"layers {a}..{b}" if a != b else f"layer {a}"
+        hint = (f"profile with a --mbs at least {b - a + 1} or lower --mbs" if a != b else
+                "every single layer must be measured: profile this device again")
         fail(f"{prof.files}: device {dev.name!r} at frequency {freq}: the "
              f"profiles lack bundle {missing} ({graph.layers[a].name}.."
-             f"{graph.layers[b].name}); profile with a --mbs at least "
-             f"{b - a + 1} or lower --mbs")
+             f"{graph.layers[b].name}); {hint}")
     return latency, energy

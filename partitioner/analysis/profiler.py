@@ -41,8 +41,14 @@ import onnxruntime as ort
 
 from partitioner.analysis.meters import EnergyMeter
 from partitioner.analysis.profiles import Profile, ProfiledBundle, read_profile, save_profile
-from partitioner.analysis.sessions import SharedWeights, open_session, reuse_freed_memory
-from partitioner.errors import fail
+from partitioner.analysis.sessions import (
+    ORT_ERRORS,
+    SharedWeights,
+    open_session,
+    ort_failure,
+    reuse_freed_memory,
+)
+from partitioner.errors import UserError, fail
 from partitioner.ir import LayerGraph
 
 __all__ = [
@@ -165,11 +171,14 @@ def capture_intermediates(prepared: Any, inputs: Mapping[str, np.ndarray],
     # (AlexNet 0.1-1.4 s -> 0.05-0.08 s on the EPYC dev host)
     if weights is None:
         sess = open_session(model, threads, getattr(prepared, "base_dir", None),
-                            prepack=False)
+                            prepack=False, what=f"model {graph.name!r}")
     else:
-        sess = weights.session(model, threads, prepack=False)
+        sess = weights.session(model, threads, prepack=False, what=f"model {graph.name!r}")
     names = [o.name for o in sess.get_outputs()]
-    values = sess.run(names, dict(inputs))
+    try:
+        values = sess.run(names, dict(inputs))
+    except ORT_ERRORS as err:
+        ort_failure(err, f"model {graph.name!r}", "run")
     captured = dict(inputs)
     captured.update(zip(names, values, strict=True))
     return captured
@@ -252,12 +261,13 @@ class BundleTimer:
         """
         from partitioner.frontend.slicing import extract_layers
 
+        what = f"model {self.prepared.graph.name!r} layers {first}..{last}"
         if self.shared:
             sub = extract_layers(self.weights.prepared, first, last)
-            sess = self.weights.session(sub.model, self.settings.threads)
+            sess = self.weights.session(sub.model, self.settings.threads, what=what)
         else:
             sub = extract_layers(self.prepared, first, last)
-            sess = open_session(sub.model, self.settings.threads, sub.base_dir)
+            sess = open_session(sub.model, self.settings.threads, sub.base_dir, what=what)
         feeds = {t.name: self.captured[t.name] for t in sub.inputs}
         outputs = [o.name for o in sess.get_outputs()]
 
@@ -343,7 +353,11 @@ def start_profile(path: str | Path, graph: LayerGraph, device: str,
         fail(f"{path}: is a folder; -o needs a profile file name")
     if force or not Path(path).exists():
         return fresh
-    old = read_profile(path)
+    try:
+        old = read_profile(path)
+    except UserError as err:  # resumed from: say how to start afresh instead
+        fail(f"{err} (it is the -o file to resume; pass --force to start afresh or "
+             f"choose another -o)")
     mine = (fresh.device, fresh.sha256, fresh.granularity, fresh.layers, fresh.runs,
             fresh.warmup, fresh.trim, fresh.threads, fresh.energy_meter)
     theirs = (old.device, old.sha256, old.granularity, old.layers, old.runs, old.warmup,

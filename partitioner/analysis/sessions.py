@@ -16,20 +16,53 @@ import dataclasses
 import itertools
 import os
 import platform
+import re
 import sys
 import tempfile
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from partitioner.errors import fail
 from partitioner.ir import LayerGraph
 
-__all__ = ["open_session", "SharedWeights", "reuse_freed_memory"]
+__all__ = ["open_session", "SharedWeights", "reuse_freed_memory", "ORT_ERRORS", "ort_failure"]
+
+# What ONNX Runtime raises for a model it cannot load or run (its own types, not
+# RuntimeError): a user error naming the model, never a traceback.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(_ort_state, n, None) for n in (
+        "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError",
+        "RuntimeException", "InvalidProtobuf", "ModelLoaded", "NotImplemented",
+        "InvalidGraph", "EPFail"))
+    if isinstance(e, type) and issubclass(e, Exception))
+# Noise in ORT's messages: the temporary file it read, and the C++ function that failed.
+_TEMP_PATH = re.compile(r"Load model from \S+ failed:\s*")
+_CXX_WHERE = re.compile(r"/onnxruntime_src/\S+:\d+ .*?\) (?=[A-Z])")
+
+
+def ort_failure(err: Exception, what: str, doing: str = "load") -> NoReturn:
+    """Fail with ORT's first line: ``what: ONNX Runtime cannot load it: ...``."""
+    text = _CXX_WHERE.sub("", _TEMP_PATH.sub("", str(err).strip()), count=1)
+    first = text.splitlines()[0] if text else type(err).__name__
+    fail(f"{what}: ONNX Runtime cannot {doing} it: {first}")
+
+
+def _ort_session(src: str | bytes, opts: ort.SessionOptions, what: str
+                 ) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as err:
+        ort_failure(err, what)
+
+
+def _what(model: onnx.ModelProto, what: str | None) -> str:
+    return what or f"model {model.graph.name or 'model'!r}"
 
 
 def _session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
@@ -86,17 +119,18 @@ class SharedWeights:
         else:  # any object with model / graph / base_dir (what extract_layers reads)
             self.prepared = _Prepared(model, prepared.graph, self.folder)
 
-    def session(self, model: onnx.ModelProto, threads: int | None, *, prepack: bool = True
-                ) -> ort.InferenceSession:
+    def session(self, model: onnx.ModelProto, threads: int | None, *, prepack: bool = True,
+                what: str | None = None) -> ort.InferenceSession:
         """An ORT session of ``model`` (references into ``weights.bin``, or inline);
-        ``prepack=False`` for one run whose timing does not count (opens faster)."""
+        ``prepack=False`` for one run whose timing does not count (opens faster). A model
+        ORT rejects is a user error naming ``what`` (default: the model's graph name)."""
         # The proto is small (weights are references); ORT reads it from a file so that
         # it resolves the references against this folder. The file is not needed after.
         path = self.folder / f"bundle{next(self._names)}.onnx"
         path.write_bytes(model.SerializeToString())
         try:
-            return ort.InferenceSession(str(path), _session_options(threads, prepack),
-                                        providers=["CPUExecutionProvider"])
+            return _ort_session(str(path), _session_options(threads, prepack),
+                                _what(model, what))
         finally:
             path.unlink(missing_ok=True)
 
@@ -164,18 +198,18 @@ class _Prepared:
 
 
 def open_session(model: onnx.ModelProto, threads: int | None,
-                 base_dir: Path | None = None, *, prepack: bool = True
-                 ) -> ort.InferenceSession:
+                 base_dir: Path | None = None, *, prepack: bool = True,
+                 what: str | None = None) -> ort.InferenceSession:
     """An ORT session of ``model`` (weights inline, or external files under ``base_dir``);
-    ``prepack=False`` for one run whose timing does not count (opens faster)."""
+    ``prepack=False`` for one run whose timing does not count (opens faster). A model ORT
+    rejects is a user error naming ``what`` (default: the model's graph name)."""
     from partitioner.frontend.slicing import save_model, uses_external_data
 
     opts = _session_options(threads, prepack)
     if not uses_external_data(model):
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
+        return _ort_session(model.SerializeToString(), opts, _what(model, what))
     # External weights: write a self-contained copy and let ORT map it from disk.
     with tempfile.TemporaryDirectory(prefix="partitioner-profile-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path, base_dir=base_dir, external_data="model.onnx.data")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return _ort_session(str(path), opts, _what(model, what))

@@ -162,6 +162,12 @@ def _device(c: _Checker, i: int, table: Any) -> Device:
     if not isinstance(trusted, bool):
         c.fail(where, f"trusted must be true or false, got {trusted!r}")
     assert flops is not None and mem_bw is not None and net_bw is not None
+    address = c.string(where, table, "address")
+    if address is not None:  # what `runtime serve` listens on / `runtime run` dials
+        host, sep, port = address.strip().rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+            c.fail(where, f"address must be HOST:PORT (e.g. \"10.0.0.2:7000\"), "
+                          f"got {address!r}")
     return Device(
         name=name, device_class=cls, flops=flops, memory_bandwidth=mem_bw,
         network_bandwidth=net_bw, memory=INF if memory is None else memory,
@@ -169,7 +175,7 @@ def _device(c: _Checker, i: int, table: Any) -> Device:
         power=c.number(where, table, "power", minimum=0.0),
         idle_power=c.number(where, table, "idle_power", minimum=0.0),
         carbon_intensity=c.number(where, table, "carbon_intensity", minimum=0.0),
-        address=c.string(where, table, "address"), trusted=trusted)
+        address=address, trusted=trusted)
 
 
 def _link_ends(c: _Checker, where: str, table: Mapping[str, Any], names: set[str]

@@ -17,6 +17,7 @@ place at the end, so an error never leaves a half-written bundle; an existing no
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -64,6 +65,7 @@ from partitioner.backend.verify import (
 from partitioner.errors import fail
 from partitioner.frontend.slicing import save_model
 from partitioner.ir import CostTable, Plan, Stage, System, TensorInfo
+from stagebundle.dtypes import is_known_dtype
 from stagebundle.graph import check_graph
 
 __all__ = ["compile_bundle", "check_output", "safe_name", "stage_file_name",
@@ -130,7 +132,11 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     old = None
     if out.exists() or out.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
+        try:
+            os.replace(out, old / out.name)
+        except OSError:
+            old.rmdir()  # still empty: leave nothing behind
+            raise
     try:
         os.replace(tmp, out)
     except OSError:
@@ -142,13 +148,29 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def check_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
-    """Refuse an output that is a file, or a non-empty directory unless ``force``."""
+    """Refuse an output that is a file, or a non-empty directory unless ``force``, or
+    (even with ``force``) a directory that holds the current one (``-o .``, ``-o ..``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         fail(f"output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         fail(f"output directory {str(out)!r} is not empty (use --force to replace it)")
+    if out.is_dir():
+        here, target = Path.cwd().resolve(), out.resolve()
+        if target == here or target in here.parents:
+            fail(f"output directory {str(out)!r} holds the current directory; a bundle "
+                 f"cannot replace it (choose another -o)")
     return out
+
+
+def _check_dtypes(graph: Any) -> None:
+    """A bundle carries fixed-size tensors only (the manifest and the wire format)."""
+    for kind, tensors in (("input", graph.inputs), ("output", graph.outputs)):
+        for t in tensors:
+            if not is_known_dtype(t.dtype):
+                shown = "string" if t.dtype in ("object", "str") else t.dtype
+                fail(f"model {graph.name!r}: {kind} {t.name!r} has element type {shown}; "
+                     f"a bundle carries only numeric and bool tensors")
 
 
 def compile_bundle(prepared: Any, plan: Plan, system: System | None,
@@ -188,20 +210,23 @@ def compile_bundle(prepared: Any, plan: Plan, system: System | None,
     """
     graph = prepared.graph
     _check_plan(plan, len(graph.layers), system)
+    _check_dtypes(graph)
     out = check_output(out_dir, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    target = Path(os.path.normpath(out))  # ``x/y/..`` is ``x``: renamed, and returned
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         bundle = _build(prepared, plan, system, tmp, verify=verify, triton=triton,
                         table=table, seed=seed, progress=progress, calibration=calibration,
                         extra=extra)
         text = dumps(bundle.to_json()) + "\n"
+        Bundle.from_json(json.loads(text), tmp)  # what the loader will check, before it lands
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return target
 
 
 def _build(prepared: Any, plan: Plan, system: System | None, tmp: Path, *, verify: bool,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from partitioner.backend.explain_check import check_report_fields
 from partitioner.backend.manifest import INPUT, OUTPUT, Bundle, Send, TensorSpec, Unit
 
 __all__ = ["explain", "format_text", "size_text"]
@@ -78,7 +79,13 @@ def _send_doc(send: Send, devices: dict[str, str], sender_device: str,
 
 
 def explain(bundle: Bundle) -> dict[str, Any]:
-    """The ``explain --json`` document of a loaded bundle."""
+    """The ``explain --json`` document of a loaded bundle.
+
+    Raises:
+        UserError: a field of the manifest's report part is malformed
+            (:func:`~partitioner.backend.explain_check.check_report_fields`).
+    """
+    check_report_fields(bundle)
     names = bundle.model.layers
     specs = _full_specs(bundle)
     kinds = _transfers(bundle)

@@ -3,7 +3,8 @@
 Each sub-command module defines ``add_arguments(parser)`` and ``run(args) -> int``. It is
 imported only when its sub-command runs, so ``partitioner inspect`` never imports mip.
 User errors become one line on stderr and a non-zero exit (see ``partitioner.errors``);
-so do ``OSError``s (an output that cannot be written), with exit code 2.
+so do ``OSError``s (an output that cannot be written) and ``MemoryError``s (a ``--shape``
+too big for this host), with exit code 2, and bad options (argparse's usage errors).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from partitioner import __version__
 from partitioner.errors import UserError
+from stagebundle.errors import OneLineParser
 
 __all__ = ["main", "COMMANDS"]
 
@@ -31,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="partitioner", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="partitioner", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -63,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from partitioner.cli.common import os_error_line
 
         print(f"partitioner {args.command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
+    except MemoryError as err:
+        # A tensor too big for this host (a huge --shape): one line naming the allocation.
+        detail = " ".join(str(err).split()) or "an allocation failed"
+        print(f"partitioner {args.command}: error: out of memory: {detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"partitioner {args.command}: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="partition points between major layers (default) or every node")
 
 
+# An input of more elements (1 PiB of float32) is a typo; ONNX's dims are int64 anyway.
+MAX_SHAPE_ELEMENTS = 1 << 48
+
+
 def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     """Parse ``--shape`` values; a malformed one is a user error naming it."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -45,6 +50,12 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
             fail(f"--shape {item!r}: dimensions must be integers")
         if any(v <= 0 for v in values):
             fail(f"--shape {item!r}: dimensions must be positive")
+        if math.prod(values) > MAX_SHAPE_ELEMENTS:
+            fail(f"--shape {item!r}: {math.prod(values):.3g} elements, more than any host "
+                 f"holds (at most {MAX_SHAPE_ELEMENTS:.3g})")
+        if shapes.get(name, values) != values:
+            fail(f"--shape {item!r}: input {name!r} is already given as "
+                 f"{','.join(map(str, shapes[name]))}")
         shapes[name] = values
     return shapes
 
@@ -167,6 +178,11 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`partitioner.pipeline.plan` for the plan options."""
     if args.mbs is not None and args.mbs < 1:
         fail(f"--mbs must be >= 1, got {args.mbs}")
+    calibration = getattr(args, "calibration", None)
+    if calibration is not None and not getattr(args, "quantize", False) and not any(
+            "@" in e for e in getattr(args, "exits", [])):
+        fail(f"--calibration {calibration}: needs --exit OUTPUT@T or --quantize (nothing "
+             f"else reads it)")
     return {"profiles": list(args.profiles), "shapes": parse_shapes(args.shape),
             "granularity": args.granularity, "objective": objective_from_args(args),
             "mbs": args.mbs, "preload": args.preload, "private": args.private,
@@ -232,6 +248,8 @@ def check_writable(path: str | os.PathLike[str], what: str = "output") -> Path:
     failure to write later (a read-only file system that ``access`` does not see, a full
     disk) is still caught as an ``OSError`` by :func:`partitioner.cli.main`.
     """
+    if not str(path):
+        fail(f"{what}: the path is empty")
     out = Path(path)
     parent = out.parent if out.parent != Path("") else Path(".")
     ancestor = parent

@@ -20,6 +20,7 @@ from typing import Any
 
 from partitioner.cli.common import (
     add_model_options,
+    check_writable,
     parse_shapes,
     print_json,
     progress_enabled,
@@ -98,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     settings = ProfileSettings(runs=args.runs, warmup=args.warmup, trim=args.trim,
                                threads=args.threads)
     settings.check()
+    for flag, value in (("--device", args.device), ("--frequency", args.frequency)):
+        if value is not None and not value.strip():
+            fail(f"{flag} {value!r}: must not be empty")
+    check_writable(args.output, "-o")  # before the (slow) load and measurements
     if args.row_counts is not None:
         if not args.spatial:
             fail("--row-counts needs --spatial")

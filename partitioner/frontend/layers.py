@@ -117,8 +117,8 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _assign(nodes: list[onnx.NodeProto], inits: set[str],
-            granularity: str) -> tuple[list[int], dict[int, set[int]]]:
+def _assign(nodes: list[onnx.NodeProto], inits: set[str], granularity: str,
+            name: str = "model") -> tuple[list[int], dict[int, set[int]]]:
     """Layer index of every node (see the module docstring), and the layers that read each
     constant-only node read by more than one layer."""
     const = set(inits)
@@ -150,7 +150,7 @@ def _assign(nodes: list[onnx.NodeProto], inits: set[str],
         for out in node.output:
             produced_in[out] = layer
     if count == 0:
-        fail("the model computes nothing from its inputs (every node is constant)")
+        fail(f"model {name!r}: computes nothing from its inputs (every node is constant)")
     # Constant-only nodes join their first consumer; visiting in reverse topological order
     # resolves chains of them (a producer's consumers are placed before it is visited).
     consumers: dict[str, list[int]] = {}
@@ -244,7 +244,7 @@ def build_layer_graph(model: onnx.ModelProto, *, name: str, sha256: str,
     inits = {t.name: t for t in graph.initializer}
     outputs = [o.name for o in graph.output]
     if layer_of is None:
-        assigned, needs = _assign(list(graph.node), set(inits), granularity)
+        assigned, needs = _assign(list(graph.node), set(inits), granularity, name)
         nodes, assigned, keys = _localise_constants(graph, list(graph.node), assigned, needs)
     else:
         nodes, assigned, keys = list(graph.node), list(layer_of), [

@@ -47,6 +47,8 @@ def check_proto(model: onnx.ModelProto, label: str) -> None:
         fail(f"{label}: not an ONNX model (no IR version, opset or graph)")
     if not model.graph.node:
         fail(f"{label}: the ONNX graph has no nodes")
+    if not model.graph.output:
+        fail(f"{label}: the ONNX graph has no outputs")
 
 
 def read_onnx(path: str | Path, *, lazy_weights: bool = False) -> tuple[onnx.ModelProto, str]:

@@ -37,7 +37,7 @@ from partitioner.errors import fail
 from partitioner.frontend.inference import infer_types
 from partitioner.frontend.inline_weights import is_inline_ref
 from partitioner.frontend.inputs import fix_input_shapes, model_inputs
-from partitioner.frontend.stagefile import loaded
+from partitioner.frontend.stagefile import loaded, location_problem
 from partitioner.frontend.subgraphs import (
     describe_control_flow,
     hoist_subgraph_constants,
@@ -51,6 +51,7 @@ from partitioner.frontend.tensors import (
     node_inputs,
     static_shape,
 )
+from stagebundle.load import iter_tensors
 
 __all__ = ["prepare_model", "topological_order", "model_inputs", "MAX_ROUNDS"]
 
@@ -71,16 +72,28 @@ def topological_order(graph: onnx.GraphProto, label: str) -> list[int]:
     """A topological order of ``graph.node``: the graph's own when it is one, else Kahn's.
 
     Raises:
-        UserError: a node reads a tensor nothing defines (a truncated or broken file), or
-            the graph has a cycle.
+        UserError: a node reads a tensor nothing defines (a truncated or broken file), two
+            nodes write one tensor, a model output is never computed, or the graph has a
+            cycle.
     """
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     defined |= {t.values.name for t in graph.sparse_initializer}
     producer: dict[str, int] = {}
     for i, node in enumerate(graph.node):
         for out in node.output:
-            if out:
-                producer[out] = i
+            if not out:
+                continue
+            if out in producer or out in defined:
+                other = graph.node[producer[out]] if out in producer else None
+                first = ("a model input or initialiser" if other is None
+                         else f"node {other.name or other.op_type!r}")
+                fail(f"{label}: tensor {out!r} is written by node "
+                     f"{node.name or node.op_type!r} and by {first} (an ONNX graph defines "
+                     f"each tensor once)")
+            producer[out] = i
+    for out in graph.output:
+        if out.name not in defined and out.name not in producer:
+            fail(f"{label}: model output {out.name!r} is never computed (no node writes it)")
     for node in graph.node:
         for name in node_inputs(node):
             if name not in defined and name not in producer:
@@ -117,6 +130,19 @@ def topological_order(graph: onnx.GraphProto, label: str) -> list[int]:
         stuck = next(graph.node[i] for i, m in enumerate(missing) if m > 0)
         fail(f"{label}: the graph has a cycle through node {stuck.name or stuck.op_type!r}")
     return order
+
+
+def check_external_locations(model: onnx.ModelProto, label: str) -> None:
+    """Refuse an external-data location outside the model's folder (absolute, ``..``),
+    wherever the tensor is (sub-graphs and functions too): the file is never opened."""
+    for tensor in iter_tensors(model):
+        if not is_external(tensor) or is_inline_ref(tensor):
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        problem = location_problem(location)
+        if problem is not None:
+            fail(f"{label}: tensor {tensor.name!r}: external data location {location!r} "
+                 f"{problem}")
 
 
 def _load_small_external(graph: onnx.GraphProto, base_dir: Path | None) -> None:
@@ -401,6 +427,7 @@ def prepare_model(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...
         del graph.node[:]
         graph.node.extend(nodes)
     fix_input_shapes(graph, shapes or {}, label)
+    check_external_locations(model, label)
     _load_small_external(graph, base_dir)
     folded = 0
     types: dict[str, onnx.TypeProto] = {}

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from onnx import ModelProto, TensorProto
@@ -49,6 +49,7 @@ __all__ = [
     "checkable",
     "stored_externally",
     "loaded",
+    "location_problem",
 ]
 
 # Tensors at least this big go to the external data file when a stage is saved with one;
@@ -79,7 +80,24 @@ def _external_fields(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
+def location_problem(location: str) -> str | None:
+    """Why an external-data ``location`` cannot name a file in the model's folder (None:
+    it can). Checked by name, as ONNX does: absolute paths and ``..`` are refused (they
+    would read any file of the host into a stage); a symlink in the folder is followed."""
+    pure = PurePosixPath(location)
+    if not location:
+        return "is missing"
+    if pure.is_absolute() or Path(location).is_absolute() or "\\" in location:
+        return "must be a path relative to the model's folder"
+    if ".." in pure.parts:
+        return "leaves the model's folder ('..')"
+    return None
+
+
 def _resolve(base_dir: Path | None, location: str, tensor: str) -> Path:
+    problem = location_problem(location)
+    if problem is not None:
+        fail(f"tensor {tensor!r}: external data location {location!r} {problem}")
     if base_dir is None:
         fail(f"tensor {tensor!r}: stored as external data ({location!r}) but the model's "
              f"folder is unknown")
@@ -215,7 +233,7 @@ def _raw_size(t: TensorProto) -> int | None:
 def _ref_range(t: TensorProto, base_dir: Path | None) -> tuple[Path, int, int]:
     """Source file, offset and length of an external tensor's bytes."""
     fields = _external_fields(t)
-    src = _resolve(base_dir, fields["location"], t.name)
+    src = _resolve(base_dir, fields.get("location", ""), t.name)
     return src, int(fields.get("offset", 0)), int(fields["length"])
 
 
@@ -295,7 +313,7 @@ def _store(t: TensorProto, data: Any, base_dir: Path | None) -> tuple[int, int] 
     """Append the bytes of ``t`` to ``data``; (offset, length), or None if it stays inline."""
     if is_external(t):
         fields = _external_fields(t)
-        src = _resolve(base_dir, fields["location"], t.name)
+        src = _resolve(base_dir, fields.get("location", ""), t.name)
         length = int(fields["length"]) if "length" in fields else None
         start = data.tell()
         return start, _copy_range(src, int(fields.get("offset", 0)), length, data)
@@ -369,7 +387,7 @@ def loaded(t: TensorProto, base_dir: Path | None) -> TensorProto:
 def _load_external(t: TensorProto, base_dir: Path | None) -> None:
     """Read an external tensor's bytes into ``t`` (in place)."""
     fields = _external_fields(t)
-    src = _resolve(base_dir, fields["location"], t.name)
+    src = _resolve(base_dir, fields.get("location", ""), t.name)
     with open(src, "rb") as f:
         f.seek(int(fields.get("offset", 0)))
         length = int(fields["length"]) if "length" in fields else -1
