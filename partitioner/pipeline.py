@@ -293,7 +293,10 @@ def compile(model: str | Path | PreparedModel | Any,  # noqa: A001 - the API's v
     """
     from partitioner.backend.emit import check_output
 
-    check_output(out_dir, force=force)  # before the (slow) load and solve
+    # before the (slow) load and solve; --force must not delete the files it reads
+    inputs = [x for x in (model, system, *plan_options.get("profiles", ()),
+                          plan_options.get("calibration")) if isinstance(x, (str, Path))]
+    check_output(out_dir, force=force, inputs=inputs)
     # big inline weights stay in the model file: the proto holds none (issue 16)
     result = plan(model, system, **{"lazy_weights": True, **plan_options})
     return _write(result, out_dir, verify=verify, force=force, triton=triton,

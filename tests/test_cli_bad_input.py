@@ -273,6 +273,18 @@ def test_compile_force_never_replaces_the_current_directory(work, tmp_path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inner"]
 
 
+@pytest.mark.parametrize("inside", ["model", "system"])
+def test_compile_force_never_deletes_its_own_inputs(work, tmp_path, inside) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {k: work[k] for k in ("model", "system")}
+    files[inside] = out / work[inside].name
+    shutil.copy(work[inside], files[inside])
+    _fails("compile", str(files["model"]), "--system", str(files["system"]), "-o", str(out),
+           "--force", expect=f"holds the input {str(files[inside])!r}")
+    assert files[inside].read_bytes() == work[inside].read_bytes()
+
+
 def test_compile_to_a_dotdot_path_writes_the_folder_it_names(work, tmp_path) -> None:
     (tmp_path / "x" / "y").mkdir(parents=True)
     proc = _run("compile", str(work["model"]), "--system", str(work["system"]), "-o",

@@ -23,7 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -147,9 +147,11 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
+def check_output(out_dir: str | os.PathLike[str], *, force: bool,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Refuse an output that is a file, or a non-empty directory unless ``force``, or
-    (even with ``force``) a directory that holds the current one (``-o .``, ``-o ..``)."""
+    (even with ``force``) a directory that holds the current one (``-o .``, ``-o ..``) or
+    one of the ``inputs`` (the model, system, profiles: replacing it would delete them)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         fail(f"output {str(out)!r} exists and is not a directory")
@@ -160,6 +162,10 @@ def check_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
         if target == here or target in here.parents:
             fail(f"output directory {str(out)!r} holds the current directory; a bundle "
                  f"cannot replace it (choose another -o)")
+        for path in inputs:
+            if target in Path(path).resolve().parents:
+                fail(f"output directory {str(out)!r} holds the input {str(path)!r}; "
+                     f"replacing it would delete that file (choose another -o)")
     return out
 
 
