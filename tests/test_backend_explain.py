@@ -114,6 +114,10 @@ def test_explain_cli_json_text_and_plots(tmp_path, capsys):
     assert main(["explain", str(out), "--plot", str(tmp_path / "plan.pdf")]) == 2
     assert "expected a .png or .svg" in capsys.readouterr().err
     assert not (tmp_path / "plan.pdf").exists()
+    (tmp_path / "afile").write_text("x")
+    for where, said in (("afile", "is a file, not a folder"), ("nowhere", "does not exist")):
+        assert main(["explain", str(out), "--plot", str(tmp_path / where / "p.png")]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_svg_plot_shows_times_bytes_and_totals(solved, tmp_path):

@@ -43,7 +43,8 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     if out.suffix.lower() not in FORMATS:
         fail(f"--plot {str(out)!r}: expected a .png or .svg file name")
     if not out.parent.is_dir():
-        fail(f"--plot {str(out)!r}: folder {str(out.parent)!r} does not exist")
+        fail(f"--plot {str(out)!r}: {str(out.parent)!r} "
+             f"{'is a file, not a folder' if out.parent.exists() else 'does not exist'}")
     plt = _pyplot()
     devices = list(dict.fromkeys([*doc["devices"], *(x["to"] for x in doc["links"])]))
     colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(devices)}
