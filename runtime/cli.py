@@ -300,6 +300,15 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.system = str(model), str(system)
     if args.adapt and (args.local or not args.model or not args.system):
         fail("--adapt needs workers (not --local), --model and --system")
+    if args.local:  # what only talks to workers: given with --local, a mistake to say
+        given = [flag for flag, value in (
+            ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+            ("--tls-ca", args.tls_ca), ("--token-file", args.token_file),
+            ("--model", args.model), ("--system", args.system),
+            ("--listen", args.listen != "127.0.0.1:0"))
+            if value]
+        if given:
+            fail(f"{', '.join(given)}: only for workers, not with --local")
     check_timeouts(args.timeout, args.attempt_timeout, attempts=3)  # RemoteExecutor's
     hosts: dict[str, str] = {}
     if not args.local:

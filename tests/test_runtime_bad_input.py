@@ -152,6 +152,15 @@ def test_run_input_twice(built, x_npy: Path, tmp_path: Path) -> None:
     _refused(res, "--input input: given twice")
 
 
+@pytest.mark.parametrize("extra, flag", [
+    (("--token-file", "t"), "--token-file"), (("--tls-ca", "ca.pem"), "--tls-ca"),
+    (("--listen", "127.0.0.1:7"), "--listen"), (("--system", "s.toml"), "--system")])
+def test_run_local_refuses_options_for_workers(built, x_npy: Path, tmp_path: Path,
+                                               extra: tuple[str, ...], flag: str) -> None:
+    res = _run(built, "--local", *extra, "--input", f"input={x_npy}", "-o", tmp_path / "o.npz")
+    _refused(res, flag, "not with --local")
+
+
 def test_run_manifest_that_is_a_folder(built, x_npy: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     (bundle / "manifest.json").mkdir(parents=True)
