@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
@@ -259,14 +260,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also name this IP / DNS name in every certificate (repeatable)")
     p.add_argument("--days", type=int, default=365, help="validity, days (default 365)")
     p.add_argument("--force", action="store_true", help="replace an existing CA and certs")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print the files written and each certificate's hosts as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     subjects = make_certificates(args.system, args.out, days=args.days,
                                  extra_hosts=args.host, force=args.force)
-    for stem, hosts in subjects.items():
-        names = ", ".join(hosts) if hosts else "no host (give the device an address or --host)"
-        print(f"{Path(args.out) / (stem + '.pem')}: {names}")
-    print(f"CA: {Path(args.out) / 'ca.pem'} (keep ca.key offline)")
+    out = Path(args.out)
+    if args.json:
+        print(json.dumps({
+            "out": str(out), "ca": str(out / "ca.pem"), "ca_key": str(out / "ca.key"),
+            "days": args.days,
+            "certificates": {stem: {"cert": str(out / f"{stem}.pem"),
+                                    "key": str(out / f"{stem}.key"), "hosts": hosts}
+                             for stem, hosts in subjects.items()}}, indent=2))
+    elif not args.quiet:
+        for stem, hosts in subjects.items():
+            names = ", ".join(hosts) if hosts else \
+                "no host (give the device an address or --host)"
+            print(f"{out / (stem + '.pem')}: {names}")
+        print(f"CA: {out / 'ca.pem'} (keep ca.key offline)")
     return 0

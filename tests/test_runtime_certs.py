@@ -4,6 +4,7 @@ host-name check, end to end over TLS on loopback; a certificate for another addr
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 from pathlib import Path
@@ -43,6 +44,15 @@ def test_cli_writes_a_ca_and_certificates_with_ip_sans(tmp_path, capsys) -> None
     assert main(["certs", str(system), "-o", str(out)]) == 2
     assert "already holds a CA" in capsys.readouterr().err
     assert main(["certs", str(tmp_path / "missing.toml"), "-o", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert main(["certs", str(system), "-o", str(out), "--force", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["certificates"]["hub"]["hosts"] == ["10.1.2.3"]
+    assert sorted(doc["certificates"]) == ["client", "cloud", "edge", "hub"]
+    assert all(Path(c["cert"]).is_file() and Path(c["key"]).is_file()
+               for c in doc["certificates"].values())
+    assert main(["certs", str(system), "-o", str(out), "--force", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def _serve_tls(built, pki: Path, grpc: bool = True) -> Worker:
