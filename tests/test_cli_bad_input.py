@@ -19,30 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-
-SYSTEM = """
-[[device]]
-name = "cam"
-class = "edge"
-flops = 2e9
-memory_bandwidth = 5e9
-network_bandwidth = 1e9
-
-[[device]]
-name = "hub"
-class = "hub"
-flops = 2e11
-memory_bandwidth = 5e10
-network_bandwidth = 1e9
-
-[[link]]
-between = ["cam", "hub"]
-bandwidth = 1e9
-
-[application]
-source = "cam"
-destination = "cam"
-"""
+from tests.test_cli_compile import SYSTEM  # cam and hub, one link
 
 PROFILE = ["--runs", "2", "--warmup", "1", "--mbs", "2"]
 

@@ -22,6 +22,7 @@ from numpy.lib import format as npy_format
 from runtime.cli import main
 from tests.test_runtime_fixtures import (  # noqa: F401  (fixtures)
     ROOT,
+    SYSTEM_TOML,
     TOKEN,
     Cluster,
     built,
@@ -258,32 +259,10 @@ def test_serve_model_store_cannot_be_made(built, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- certs
 
-SYSTEM = """
-[[device]]
-name = "edge"
-class = "edge"
-flops = 3.62e9
-memory_bandwidth = 719e6
-network_bandwidth = 1.11e7
-address = "{edge}"
-
-[[device]]
-name = "hub"
-class = "hub"
-flops = 236e9
-memory_bandwidth = 25.6e9
-network_bandwidth = 1.25e8
-address = "localhost:7002"
-
-[[link]]
-between = ["edge", "hub"]
-bandwidth = 1.0e7
-"""
-
-
 def _system(tmp_path: Path, edge: str = "127.0.0.1:7001") -> Path:
     path = tmp_path / "system.toml"
-    path.write_text(SYSTEM.format(edge=edge))
+    path.write_text(SYSTEM_TOML.replace('name = "edge"\n', f'name = "edge"\naddress = "{edge}"\n')
+                    .replace('name = "hub"\n', 'name = "hub"\naddress = "localhost:7002"\n'))
     return path
 
 
