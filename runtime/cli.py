@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from runtime.files import check_writable, load_inputs, save_outputs, write_atomic
-from stagebundle.errors import OneLineParser, UserError, fail
+from stagebundle.errors import OneLineParser, UserError, check_threads, fail
 
 __all__ = ["main", "parse_hosts", "load_inputs", "save_outputs"]
 
@@ -165,8 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
         fail(str(err))
     check_port(args.grpc_port, "--grpc-port")
     check_port(args.metrics_port, "--metrics-port")
-    if args.threads is not None and args.threads < 1:
-        fail("--threads must be at least 1")
+    check_threads(args.threads)
     if args.queue_depth < 1:
         fail("--queue-depth must be at least 1")
     if args.port_file:

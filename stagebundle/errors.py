@@ -10,9 +10,10 @@ a bug in this project; it is never caught to be hidden. Raise user errors throug
 from __future__ import annotations
 
 import argparse
+import os
 from typing import NoReturn
 
-__all__ = ["UserError", "InternalError", "fail", "OneLineParser"]
+__all__ = ["UserError", "InternalError", "fail", "OneLineParser", "check_threads"]
 
 
 class UserError(Exception):
@@ -38,3 +39,17 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
                      f"(see {self.prog} --help)\n")
+
+
+def check_threads(threads: int | None, what: str = "--threads") -> None:
+    """``None`` (ONNX Runtime's choice) or 1 up to ``max(64, 4 x this host's cores)``.
+
+    ORT starts every intra-op thread when a session opens: a typo such as 100000 would
+    hold a worker or a profile for minutes (and gigabytes) before anything is reported.
+    """
+    if threads is None:
+        return
+    cap = max(64, 4 * (os.cpu_count() or 1))
+    if not 1 <= threads <= cap:
+        fail(f"{what} {threads}: must be in 1..{cap} (4x this host's {os.cpu_count()} cores, "
+             f"at least 64)")

@@ -208,6 +208,14 @@ def test_profile_refuses_an_empty_device_or_frequency(work, tmp_path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("threads", ["0", "100000"])
+def test_profile_refuses_thread_counts_no_host_has(work, tmp_path, threads) -> None:
+    out = tmp_path / "p.json"
+    _fails("profile", str(work["model"]), "--device", "cam", *PROFILE, "--threads", threads,
+           "-o", str(out), expect=f"--threads {threads}: must be in 1..")
+    assert not out.exists()
+
+
 def test_profile_output_under_a_file_is_named(work, tmp_path) -> None:
     (tmp_path / "afile").write_text("x")
     _fails("profile", str(work["model"]), "--device", "cam", *PROFILE, "-o",

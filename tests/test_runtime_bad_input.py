@@ -228,6 +228,8 @@ def _serve(built, *args: object) -> subprocess.CompletedProcess[str]:
     (("--metrics-port", "-1"), "--metrics-port -1"),
     (("--metrics-port", "99999"), "--metrics-port 99999"),
     (("--listen", ""), "--listen ''"),
+    (("--threads", "0"), "--threads 0"),
+    (("--threads", "100000"), "--threads 100000: must be in 1.."),
 ])
 def test_serve_bad_ports_and_listen(built, opts: tuple[str, ...], needle: str) -> None:
     _refused(_serve(built, *opts), needle)

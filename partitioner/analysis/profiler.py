@@ -50,6 +50,7 @@ from partitioner.analysis.sessions import (
 )
 from partitioner.errors import UserError, fail
 from partitioner.ir import LayerGraph
+from stagebundle.errors import check_threads
 
 __all__ = [
     "ProfileSettings",
@@ -84,8 +85,7 @@ class ProfileSettings:
             fail(f"--warmup {self.warmup}: must be >= 0")
         if not 0 <= self.trim < 0.5:
             fail(f"--trim {self.trim}: must be in [0, 0.5)")
-        if self.threads is not None and self.threads < 1:
-            fail(f"--threads {self.threads}: must be >= 1")
+        check_threads(self.threads)
 
 
 def bundle_count(n_layers: int, mbs: int) -> int:
