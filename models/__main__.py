@@ -16,12 +16,13 @@ from collections.abc import Sequence
 
 import models
 from partitioner.errors import UserError
+from stagebundle.errors import OneLineParser
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ls = sub.add_parser("list", help="the models that can be built")
     ls.add_argument("--json", action="store_true", help="one JSON document on stdout")

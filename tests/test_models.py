@@ -340,6 +340,11 @@ def test_cli_list_and_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "batch" in err
     assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(SystemExit) as stop:  # a bad option: argparse's one line
+        main(["build", "alexnet"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-o/--output" in err and "--help)" in err
 
 
 def test_python_dash_m_models_runs() -> None:
