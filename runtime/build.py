@@ -197,7 +197,8 @@ def _manifest_of(h: Mapping[str, Any]) -> dict[str, Any]:
             fail("the manifest's text does not have the sha256 sent with it")
         try:
             doc = json.loads(doc)
-        except (json.JSONDecodeError, RecursionError) as err:
+        # (ValueError: also an integer of more digits than Python converts)
+        except (ValueError, RecursionError) as err:
             fail(f"the manifest is not valid JSON ({err.__class__.__name__})")
     if not isinstance(doc, dict):
         fail("'manifest' must be the plan's manifest (a JSON object or its text)")

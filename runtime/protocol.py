@@ -176,7 +176,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The JSON header of a frame; anything but a JSON object is malformed."""
     try:
         doc = _loads(str(data, "utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    # (ValueError: also an integer of more digits than Python converts, 4300 by default)
+    except (ValueError, RecursionError) as err:
         raise ProtocolError(f"header is not valid JSON ({err.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise ProtocolError("header is not a JSON object")
@@ -224,7 +225,10 @@ def decode_tensors(header: Mapping[str, Any], body: np.ndarray | bytearray | mem
             raise ProtocolError(f"tensor {name!r}: bytes {offset}..{offset + nbytes} outside "
                                 f"the body or overlapping", "truncated")
         if nbytes == 0:
-            out[name] = np.empty(shape, dtype=np_dtype)
+            try:  # a zero-size shape may still have dimensions numpy cannot hold
+                out[name] = np.empty(shape, dtype=np_dtype)
+            except ValueError:
+                raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}") from None
         else:
             out[name] = body[offset:offset + nbytes].view(np_dtype).reshape(shape)
         end_prev = offset + nbytes

@@ -69,14 +69,22 @@ class Sending:
 
     def _notify(self, h: Mapping[str, Any], msg: dict[str, Any]) -> None:
         """Send a message to the request's reply address (best effort)."""
+        failed = self._report(h, msg)
+        if failed is not None:
+            log.warning("%s", failed)
+
+    def _report(self, h: Mapping[str, Any], msg: dict[str, Any]) -> str | None:
+        """Send a message to the request's reply address; why it could not be (one line,
+        the address quoted: it comes from the request), else None."""
         reply = h.get("reply")
         if not isinstance(reply, str):
-            return
+            return None
         try:
             addr = parse_address(reply)
             self.pool.send(addr, {**msg, "token": self.token}, timeout=2.0)
         except (OSError, ValueError) as err:
-            log.warning("cannot report to %s: %s", reply, err)
+            return f"cannot report to {reply[:200]!r}: {err}"
+        return None
 
     def _fail(self, job: Job, code: str, message: str, **extra: Any) -> None:
         self._count("failed")

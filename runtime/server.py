@@ -223,12 +223,18 @@ class FrameServer:
     # ------------------------------------------------------------------ checks
     def _check_header(self, header: dict[str, Any], body_len: int) -> None:
         """Runs before a body is read: the token, then room in the receive budget."""
-        if (self.token is not None and header.get("type") not in self.open_types
+        if (self.token is not None and not self._open(header)
                 and not token_matches(self.token, header.get("token"))):
             self.stats["refused_token"] += 1
             raise ProtocolError("missing or wrong token", "unauthorized")
         if body_len:
             self._reserve(body_len)
+
+    def _open(self, header: dict[str, Any]) -> bool:
+        """Whether a frame's type is served without a token (a type that is no string,
+        a list say, is not: it must not reach a set lookup, which would raise)."""
+        kind = header.get("type")
+        return isinstance(kind, str) and kind in self.open_types
 
     def _budget(self) -> int:
         return self.max_buffered or max(4 * self.max_body, 256 << 20)
@@ -337,7 +343,7 @@ class FrameServer:
             after = None
             if isinstance(reply, tuple):  # (reply, work to do once it is sent)
                 reply, after = reply
-            if not state.proven and frame.header.get("type") not in self.open_types and (
+            if not state.proven and not self._open(frame.header) and (
                     reply is None or reply.get("type") != "error"):
                 with self._lock:
                     state.proven = True
@@ -345,11 +351,13 @@ class FrameServer:
                     set_timeout(conn, self.idle_timeout)
                 except OSError:  # closed meanwhile (server shutting down)
                     return
-            if reply is not None and not self._reply(conn, reply):
-                return
+            sent = reply is None or self._reply(conn, reply)
             if after is not None:
+                # run even when the peer is gone: the handler gave it work it owns (a
+                # worker's inline run releases its unit's lock), and the request was
+                # admitted (the executor drops a duplicate answer if it retries)
                 after()
-            if reply is not None and reply.get("close"):
+            if not sent or (reply is not None and reply.get("close")):
                 return
 
     @staticmethod

@@ -283,12 +283,15 @@ def _who(to: str) -> str:
 
 def merge_timings(into: list[dict[str, Any]], more: Any) -> None:
     """Append the timing records of ``more`` not already in ``into`` (fan-in repeats the
-    records of the units upstream of several senders)."""
+    records of the units upstream of several senders). Records are what workers write:
+    objects whose ``stage`` and ``device`` are strings; anything else is dropped."""
     if not isinstance(more, list):
         return
     seen = {(t.get("stage"), t.get("device")) for t in into}
     for t in more[:MAX_TIMINGS]:
-        if isinstance(t, dict) and (t.get("stage"), t.get("device")) not in seen \
+        if isinstance(t, dict) and isinstance(t.get("stage"), str) \
+                and isinstance(t.get("device"), str) \
+                and (t.get("stage"), t.get("device")) not in seen \
                 and len(into) < MAX_TIMINGS:
             seen.add((t.get("stage"), t.get("device")))
             into.append(t)

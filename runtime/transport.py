@@ -53,13 +53,29 @@ class ConnectionClosed(Exception):
 
 
 @functools.lru_cache(maxsize=1024)  # every message names its reply address and route
+@functools.lru_cache(maxsize=1024)  # on every send: a route's few addresses, parsed once
 def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` also accepted) -> ``(host, port)``."""
     host, sep, port = text.strip().rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 \
+            or not _resolvable(host):
         raise ValueError(f"{what} {text!r}: expected HOST:PORT")
     return host, int(port)
+
+
+def _resolvable(host: str) -> bool:
+    """Whether the socket layer can take ``host`` at all: printable, and a name its IDNA
+    codec encodes (labels of at most 63 characters, no lone surrogates), so that a bad
+    address from a request is a ``ValueError`` here, not a ``UnicodeError`` from
+    ``connect``."""
+    if not host.isprintable():
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def format_address(addr: tuple[str, int]) -> str:

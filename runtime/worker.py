@@ -339,11 +339,12 @@ class Worker(Sending):
     def _refuse(self, h: Mapping[str, Any], peer: str, code: str, message: str
                 ) -> dict[str, Any]:
         self._count("busy" if code == "busy" else "rejected")
-        log.warning("refused request %s from %s: %s", _id(h), peer, message)
         msg = {"type": "error", "code": code, "id": _id(h), "attempt": h.get("attempt"),
                "stage": h.get("unit", h.get("stage")), "device": self.device,
                "message": message}
-        self._notify(h, msg)
+        failed = self._report(h, msg)  # one log line per refused frame, with this
+        log.warning("refused request %s from %s: %s%s", _id(h), peer, message,
+                    "" if failed is None else f" ({failed})")
         return msg
 
     def _enqueue(self, key: UnitKey, job: Job) -> None:
@@ -368,7 +369,7 @@ class Worker(Sending):
         """
         where = f"request {_id(h)}"
         rid, attempt = h.get("id"), h.get("attempt", 0)
-        if not isinstance(rid, str) or not rid or len(rid) > 200:
+        if not isinstance(rid, str) or not rid or len(rid) > 200 or not rid.isprintable():
             fail(f"{where}: missing or bad request id")
         if not isinstance(attempt, int) or isinstance(attempt, bool):
             fail(f"{where}: attempt must be an integer")
@@ -474,5 +475,5 @@ class Worker(Sending):
 
 
 def _id(h: Mapping[str, Any]) -> str:
-    rid = h.get("id")
-    return rid if isinstance(rid, str) and len(rid) <= 200 else "?"
+    rid = h.get("id")  # (printable: it goes into log lines and error messages)
+    return rid if isinstance(rid, str) and len(rid) <= 200 and rid.isprintable() else "?"
