@@ -29,6 +29,7 @@ from __future__ import annotations
 import http.server
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -271,15 +272,64 @@ def prometheus_text(snap: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most ``limit`` at once: one more is answered 503 and
+    closed (slow or stalled clients cannot pile up threads); a client that goes away
+    mid-answer is one debug line, not a traceback (only real bugs print one)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics %s: too many connections, refused", client_address[0])
+            try:
+                request.sendall(_BUSY)
+            except OSError as err:
+                log.debug("metrics %s: %s", client_address[0], err)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):  # reset, broken pipe, timed out: the client's doing
+            log.debug("metrics %s: %s", client_address[0], err)
+            return
+        super().handle_error(request, client_address)
+
+
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
+MAX_CONNECTIONS = 32  # metrics connections served at once (scrapers are few)
+TIMEOUT = 10.0  # seconds a metrics connection may stay silent before it is closed
+
+
 class MetricsServer:
     """``GET /metrics`` -> :func:`prometheus_text` of ``snapshot()``, on its own thread.
 
     It serves figures only (no tensors, no token): bind it where the scraper can reach
-    it and nobody else (the worker's own ``--listen`` host by default).
+    it and nobody else (the worker's own ``--listen`` host by default). A connection
+    silent for ``timeout`` seconds is closed, and at most ``max_connections`` are served
+    at once (more are answered 503), so slow clients cannot exhaust the worker's threads.
     """
 
     def __init__(self, host: str, port: int,
-                 snapshot: Callable[[], Mapping[str, Any]]) -> None:
+                 snapshot: Callable[[], Mapping[str, Any]], *,
+                 timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's spelling
                 if self.path.split("?")[0] not in ("/metrics", "/"):
@@ -292,11 +342,20 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def refuse(self) -> None:
+                self.send_response(405, "only GET")
+                self.send_header("Allow", "GET")
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = refuse  # noqa: N815
+
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("metrics %s: " + fmt, self.address_string(), *args)
 
-        self._http = http.server.ThreadingHTTPServer((host, port), Handler)
-        self._http.daemon_threads = True
+        Handler.timeout = timeout  # socket timeout of every read and write
+        self._http = _HTTPServer((host, port), Handler, max_connections)
         self._thread = threading.Thread(target=self._http.serve_forever, name="metrics",
                                         daemon=True)
 

@@ -11,7 +11,13 @@ plans prefix ``<fallback>.`` to both. Only the service stubs that ``tritonclient
 Requests are checked before any array is built: datatype, rank, every dimension
 non-negative and the element count computed on Python integers (``np.prod`` on int64
 wraps round for a shape like ``[2**62, 4]``) and compared with the stage's declared shape,
-so a lying or giant shape is one ``INVALID_ARGUMENT`` line, never a traceback.
+so a lying or giant shape is one ``INVALID_ARGUMENT`` line, never a traceback. What a
+request echoes into an error (names, its id) is escaped and cut short (:func:`_clip`): a
+giant or multi-line id stays a short one-line status, within gRPC's metadata limit.
+Ambiguous requests are refused, not guessed at: raw and typed contents together, typed
+contents in another field than the datatype's, a version other than ``1``, an output asked
+for twice, shared-memory or classification parameters (not served here). Calls this
+server does not implement answer ``UNIMPLEMENTED`` in one line (no logged traceback).
 
 With TLS (``--tls-*``) the port presents the node certificate; a stock client must be
 given the CA (``root_certificates``) and, because clients check the host name, the
@@ -39,7 +45,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 
 from runtime.security import token_matches
 from runtime.stages import StageRunner, check_tensor
-from stagebundle.errors import UserError
+from stagebundle.errors import UserError, fail
 
 if TYPE_CHECKING:
     from runtime.worker import Worker
@@ -107,14 +113,61 @@ def triton_name(bundle: Any, stage_id: str) -> str | None:
 
 _MAX_RANK = 16
 _MAX_RPCS = 32  # requests in the OIP server at once (4 run, the rest wait)
+_VERSIONS = ("", "1")  # every stage is version 1; "" asks for the latest
+_CLIP = 64  # characters of a client's string echoed into an error
+# parameters of a tensor this server does not serve: refused, not silently ignored
+_UNSERVED = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
+             "classification")
+# the numpy type of a typed contents field (its values are range-checked against the
+# tensor's dtype before the cast: np.asarray([300], dtype=uint8) raises OverflowError)
+_FIELD_DTYPES = {"bool_contents": "bool", "int_contents": "int32",
+                 "int64_contents": "int64", "uint_contents": "uint32",
+                 "uint64_contents": "uint64", "fp32_contents": "float32",
+                 "fp64_contents": "float64"}
+
+
+def _clip(value: str, limit: int = _CLIP) -> str:
+    """A client's string for an error line: control and non-ASCII characters escaped,
+    cut to ``limit`` characters (a status message travels in gRPC metadata, 16 KiB)."""
+    text = value.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _dims(shape: Any, where: str, name: str) -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints, refusing ranks above 16 (no int64 maths)."""
+    if len(shape) > _MAX_RANK:  # (not echoed: a rank of 100000 would be a huge message)
+        fail(f"{where}: tensor {name}: bad shape of rank {len(shape)} (at most {_MAX_RANK})")
     dims = tuple(int(d) for d in shape)
-    if len(dims) > _MAX_RANK or any(d < 0 for d in dims):
-        raise UserError(f"{where}: tensor {name}: bad shape {list(dims)}")
+    if any(d < 0 for d in dims):
+        fail(f"{where}: tensor {name}: bad shape {list(dims)}")
     return dims
+
+
+def _unserved(params: Any, where: str, what: str) -> None:
+    for key in _UNSERVED:
+        if key in params:
+            fail(f"{where}: {what}: parameter {key!r} is not supported by this server")
+
+
+def _from_contents(inp: Any, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """The typed ``contents`` of ``inp`` (no raw bytes given) as an array of ``dtype``."""
+    name = _clip(inp.name)
+    field = _CONTENTS.get(inp.datatype)
+    if field is None:
+        fail(f"{where}: tensor {name}: {inp.datatype} needs raw_input_contents")
+    given = [f.name for f, _ in inp.contents.ListFields()]
+    if any(g != field for g in given):
+        fail(f"{where}: tensor {name}: {inp.datatype} values go in contents.{field}, "
+             f"found {', '.join(given)}")
+    values = getattr(inp.contents, field)
+    if len(values) != math.prod(shape):
+        fail(f"{where}: tensor {name}: {len(values)} values for shape {list(shape)}")
+    wide = np.asarray(values, dtype=_FIELD_DTYPES[field])
+    if wide.dtype.kind in "iu" and wide.size and np.dtype(dtype) != wide.dtype:
+        info = np.iinfo(dtype)
+        if int(wide.min()) < info.min or int(wide.max()) > info.max:
+            fail(f"{where}: tensor {name}: a value is out of range for {inp.datatype}")
+    return wide.astype(dtype, copy=False)
 
 
 class _Servicer(pbg.GRPCInferenceServiceServicer):
@@ -139,12 +192,16 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
         if not token_matches(self.worker.token, token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
-    def _runner(self, name: str, context: grpc.ServicerContext) -> StageRunner:
+    def _runner(self, name: str, version: str,
+                context: grpc.ServicerContext) -> StageRunner:
         for (plan, sid), runner in list(self.worker.runners.items()):
             if name in self._names(plan, sid):
+                if version not in _VERSIONS:
+                    context.abort(grpc.StatusCode.NOT_FOUND,
+                                  f"model {name} has no version '{_clip(version)}' (only 1)")
                 return runner
-        context.abort(grpc.StatusCode.NOT_FOUND,
-                      f"model {name!r} is not a stage served by device {self.worker.device}")
+        context.abort(grpc.StatusCode.NOT_FOUND, f"model '{_clip(name)}' is not a stage "
+                                                 f"served by device {self.worker.device}")
         raise AssertionError  # abort raises
 
     # --------------------------------------------------------------- health
@@ -157,7 +214,8 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._auth(context)
-        ok = any(request.name in self._names(p, s) for p, s in list(self.worker.runners))
+        ok = request.version in _VERSIONS and any(
+            request.name in self._names(p, s) for p, s in list(self.worker.runners))
         return pb.ModelReadyResponse(ready=ok and self.worker.ready)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -167,7 +225,7 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._auth(context)
-        runner = self._runner(request.name, context)
+        runner = self._runner(request.name, request.version, context)
         meta = pb.ModelMetadataResponse.TensorMetadata
 
         def tensors(specs: Any) -> list[Any]:
@@ -182,74 +240,105 @@ class _Servicer(pbg.GRPCInferenceServiceServicer):
     # --------------------------------------------------------------- inference
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._auth(context)
-        runner = self._runner(request.model_name, context)
-        specs = {t.name: t for t in runner.stage.inputs}
-        raw = list(request.raw_input_contents)
-        if raw and len(raw) != len(request.inputs):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "raw_input_contents must hold one entry per input")
-        feeds: dict[str, np.ndarray] = {}
-        where = f"{request.model_name} request {request.id or '?'}"
+        runner = self._runner(request.model_name, request.model_version, context)
+        where = f"{request.model_name} request {_clip(request.id) or '?'}"
         try:
-            for i, inp in enumerate(request.inputs):
-                spec = specs.get(inp.name)
-                if spec is None:
-                    raise UserError(f"{where}: unexpected tensor {inp.name!r}")
-                if inp.name in feeds:
-                    raise UserError(f"{where}: tensor {inp.name!r} given twice")
-                dtype = _NUMPY.get(inp.datatype)
-                if dtype is None:
-                    raise UserError(f"{where}: tensor {inp.name}: datatype {inp.datatype!r} "
-                                    f"is not supported")
-                shape = _dims(inp.shape, where, inp.name)
-                if dtype != spec.dtype:  # (the wording of stages.check_tensor)
-                    raise UserError(f"{where}: tensor {inp.name} has dtype {dtype}, "
-                                    f"expected {spec.dtype}")
-                if list(shape) != list(spec.shape):
-                    raise UserError(f"{where}: tensor {inp.name} has shape {list(shape)}, "
-                                    f"expected {list(spec.shape)}")
-                if raw:
-                    buf = raw[i]
-                    expected = math.prod(shape) * np.dtype(dtype).itemsize
-                    if len(buf) != expected:
-                        raise UserError(f"{where}: tensor {inp.name}: {len(buf)} B for "
-                                        f"shape {list(shape)} {inp.datatype}")
-                    arr = np.frombuffer(buf, dtype=dtype)
-                else:
-                    field = _CONTENTS.get(inp.datatype)
-                    if field is None:
-                        raise UserError(f"{where}: tensor {inp.name}: {inp.datatype} needs "
-                                        f"raw_input_contents")
-                    values = getattr(inp.contents, field)
-                    if len(values) != math.prod(shape):
-                        raise UserError(f"{where}: tensor {inp.name}: {len(values)} values "
-                                        f"for shape {list(shape)}")
-                    arr = np.asarray(values, dtype=dtype)
-                arr = arr.reshape(shape)
-                check_tensor(spec, arr, where)
-                feeds[inp.name] = arr
-            missing = [n for n in specs if n not in feeds]
-            if missing:
-                raise UserError(f"{where}: missing input tensor {missing[0]}")
+            feeds = self._feeds(request, runner, where)
+            wanted = self._wanted(request, runner, where)
         except UserError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:
             outs = runner.run(feeds)
         except Exception as err:  # ORT failure on checked input: report, keep serving
             context.abort(grpc.StatusCode.INTERNAL, f"{where}: {err.__class__.__name__}")
-        wanted = [o.name for o in request.outputs] or list(outs)
-        unknown = [n for n in wanted if n not in outs]
-        if unknown:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{where}: unknown output {unknown[0]!r}")
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
                                      id=request.id)
-        for name in wanted:
+        for name in wanted or list(outs):
             arr = np.ascontiguousarray(outs[name])
             resp.outputs.append(pb.ModelInferResponse.InferOutputTensor(
                 name=name, datatype=TRITON_DTYPES[arr.dtype.name], shape=list(arr.shape)))
             resp.raw_output_contents.append(arr.tobytes())
         return resp
+
+    @staticmethod
+    def _feeds(request: Any, runner: StageRunner, where: str) -> dict[str, np.ndarray]:
+        """The request's input tensors, checked against the stage (UserError if not)."""
+        specs = {t.name: t for t in runner.stage.inputs}
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            fail(f"{where}: raw_input_contents must hold one entry per input "
+                 f"({len(raw)} for {len(request.inputs)})")
+        feeds: dict[str, np.ndarray] = {}
+        for i, inp in enumerate(request.inputs):
+            name = _clip(inp.name)
+            spec = specs.get(inp.name)
+            if spec is None:
+                fail(f"{where}: unexpected tensor '{name}'")
+            if inp.name in feeds:
+                fail(f"{where}: tensor '{name}' given twice")
+            _unserved(inp.parameters, where, f"tensor {name}")
+            dtype = _NUMPY.get(inp.datatype)
+            if dtype is None:
+                fail(f"{where}: tensor {name}: datatype '{_clip(inp.datatype)}' "
+                     f"is not supported")
+            shape = _dims(inp.shape, where, name)
+            if dtype != spec.dtype:  # (the wording of stages.check_tensor)
+                fail(f"{where}: tensor {name} has dtype {dtype}, expected {spec.dtype}")
+            if list(shape) != list(spec.shape):
+                fail(f"{where}: tensor {name} has shape {list(shape)}, "
+                     f"expected {list(spec.shape)}")
+            if raw:
+                if inp.contents.ListFields():
+                    fail(f"{where}: tensor {name}: both raw_input_contents and typed "
+                         f"contents given")
+                buf = raw[i]
+                expected = math.prod(shape) * np.dtype(dtype).itemsize
+                if len(buf) != expected:
+                    fail(f"{where}: tensor {name}: {len(buf)} B for "
+                         f"shape {list(shape)} {inp.datatype}")
+                arr = np.frombuffer(buf, dtype=dtype)
+            else:
+                arr = _from_contents(inp, dtype, shape, where)
+            arr = arr.reshape(shape)
+            check_tensor(spec, arr, where)
+            feeds[inp.name] = arr
+        missing = [n for n in specs if n not in feeds]
+        if missing:
+            fail(f"{where}: missing input tensor {missing[0]}")
+        return feeds
+
+    @staticmethod
+    def _wanted(request: Any, runner: StageRunner, where: str) -> list[str]:
+        """The outputs asked for (empty: all), each once and each one of the stage's."""
+        known = {t.name for t in runner.stage.outputs}
+        wanted: list[str] = []
+        for out in request.outputs:
+            if out.name not in known:
+                fail(f"{where}: unknown output '{_clip(out.name)}'")
+            if out.name in wanted:  # each copy would be one more copy of the tensor sent
+                fail(f"{where}: output {out.name} asked for twice")
+            _unserved(out.parameters, where, f"output {out.name}")
+            wanted.append(out.name)
+        return wanted
+
+
+def _unimplemented(name: str) -> Any:
+    def method(self: _Servicer, request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not served by this worker")
+
+    method.__name__ = name
+    return method
+
+
+def _answer_unimplemented(servicer: type[_Servicer]) -> None:
+    """The stub's default for a call not served raises NotImplementedError, which gRPC
+    logs with a traceback on every such call: answer UNIMPLEMENTED in one line instead."""
+    for name in [n for n in vars(pbg.GRPCInferenceServiceServicer)
+                 if n[:1].isupper() and n not in vars(servicer)]:
+        setattr(servicer, name, _unimplemented(name))
+
+
+_answer_unimplemented(_Servicer)
 
 
 class OipServer:
